@@ -1,0 +1,307 @@
+"""One PostgREST request = one transaction under the caller's role.
+
+`Api.handle` authenticates, finds the table in the schema cache, turns the URL and body into one SQL
+statement, and runs it after `SET LOCAL ROLE` and `request.jwt.claims` (PostgREST does both with
+`set_config(..., true)`, which is `SET LOCAL`). Every failure leaves as a PostgREST error body.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import psycopg_pool
+
+from syncd.devserver import errors, openapi, query
+from syncd.devserver.errors import ApiError
+from syncd.devserver.http import Request, Response
+from syncd.devserver.identity import Identity, check_apikey, identify
+from syncd.devserver.schema import SchemaCache, Table
+from syncd.devserver.sqltext import ident, raw
+
+JSON = {"Content-Type": "application/json; charset=utf-8"}
+OPENAPI = {"Content-Type": "application/openapi+json; charset=utf-8"}
+SETUP_SQL = (
+    "SELECT set_config('role', %s, true), set_config('request.jwt.claims', %s, true),"
+    " set_config('request.method', %s, true), set_config('request.path', %s, true),"
+    " set_config('request.headers', %s, true)"
+)
+RANGE = re.compile(r"\s*(\d+)-(\d*)\s*")
+
+
+@dataclass
+class ApiSettings:
+    jwt_secret: str
+    schemas: list[str]
+    anon_role: str = "anon"
+    require_apikey: bool = False
+    public_url: str = "http://127.0.0.1:54321/rest/v1"
+
+
+@dataclass
+class Outcome:
+    """What the one SQL statement of a request returned."""
+
+    affected: int
+    inserted: int | None = None
+    total: int | None = None
+    body: str | None = None
+
+
+def prefer(request: Request) -> dict[str, str]:
+    """`Prefer: return=minimal, resolution=merge-duplicates` -> {"return": "minimal", ...}."""
+    found = {}
+    for item in request.headers.get("prefer", "").split(","):
+        key, _, value = item.strip().partition("=")
+        if key:
+            found[key.strip()] = value.strip()
+    return found
+
+
+def error_response(error: ApiError) -> Response:
+    return Response(error.status, error.body(), {**JSON, **error.headers})
+
+
+class Api:
+    def __init__(self, pool: psycopg_pool.AsyncConnectionPool, settings: ApiSettings) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.cache = SchemaCache(settings.schemas)
+
+    async def handle(self, request: Request) -> Response:
+        try:
+            return await self.dispatch(request)
+        except ApiError as error:
+            return error_response(error)
+
+    async def dispatch(self, request: Request) -> Response:
+        authorization = request.headers.get("authorization")
+        if self.settings.require_apikey:
+            apikey = request.headers.get("apikey")
+            check_apikey(apikey, self.settings.jwt_secret)
+            authorization = authorization or f"Bearer {apikey}"
+        identity = identify(authorization, self.settings.jwt_secret, self.settings.anon_role)
+        schema = self.schema_of(request)
+        if request.path.rstrip("/") == "":
+            if request.method not in ("GET", "HEAD"):
+                raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {request.method}")
+            document = openapi.describe(self.cache, schema, self.settings.public_url)
+            return Response(200, json.dumps(document).encode(), OPENAPI)
+        table = self.cache.table(schema, request.path.strip("/"))
+        if table is None:
+            raise errors.unknown_table()
+        handler = {"GET": self.read, "HEAD": self.read, "POST": self.insert,
+                   "PATCH": self.update, "DELETE": self.delete}.get(request.method)
+        if handler is None:
+            raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {request.method}")
+        return await handler(request, table, identity, query.parse(request.query))
+
+    def schema_of(self, request: Request) -> str:
+        header = "accept-profile" if request.method in ("GET", "HEAD") else "content-profile"
+        schema = request.headers.get(header, self.settings.schemas[0]).strip()
+        if schema not in self.settings.schemas:
+            raise errors.schema_not_exposed(self.settings.schemas)
+        return schema
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    async def read(self, request: Request, table: Table, identity: Identity, q: query.Query) -> Response:
+        offset, limit = self.page_bounds(request, q)
+        params: list[object] = []
+        page = (f"SELECT {query.select_sql(q.select, table)} FROM {table.qualified}"
+                f" WHERE {query.where_sql(q.where, table, params)}{query.order_sql(q.order, table)}")
+        page += f" LIMIT {limit}" if limit is not None else ""
+        page += f" OFFSET {offset}" if offset else ""
+        total_sql = "NULL::bigint"
+        if prefer(request).get("count") == "exact":
+            count_params: list[object] = []
+            total_sql = (f"(SELECT count(*) FROM {table.qualified}"
+                         f" WHERE {query.where_sql(q.where, table, count_params)})")
+            params = count_params + params
+        sql = (f"SELECT count(*), NULL, {total_sql}, coalesce(json_agg(_pgrst_t), '[]')::text"
+               f" FROM ({page}) AS _pgrst_t")
+        outcome = await self.run(request, identity, sql, params)
+        status, content_range = range_status(offset, outcome.affected, outcome.total)
+        headers = {**JSON, "Content-Range": content_range}
+        if prefer(request).get("count") == "exact":
+            headers["Preference-Applied"] = "count=exact"
+        return Response(status, (outcome.body or "[]").encode(), headers)
+
+    @staticmethod
+    def page_bounds(request: Request, q: query.Query) -> tuple[int, int | None]:
+        offset, limit = q.offset, q.limit
+        match = RANGE.fullmatch(request.headers.get("range", ""))
+        if match and request.headers.get("range-unit", "items") == "items":
+            offset = max(offset, int(match[1]))
+            if match[2]:
+                span = int(match[2]) - int(match[1]) + 1
+                limit = span if limit is None else min(limit, span)
+        return offset, limit
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    async def insert(self, request: Request, table: Table, identity: Identity, q: query.Query) -> Response:
+        payload = parse_body(request.body)
+        rows = payload if isinstance(payload, list) else [payload]
+        if not all(isinstance(row, dict) for row in rows):
+            raise errors.invalid_body("All object keys must match")
+        columns = q.columns if q.columns is not None else keys_of(rows)
+        check_columns(columns, table)
+        prefs = prefer(request)
+        resolution = prefs.get("resolution")
+        representation = prefs.get("return") == "representation"
+        source = self.insert_source(table, columns, prefs.get("missing") == "default")
+        column_list = f" ({', '.join(map(ident, columns))})" if columns else ""
+        insert = f"INSERT INTO {table.qualified} AS _pgrst_target{column_list} {source}"
+        insert += conflict_clause(table, columns, q.on_conflict, resolution)
+        text = request.body.decode("utf-8")
+        body_json = text if isinstance(payload, list) else f"[{text}]"
+        if representation or resolution == "merge-duplicates":
+            body_sql = representation_sql(q, table) if representation else "NULL"
+            sql = (f"WITH _pgrst_rows AS ({insert} RETURNING _pgrst_target.*,"
+                   f" (_pgrst_target.xmax = 0) AS _pgrst_inserted)"
+                   f" SELECT count(*), count(*) FILTER (WHERE _pgrst_inserted), NULL, {body_sql} FROM _pgrst_rows")
+            outcome = await self.run(request, identity, sql, [body_json])
+        else:
+            outcome = await self.run(request, identity, insert, [body_json])
+            outcome.inserted = outcome.affected
+        status = 201 if resolution is None or (outcome.inserted or 0) > 0 else 200
+        return self.write_response(status, outcome, prefs, representation)
+
+    @staticmethod
+    def insert_source(table: Table, columns: list[str], missing_default: bool) -> str:
+        names = ", ".join(f"_pgrst_rec.{ident(c)}" for c in columns)
+        if not missing_default:
+            return f"SELECT {names} FROM json_populate_recordset(NULL::{table.qualified}, %s::json) AS _pgrst_rec"
+        exprs = []
+        for name in columns:
+            default = table.columns[name].default
+            value = f"_pgrst_rec.{ident(name)}"
+            key = name.replace("'", "''").replace("%", "%%")
+            exprs.append(f"CASE WHEN _pgrst_obj::jsonb ? '{key}' THEN {value} ELSE {raw(default)} END"
+                         if default is not None else value)
+        return (f"SELECT {', '.join(exprs)} FROM json_array_elements(%s::json) AS _pgrst_obj,"
+                f" LATERAL json_populate_record(NULL::{table.qualified}, _pgrst_obj) AS _pgrst_rec")
+
+    async def update(self, request: Request, table: Table, identity: Identity, q: query.Query) -> Response:
+        row = parse_body(request.body)
+        if not isinstance(row, dict):
+            raise errors.invalid_body("A PATCH body must be a single JSON object")
+        check_columns(list(row), table)
+        if not q.where:
+            raise ApiError(400, "21000", "UPDATE requires a WHERE clause")
+        prefs = prefer(request)
+        representation = prefs.get("return") == "representation"
+        if not row:
+            return Response(204, b"", {"Content-Range": "*/*"})
+        params: list[object] = [request.body.decode("utf-8")]
+        assignments = ", ".join(f"{ident(c)} = _pgrst_body.{ident(c)}" for c in row)
+        sql = (f"UPDATE {table.qualified} SET {assignments}"
+               f" FROM (SELECT * FROM json_populate_record(NULL::{table.qualified}, %s::json)) AS _pgrst_body"
+               f" WHERE {query.where_sql(q.where, table, params)}")
+        outcome = await self.run(request, identity, self.returning(sql, table, q, representation), params)
+        return self.write_response(200 if representation else 204, outcome, prefs, representation)
+
+    async def delete(self, request: Request, table: Table, identity: Identity, q: query.Query) -> Response:
+        if not q.where:
+            raise ApiError(400, "21000", "DELETE requires a WHERE clause")
+        prefs = prefer(request)
+        representation = prefs.get("return") == "representation"
+        params: list[object] = []
+        sql = f"DELETE FROM {table.qualified} WHERE {query.where_sql(q.where, table, params)}"
+        outcome = await self.run(request, identity, self.returning(sql, table, q, representation), params)
+        return self.write_response(200 if representation else 204, outcome, prefs, representation)
+
+    @staticmethod
+    def returning(sql: str, table: Table, q: query.Query, representation: bool) -> str:
+        if not representation:
+            return sql
+        return (f"WITH _pgrst_rows AS ({sql} RETURNING {table.qualified}.*)"
+                f" SELECT count(*), NULL, NULL, {representation_sql(q, table)} FROM _pgrst_rows")
+
+    @staticmethod
+    def write_response(status: int, outcome: Outcome, prefs: dict[str, str], representation: bool) -> Response:
+        applied = [f"{k}={prefs[k]}" for k in ("resolution", "missing", "return") if k in prefs]
+        headers = {"Content-Range": f"0-{outcome.affected - 1}/*" if outcome.affected else "*/*"}
+        if applied:
+            headers["Preference-Applied"] = ", ".join(applied)
+        if representation:
+            return Response(status, (outcome.body or "[]").encode(), {**JSON, **headers})
+        return Response(status, b"", headers)
+
+    # -- the transaction --------------------------------------------------------------------------
+
+    async def run(self, request: Request, identity: Identity, sql: str, params: list[Any]) -> Outcome:
+        """Run one statement in its own transaction as the caller's role; classify what goes wrong."""
+        setup = [identity.role, identity.claims_json(), request.method, request.path,
+                 json.dumps(request.headers)]
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                await conn.execute(SETUP_SQL, setup)
+                cursor = await conn.execute(sql, params)
+                row = await cursor.fetchone() if cursor.description else None
+                if row is None:
+                    return Outcome(affected=max(cursor.rowcount, 0))
+                return Outcome(row[0], row[1], row[2], row[3])
+        except psycopg_pool.PoolTimeout:
+            raise errors.pool_timeout() from None
+        except psycopg.Error as exc:
+            if exc.sqlstate is None:  # the connection itself failed: PostgREST's PGRST000
+                raise errors.database_unreachable() from None
+            raise errors.from_database(exc, authenticated=not identity.anonymous) from None
+
+
+def parse_body(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise errors.invalid_body() from None
+
+
+def keys_of(rows: list[dict[str, Any]]) -> list[str]:
+    """The common key set of a bulk body (PostgREST refuses bodies whose objects differ)."""
+    if not rows:
+        return []
+    first = rows[0].keys()
+    if any(row.keys() != first for row in rows[1:]):
+        raise errors.invalid_body("All object keys must match")
+    return list(first)
+
+
+def check_columns(columns: list[str], table: Table) -> None:
+    for column in columns:
+        if column not in table.columns:
+            raise errors.unknown_column(column, table.name)
+
+
+def conflict_clause(table: Table, columns: list[str], on_conflict: list[str] | None,
+                    resolution: str | None) -> str:
+    if resolution not in ("merge-duplicates", "ignore-duplicates"):
+        return ""
+    target = on_conflict or table.primary_key
+    target_sql = f" ({', '.join(map(ident, target))})" if target else ""
+    if resolution == "ignore-duplicates" or not columns:
+        return f" ON CONFLICT{target_sql} DO NOTHING"
+    updates = ", ".join(f"{ident(c)} = EXCLUDED.{ident(c)}" for c in columns)
+    return f" ON CONFLICT{target_sql} DO UPDATE SET {updates}"
+
+
+def representation_sql(q: query.Query, table: Table) -> str:
+    return (f"(SELECT coalesce(json_agg(_pgrst_t), '[]')::text FROM"
+            f" (SELECT {query.select_sql(q.select, table, '_pgrst_rows')} FROM _pgrst_rows) AS _pgrst_t)")
+
+
+def range_status(offset: int, page: int, total: int | None) -> tuple[int, str]:
+    """PostgREST's Content-Range and its 200 / 206 / 416 choice."""
+    shown = f"{offset}-{offset + page - 1}" if page else "*"
+    content_range = f"{shown}/{'*' if total is None else total}"
+    if total is None:
+        return 200, content_range
+    if offset > total:
+        raise ApiError(416, "PGRST103", "Requested range not satisfiable",
+                       f"An offset of {offset} was requested, but there are only {total} rows.",
+                       headers={"Content-Range": f"*/{total}"})
+    return (206 if page < total else 200), content_range

@@ -1,0 +1,102 @@
+"""`GET /`: the Swagger 2.0 description PostgREST v12 serves, built from the schema cache.
+
+What clients read from it: `definitions.<table>.properties.<column>.format` (the PostgreSQL type),
+`required` (the NOT NULL columns) and `<pk/>` / `<fk .../>` in a column's description.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+from syncd import __version__
+from syncd.devserver.schema import Column, SchemaCache, Table
+
+INTEGER_TYPES = {"smallint", "integer", "bigint"}
+NUMBER_TYPES = {"numeric", "real", "double precision"}
+LITERAL_DEFAULT = re.compile(r"^'((?:[^']|'')*)'::[\w .\[\]\"]+$")
+
+
+def describe(cache: SchemaCache, schema: str, public_url: str) -> dict[str, Any]:
+    url = urlsplit(public_url)
+    tables = cache.in_schema(schema)
+    return {
+        "swagger": "2.0",
+        "info": {"title": "PostgREST API", "description": "syncd dev-server: a PostgREST v12-compatible API",
+                 "version": f"12.2.3 (syncd {__version__})"},
+        "host": url.netloc,
+        "basePath": url.path or "/",
+        "schemes": [url.scheme or "http"],
+        "consumes": ["application/json", "application/vnd.pgrst.object+json", "text/csv"],
+        "produces": ["application/json", "application/vnd.pgrst.object+json", "text/csv"],
+        "paths": {"/": {"get": {"tags": ["Introspection"], "summary": "OpenAPI description (this document)",
+                                "produces": ["application/openapi+json", "application/json"],
+                                "responses": {"200": {"description": "OK"}}}},
+                  **{f"/{t.name}": paths_of(t) for t in tables}},
+        "definitions": {t.name: definition_of(t) for t in tables},
+    }
+
+
+def paths_of(table: Table) -> dict[str, Any]:
+    ref = {"$ref": f"#/definitions/{table.name}"}
+    ok = {"200": {"description": "OK", "schema": {"type": "array", "items": ref}},
+          "206": {"description": "Partial Content"}}
+    body = [{"name": table.name, "in": "body", "required": False, "schema": ref}]
+    operations: dict[str, Any] = {"get": {"tags": [table.name], "responses": ok}}
+    if table.kind in ("r", "p", "f", "v"):
+        operations["post"] = {"tags": [table.name], "parameters": body,
+                              "responses": {"201": {"description": "Created"}}}
+        operations["patch"] = {"tags": [table.name], "parameters": body,
+                               "responses": {"204": {"description": "No Content"}}}
+        operations["delete"] = {"tags": [table.name], "responses": {"204": {"description": "No Content"}}}
+    return operations
+
+
+def definition_of(table: Table) -> dict[str, Any]:
+    definition: dict[str, Any] = {
+        "required": [c.name for c in table.columns.values() if not c.nullable],
+        "properties": {c.name: property_of(c) for c in table.columns.values()},
+        "type": "object",
+    }
+    if table.description:
+        definition["description"] = table.description
+    return definition
+
+
+def property_of(column: Column) -> dict[str, Any]:
+    prop: dict[str, Any] = {"format": column.type}
+    notes = []
+    if column.primary_key:
+        notes.append("This is a Primary Key.<pk/>")
+    if column.references:
+        ref_table, ref_col = column.references
+        notes.append(f"This is a Foreign Key to `{ref_table}.{ref_col}`.<fk table='{ref_table}' column='{ref_col}'/>")
+    description = "\n\n".join(filter(None, [column.description, "Note:\n" + "\n".join(notes) if notes else None]))
+    if description:
+        prop["description"] = description
+    if column.default is not None:
+        literal = LITERAL_DEFAULT.match(column.default)
+        prop["default"] = literal[1].replace("''", "'") if literal else column.default
+    if column.max_length:
+        prop["maxLength"] = column.max_length
+    swagger_type = swagger_type_of(column)
+    if swagger_type:
+        prop["type"] = swagger_type
+    if swagger_type == "array":
+        prop["items"] = {"type": "string"}
+    return prop
+
+
+def swagger_type_of(column: Column) -> str | None:
+    if column.type.endswith("[]"):
+        return "array"
+    if column.type in INTEGER_TYPES:
+        return "integer"
+    if column.type in NUMBER_TYPES:
+        return "number"
+    if column.type == "boolean":
+        return "boolean"
+    if column.type in ("json", "jsonb"):
+        return None  # any JSON value
+    return "string"

@@ -1,0 +1,108 @@
+"""The schema cache: which tables and columns the API exposes, read from pg_catalog.
+
+Like PostgREST, the dev server loads it once at start and again on `NOTIFY pgrst, 'reload schema'`;
+a table created in between answers 404 until then, which is exactly what a client sees right after a
+migration on a real installation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import psycopg
+
+from syncd.devserver.sqltext import ident
+
+COLUMNS_SQL = """
+SELECT n.nspname, c.relname, c.relkind, obj_description(c.oid, 'pg_class'),
+       a.attname, a.attnotnull, pg_get_expr(d.adbin, d.adrelid), col_description(c.oid, a.attnum),
+       CASE WHEN et.oid IS NOT NULL THEN
+              (CASE WHEN etn.nspname = 'pg_catalog' THEN format_type(et.oid, NULL)
+                    ELSE etn.nspname || '.' || et.typname END) || '[]'
+            WHEN tn.nspname = 'pg_catalog' THEN format_type(t.oid, NULL)
+            ELSE tn.nspname || '.' || t.typname END,
+       t.typcategory, CASE WHEN a.atttypmod > 4 AND t.typcategory = 'S' THEN a.atttypmod - 4 END
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+JOIN pg_type t ON t.oid = a.atttypid
+JOIN pg_namespace tn ON tn.oid = t.typnamespace
+LEFT JOIN pg_type et ON et.oid = t.typelem AND t.typcategory = 'A'
+LEFT JOIN pg_namespace etn ON etn.oid = et.typnamespace
+LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'v', 'm', 'f', 'p')
+ORDER BY n.nspname, c.relname, a.attnum
+"""
+
+CONSTRAINTS_SQL = """
+SELECT n.nspname, c.relname, k.contype, a.attname, rc.relname, ra.attname
+FROM pg_constraint k
+JOIN pg_class c ON c.oid = k.conrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+CROSS JOIN LATERAL unnest(k.conkey) WITH ORDINALITY AS u(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = u.attnum
+LEFT JOIN pg_class rc ON rc.oid = k.confrelid
+LEFT JOIN pg_attribute ra ON ra.attrelid = k.confrelid AND ra.attnum = k.confkey[u.ord]
+WHERE n.nspname = ANY(%s) AND k.contype IN ('p', 'f')
+ORDER BY n.nspname, c.relname, k.conname, u.ord
+"""
+
+
+@dataclass
+class Column:
+    name: str
+    type: str  # PostgREST's "format": the type name without modifiers, schema-qualified outside pg_catalog
+    category: str  # pg_type.typcategory: N numeric, B boolean, S string, A array, U user-defined...
+    nullable: bool
+    default: str | None
+    description: str | None
+    max_length: int | None = None
+    primary_key: bool = False
+    references: tuple[str, str] | None = None  # (table, column) of a single-column foreign key
+
+
+@dataclass
+class Table:
+    schema: str
+    name: str
+    kind: str
+    description: str | None
+    columns: dict[str, Column] = field(default_factory=dict)
+
+    @property
+    def primary_key(self) -> list[str]:
+        return [c.name for c in self.columns.values() if c.primary_key]
+
+    @property
+    def qualified(self) -> str:
+        return f"{ident(self.schema)}.{ident(self.name)}"
+
+
+@dataclass
+class SchemaCache:
+    schemas: list[str]
+    tables: dict[tuple[str, str], Table] = field(default_factory=dict)
+
+    def table(self, schema: str, name: str) -> Table | None:
+        return self.tables.get((schema, name))
+
+    def in_schema(self, schema: str) -> list[Table]:
+        return sorted((t for (s, _), t in self.tables.items() if s == schema), key=lambda t: t.name)
+
+
+async def load(conn: psycopg.AsyncConnection, schemas: list[str]) -> SchemaCache:
+    """Read every table, view and column of the exposed schemas, with keys and foreign keys."""
+    cache = SchemaCache(schemas)
+    rows = await (await conn.execute(COLUMNS_SQL, [schemas])).fetchall()
+    for schema, name, kind, table_doc, col, notnull, default, col_doc, typ, category, max_len in rows:
+        table = cache.tables.setdefault((schema, name), Table(schema, name, kind, table_doc))
+        table.columns[col] = Column(col, typ, category, not notnull, default, col_doc, max_len)
+    for schema, name, contype, col, ref_table, ref_col in await (
+        await conn.execute(CONSTRAINTS_SQL, [schemas])
+    ).fetchall():
+        column = cache.tables[(schema, name)].columns[col]
+        if contype == "p":
+            column.primary_key = True
+        elif ref_table is not None:
+            column.references = (ref_table, ref_col)
+    return cache
