@@ -24,6 +24,7 @@ def dev_server(args: argparse.Namespace) -> int:
         pg_url=args.pg_url, data_dir=args.data_dir, migrations=args.migrations, jwt_secret=args.jwt_secret,
         require_apikey=args.require_apikey, faults=args.faults,
         schemas=tuple(s.strip() for s in args.schemas.split(",") if s.strip()), anon_role=args.anon_role,
+        pool_size=args.pool_size, pool_timeout=args.pool_timeout,
     )
     return server.run(options)
 
@@ -45,6 +46,9 @@ def add_dev_server(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--faults", action="store_true", help="enable fault injection at /_dev/faults and /_dev/stats")
     p.add_argument("--schemas", default="public", help="exposed schemas, comma separated (default public)")
     p.add_argument("--anon-role", default="anon", help="role for requests without a token (default anon)")
+    p.add_argument("--pool-size", type=int, default=10, help="database connections (default 10)")
+    p.add_argument("--pool-timeout", type=float, default=10.0,
+                   help="seconds to wait for a free connection before answering 504 PGRST003 (default 10)")
     p.set_defaults(run=dev_server)
 
 

@@ -37,6 +37,7 @@ class Options:
     schemas: tuple[str, ...] = ("public",)
     anon_role: str = "anon"
     pool_size: int = 10
+    pool_timeout: float = 10.0  # waiting longer for a connection answers 504 PGRST003
 
 
 class DevServer:
@@ -101,25 +102,34 @@ class DevServer:
 
 
 async def keep_schema_fresh(api: Api, conninfo: str, ready: asyncio.Event) -> None:
-    """Load the schema cache, then reload it on every `NOTIFY pgrst, 'reload schema'` (and reconnect)."""
+    """Load the schema cache, then reload it on every `NOTIFY pgrst, 'reload schema'` (and reconnect).
+
+    The cache is read on a connection of its own: the listening one is busy inside `notifies()`.
+    """
     delay = 0.5
     while True:
         try:
-            async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-                await conn.execute("LISTEN pgrst")
-                api.cache = await schema.load(conn, api.settings.schemas)
+            async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as listener:
+                await listener.execute("LISTEN pgrst")
+                api.cache = await load_schema(conninfo, api.settings.schemas)
                 ready.set()
                 delay = 0.5
-                async for notice in conn.notifies():
+                async for notice in listener.notifies():
                     if notice.payload.strip() in RELOAD_PAYLOADS:
-                        api.cache = await schema.load(conn, api.settings.schemas)
+                        api.cache = await load_schema(conninfo, api.settings.schemas)
         except psycopg.OperationalError:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 32)
 
 
+async def load_schema(conninfo: str, schemas: list[str]) -> schema.SchemaCache:
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        return await schema.load(conn, schemas)
+
+
 async def serve(options: Options, admin_url: str, secret: str) -> None:
-    pool = psycopg_pool.AsyncConnectionPool(admin_url, min_size=2, max_size=options.pool_size, timeout=10,
+    pool = psycopg_pool.AsyncConnectionPool(admin_url, min_size=1, max_size=options.pool_size,
+                                            timeout=options.pool_timeout,
                                             configure=postgres.configure_api_connection, open=False)
     await pool.open(wait=True)
     public_url = f"http://{options.host}:{options.port}{options.prefix}"

@@ -1,0 +1,131 @@
+"""Fixtures: a real `syncd dev-server` process over real PostgreSQL, and clients for it.
+
+One dev server (with --faults) is shared by the session; its PostgreSQL is the throwaway one from the
+pgserver wheel unless SYNCD_TEST_PG_URL names a superuser URL to use instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from syncd import auth
+
+ROOT = Path(__file__).resolve().parents[1]
+MIGRATIONS = ROOT / "deploy" / "supabase" / "migrations"
+TEST_SQL = Path(__file__).resolve().parent / "sql"
+CONFORMANCE_TABLES = "public.items, public.children, public.parents, public.pairs, public.people, " \
+                     "public.raiser, public.bench, syncd_test.items"
+
+
+@dataclass
+class DevServer:
+    url: str
+    pg_url: str
+    jwt_secret: str
+    anon_key: str
+    service_key: str
+    process: subprocess.Popen[str]
+
+    @property
+    def root(self) -> str:
+        """scheme://host:port, where /_dev/* lives."""
+        return self.url.rsplit("/rest/v1", 1)[0]
+
+    def token(self, role: str, **claims: object) -> str:
+        return auth.mint_token(self.jwt_secret, role, **claims)
+
+    def client(self, key: str | None = None, **headers: str) -> httpx.Client:
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+def start_devserver(*args: str, migrations: Path = MIGRATIONS, timeout: float = 120) -> DevServer:
+    """Run `python -m syncd dev-server` and wait for its one JSON line."""
+    command = [sys.executable, "-m", "syncd", "dev-server", "--port", "0", "--migrations", str(migrations), *args]
+    if os.environ.get("SYNCD_TEST_PG_URL") and "--pg-url" not in args:
+        command += ["--pg-url", os.environ["SYNCD_TEST_PG_URL"]]
+    stderr = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    deadline = time.monotonic() + timeout
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.5)
+        if ready:
+            line = process.stdout.readline()
+            if line:
+                info = json.loads(line)
+                return DevServer(info["url"], info["pg_url"], info["jwt_secret"], info["anon_key"],
+                                 info["service_key"], process)
+        if process.poll() is not None:
+            break
+    process.kill()
+    stderr.seek(0)
+    raise RuntimeError(f"dev server did not start: {stderr.read()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def migrations_with_tests(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("migrations")
+    for source in [*MIGRATIONS.glob("*.sql"), *TEST_SQL.glob("*.sql")]:
+        shutil.copy(source, directory / source.name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def devserver(migrations_with_tests: Path) -> Iterator[DevServer]:
+    server = start_devserver("--faults", "--schemas", "public,syncd_test", migrations=migrations_with_tests)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg(devserver: DevServer) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(devserver.pg_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def service(devserver: DevServer) -> Iterator[httpx.Client]:
+    with devserver.client(devserver.service_key) as client:
+        yield client
+
+
+@pytest.fixture
+def clean(pg: psycopg.Connection) -> None:
+    """Empty the conformance tables before a test."""
+    pg.execute(f"TRUNCATE {CONFORMANCE_TABLES} CASCADE")
+
+
+@pytest.fixture
+def faults(devserver: DevServer) -> Iterator[Callable[..., dict[str, object]]]:
+    """Set fault injection for one test; everything is back to normal afterwards."""
+    def configure(**settings: object) -> dict[str, object]:
+        response = httpx.put(f"{devserver.root}/_dev/faults", json=settings)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    httpx.delete(f"{devserver.root}/_dev/stats")
+    yield configure
+    httpx.put(f"{devserver.root}/_dev/faults", json={"error_rate": 0, "reset_rate": 0, "timeout_rate": 0,
+                                                      "delay_ms": 0, "down": False, "error_status": 503})
+    httpx.delete(f"{devserver.root}/_dev/stats")
