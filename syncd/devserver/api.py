@@ -248,9 +248,13 @@ class Api:
                 return Outcome(row[0], row[1], row[2], row[3])
         except psycopg_pool.PoolTimeout:
             raise errors.pool_timeout() from None
-        except psycopg.Error as exc:
+        except psycopg.OperationalError as exc:
             if exc.sqlstate is None:  # the connection itself failed: PostgREST's PGRST000
                 raise errors.database_unreachable() from None
+            raise errors.from_database(exc, authenticated=not identity.anonymous) from None
+        except psycopg.Error as exc:
+            if exc.sqlstate is None:  # refused before sending, e.g. a NUL byte, which PostgreSQL rejects as 22021
+                raise ApiError(400, "22021", str(exc)) from None
             raise errors.from_database(exc, authenticated=not identity.anonymous) from None
 
 

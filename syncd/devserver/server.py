@@ -21,6 +21,7 @@ from syncd.devserver.faults import Faults
 from syncd.devserver.http import Abort, HttpServer, Request, Response
 
 RELOAD_PAYLOADS = {"", "reload schema"}
+APPLICATION_NAME = "syncd-devserver"
 
 
 @dataclass
@@ -130,6 +131,7 @@ async def load_schema(conninfo: str, schemas: list[str]) -> schema.SchemaCache:
 async def serve(options: Options, admin_url: str, secret: str) -> None:
     pool = psycopg_pool.AsyncConnectionPool(admin_url, min_size=1, max_size=options.pool_size,
                                             timeout=options.pool_timeout,
+                                            kwargs={"application_name": APPLICATION_NAME},
                                             configure=postgres.configure_api_connection, open=False)
     await pool.open(wait=True)
     public_url = f"http://{options.host}:{options.port}{options.prefix}"

@@ -62,7 +62,10 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'auth') THEN
         CREATE SCHEMA auth;
     END IF;
-    IF to_regclass('auth.users') IS NULL THEN
+    IF NOT EXISTS (  -- not to_regclass(): it needs USAGE on the schema
+        SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'auth' AND c.relname = 'users'
+    ) THEN
         -- The subset of Supabase's auth.users that foreign keys (cipher_memory.user_id,
         -- user_prefs.user_id, skills_registry.created_by) and tests need.
         CREATE TABLE IF NOT EXISTS auth.users (
