@@ -64,7 +64,7 @@ def start_devserver(*args: str, migrations: Path = MIGRATIONS, timeout: float = 
     command = [sys.executable, "-m", "syncd", "dev-server", "--port", "0", "--migrations", str(migrations), *args]
     if os.environ.get("SYNCD_TEST_PG_URL") and "--pg-url" not in args:
         command += ["--pg-url", os.environ["SYNCD_TEST_PG_URL"]]
-    stderr = tempfile.TemporaryFile(mode="w+")
+    stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the server process
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
     deadline = time.monotonic() + timeout
     assert process.stdout is not None
