@@ -6,24 +6,16 @@ pgserver wheel unless SYNCD_TEST_PG_URL names a superuser URL to use instead.
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
-from syncd import auth
+from syncd.devserver.launcher import RunningDevServer, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 MIGRATIONS = ROOT / "deploy" / "supabase" / "migrations"
@@ -32,55 +24,15 @@ CONFORMANCE_TABLES = "public.items, public.children, public.parents, public.pair
                      "public.raiser, public.bench, syncd_test.items"
 
 
-@dataclass
-class DevServer:
-    url: str
-    pg_url: str
-    jwt_secret: str
-    anon_key: str
-    service_key: str
-    process: subprocess.Popen[str]
-
-    @property
-    def root(self) -> str:
-        """scheme://host:port, where /_dev/* lives."""
-        return self.url.rsplit("/rest/v1", 1)[0]
-
-    def token(self, role: str, **claims: object) -> str:
-        return auth.mint_token(self.jwt_secret, role, **claims)
-
-    def client(self, key: str | None = None, **headers: str) -> httpx.Client:
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
+DevServer = RunningDevServer
 
 
 def start_devserver(*args: str, migrations: Path = MIGRATIONS, timeout: float = 120) -> DevServer:
-    """Run `python -m syncd dev-server` and wait for its one JSON line."""
-    command = [sys.executable, "-m", "syncd", "dev-server", "--port", "0", "--migrations", str(migrations), *args]
+    """A dev server on a free port; on SYNCD_TEST_PG_URL's database when that is set."""
+    args = ("--port", "0", "--migrations", str(migrations), *args)
     if os.environ.get("SYNCD_TEST_PG_URL") and "--pg-url" not in args:
-        command += ["--pg-url", os.environ["SYNCD_TEST_PG_URL"]]
-    stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the server process
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
-    deadline = time.monotonic() + timeout
-    assert process.stdout is not None
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 0.5)
-        if ready:
-            line = process.stdout.readline()
-            if line:
-                info = json.loads(line)
-                return DevServer(info["url"], info["pg_url"], info["jwt_secret"], info["anon_key"],
-                                 info["service_key"], process)
-        if process.poll() is not None:
-            break
-    process.kill()
-    stderr.seek(0)
-    raise RuntimeError(f"dev server did not start: {stderr.read()[-4000:]}")
+        args += ("--pg-url", os.environ["SYNCD_TEST_PG_URL"])
+    return launch(args, timeout)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,69 @@
+"""Start `syncd dev-server` as a child process and wait for its JSON line (tests, benchmarks, demo)."""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import IO
+
+import httpx
+
+from syncd import auth
+
+
+@dataclass
+class RunningDevServer:
+    url: str
+    pg_url: str
+    jwt_secret: str
+    anon_key: str
+    service_key: str
+    process: subprocess.Popen[str]
+    stderr: IO[str]
+
+    @property
+    def root(self) -> str:
+        """scheme://host:port, where /_dev/* lives."""
+        return self.url.rsplit("/rest/v1", 1)[0]
+
+    def token(self, role: str, **claims: object) -> str:
+        return auth.mint_token(self.jwt_secret, role, **claims)
+
+    def client(self, key: str | None = None, **headers: str) -> httpx.Client:
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def stop(self, timeout: float = 60) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=timeout)
+        self.stderr.close()
+        return code
+
+
+def launch(args: Sequence[str], timeout: float = 120) -> RunningDevServer:
+    """Run `python -m syncd dev-server ARGS` and return once it printed its JSON line."""
+    command = [sys.executable, "-m", "syncd", "dev-server", *args]
+    stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the server process
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.5)
+        line = process.stdout.readline() if ready else ""
+        if line:
+            info = json.loads(line)
+            return RunningDevServer(info["url"], info["pg_url"], info["jwt_secret"], info["anon_key"],
+                                    info["service_key"], process, stderr)
+        if process.poll() is not None:
+            break
+    process.kill()
+    stderr.seek(0)
+    raise RuntimeError(f"syncd dev-server did not start: {stderr.read()[-4000:]}")
