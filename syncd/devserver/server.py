@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,13 @@ class DevServer:
         self.faults = faults
 
     async def handle(self, request: Request) -> Response | Abort:
+        try:
+            return await self.route(request)
+        except Exception:  # a bug of ours: answer like PostgREST's 500, keep serving, leave a trace on stderr
+            traceback.print_exc(file=sys.stderr)
+            return error_response(errors.ApiError(500, "XX000", "internal error in syncd dev-server"))
+
+    async def route(self, request: Request) -> Response | Abort:
         if self.faults is not None and request.path.startswith("/_dev/"):
             return self.dev_endpoint(request)
         if not (request.path == self.prefix or request.path.startswith(self.prefix + "/")):
