@@ -3,13 +3,80 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from syncd import __version__
+import apsw
+
+from syncd import __version__, capture, sqlite, status
+from syncd.config import Config, ConfigError, load_config
 
 Command = Callable[[argparse.Namespace], int]
+# Mistakes an operator can fix: printed as one clear message, never as a traceback.
+USER_ERRORS = (ConfigError, capture.CaptureError, sqlite.DatabaseNotFound, apsw.BusyError)
+
+
+def load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, overrides={"source.path": args.db})
+
+
+def install(args: argparse.Namespace) -> int:
+    config = load(args)
+    report = capture.install(sqlite.connect(config.source.path), config)
+    print(f"installed in {config.source.path}: {len(report.created)} trigger(s) created, "
+          f"{len(report.replaced)} replaced, {len(report.unchanged)} unchanged")
+    for name in report.created + report.replaced:
+        print(f"  {name}")
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def uninstall(args: argparse.Namespace) -> int:
+    config = load(args)
+    report = capture.uninstall(sqlite.connect(config.source.path), drop_outbox=args.drop_outbox, force=args.force)
+    print(f"removed {len(report.dropped_triggers)} trigger(s)"
+          + (f" and {', '.join(report.dropped_tables)}" if report.dropped_tables else
+             "; the outbox and dead letters stay (use --drop-outbox to remove them)"))
+    return 0
+
+
+def show_status(args: argparse.Namespace) -> int:
+    config = load(args)
+    result = status.collect(sqlite.connect(config.source.path), config, max_lag=args.max_lag)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else status.render(result))
+    return 0 if result.healthy else 1
+
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML configuration file (default: $SYNCD_CONFIG)")
+    p.add_argument("--db", help="the application's SQLite file (overrides source.path and $SYNCD_DB)")
+
+
+def add_capture_commands(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("install", help="create the outbox and the capture triggers (idempotent)",
+                            description="Create syncd's tables and the triggers of every configured table in one "
+                                        "transaction. Refuses, without touching the file, tables it cannot capture.")
+    add_config_options(p)
+    p.set_defaults(run=install)
+    p = commands.add_parser("uninstall", help="remove the capture triggers",
+                            description="Remove every syncd trigger. The outbox and dead letters stay unless "
+                                        "--drop-outbox; a non-empty outbox is only dropped with --force.")
+    add_config_options(p)
+    p.add_argument("--drop-outbox", action="store_true", help="also drop the outbox, dead letters, journal, meta")
+    p.add_argument("--force", action="store_true", help="drop them even when changes are still pending")
+    p.set_defaults(run=uninstall)
+    p = commands.add_parser("status", help="pending changes, dead letters, lease and trigger health",
+                            description="Report per table what is pending and how old, dead letters, last "
+                                        "shipment and errors, the daemon's lease and trigger health. Exit code 0 "
+                                        "when healthy, 1 when something needs an operator.")
+    add_config_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--max-lag", type=float, default=status.DEFAULT_MAX_LAG_SECONDS,
+                   help="pending changes older than this many seconds are a problem (default 300)")
+    p.set_defaults(run=show_status)
 
 
 def dev_server(args: argparse.Namespace) -> int:
@@ -57,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "step with an application's SQLite file.")
     parser.add_argument("--version", action="version", version=f"syncd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_capture_commands(commands)
     add_dev_server(commands)
     return parser
 
@@ -69,5 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130

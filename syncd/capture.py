@@ -1,0 +1,344 @@
+"""Capture: the SQLite objects syncd owns and the triggers that record changed keys in the outbox.
+
+Each synced table gets AFTER INSERT/UPDATE/DELETE triggers that append (table, key, op, time) to
+`_syncd_outbox` inside the application's own transaction: never the row image, so they cost little and
+cannot fail for any value the app can store. The key is encoded with SQLite's `quote()` (exact for every
+storage class, including BLOBs, invalid UTF-8 text, NULL and reals) and decoded by `decode_key`.
+
+`INSERT OR REPLACE` and `UPDATE OR REPLACE` delete rows that collide on a UNIQUE index other than the
+key without firing delete triggers; BEFORE triggers record the keys of those would-be victims, so the
+shipper re-reads them, finds them gone, and deletes them in the secondary too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+import apsw
+
+from syncd.config import Config, TableConfig
+from syncd.sqlite import immediate, quote_ident, quote_text
+
+SCHEMA_VERSION = 1
+OWNED_PREFIX = "_syncd_"
+# The outbox's `at` is a Julian day: julianday('now') alone is measurably cheaper per row than converting
+# to unix seconds inside the trigger (about 0.05x of an insert's cost); readers convert with unix_time().
+NOW_SQL = "julianday('now')"
+UNIX_EPOCH_JULIAN_DAY = 2440587.5
+OWNED_TABLES = {
+    "_syncd_outbox": """CREATE TABLE IF NOT EXISTS _syncd_outbox (
+        seq INTEGER PRIMARY KEY,
+        tbl TEXT NOT NULL,
+        key TEXT NOT NULL,
+        op TEXT NOT NULL,
+        at REAL NOT NULL)""",  # op: I U D, or R for a row a REPLACE may delete; at: Julian day
+    "_syncd_dead_letter": """CREATE TABLE IF NOT EXISTS _syncd_dead_letter (
+        id INTEGER PRIMARY KEY,
+        tbl TEXT NOT NULL,
+        key TEXT NOT NULL,
+        op TEXT NOT NULL,
+        enqueued_at REAL NOT NULL,
+        failed_at REAL NOT NULL,
+        status INTEGER,
+        code TEXT,
+        message TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 1)""",
+    "_syncd_journal": """CREATE TABLE IF NOT EXISTS _syncd_journal (
+        tbl TEXT NOT NULL,
+        key TEXT NOT NULL,
+        shipped_at REAL NOT NULL)""",
+    "_syncd_meta": """CREATE TABLE IF NOT EXISTS _syncd_meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL)""",
+}
+OWNED_INDEXES = ["CREATE INDEX IF NOT EXISTS _syncd_journal_shipped_at ON _syncd_journal (shipped_at)"]
+
+
+class CaptureError(Exception):
+    """A table cannot be captured; the message says which and what to do."""
+
+
+@dataclass
+class SourceTable:
+    """What capture needs to know about one application table, read from SQLite's catalog."""
+
+    name: str
+    columns: list[str]
+    primary_key: list[str]
+    # Column sets of other uniqueness constraints (None for an index on expressions).
+    unique: list[list[str] | None] = field(default_factory=list)
+
+
+@dataclass
+class Capture:
+    """The triggers of one configured table, derived from its config and its current schema."""
+
+    table: SourceTable
+    key: list[str]
+    target: str
+
+    def triggers(self) -> dict[str, str]:
+        """name -> CREATE TRIGGER statement, exactly as sqlite_master will store it."""
+        t, name = quote_ident(self.table.name), self.table.name
+        literal = quote_text(name)
+        triggers = {
+            f"_syncd_{name}_ins": (
+                f"CREATE TRIGGER {quote_ident(f'_syncd_{name}_ins')} AFTER INSERT ON {t} FOR EACH ROW BEGIN "
+                f"{self.append(literal, 'NEW', 'I')}; END"),
+            f"_syncd_{name}_upd": (
+                f"CREATE TRIGGER {quote_ident(f'_syncd_{name}_upd')} AFTER UPDATE ON {t} FOR EACH ROW BEGIN "
+                f"{self.append(literal, 'OLD', 'D', where=self.key_changed())}; "
+                f"{self.append(literal, 'NEW', 'U')}; END"),
+            f"_syncd_{name}_del": (
+                f"CREATE TRIGGER {quote_ident(f'_syncd_{name}_del')} AFTER DELETE ON {t} FOR EACH ROW BEGIN "
+                f"{self.append(literal, 'OLD', 'D')}; END"),
+        }
+        collisions = self.collision_condition()
+        if collisions:
+            for event, suffix, itself in (("INSERT", "rep_ins", "NEW"), ("UPDATE", "rep_upd", "OLD")):
+                trigger = f"_syncd_{name}_{suffix}"
+                same_key = " AND ".join(f"{t}.{quote_ident(c)} IS {itself}.{quote_ident(c)}" for c in self.key)
+                triggers[trigger] = (
+                    f"CREATE TRIGGER {quote_ident(trigger)} BEFORE {event} ON {t} FOR EACH ROW BEGIN "
+                    f"INSERT INTO _syncd_outbox (tbl, key, op, at) SELECT {literal}, {key_sql(self.key, t)}, 'R', "
+                    f"{NOW_SQL} FROM {t} WHERE ({collisions}) AND NOT ({same_key}); END")
+        return triggers
+
+    def append(self, literal: str, row: str, op: str, where: str | None = None) -> str:
+        values = f"{literal}, {key_sql(self.key, row)}, '{op}', {NOW_SQL}"
+        if where is None:
+            return f"INSERT INTO _syncd_outbox (tbl, key, op, at) VALUES ({values})"
+        return f"INSERT INTO _syncd_outbox (tbl, key, op, at) SELECT {values} WHERE {where}"
+
+    def key_changed(self) -> str:
+        return " OR ".join(f"OLD.{quote_ident(c)} IS NOT NEW.{quote_ident(c)}" for c in self.key)
+
+    def collision_condition(self) -> str:
+        """Rows (other than the one written) that a REPLACE would delete: same values on another unique set."""
+        sets = [self.table.primary_key, *self.table.unique] if self.table.primary_key else list(self.table.unique)
+        t = quote_ident(self.table.name)
+        conditions = []
+        for columns in sets:
+            if columns is None or not columns or sorted(columns) == sorted(self.key):
+                continue
+            conditions.append("(" + " AND ".join(f"{t}.{quote_ident(c)} = NEW.{quote_ident(c)}" for c in columns) + ")")
+        return " OR ".join(conditions)
+
+
+def key_sql(columns: list[str], row: str) -> str:
+    """SQL building the outbox key: quote() of each key column, comma separated (exact for every type)."""
+    return " || ',' || ".join(f"quote({row}.{quote_ident(c)})" for c in columns)
+
+
+KEY_TOKEN = re.compile(r"""\s*(?:'((?:[^']|'')*)'|X'([0-9A-Fa-f]*)'|(NULL)|([-+0-9.eEInf]+))\s*(,|$)""", re.S)
+
+
+def decode_key(text: str) -> tuple[object, ...]:
+    """Invert key_sql: "1,'a''b',X'00',NULL,2.5" -> (1, "a'b", b"\\x00", None, 2.5)."""
+    values: list[object] = []
+    pos = 0
+    while pos < len(text):
+        match = KEY_TOKEN.match(text, pos)
+        if match is None:
+            raise ValueError(f"malformed outbox key: {text[:80]!r}")
+        quoted, blob, null, number = match.group(1, 2, 3, 4)
+        if quoted is not None:
+            values.append(quoted.replace("''", "'"))
+        elif blob is not None:
+            values.append(bytes.fromhex(blob))
+        elif null:
+            values.append(None)
+        else:
+            values.append(parse_number(number))
+        pos = match.end()
+        if match.group(5) == "" and pos < len(text):
+            raise ValueError(f"malformed outbox key: {text[:80]!r}")
+    return tuple(values)
+
+
+def parse_number(token: str) -> int | float:
+    if re.fullmatch(r"[-+]?\d+", token):
+        return int(token)
+    return float(token.replace("Inf", "inf"))
+
+
+# -- reading the application's schema ------------------------------------------------------------------
+
+
+def inspect_table(conn: apsw.Connection, name: str) -> SourceTable:
+    """Read one table's columns, key and unique constraints; refuse what cannot be captured."""
+    if name.startswith(OWNED_PREFIX):
+        raise CaptureError(f"table {name!r}: names starting with {OWNED_PREFIX} belong to syncd; rename the table")
+    row = conn.execute("SELECT type, name, sql FROM sqlite_schema WHERE name = ? COLLATE NOCASE "
+                       "AND type IN ('table', 'view')", (name,)).fetchone()
+    if row is None:
+        raise CaptureError(f"table {name!r} does not exist in the database; check [[table]] name in the config")
+    kind, actual, sql = row
+    if kind == "view":
+        raise CaptureError(f"{name!r} is a view; syncd captures tables only (sync the tables behind the view)")
+    if re.match(r"\s*CREATE\s+VIRTUAL\s+TABLE", sql or "", re.I):
+        raise CaptureError(f"{name!r} is a virtual table; its content cannot be captured with triggers")
+    info = conn.execute(f"PRAGMA table_info({quote_ident(actual)})").fetchall()
+    columns = [r[1] for r in info]
+    primary_key = [r[1] for r in sorted((r for r in info if r[5] > 0), key=lambda r: r[5])]
+    return SourceTable(actual, columns, primary_key, unique_sets(conn, actual))
+
+
+def unique_sets(conn: apsw.Connection, table: str) -> list[list[str] | None]:
+    sets: list[list[str] | None] = []
+    for _, index, unique, origin, _partial in conn.execute(f"PRAGMA index_list({quote_ident(table)})"):
+        if not unique or origin == "pk":
+            continue
+        keyed = [r for r in conn.execute(f"PRAGMA index_xinfo({quote_ident(index)})") if r[5]]
+        sets.append(None if any(r[1] == -2 for r in keyed) else [r[2] for r in keyed])
+    return sets
+
+
+def plan(conn: apsw.Connection, config: Config) -> list[Capture]:
+    """The triggers every configured table needs; every problem of every table in one CaptureError."""
+    captures, problems = [], []
+    for table_config in config.tables:
+        try:
+            captures.append(plan_table(conn, table_config))
+        except CaptureError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise CaptureError("\n".join(problems))
+    return captures
+
+
+def plan_table(conn: apsw.Connection, table_config: TableConfig) -> Capture:
+    table = inspect_table(conn, table_config.name)
+    key = table_config.key or table.primary_key
+    if not key:
+        raise CaptureError(f"table {table.name!r} has no primary key; set key = [\"col\", ...] in its [[table]] "
+                           "section to columns that identify a row")
+    missing = [c for c in key if c not in table.columns]
+    if missing:
+        raise CaptureError(f"table {table.name!r}: key column(s) {', '.join(map(repr, missing))} do not exist; "
+                           f"columns are {', '.join(table.columns)}")
+    return Capture(table, list(key), table_config.target_name)
+
+
+# -- install / uninstall --------------------------------------------------------------------------------
+
+
+@dataclass
+class InstallReport:
+    created: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def existing_triggers(conn: apsw.Connection) -> dict[str, tuple[str, str]]:
+    """name -> (table, sql) of every trigger syncd owns."""
+    rows = conn.execute("SELECT name, tbl_name, sql FROM sqlite_schema WHERE type = 'trigger' "
+                        "AND substr(name, 1, 7) = '_syncd_'")
+    return {name: (table, sql) for name, table, sql in rows}
+
+
+def install(conn: apsw.Connection, config: Config) -> InstallReport:
+    """Create the outbox objects and every configured table's triggers in one transaction.
+
+    Validation happens first and refuses without touching the file. Running it again changes nothing.
+    """
+    report = InstallReport()
+    with immediate(conn):
+        captures = plan(conn, config)
+        for ddl in [*OWNED_TABLES.values(), *OWNED_INDEXES]:
+            conn.execute(ddl)
+        current = existing_triggers(conn)
+        for capture in captures:
+            for name, sql in capture.triggers().items():
+                install_trigger(conn, name, sql, current, report)
+            for name, (table, _) in current.items():
+                if table == capture.table.name and name not in capture.triggers():
+                    conn.execute(f"DROP TRIGGER {quote_ident(name)}")
+                    report.replaced.append(name)
+            if None in capture.table.unique:
+                report.warnings.append(f"table {capture.table.name!r} has a UNIQUE index on expressions: rows that "
+                                       "INSERT OR REPLACE deletes through it are not seen; avoid REPLACE on it")
+            record_table(conn, capture)
+        configured = {c.table.name for c in captures}
+        strays = sorted({table for table, _ in current.values()} - configured)
+        report.warnings += [f"table {t!r} still has syncd triggers but is not configured; run syncd uninstall "
+                            "to remove every trigger, then install again" for t in strays]
+        set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+    return report
+
+
+def install_trigger(conn: apsw.Connection, name: str, sql: str, current: dict[str, tuple[str, str]],
+                    report: InstallReport) -> None:
+    if name in current and current[name][1] == sql:
+        report.unchanged.append(name)
+        return
+    if name in current:
+        conn.execute(f"DROP TRIGGER {quote_ident(name)}")
+        report.replaced.append(name)
+    else:
+        report.created.append(name)
+    conn.execute(sql)
+
+
+def record_table(conn: apsw.Connection, capture: Capture) -> None:
+    set_meta(conn, f"table:{capture.table.name}", json.dumps({"key": capture.key, "target": capture.target}))
+
+
+def unix_time(julian_day: float) -> float:
+    return (julian_day - UNIX_EPOCH_JULIAN_DAY) * 86400.0
+
+
+def installed_key(conn: apsw.Connection, table: str) -> list[str] | None:
+    """The key columns a table had when it was last installed."""
+    row = conn.execute("SELECT value FROM _syncd_meta WHERE key = ?", (f"table:{table}",)).fetchone()
+    return json.loads(row[0])["key"] if row else None
+
+
+def set_meta(conn: apsw.Connection, key: str, value: str) -> None:
+    """Write a meta entry only when it differs, so a repeated install writes nothing at all."""
+    row = conn.execute("SELECT value FROM _syncd_meta WHERE key = ?", (key,)).fetchone()
+    if row is None or row[0] != value:
+        conn.execute("INSERT OR REPLACE INTO _syncd_meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def owned_objects_exist(conn: apsw.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_schema WHERE name = '_syncd_outbox'").fetchone() is not None
+
+
+@dataclass
+class UninstallReport:
+    dropped_triggers: list[str] = field(default_factory=list)
+    dropped_tables: list[str] = field(default_factory=list)
+
+
+def uninstall(conn: apsw.Connection, *, drop_outbox: bool = False, force: bool = False) -> UninstallReport:
+    """Remove every syncd trigger; with drop_outbox also the outbox, dead letters, journal and meta.
+
+    Dropping a non-empty outbox or dead-letter table loses changes that never reached the secondary,
+    so it needs force.
+    """
+    report = UninstallReport()
+    with immediate(conn):
+        for name in existing_triggers(conn):
+            conn.execute(f"DROP TRIGGER {quote_ident(name)}")
+            report.dropped_triggers.append(name)
+        if drop_outbox and owned_objects_exist(conn):
+            check_empty_before_drop(conn, force)
+            for table in OWNED_TABLES:
+                conn.execute(f"DROP TABLE IF EXISTS {table}")
+                report.dropped_tables.append(table)
+        elif owned_objects_exist(conn):
+            for key in [r[0] for r in conn.execute("SELECT key FROM _syncd_meta WHERE key LIKE 'table:%'")]:
+                conn.execute("DELETE FROM _syncd_meta WHERE key = ?", (key,))
+    return report
+
+
+def check_empty_before_drop(conn: apsw.Connection, force: bool) -> None:
+    pending = conn.execute("SELECT count(*) FROM _syncd_outbox").fetchone()[0]
+    dead = conn.execute("SELECT count(*) FROM _syncd_dead_letter").fetchone()[0]
+    if (pending or dead) and not force:
+        raise CaptureError(f"the outbox holds {pending} pending change(s) and {dead} dead letter(s) that never "
+                           "reached the secondary; let the daemon drain them, or add --force to drop them anyway")
