@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MIGRATIONS = ROOT / "deploy" / "supabase" / "migrations"
 TEST_SQL = Path(__file__).resolve().parent / "sql"
 CONFORMANCE_TABLES = "public.items, public.children, public.parents, public.pairs, public.people, " \
-                     "public.raiser, public.bench, syncd_test.items"
+                     "public.raiser, public.bench, syncd_test.items, public.\"odd names\""
 
 
 DevServer = RunningDevServer

@@ -259,3 +259,18 @@ def test_keep_alive_serves_many_requests_on_one_connection(devserver: DevServer)
     with devserver.client(devserver.service_key) as client:
         statuses = {client.get("/items?limit=1").status_code for _ in range(20)}
     assert statuses == {200}
+
+
+def test_quoted_identifiers_in_on_conflict_and_logic_trees(devserver: DevServer, pg: psycopg.Connection):
+    """Column names with spaces, dots and commas work when double-quoted, as in PostgREST."""
+    from syncd.auth import StaticToken
+    from syncd.target import PostgrestTarget
+
+    with PostgrestTarget(devserver.url, StaticToken(devserver.service_key)) as target:
+        rows = [{"my col": "x,y", "b.c": 1, "v,w": "one"}, {"my col": "z", "b.c": 2, "v,w": "two"}]
+        target.upsert("odd names", ["my col", "b.c"], rows)
+        target.upsert("odd names", ["my col", "b.c"], [{"my col": "z", "b.c": 2, "v,w": "deux"}])
+        assert rows(pg, 'SELECT "my col", "b.c", "v,w" FROM "odd names" ORDER BY 2') == [("x,y", 1, "one"),
+                                                                                           ("z", 2, "deux")]
+        target.delete("odd names", ["my col", "b.c"], [{"my col": "x,y", "b.c": 1}])
+    assert rows(pg, 'SELECT "my col" FROM "odd names"') == [("z",)]

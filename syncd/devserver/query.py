@@ -80,7 +80,7 @@ def parse(query_string: str) -> Query:
         elif key in ("limit", "offset"):
             setattr(query, key, parse_count(key, value))
         elif key in ("on_conflict", "columns"):
-            setattr(query, key, [c.strip() for c in split_top_level(value) if c.strip()])
+            setattr(query, key, [unquote(c.strip()) for c in split_top_level(value) if c.strip()])
         elif key in LOGIC_KEYS:
             negated, conjunction = key.startswith("not."), key.removeprefix("not.")
             query.where.append(parse_logic(conjunction, value, negated))
@@ -121,8 +121,8 @@ def parse_logic(conjunction: str, text: str, negated: bool = False) -> Logic:
         if nested:
             children.append(parse_logic(nested["op"], nested["body"], bool(nested["not"])))
             continue
-        column, dot, rest = item.partition(".")
-        if not dot or not column:
+        column, rest = split_column(item)
+        if rest is None or not column:
             raise errors.parse_error(f"failed to parse logic tree ({text})", f"bad condition: {item}")
         leaf = parse_filter(column, rest)
         leaf.value = unquote(leaf.value) if leaf.operator != "in" else leaf.value
@@ -130,6 +130,15 @@ def parse_logic(conjunction: str, text: str, negated: bool = False) -> Logic:
     if not children:
         raise errors.parse_error(f"failed to parse logic tree ({text})", "empty logic tree")
     return Logic(conjunction, children, negated)
+
+
+def split_column(item: str) -> tuple[str, str | None]:
+    """`col.op.value` or `"col.with.dots".op.value` -> (column, "op.value"); rest None when malformed."""
+    if item.startswith('"'):
+        end = re.match(r'"((?:[^"\\]|\\.)*)"\.', item)
+        return (unquote(item[:end.end() - 1]), item[end.end():]) if end else ("", None)
+    column, dot, rest = item.partition(".")
+    return column, rest if dot else None
 
 
 def split_top_level(text: str) -> list[str]:

@@ -44,3 +44,7 @@ GRANT USAGE ON SCHEMA syncd_test, hidden TO anon, authenticated, service_role;
 GRANT ALL ON public.items, public.parents, public.children, public.pairs, public.people, public.bench,
     public.raiser, syncd_test.items, hidden.items TO service_role;
 GRANT SELECT ON public.items TO anon, authenticated;
+
+-- Identifiers PostgREST needs double-quoted in on_conflict and logic trees.
+CREATE TABLE IF NOT EXISTS public."odd names" ("my col" text, "b.c" integer, "v,w" text, PRIMARY KEY ("my col", "b.c"));
+GRANT ALL ON public."odd names" TO service_role;
