@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import secrets
 import string
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import jwt
 
@@ -33,3 +35,73 @@ def mint_token(secret: str, role: str, *, expires_in: float = LONG_LIVED_SECONDS
     issued = int(time.time() if now is None else now)
     payload = {"role": role, "iss": "supabase", "iat": issued, "exp": issued + int(expires_in), **claims}
     return jwt.encode(payload, secret, algorithm=ALGORITHM)
+
+
+class TokenSource(Protocol):
+    """Where the daemon's bearer token comes from: a fixed key, or tokens it mints itself."""
+
+    def token(self) -> str:
+        """The bearer token to send now."""
+        ...
+
+    def refresh(self) -> bool:
+        """Force a new token after a 401 "JWT expired"; False if this source cannot make one."""
+        ...
+
+
+class StaticToken:
+    """A fixed key (SUPABASE_SERVICE_KEY): sent as is; once it expires only the operator can replace it."""
+
+    def __init__(self, key: str) -> None:
+        if not key:
+            raise ValueError("the service key is empty")
+        self._key = key
+
+    def __repr__(self) -> str:
+        return "StaticToken(<redacted>)"
+
+    def token(self) -> str:
+        return self._key
+
+    def refresh(self) -> bool:
+        return False
+
+
+class MintedTokens:
+    """Short-lived HS256 tokens minted from the JWT secret, renewed `renew_before` seconds ahead of expiry."""
+
+    def __init__(self, secret: str, *, role: str = "service_role", lifetime: float = 300.0,
+                 renew_before: float = 60.0, clock: Callable[[], float] = time.time) -> None:
+        if len(secret) < MIN_SECRET_LENGTH:
+            raise ValueError(f"the JWT secret needs at least {MIN_SECRET_LENGTH} characters, not {len(secret)}")
+        if not 0 <= renew_before < lifetime:
+            raise ValueError(f"renew_before ({renew_before}) must be at least 0 and less than lifetime ({lifetime})")
+        self._secret = secret
+        self.role = role
+        self.lifetime = lifetime
+        self.renew_before = renew_before
+        self._clock = clock
+        self._lock = threading.Lock()  # one worker thread may refresh while another reads the token
+        self._current = ""
+        self._expires_at = float("-inf")
+
+    def __repr__(self) -> str:
+        return f"MintedTokens(role={self.role!r}, lifetime={self.lifetime})"
+
+    def token(self) -> str:
+        with self._lock:
+            if self._clock() >= self._expires_at - self.renew_before:
+                self._mint()
+            return self._current
+
+    def refresh(self) -> bool:
+        with self._lock:
+            self._mint()
+        return True
+
+    def _mint(self) -> None:
+        now = self._clock()
+        # jti makes two tokens minted within the same second differ, so refresh() really yields a new one
+        self._current = mint_token(self._secret, self.role, expires_in=self.lifetime, now=now,
+                                   jti=secrets.token_hex(8))
+        self._expires_at = int(now) + int(self.lifetime)

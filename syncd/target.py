@@ -1,0 +1,395 @@
+"""The PostgREST client: bulk upserts and deletes by key, and the one place in syncd that classifies failures.
+
+Every answer and every exception of the secondary becomes a `TargetError` of one of four kinds here;
+no other module looks at a status code. The worker acts on the kind (DESIGN.md, "Failure model"):
+transient -> retry with backoff (honouring `retry_after`); auth -> refresh the token and retry at once;
+config -> stop shipping that table and report loudly; row -> bisect the batch down to the failing rows.
+
+    Transport failures (classify_exception)                        kind
+    httpx.HTTPError
+    ├── TransportError
+    │   ├── TimeoutException: Connect/Read/Write/PoolTimeout       transient (*)
+    │   ├── NetworkError: ConnectError, ReadError, WriteError, ...  transient
+    │   ├── RemoteProtocolError (connection reset, no answer)      transient
+    │   ├── ProxyError                                             transient
+    │   ├── LocalProtocolError (e.g. a newline in the key)         config
+    │   └── UnsupportedProtocol (the URL's scheme)                 config
+    ├── DecodingError                                              transient
+    ├── TooManyRedirects                                           config
+    └── HTTPStatusError                                            as its response, below
+
+    (*) A timeout after the request was sent may have been applied. That is fine: upserts and deletes
+        by key are idempotent, so sending the same request again converges to the same rows.
+
+    Answers (classify)                                             kind
+    2xx                                                            success: None
+    408, 429, 500, 502, 503, 504                                   transient, with Retry-After
+    PGRST000/001/002 (503), PGRST003 (504), any status             transient, with Retry-After
+    57014 statement timeout (500)                                  transient, .statement_timeout: halve the batch
+    any other 5xx (40001, 40P01, 53xxx, XX000, ...)                transient
+    401 PGRST301/PGRST303 whose message says "expired"             auth
+    401/403 otherwise: bad signature, gateway's "Invalid API key"  config
+        or "No API key found in request" (bodies without a code),
+        42501 missing privilege or RLS denial
+    404 (body {}), PGRST205, 42P01: table not in the schema cache  config: run the migrations, reload the cache
+    42P10: no unique constraint matches on_conflict                config: give the key columns one
+    405 (read-only transaction, not insertable), 406 (PGRST106     config
+        schema not exposed)
+    3xx (redirects are not followed: the URL is wrong)             config
+    any other 4xx: 23503 FK (.foreign_key, may be only a matter    row
+        of order), 23505, 23502, 23514, 22P02 and 22xxx, 42703,
+        PGRST204 unknown column, PGRST102 bad body, 21000, 413, 414
+    a delete key too long for any URL (raised before sending)      row
+    a row that JSON cannot carry (NaN, lone surrogate; raised      row
+        before sending)
+
+A body that is not JSON (a proxy's HTML page) is classified by its status alone, and a short prefix of
+its text goes into the message. Messages never contain the bearer token or the apikey.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC
+from typing import Literal
+from urllib.parse import quote, unquote
+
+import httpx
+
+from syncd import __version__
+from syncd.auth import TokenSource
+
+Kind = Literal["transient", "auth", "config", "row"]
+
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+TRANSIENT_CODES = frozenset({"PGRST000", "PGRST001", "PGRST002", "PGRST003", "57014"})
+EXPIRED_CODES = frozenset({"PGRST301", "PGRST303"})
+MISSING_TABLE_CODES = frozenset({"PGRST205", "42P01"})
+CONFIG_EXCEPTIONS = (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.TooManyRedirects)
+
+HINT_DENIED = ("Try: check the service key or JWT secret (and the apikey on Supabase), "
+               "and the role's grants and RLS policies on the table.")
+HINT_MISSING_TABLE = ("The table is not in the schema cache. Try: run the migrations that create it, "
+                      "then NOTIFY pgrst, 'reload schema'.")
+HINT_NO_UNIQUE = "Try: give the target table's key columns a primary key or unique constraint (on_conflict needs one)."
+HINT_NOT_WRITABLE = "Try: point syncd at a writable primary and a table (not a read-only view)."
+HINT_SCHEMA = "Try: add the schema to PostgREST's db-schemas (Supabase: API settings, exposed schemas)."
+HINT_REDIRECT = "Try: check the target URL (https, host, and the /rest/v1 path)."
+HINT_TIMEOUT = "(the request may have been applied; retrying is safe, upserts and deletes by key are idempotent)"
+
+# Characters left readable in the query; everything else is percent-encoded. `+` and `;` must never
+# travel raw: PostgREST's query parser reads `+` as a space and splits parameters on `;`.
+QUERY_SAFE = "(),."
+# Names PostgREST reads as its own parameters when they appear as a filter's key.
+RESERVED_PARAMS = frozenset({"select", "columns", "on_conflict", "order", "limit", "offset", "and", "or"})
+PLAIN_CHARS = frozenset("0123456789_$ ")
+TEXT_PREFIX = 200
+KEY_PREFIX = 80
+
+
+class TargetError(Exception):
+    """A failed request to the secondary, classified once: the worker acts on `kind` alone."""
+
+    def __init__(self, kind: Kind, message: str, *, status: int | None = None, code: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind: Kind = kind
+        self.message = message
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"TargetError({self.kind!r}, {self.message!r}, status={self.status}, code={self.code!r})"
+
+    @property
+    def foreign_key(self) -> bool:
+        """An FK violation: perhaps only a matter of order (the parent is still in the outbox)."""
+        return self.code == "23503"
+
+    @property
+    def statement_timeout(self) -> bool:
+        """The statement hit PostgreSQL's statement_timeout: the batch was too big."""
+        return self.code == "57014"
+
+
+# -- classification -----------------------------------------------------------------------------------
+
+
+def classify(response: httpx.Response) -> TargetError | None:
+    """The TargetError for a PostgREST answer, or None when it succeeded (2xx)."""
+    if response.is_success:
+        return None
+    body = error_body(response)
+    code = body.get("code")
+    kind, advice = kind_of(response.status_code, code, body.get("message") or "")
+    message = where(response) + describe(response.status_code, body)
+    if advice:
+        message = f"{message} {advice}"
+    return TargetError(kind, message, status=response.status_code, code=code,
+                       retry_after=parse_retry_after(response.headers.get("retry-after")))
+
+
+def classify_exception(exc: httpx.HTTPError) -> TargetError:
+    """The TargetError for a request that got no answer (or an HTTPStatusError's answer)."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return classify(exc.response) or TargetError("transient", where(exc) + str(exc))
+    if isinstance(exc, httpx.LocalProtocolError):
+        # h11 quotes the offending header value, which may be the token itself
+        detail = "the request was malformed (a header value with a newline or a non-ASCII character?)"
+    else:
+        detail = str(exc) or "no detail"
+    message = f"{where(exc)}{type(exc).__name__}: {detail}"
+    if isinstance(exc, httpx.TimeoutException):
+        message = f"{message} {HINT_TIMEOUT}"
+    if isinstance(exc, CONFIG_EXCEPTIONS):
+        return TargetError("config", f"{message} {HINT_REDIRECT}")
+    return TargetError("transient", message)
+
+
+def kind_of(status: int, code: str | None, text: str) -> tuple[Kind, str | None]:
+    """The kind of an error answer, and what the operator should do about it (config errors)."""
+    if code in TRANSIENT_CODES or status in TRANSIENT_STATUSES or status >= 500:
+        return "transient", None
+    if status == 401 and code in EXPIRED_CODES and "expired" in text.lower():
+        return "auth", None
+    if status in (401, 403) or code == "42501":
+        return "config", HINT_DENIED
+    if status == 404 or code in MISSING_TABLE_CODES:
+        return "config", HINT_MISSING_TABLE
+    if code == "42P10":
+        return "config", HINT_NO_UNIQUE
+    if status == 405:
+        return "config", HINT_NOT_WRITABLE
+    if status == 406 or code == "PGRST106":
+        return "config", HINT_SCHEMA
+    if status < 400:
+        return "config", HINT_REDIRECT
+    return "row", None
+
+
+def error_body(response: httpx.Response) -> dict[str, str]:
+    """PostgREST's code/message/details/hint as text; a body that is not a JSON object gives a message only."""
+    try:
+        body = response.json()
+    except ValueError:  # also UnicodeDecodeError
+        body = None
+    if not isinstance(body, dict):
+        text = " ".join(response.text.split()) if body is None else json.dumps(body)
+        return {"message": text[:TEXT_PREFIX]} if text else {}
+    fields = {name: body.get(name) for name in ("code", "message", "details", "hint")}
+    return {name: value if isinstance(value, str) else json.dumps(value)
+            for name, value in fields.items() if value not in (None, "")}
+
+
+def describe(status: int, body: Mapping[str, str]) -> str:
+    """`409 23505 duplicate key ... (Key (id)=(1) already exists.) Hint: ...`"""
+    parts = [str(status), body.get("code"), body.get("message")]
+    if body.get("details"):
+        parts.append(f"({body['details']})")
+    if body.get("hint"):
+        parts.append(f"Hint: {body['hint']}")
+    return " ".join(part for part in parts if part)
+
+
+def where(source: httpx.Response | httpx.HTTPError) -> str:
+    """`POST items: ` from the request behind an answer or exception; empty when there is none."""
+    try:
+        request = source.request
+    except RuntimeError:  # built by hand, never sent
+        return ""
+    table = unquote(request.url.raw_path.split(b"?", 1)[0].rsplit(b"/", 1)[-1].decode("ascii"))
+    return f"{request.method} {table}: "
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date; never negative, None if unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+# -- URLs and bodies ----------------------------------------------------------------------------------
+
+
+def encode(text: str) -> str:
+    """Percent-encode for the path or query; as per-character encoding, lengths add up over concatenation."""
+    return quote(text, safe=QUERY_SAFE)
+
+
+def plain(name: str) -> bool:
+    """Whether PostgREST's parser reads `name` unquoted: letters, digits, `_ $`, inner spaces, `-` between."""
+    parts = name.split("-")
+    return all(part and part == part.strip() and all(c.isalpha() or c in PLAIN_CHARS for c in part)
+               for part in parts)
+
+
+def quoted(text: str) -> str:
+    """`"text"` with `\\` and `"` escaped by a backslash, as PostgREST reads quoted values and names."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def field(name: str) -> str:
+    """A column name for on_conflict and logic trees; quoted only when PostgREST needs it."""
+    return name if plain(name) else quoted(name)
+
+
+def literal(value: object) -> str:
+    """A key value, always quoted (a quoted element is never read as a separator, NULL or a nested list)."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, int):
+        text = str(int(value))
+    elif isinstance(value, float):
+        text = repr(float(value))
+    elif isinstance(value, str):
+        text = value
+    else:
+        raise TypeError(f"a key value must be str, int, float or bool, not {type(value).__name__}")
+    return quoted(text)
+
+
+def encode_rows(table: str, rows: Sequence[Mapping[str, object]]) -> bytes:
+    try:
+        text = json.dumps([dict(row) for row in rows], separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+        return text.encode()
+    except (TypeError, ValueError) as exc:  # NaN/Infinity, a lone surrogate, a value JSON has no type for
+        raise TargetError("row", f"POST {table}: a row cannot be sent as JSON: {exc}") from None
+
+
+def show_key(key: Sequence[str], values: Mapping[str, object]) -> str:
+    """`(a, b)=('x', 1)`, cut short: the operator needs to recognise the key, not read all of it."""
+    text = f"({', '.join(key)})=({', '.join(repr(values[column]) for column in key)})"
+    return text if len(text) <= KEY_PREFIX else text[:KEY_PREFIX] + "..."
+
+
+# -- the client ---------------------------------------------------------------------------------------
+
+
+class PostgrestTarget:
+    """Writes to one PostgREST (or Supabase /rest/v1) endpoint; every failure raises a TargetError."""
+
+    def __init__(self, url: str, tokens: TokenSource, *, schema: str = "public", apikey: str | None = None,
+                 timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
+                 max_url_bytes: int = 8192) -> None:
+        base = httpx.URL(url.rstrip("/"))
+        if base.scheme not in ("http", "https") or base.query or base.fragment:
+            raise ValueError(f"the target URL must be http(s)://host/path without a query, not {url!r}")
+        # httpx normalises the host and port; measuring URLs against the normalised base keeps them exact
+        self.base = str(base)
+        self.schema = schema
+        self.max_url_bytes = max_url_bytes
+        self._tokens = tokens
+        self._apikey = apikey
+        self._client = httpx.Client(verify=True, timeout=timeout, transport=transport,
+                                    headers={"User-Agent": f"syncd/{__version__}"})
+
+    def __repr__(self) -> str:
+        return f"PostgrestTarget({self.base!r}, schema={self.schema!r})"
+
+    def __enter__(self) -> PostgrestTarget:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def upsert(self, table: str, key: Sequence[str], rows: Sequence[Mapping[str, object]]) -> None:
+        """Insert or update `rows` by `key` in one statement (all or none); no request for no rows."""
+        if not rows:
+            return
+        url = self.table_url(table)
+        if key:
+            url += "?on_conflict=" + encode(",".join(field(column) for column in key))
+        headers = {"Prefer": "resolution=merge-duplicates, return=minimal", "Content-Type": "application/json"}
+        self.send("POST", url, headers, encode_rows(table, rows))
+
+    def delete(self, table: str, key: Sequence[str], keys: Sequence[Mapping[str, object]]) -> int:
+        """Delete the rows with these keys, in as few requests as the URL limit allows; returns how many."""
+        if not keys:
+            return 0
+        if not key:
+            raise ValueError(f"deleting from {table} needs at least one key column")
+        urls = self.delete_urls(table, key, keys)
+        for url in urls:
+            self.send("DELETE", url, {}, None)
+        return len(urls)
+
+    def table_url(self, table: str) -> str:
+        return f"{self.base}/{quote(table, safe='')}"
+
+    def delete_urls(self, table: str, key: Sequence[str], keys: Sequence[Mapping[str, object]]) -> list[str]:
+        """Filtered DELETE URLs covering every key once, each at most max_url_bytes long."""
+        start = self.table_url(table) + "?"
+        if len(key) == 1:
+            column = key[0]
+            items = [encode(literal(values[column])) for values in keys]
+            if plain(column) and column not in RESERVED_PARAMS:
+                head, tail = encode(column) + "=" + encode("in.("), encode(")")
+            else:  # PostgREST would read it as an embedding path or its own parameter: use a logic tree
+                head, tail = "or=" + encode(f"({field(column)}.in.("), encode("))")
+        else:
+            items = [encode("and(" + ",".join(f"{field(c)}.eq.{literal(values[c])}" for c in key) + ")")
+                     for values in keys]
+            head, tail = "or=" + encode("("), encode(")")
+        fixed = len(start) + len(head) + len(tail)
+        for values, item in zip(keys, items, strict=True):
+            if fixed + len(item) > self.max_url_bytes:
+                raise TargetError("row", f"DELETE {table}: the key {show_key(key, values)} is too long for a URL "
+                                         f"({fixed + len(item)} bytes, the limit is {self.max_url_bytes})")
+        return [start + head + ",".join(chunk) + tail for chunk in self.pack(items, fixed)]
+
+    def pack(self, items: list[str], fixed: int) -> list[list[str]]:
+        """Consecutive items, comma-separated, in chunks that keep `fixed` plus the chunk within the limit."""
+        chunks: list[list[str]] = [[]]
+        size = fixed
+        for item in items:
+            if chunks[-1] and size + 1 + len(item) > self.max_url_bytes:
+                chunks.append([])
+                size = fixed
+            size += len(item) + (1 if chunks[-1] else 0)
+            chunks[-1].append(item)
+        return chunks
+
+    def send(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None) -> None:
+        token = self._tokens.token()
+        try:
+            response = self._client.request(method, url, headers={**self.headers(token), **headers}, content=body)
+        except httpx.HTTPError as exc:
+            # from None: the chained httpx exception holds the request, and with it the Authorization header
+            raise self.redacted(classify_exception(exc), token) from None
+        error = classify(response)
+        if error is not None:
+            raise self.redacted(error, token)
+
+    def headers(self, token: str) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {token}"}
+        if self._apikey:
+            headers["apikey"] = self._apikey
+        if self.schema != "public":
+            headers["Content-Profile"] = self.schema
+        return headers
+
+    def redacted(self, error: TargetError, token: str) -> TargetError:
+        """The error with any echo of the token or apikey blanked out (no secret in a message, ever)."""
+        for secret in (token, self._apikey):
+            if secret and secret in error.message:
+                error.message = error.message.replace(secret, "<redacted>")
+                error.args = (error.message,)
+        return error
