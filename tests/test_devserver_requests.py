@@ -267,8 +267,8 @@ def test_quoted_identifiers_in_on_conflict_and_logic_trees(devserver: DevServer,
     from syncd.target import PostgrestTarget
 
     with PostgrestTarget(devserver.url, StaticToken(devserver.service_key)) as target:
-        rows = [{"my col": "x,y", "b.c": 1, "v,w": "one"}, {"my col": "z", "b.c": 2, "v,w": "two"}]
-        target.upsert("odd names", ["my col", "b.c"], rows)
+        body = [{"my col": "x,y", "b.c": 1, "v,w": "one"}, {"my col": "z", "b.c": 2, "v,w": "two"}]
+        target.upsert("odd names", ["my col", "b.c"], body)
         target.upsert("odd names", ["my col", "b.c"], [{"my col": "z", "b.c": 2, "v,w": "deux"}])
         assert rows(pg, 'SELECT "my col", "b.c", "v,w" FROM "odd names" ORDER BY 2') == [("x,y", 1, "one"),
                                                                                            ("z", 2, "deux")]
