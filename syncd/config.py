@@ -44,6 +44,7 @@ __all__ = [
     "TableConfig",
     "TargetConfig",
     "Transform",
+    "WorkerConfig",
     "load_config",
 ]
 
@@ -255,13 +256,39 @@ def _jwt_secret_problem(secret: str) -> str | None:
     return None
 
 
+class WorkerConfig(BaseModel):
+    """`[worker]`: how `syncd run` drains (every key has a command-line flag of the same name)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(500, ge=1, le=100_000, description="outbox entries claimed per batch")
+    poll_interval: float = Field(1.0, gt=0, le=3600, description="seconds between checks when nothing wakes us")
+    shutdown_timeout: float = Field(10.0, ge=0, le=3600, description="seconds to finish the request in flight")
+    request_timeout: float = Field(30.0, gt=0, le=3600, description="seconds to wait for the secondary's answer")
+    max_backoff: float = Field(30.0, gt=0, le=3600, description="cap of the exponential backoff, in seconds")
+    fk_retries: int = Field(5, ge=0, le=1000, description="tries of a row refused by a foreign key before it "
+                                                            "is dead-lettered (its parent may still be queued)")
+    journal_retention_days: float = Field(7.0, ge=0, le=3650, description="how long shipped keys are kept")
+    lease_seconds: float = Field(30.0, ge=2, le=3600, description="lease lifetime; a dead holder's expires")
+    metrics_addr: str = Field("127.0.0.1:9464", description="host:port of /metrics, /healthz, /readyz")
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _check_addr(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise PydanticCustomError("addr", "use host:port, e.g. 127.0.0.1:9464")
+        return value
+
+
 class Config(BaseModel):
-    """The whole configuration: `[source]`, `[target]` and one `[[table]]` per synced table."""
+    """The whole configuration: `[source]`, `[target]`, `[worker]` and one `[[table]]` per synced table."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     source: SourceConfig = Field(default_factory=SourceConfig)
     target: TargetConfig = Field(default_factory=TargetConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
     tables: list[TableConfig] = Field(default_factory=list, alias="table")
 
     def table(self, name: str) -> TableConfig | None:

@@ -223,7 +223,7 @@ ARTIFACT = '[[table]]\nname = "artifact"\n'
     (ARTIFACT + 'colums = {}\n', "table[0] (artifact).colums: unknown key 'colums' (did you mean 'columns'?)"),
     ('[target]\nservce_key = "x"\n', "target.servce_key: unknown key 'servce_key' (did you mean 'service_key'?)"),
     ('[sauce]\npath = "x"\n', "sauce: unknown key 'sauce' (did you mean 'source'?)"),
-    ('[foo]\n', "foo: unknown key 'foo'; valid keys here: source, target, table"),
+    ('[foo]\n', "foo: unknown key 'foo'; valid keys here: source, target, worker, table"),
     (ARTIFACT + '[table.columns.x]\nrenam = "y"\n',
      "table[0] (artifact).columns.x.renam: unknown key 'renam' (did you mean 'rename'?)"),
     (ARTIFACT + 'key = []\n', "table[0] (artifact).key: [] is not valid; list at least one column"),
