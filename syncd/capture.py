@@ -287,8 +287,12 @@ def record_table(conn: apsw.Connection, capture: Capture) -> None:
     set_meta(conn, f"table:{capture.table.name}", json.dumps({"key": capture.key, "target": capture.target}))
 
 
-def unix_time(julian_day: float) -> float:
-    return (julian_day - UNIX_EPOCH_JULIAN_DAY) * 86400.0
+def unix_time(day: float) -> float:
+    return (day - UNIX_EPOCH_JULIAN_DAY) * 86400.0
+
+
+def julian_day(unix: float) -> float:
+    return unix / 86400.0 + UNIX_EPOCH_JULIAN_DAY
 
 
 def installed_key(conn: apsw.Connection, table: str) -> list[str] | None:

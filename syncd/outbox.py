@@ -1,4 +1,4 @@
-"""The outbox side that the daemon and the operators share: the lease, and what is pending.
+"""The outbox: the lease, what is pending, and the claim / acknowledge steps of the drain loop.
 
 The lease is a row of `_syncd_meta` written in a short IMMEDIATE transaction: one daemon holds it
 and renews it; a holder that died stops renewing, and once `expires_at` has passed another may take it.
@@ -11,12 +11,14 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import apsw
 
-from syncd.capture import unix_time
-from syncd.sqlite import immediate
+from syncd.capture import decode_key, julian_day, unix_time
+from syncd.mapping import InvalidText
+from syncd.sqlite import immediate, quote_ident
 
 LEASE_KEY = "lease"
 DEFAULT_LEASE_SECONDS = 30.0
@@ -91,3 +93,180 @@ def table_state(conn: apsw.Connection, table: str) -> dict[str, object]:
     """What the daemon last recorded for a table: last_shipped_at, last_error, halted (written by `run`)."""
     row = conn.execute("SELECT value FROM _syncd_meta WHERE key = ?", (f"state:{table}",)).fetchone()
     return json.loads(row[0]) if row else {}
+
+
+# -- claim: one snapshot of keys and their current rows ---------------------------------------------------
+
+MAX_PARAMS = 30_000  # below SQLite's default limit of 32,766 host parameters
+
+
+@dataclass
+class Entry:
+    seq: int
+    op: str
+    at: float  # unix seconds of the change
+
+
+@dataclass
+class Change:
+    """One key of one table with every outbox entry claimed for it, and the row as it is now."""
+
+    table: str
+    key_text: str | bytes  # as stored in the outbox (bytes when it is not valid UTF-8)
+    entries: list[Entry]
+    key: tuple[object, ...] | None = None  # decoded; None when it cannot be
+    row: dict[str, object] | None = None  # None: the row is gone (ship a delete)
+    problem: str | None = None  # why it cannot be read at all (goes to the dead letters)
+
+    @property
+    def seqs(self) -> list[int]:
+        return [e.seq for e in self.entries]
+
+    @property
+    def oldest_at(self) -> float:
+        return min(e.at for e in self.entries)
+
+
+def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]]) -> list[Change]:
+    """The first `limit` outbox entries of the given tables, grouped by key, with the current row of each
+    key, all read in one transaction so that the rows are the state at one instant."""
+    if not keys:
+        return []
+    tables = list(keys)
+    conn.execute("BEGIN")
+    try:
+        rows = conn.execute(
+            f"SELECT seq, tbl, CAST(key AS BLOB), op, at FROM _syncd_outbox WHERE tbl IN "
+            f"({', '.join('?' * len(tables))}) ORDER BY seq LIMIT ?", (*tables, limit)).fetchall()
+        changes = group_entries(rows)
+        for table in dict.fromkeys(c.table for c in changes):
+            readable = [c for c in changes if c.table == table and c.key is not None]
+            attach_rows(conn, table, keys[table], readable)
+    finally:
+        conn.execute("COMMIT")
+    return changes
+
+
+def group_entries(rows: Sequence[tuple[int, str, bytes, str, float]]) -> list[Change]:
+    by_key: dict[tuple[str, bytes], Change] = {}
+    for seq, table, raw_key, op, at in rows:
+        change = by_key.get((table, raw_key))
+        if change is None:
+            change = by_key[(table, raw_key)] = decode_change(table, raw_key)
+        change.entries.append(Entry(seq, op, unix_time(at)))
+    return list(by_key.values())
+
+
+def decode_change(table: str, raw_key: bytes) -> Change:
+    try:
+        text = raw_key.decode("utf-8")
+    except UnicodeDecodeError:
+        return Change(table, raw_key, [], problem=f"table {table!r}: the key holds text that is not valid UTF-8 "
+                                                  f"({raw_key[:40].hex()}...); fix the key in SQLite")
+    try:
+        return Change(table, text, [], key=decode_key(text))
+    except ValueError as exc:
+        return Change(table, text, [], problem=f"table {table!r}: {exc}")
+
+
+def attach_rows(conn: apsw.Connection, table: str, key_columns: Sequence[str], changes: list[Change]) -> None:
+    per_chunk = max(1, MAX_PARAMS // len(key_columns))
+    for start in range(0, len(changes), per_chunk):
+        chunk = changes[start:start + per_chunk]
+        try:
+            found = read_rows(conn, table, key_columns, [c.key for c in chunk])  # type: ignore[misc]
+        except UnicodeDecodeError:
+            found = read_rows(conn, table, key_columns, [c.key for c in chunk], safe=True)  # type: ignore[misc]
+        for change in chunk:
+            change.row = found.get(change.key)  # type: ignore[arg-type]
+
+
+def read_rows(conn: apsw.Connection, table: str, key_columns: Sequence[str], keys: list[tuple[object, ...]],
+              safe: bool = False) -> dict[tuple[object, ...], dict[str, object]]:
+    """Current rows for `keys`, by key. `safe` reads TEXT as bytes so invalid UTF-8 cannot stop the batch."""
+    columns = [r[1] for r in conn.execute(f"PRAGMA table_info({quote_ident(table)})")]
+    width = len(key_columns)
+    if safe:
+        select = ", ".join(f"typeof({quote_ident(c)}), CASE typeof({quote_ident(c)}) WHEN 'text' THEN "
+                           f"CAST({quote_ident(c)} AS BLOB) ELSE {quote_ident(c)} END" for c in columns)
+    else:
+        select = ", ".join(quote_ident(c) for c in columns)
+    key_sql = ", ".join(quote_ident(c) for c in key_columns)
+    row_value = "(" + ", ".join("?" * width) + ")"
+    matches = (f"{key_sql} IN ({', '.join('?' * len(keys))})" if width == 1 else
+               f"({key_sql}) IN (VALUES {', '.join([row_value] * len(keys))})")
+    params = [value for key in keys for value in key]
+    found = {}
+    for values in conn.execute(f"SELECT {select} FROM {quote_ident(table)} WHERE {matches}", params):
+        row = decode_safe_row(columns, values) if safe else dict(zip(columns, values, strict=True))
+        found[tuple(row[c] for c in key_columns)] = row
+    return found
+
+
+def decode_safe_row(columns: list[str], values: Sequence[object]) -> dict[str, object]:
+    row: dict[str, object] = {}
+    for i, column in enumerate(columns):
+        kind, value = values[2 * i], values[2 * i + 1]
+        if kind == "text":
+            assert isinstance(value, bytes)
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                value = InvalidText(value)
+        row[column] = value
+    return row
+
+
+# -- acknowledge: one short write transaction ----------------------------------------------------------
+
+
+@dataclass
+class DeadLetter:
+    change: Change
+    message: str
+    status: int | None = None
+    code: str | None = None
+
+
+def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence[DeadLetter],
+                requeued: Sequence[Change] = (), now: float | None = None) -> None:
+    """Delete the entries of shipped and dead-lettered keys, file the dead letters, journal what shipped,
+    and move requeued keys (a foreign key refused them: their parent may still be queued) to the tail.
+
+    Only the claimed seqs are deleted: an entry the app added for the same key after the claim stays,
+    so its newer state ships next (no loss, no regression).
+    """
+    now = time.time() if now is None else now
+    if not (shipped or dead or requeued):
+        return
+    seqs = [seq for change in [*shipped, *(d.change for d in dead), *requeued] for seq in change.seqs]
+    with immediate(conn):
+        for start in range(0, len(seqs), 500):
+            chunk = seqs[start:start + 500]
+            conn.execute(f"DELETE FROM _syncd_outbox WHERE seq IN ({', '.join('?' * len(chunk))})", chunk)
+        conn.executemany(
+            "INSERT INTO _syncd_dead_letter (tbl, key, op, enqueued_at, failed_at, status, code, message) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(d.change.table, d.change.key_text, d.change.entries[-1].op, d.change.oldest_at, now, d.status,
+              d.code, d.message) for d in dead])
+        conn.executemany("INSERT INTO _syncd_outbox (tbl, key, op, at) VALUES (?, ?, ?, ?)",
+                         [(c.table, c.key_text, c.entries[-1].op, julian_day(c.oldest_at)) for c in requeued])
+        conn.executemany("INSERT INTO _syncd_journal (tbl, key, shipped_at) VALUES (?, ?, ?)",
+                         [(c.table, c.key_text, now) for c in shipped])
+        for table in dict.fromkeys(c.table for c in shipped):
+            update_table_state(conn, table, last_shipped_at=now)
+
+
+def update_table_state(conn: apsw.Connection, table: str, **fields: object) -> None:
+    """Merge fields into meta `state:<table>` (what `status` shows: last_shipped_at, last_error, halted)."""
+    state = table_state(conn, table)
+    state.update(fields)
+    conn.execute("INSERT OR REPLACE INTO _syncd_meta (key, value) VALUES (?, ?)", (f"state:{table}", json.dumps(state)))
+
+
+def expire_journal(conn: apsw.Connection, older_than: float, limit: int = 5000) -> int:
+    """Delete at most `limit` journal rows shipped before `older_than` (small steps: short write locks)."""
+    with immediate(conn):
+        conn.execute("DELETE FROM _syncd_journal WHERE rowid IN (SELECT rowid FROM _syncd_journal "
+                     "WHERE shipped_at < ? LIMIT ?)", (older_than, limit))
+        return conn.changes()
