@@ -50,6 +50,34 @@ def show_status(args: argparse.Namespace) -> int:
     return 0 if result.healthy else 1
 
 
+def run(args: argparse.Namespace) -> int:
+    from syncd import daemon
+
+    overrides = {"source.path": args.db, **{f"worker.{k}": getattr(args, k) for k in WORKER_FLAGS}}
+    config = load_config(args.config, overrides=overrides)
+    return daemon.run(config, once=args.once, log_format=args.log_format)
+
+
+WORKER_FLAGS = ("batch_size", "poll_interval", "shutdown_timeout", "metrics_addr")
+
+
+def add_run_command(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("run", help="drain the outbox to the secondary (the daemon)",
+                            description="Ship every captured change to PostgREST: wake on commits, batch, retry "
+                                        "transient failures forever, dead-letter rows the secondary refuses, "
+                                        "serve /metrics, /healthz and /readyz.")
+    add_config_options(p)
+    p.add_argument("--once", action="store_true", help="drain until the outbox is empty, then exit")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="outbox entries per batch (default 500)")
+    p.add_argument("--poll-interval", dest="poll_interval", type=float,
+                   help="seconds between checks when no change wakes the loop (default 1)")
+    p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float,
+                   help="seconds to finish the request in flight at SIGTERM (default 10)")
+    p.add_argument("--metrics-addr", dest="metrics_addr", help="host:port of /metrics (default 127.0.0.1:9464)")
+    p.add_argument("--log-format", choices=("json", "console"), default="json", help="log lines for machines or people")
+    p.set_defaults(run=run)
+
+
 def add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML configuration file (default: $SYNCD_CONFIG)")
     p.add_argument("--db", help="the application's SQLite file (overrides source.path and $SYNCD_DB)")
@@ -125,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"syncd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_capture_commands(commands)
+    add_run_command(commands)
     add_dev_server(commands)
     return parser
 

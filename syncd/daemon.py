@@ -1,0 +1,82 @@
+"""`syncd run`: build the daemon's parts from the configuration and drive the worker until a signal.
+
+Signals: SIGTERM/SIGINT stop claiming, let the request in flight finish within the shutdown timeout
+(or abandon it: nothing unacknowledged is ever deleted, so that is safe) and exit 0; a second one exits
+at once. SIGUSR1 wakes the loop; SIGHUP resumes tables halted by a configuration error.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType
+
+from syncd import capture, logs, sqlite
+from syncd.auth import MintedTokens, StaticToken, TokenSource
+from syncd.config import Config, ConfigError
+from syncd.logs import get_logger
+from syncd.metrics import Metrics, serve
+from syncd.target import PostgrestTarget
+from syncd.wake import Waker
+from syncd.worker import Worker
+
+
+def token_source(config: Config) -> TokenSource:
+    """Mint short-lived service_role tokens when the JWT secret is known, else send the service key."""
+    target = config.target
+    if target.jwt_secret is not None:
+        return MintedTokens(target.jwt_secret.get_secret_value())
+    if target.service_key is not None:
+        return StaticToken(target.service_key.get_secret_value())
+    raise ConfigError("invalid configuration (1 problem):", [
+        "target.service_key: missing; set SUPABASE_SERVICE_KEY (or service_key_file), or SUPABASE_JWT_SECRET "
+        "so syncd mints its own service_role tokens"])
+
+
+def run(config: Config, *, once: bool = False, log_format: str = "json") -> int:
+    logs.configure(log_format)
+    log = get_logger()
+    tokens = token_source(config)
+    conn = sqlite.connect(config.source.path)
+    if not capture.owned_objects_exist(conn):
+        raise capture.CaptureError(f"syncd is not installed in {config.source.path}; run: syncd install")
+    apikey = config.target.effective_apikey
+    target = PostgrestTarget(config.target.url, tokens, schema=config.target.schema_name,
+                             apikey=apikey.get_secret_value() if apikey else None,
+                             timeout=config.worker.request_timeout)
+    metrics = Metrics()
+    metrics.health.alive_within = max(60.0, 5 * config.worker.poll_interval)
+    server = serve(metrics, config.worker.metrics_addr)
+    worker = Worker(conn, config, target, metrics, tokens)
+    waker = Waker(conn, config.source.path)
+    waker.start()
+    stop = threading.Event()
+    install_signal_handlers(stop, waker, worker)
+    log.info("syncd started", database=str(config.source.path), target=config.target.url,
+             tables=list(worker.mappings), metrics=config.worker.metrics_addr, once=once)
+    thread = threading.Thread(target=worker.run, args=(stop, waker.wait, once), name="syncd-worker", daemon=True)
+    thread.start()
+    while thread.is_alive() and not stop.is_set():
+        thread.join(0.2)
+    thread.join(config.worker.shutdown_timeout)
+    if thread.is_alive():
+        log.warning("request in flight abandoned at shutdown; it will be shipped again at the next start")
+    waker.stop()
+    server.shutdown()
+    target.close()
+    log.info("syncd stopped")
+    return 0
+
+
+def install_signal_handlers(stop: threading.Event, waker: Waker, worker: Worker) -> None:
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)  # second signal: at once (safe: nothing is acknowledged early)
+        stop.set()
+        waker.wake()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: waker.wake())
+    signal.signal(signal.SIGHUP, lambda signum, frame: (worker.resume(), waker.wake()))

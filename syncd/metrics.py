@@ -1,0 +1,100 @@
+"""Prometheus metrics of the daemon, and the small HTTP server for /metrics, /healthz and /readyz.
+
+The metric names are a contract (dashboards and alerts use them). Labels carry table names and
+classes only, never a key, a value or a secret.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from syncd import __version__
+
+LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+@dataclass
+class Health:
+    """What /healthz and /readyz answer from: the loop's heartbeat and its last exchange."""
+
+    heartbeat: float = field(default_factory=time.time)
+    target_ok: bool = False
+    reason: str = "no exchange with the secondary yet"
+    halted: dict[str, str] = field(default_factory=dict)
+    alive_within: float = 60.0
+
+    def alive(self) -> bool:
+        return time.time() - self.heartbeat < self.alive_within
+
+    def ready(self) -> tuple[bool, str]:
+        if self.halted:
+            return False, "halted: " + "; ".join(f"{t}: {r}" for t, r in sorted(self.halted.items()))
+        return (True, "ok") if self.target_ok else (False, self.reason)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.pending = Gauge("syncd_outbox_pending", "Outbox entries waiting to ship", ["table"], registry=r)
+        self.oldest_age = Gauge("syncd_outbox_oldest_age_seconds", "Age of the oldest waiting change", ["table"],
+                                registry=r)
+        self.shipped = Counter("syncd_rows_shipped_total", "Rows acknowledged by the secondary", ["table", "op"],
+                               registry=r)
+        self.failures = Counter("syncd_ship_failures_total", "Failed exchanges by class", ["table", "class"],
+                                registry=r)
+        self.retries = Counter("syncd_retries_total", "Retried exchanges", ["table"], registry=r)
+        self.dead_letters = Gauge("syncd_dead_letters", "Rows in the dead-letter table", ["table"], registry=r)
+        self.batch_duration = Histogram("syncd_batch_duration_seconds", "Claim to acknowledge of one batch",
+                                        registry=r)
+        self.lag = Histogram("syncd_replication_lag_seconds", "Commit in SQLite to acknowledgement by the secondary",
+                             buckets=LAG_BUCKETS, registry=r)
+        self.last_success = Gauge("syncd_last_success_timestamp_seconds", "Last successful exchange", registry=r)
+        self.target_up = Gauge("syncd_target_up", "1 when the last exchange with the secondary succeeded",
+                               registry=r)
+        self.halted = Gauge("syncd_table_halted", "1 while shipping a table is halted (bad key, RLS denial)",
+                            ["table"], registry=r)
+        self.build_info = Gauge("syncd_build_info", "syncd version", ["version"], registry=r)
+        self.build_info.labels(version=__version__).set(1)
+        self.health = Health()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def serve(metrics: Metrics, address: str) -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz and /readyz on `address` (host:port) in a daemon thread."""
+    host, _, port = address.rpartition(":")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                self.answer(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+            elif self.path == "/healthz":
+                alive = metrics.health.alive()
+                self.answer(200 if alive else 503, json.dumps({"alive": alive}).encode())
+            elif self.path == "/readyz":
+                ready, reason = metrics.health.ready()
+                self.answer(200 if ready else 503, json.dumps({"ready": ready, "reason": reason}).encode())
+            else:
+                self.answer(404, b'{"error": "not found"}')
+
+        def answer(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer((host, int(port)), Handler)
+    threading.Thread(target=server.serve_forever, name="syncd-metrics", daemon=True).start()
+    return server

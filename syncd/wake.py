@@ -1,0 +1,59 @@
+"""Waking the drain loop as soon as the application commits.
+
+Three sources, whichever comes first: watchdog events on the database file and its -wal (milliseconds
+after a commit), `PRAGMA data_version` checked every few tens of milliseconds (it changes when another
+connection commits, and works where file events do not, e.g. some network or overlay filesystems),
+and an explicit `wake()` (SIGUSR1). The poll interval is only the upper bound of a wait.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import apsw
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+DATA_VERSION_EVERY = 0.025
+
+
+class Waker(FileSystemEventHandler):
+    def __init__(self, conn: apsw.Connection, database: Path) -> None:
+        self.conn = conn
+        self.event = threading.Event()
+        path = database.resolve()
+        self.watched = {str(path), f"{path}-wal"}
+        self.observer = Observer()
+        self.observer.schedule(self, str(path.parent), recursive=False)
+        self.observer.daemon = True
+        self.data_version = self.current_version()
+
+    def start(self) -> None:
+        self.observer.start()
+
+    def stop(self) -> None:
+        self.observer.stop()
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if str(event.src_path) in self.watched:
+            self.event.set()
+
+    def wake(self) -> None:
+        self.event.set()
+
+    def current_version(self) -> int:
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def wait(self, timeout: float, stop: threading.Event) -> None:
+        """Return when something changed, when woken or stopped, or after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not stop.is_set():
+            if self.event.wait(min(DATA_VERSION_EVERY, max(0.0, deadline - time.monotonic()))):
+                break
+            version = self.current_version()
+            if version != self.data_version or time.monotonic() >= deadline:
+                break
+        self.event.clear()
+        self.data_version = self.current_version()

@@ -1,0 +1,345 @@
+"""The drain loop: wait, claim, map, ship, classify, acknowledge, observe.
+
+`drain_once` does one batch and returns what it did; `run` repeats it with the lease held, backs off
+when the secondary fails as a whole, and sleeps until the database changes. Row failures are carried by
+the rows (bisected down to the bad ones and dead-lettered); failures of the secondary are carried by the
+loop (no row is blamed). Only claimed entries are ever acknowledged, and only after a 2xx, in one short
+write transaction together with the dead letters and the journal.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import apsw
+
+from syncd import backoff, capture, outbox
+from syncd.auth import TokenSource
+from syncd.config import Config
+from syncd.logs import get_logger
+from syncd.mapping import RowError, TableMapping
+from syncd.metrics import Metrics
+from syncd.outbox import Change, DeadLetter, Lease
+from syncd.sqlite import immediate, quote_ident
+from syncd.target import TargetError
+
+HOUSEKEEPING_EVERY = 2.0
+JOURNAL_EXPIRY_EVERY = 300.0
+
+
+class Target(Protocol):
+    """A secondary that can upsert rows and delete keys (PostgrestTarget is the real one)."""
+
+    def upsert(self, table: str, key: Sequence[str], rows: Sequence[dict[str, object]]) -> None: ...
+
+    def delete(self, table: str, key: Sequence[str], keys: Sequence[dict[str, object]]) -> int: ...
+
+
+class Interrupted(Exception):
+    """The secondary failed as a whole (transient): the batch stops, what shipped is acknowledged."""
+
+    def __init__(self, table: str, error: TargetError) -> None:
+        super().__init__(f"{table}: {error.message}")
+        self.table = table
+        self.error = error
+
+
+@dataclass
+class Batch:
+    shipped: list[Change] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    requeued: list[Change] = field(default_factory=list)
+    upserted: Counter[str] = field(default_factory=Counter)
+    deleted: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class DrainResult:
+    claimed: int = 0  # outbox entries read
+    shipped: int = 0  # keys acknowledged by the secondary
+    dead: int = 0
+    requeued: int = 0
+    more: bool = False  # the batch was full: more is probably waiting
+
+
+class Worker:
+    def __init__(self, conn: apsw.Connection, config: Config, target: Target, metrics: Metrics,
+                 tokens: TokenSource | None = None) -> None:
+        self.conn = conn
+        self.config = config
+        self.target = target
+        self.metrics = metrics
+        self.tokens = tokens
+        self.log = get_logger()
+        self.mappings = {}
+        for table_config in config.tables:
+            planned = capture.plan_table(conn, table_config)
+            self.mappings[planned.table.name] = TableMapping.from_config(table_config, planned.key)
+        self.order = ship_order(conn, config, list(self.mappings))
+        self.batch_size = config.worker.batch_size
+        self.halted: dict[str, str] = {}
+        self.fk_attempts: Counter[tuple[str, str | bytes]] = Counter()
+        self.next_housekeeping = 0.0
+        self.next_journal_expiry = 0.0
+
+    # -- one batch --------------------------------------------------------------------------------------
+
+    def drain_once(self) -> DrainResult:
+        started = time.monotonic()
+        active = {t: m.key for t, m in self.mappings.items() if t not in self.halted}
+        changes = outbox.claim(self.conn, self.batch_size, active)
+        claimed = sum(len(c.entries) for c in changes)
+        if not changes:
+            return DrainResult()
+        batch = Batch()
+        try:
+            self.ship(changes, batch)
+        finally:
+            outbox.acknowledge(self.conn, batch.shipped, batch.dead, batch.requeued)
+            self.observe(batch, claimed, time.monotonic() - started)
+        return DrainResult(claimed, len(batch.shipped), len(batch.dead), len(batch.requeued),
+                           more=claimed >= self.batch_size)
+
+    def ship(self, changes: list[Change], batch: Batch) -> None:
+        """Upserts parents first, then deletes children first, one table at a time."""
+        batch.dead += [DeadLetter(c, c.problem) for c in changes if c.problem]
+        by_table: dict[str, list[Change]] = {}
+        for change in changes:
+            if not change.problem:
+                by_table.setdefault(change.table, []).append(change)
+        for table in self.order:
+            present = [c for c in by_table.get(table, []) if c.row is not None]
+            if present and table not in self.halted:
+                self.ship_upserts(table, present, batch)
+        for table in reversed(self.order):
+            gone = [c for c in by_table.get(table, []) if c.row is None]
+            if gone and table not in self.halted:
+                self.ship_deletes(table, gone, batch)
+
+    def ship_upserts(self, table: str, changes: list[Change], batch: Batch) -> None:
+        mapping = self.mappings[table]
+        groups: dict[tuple[str, ...], list[tuple[Change, dict[str, object]]]] = {}
+        for change in changes:
+            try:
+                payload = mapping.map_row(change.row, change.key)  # type: ignore[arg-type]
+            except RowError as exc:
+                batch.dead.append(DeadLetter(change, str(exc)))
+                continue
+            groups.setdefault(tuple(payload), []).append((change, payload))  # PostgREST: same keys per request
+        for items in groups.values():
+            self.send(table, "upsert", items, batch)
+
+    def ship_deletes(self, table: str, changes: list[Change], batch: Batch) -> None:
+        mapping = self.mappings[table]
+        items = []
+        for change in changes:
+            try:
+                items.append((change, mapping.map_key(change.key)))  # type: ignore[arg-type]
+            except RowError as exc:
+                batch.dead.append(DeadLetter(change, str(exc)))
+        if items:
+            self.send(table, "delete", items, batch)
+
+    def send(self, table: str, op: str, items: list[tuple[Change, dict[str, object]]], batch: Batch) -> None:
+        """Ship items; on a row error bisect until the failing rows are alone, and reject only those."""
+        if table in self.halted:
+            return
+        try:
+            self.exchange(table, op, [payload for _, payload in items])
+        except TargetError as error:
+            if error.kind == "row" and len(items) > 1:
+                middle = len(items) // 2
+                self.send(table, op, items[:middle], batch)
+                self.send(table, op, items[middle:], batch)
+            elif error.kind == "row":
+                self.reject(table, items[0][0], error, batch)
+            elif error.kind in ("config", "auth"):
+                self.halt(table, error)
+            else:
+                if error.statement_timeout:
+                    self.batch_size = max(1, self.batch_size // 2)
+                    self.log.warning("statement timeout in the secondary: smaller batches", table=table,
+                                     batch_size=self.batch_size)
+                raise Interrupted(table, error) from None
+            return
+        batch.shipped += [change for change, _ in items]
+        (batch.upserted if op == "upsert" else batch.deleted)[table] += len(items)
+        for change, _ in items:
+            self.fk_attempts.pop((table, change.key_text), None)
+
+    def exchange(self, table: str, op: str, payloads: list[dict[str, object]]) -> None:
+        """One request; an expired token is renewed and the request repeated at once."""
+        mapping = self.mappings[table]
+        for attempt in (1, 2):
+            try:
+                if op == "upsert":
+                    self.target.upsert(mapping.target, mapping.target_key, payloads)
+                else:
+                    self.target.delete(mapping.target, mapping.target_key, payloads)
+                return
+            except TargetError as error:
+                self.metrics.failures.labels(table=table, **{"class": error.kind}).inc()
+                self.metrics.target_up.set(0 if error.kind == "transient" else 1)
+                renewable = error.kind == "auth" and attempt == 1 and self.tokens is not None and self.tokens.refresh()
+                if not renewable:
+                    raise
+                self.metrics.retries.labels(table=table).inc()
+                self.log.info("token expired: renewed, retrying", table=table)
+
+    def reject(self, table: str, change: Change, error: TargetError, batch: Batch) -> None:
+        attempts = self.fk_attempts[(table, change.key_text)]
+        if error.foreign_key and attempts < self.config.worker.fk_retries:
+            self.fk_attempts[(table, change.key_text)] += 1
+            batch.requeued.append(change)  # behind its parent, which may still be queued
+            return
+        self.fk_attempts.pop((table, change.key_text), None)
+        message = (f"table {table!r} key {change.key!r}: {error.message}; fix the cause, then run: "
+                   f"syncd replay --dead-letters --table {table}")
+        batch.dead.append(DeadLetter(change, message, error.status, error.code))
+        self.log.error("row dead-lettered", table=table, status=error.status, code=error.code,
+                       reason=error.message, hint=f"syncd replay --dead-letters --table {table}")
+
+    def halt(self, table: str, error: TargetError) -> None:
+        """Stop shipping one table (bad key, RLS denial, missing table): capture goes on, nothing is lost."""
+        self.halted[table] = error.message
+        self.metrics.halted.labels(table=table).set(1)
+        self.metrics.health.halted[table] = error.message
+        with immediate(self.conn):
+            outbox.update_table_state(self.conn, table, halted=True, last_error=error.message)
+        self.log.error("table halted", table=table, status=error.status, code=error.code, reason=error.message,
+                       hint="fix the key or the policy, then restart syncd (or send SIGHUP)")
+
+    def resume(self) -> None:
+        """Ship halted tables again (SIGHUP, or a restart, after the operator fixed the cause)."""
+        for table in list(self.halted):
+            self.metrics.halted.labels(table=table).set(0)
+        self.halted.clear()
+        self.metrics.health.halted.clear()
+        with immediate(self.conn):
+            for table in self.mappings:
+                if outbox.table_state(self.conn, table).get("halted"):
+                    outbox.update_table_state(self.conn, table, halted=False)
+
+    def observe(self, batch: Batch, claimed: int, seconds: float) -> None:
+        now = time.time()
+        m = self.metrics
+        m.batch_duration.observe(seconds)
+        for table, n in batch.upserted.items():
+            m.shipped.labels(table=table, op="upsert").inc(n)
+        for table, n in batch.deleted.items():
+            m.shipped.labels(table=table, op="delete").inc(n)
+        for change in batch.shipped:
+            for entry in change.entries:
+                m.lag.observe(max(0.0, now - entry.at))
+        if batch.shipped:
+            m.last_success.set(now)
+            m.target_up.set(1)
+            m.health.target_ok, m.health.reason = True, "ok"
+        outcome = "ok" if not (batch.dead or batch.requeued) else "partial"
+        self.log.info("batch", claimed=claimed, shipped=len(batch.shipped), dead_lettered=len(batch.dead),
+                      requeued=len(batch.requeued), duration_ms=round(seconds * 1000, 1), outcome=outcome)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, wait: WaitFn | None = None, once: bool = False) -> None:
+        """Drain while holding the lease until `stop` is set (with `once`: until the outbox is empty)."""
+        lease = Lease(self.conn, self.config.worker.lease_seconds)
+        self.resume()
+        failures = 0
+        while not stop.is_set():
+            self.metrics.health.heartbeat = time.time()
+            try:
+                if not self.hold(lease, stop):
+                    continue
+            except apsw.BusyError:
+                stop.wait(0.5)
+                continue
+            try:
+                result = self.drain_once()
+            except Interrupted as exc:
+                failures += 1
+                self.on_failure(exc, failures, stop)
+                continue
+            except apsw.BusyError:
+                # The app held the write lock past the busy timeout: what shipped was not acknowledged and
+                # ships again (idempotent). Never a reason to stop.
+                self.log.warning("database busy: the application holds the write lock; will retry")
+                stop.wait(backoff.delay(2, cap=self.config.worker.max_backoff))
+                continue
+            if failures:
+                self.log.info("secondary recovered", after_failures=failures)
+                failures = 0
+            self.housekeeping()
+            if result.more:
+                continue
+            if once:
+                if result.claimed == 0:
+                    break
+                continue
+            if wait is not None:
+                wait(self.config.worker.poll_interval, stop)
+            else:
+                stop.wait(self.config.worker.poll_interval)
+        lease.release()
+
+    def hold(self, lease: Lease, stop: threading.Event) -> bool:
+        """Take or renew the lease; while another daemon holds it, stand by."""
+        if lease.renew():
+            return True
+        holder = outbox.read_lease(self.conn)
+        self.log.info("another daemon holds the lease: standing by",
+                      host=holder.host if holder else None, pid=holder.pid if holder else None)
+        stop.wait(self.config.worker.lease_seconds / 3)
+        return False
+
+    def on_failure(self, exc: Interrupted, failures: int, stop: threading.Event) -> None:
+        self.metrics.retries.labels(table=exc.table).inc()
+        self.metrics.health.target_ok, self.metrics.health.reason = False, exc.error.message
+        pause = backoff.delay(failures, cap=self.config.worker.max_backoff, retry_after=exc.error.retry_after)
+        self.log.warning("secondary unavailable: will retry", table=exc.table, reason=exc.error.message,
+                         attempt=failures, retry_in_s=round(pause, 3))
+        stop.wait(pause)
+
+    def housekeeping(self) -> None:
+        """Refresh the backlog gauges and expire old journal rows, now and then (both scan tables)."""
+        now = time.time()
+        if now >= self.next_housekeeping:
+            self.next_housekeeping = now + HOUSEKEEPING_EVERY
+            pending = outbox.pending_by_table(self.conn)
+            dead = outbox.dead_letters_by_table(self.conn)
+            for table in self.mappings:
+                mine = pending.get(table)
+                self.metrics.pending.labels(table=table).set(mine.count if mine else 0)
+                age = now - mine.oldest_at if mine and mine.oldest_at else 0.0
+                self.metrics.oldest_age.labels(table=table).set(max(0.0, age))
+                self.metrics.dead_letters.labels(table=table).set(dead.get(table, 0))
+        if now >= self.next_journal_expiry:
+            self.next_journal_expiry = now + JOURNAL_EXPIRY_EVERY
+            outbox.expire_journal(self.conn, now - self.config.worker.journal_retention_days * 86400)
+
+
+class WaitFn(Protocol):
+    def __call__(self, timeout: float, stop: threading.Event) -> None: ...
+
+
+def ship_order(conn: apsw.Connection, config: Config, tables: list[str]) -> list[str]:
+    """Parents before children: SQLite's declared foreign keys plus each table's `after` list."""
+    sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
+    known = {t.lower(): t for t in tables}
+    for table in tables:
+        parents = {known[r[2].lower()] for r in conn.execute(f"PRAGMA foreign_key_list({quote_ident(table)})")
+                   if r[2].lower() in known and known[r[2].lower()] != table}
+        table_config = config.table(table)
+        parents |= {known[a.lower()] for a in (table_config.after if table_config else []) if a.lower() in known}
+        sorter.add(table, *sorted(parents))
+    try:
+        return list(sorter.static_order())
+    except graphlib.CycleError:
+        get_logger().warning("foreign keys form a cycle: shipping in configuration order", tables=tables)
+        return tables

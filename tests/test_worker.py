@@ -1,0 +1,239 @@
+"""The drain loop's decisions with a scripted fake target: bisection, foreign-key requeue, token
+renewal, halting, partial acknowledgement, adaptive batch size, and the backoff function."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from syncd import backoff
+from syncd.config import Config
+from syncd.metrics import Metrics
+from syncd.sqlite import connect
+from syncd.target import TargetError
+from syncd.worker import Interrupted, Worker
+from tests.test_capture import app, installed
+
+SCHEMA = "CREATE TABLE parent (id INTEGER PRIMARY KEY, v); CREATE TABLE child (id INTEGER PRIMARY KEY, " \
+         "parent_id INTEGER REFERENCES parent (id), v);"
+Rule = Callable[[str, str, Sequence[dict[str, object]]], TargetError | None]
+
+
+class FakeTarget:
+    """Records every request; `rules` decide which requests fail and how."""
+
+    def __init__(self, *rules: Rule) -> None:
+        self.rules = list(rules)
+        self.requests: list[tuple[str, str, list[dict[str, object]]]] = []
+        self.stored: dict[str, dict[object, dict[str, object]]] = {}
+
+    def answer(self, op: str, table: str, items: Sequence[dict[str, object]]) -> None:
+        self.requests.append((op, table, list(items)))
+        for rule in self.rules:
+            error = rule(op, table, items)
+            if error is not None:
+                raise error
+        rows = self.stored.setdefault(table, {})
+        for item in items:
+            if op == "upsert":
+                rows[item["id"]] = dict(item)
+            else:
+                rows.pop(item["id"], None)
+
+    def upsert(self, table: str, key: Sequence[str], rows: Sequence[dict[str, object]]) -> None:
+        self.answer("upsert", table, rows)
+
+    def delete(self, table: str, key: Sequence[str], keys: Sequence[dict[str, object]]) -> int:
+        self.answer("delete", table, keys)
+        return 1
+
+
+def row_error(bad: set[object], code: str = "23514") -> Rule:
+    def rule(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
+        if any(item["id"] in bad for item in items):
+            return TargetError("row", f"{code} refused", status=400, code=code)
+        return None
+    return rule
+
+
+def worker_for(tmp_path: Path, target: FakeTarget, **worker: object) -> tuple[Worker, sqlite3.Connection]:
+    path, _ = installed(tmp_path, SCHEMA, {"name": "parent"}, {"name": "child"})
+    config = Config.model_validate({"source": {"path": str(path)}, "table": [{"name": "parent"}, {"name": "child"}],
+                                    "worker": worker})
+    return Worker(connect(path), config, target, Metrics()), app(path)
+
+
+def outbox_size(db: sqlite3.Connection) -> int:
+    return db.execute("SELECT count(*) FROM _syncd_outbox").fetchone()[0]
+
+
+def dead(db: sqlite3.Connection) -> list[tuple[str, str]]:
+    return db.execute("SELECT tbl, key FROM _syncd_dead_letter ORDER BY key").fetchall()
+
+
+def test_bisection_dead_letters_exactly_the_bad_rows(tmp_path: Path):
+    target = FakeTarget(row_error({7, 33}))
+    worker, db = worker_for(tmp_path, target)
+    db.executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(64)])
+    result = worker.drain_once()
+    assert (result.shipped, result.dead) == (62, 2)
+    assert dead(db) == [("parent", "33"), ("parent", "7")]
+    assert sorted(target.stored["parent"]) == [i for i in range(64) if i not in (7, 33)]
+    assert outbox_size(db) == 0
+    assert len(target.requests) < 64  # bisected, not one request per row
+
+
+def test_parents_are_upserted_before_children_and_children_deleted_first(tmp_path: Path):
+    target = FakeTarget()
+    worker, db = worker_for(tmp_path, target)
+    db.execute("INSERT INTO child VALUES (1, 1, 'c')")
+    db.execute("INSERT INTO parent VALUES (1, 'p')")
+    worker.drain_once()
+    assert [(op, t) for op, t, _ in target.requests] == [("upsert", "parent"), ("upsert", "child")]
+    target.requests.clear()
+    db.execute("DELETE FROM parent")
+    db.execute("DELETE FROM child")
+    worker.drain_once()
+    assert [(op, t) for op, t, _ in target.requests] == [("delete", "child"), ("delete", "parent")]
+
+
+def test_foreign_key_refusal_is_requeued_then_dead_lettered(tmp_path: Path):
+    target = FakeTarget(row_error({5}, code="23503"))
+    worker, db = worker_for(tmp_path, target, fk_retries=2)
+    db.execute("INSERT INTO child VALUES (5, 99, 'orphan')")
+    assert worker.drain_once().requeued == 1
+    assert outbox_size(db) == 1 and dead(db) == []
+    assert worker.drain_once().requeued == 1
+    assert worker.drain_once().dead == 1
+    assert dead(db) == [("child", "5")] and outbox_size(db) == 0
+
+
+def test_foreign_key_refusal_heals_when_the_parent_arrives(tmp_path: Path):
+    parent_missing = {"yes": True}
+
+    def fk_until_parent(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
+        if table == "child" and parent_missing["yes"]:
+            return TargetError("row", "23503", status=409, code="23503")
+        return None
+
+    worker, db = worker_for(tmp_path, FakeTarget(fk_until_parent))
+    db.execute("INSERT INTO child VALUES (1, 1, 'c')")
+    assert worker.drain_once().requeued == 1
+    parent_missing["yes"] = False
+    db.execute("INSERT INTO parent VALUES (1, 'p')")
+    assert worker.drain_once().shipped == 2
+    assert dead(db) == [] and outbox_size(db) == 0
+
+
+class Tokens:
+    def __init__(self) -> None:
+        self.refreshed = 0
+
+    def token(self) -> str:
+        return "t"
+
+    def refresh(self) -> bool:
+        self.refreshed += 1
+        return True
+
+
+def test_expired_token_is_renewed_and_the_request_repeated(tmp_path: Path):
+    failures = {"left": 1}
+
+    def expire_once(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
+        if failures["left"]:
+            failures["left"] -= 1
+            return TargetError("auth", "JWT expired", status=401, code="PGRST301")
+        return None
+
+    target = FakeTarget(expire_once)
+    worker, db = worker_for(tmp_path, target)
+    worker.tokens = tokens = Tokens()
+    db.execute("INSERT INTO parent VALUES (1, 'p')")
+    assert worker.drain_once().shipped == 1
+    assert tokens.refreshed == 1 and dead(db) == []
+
+
+def test_config_error_halts_one_table_while_others_ship(tmp_path: Path):
+    def deny_child(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
+        return TargetError("config", "403 42501 permission denied", status=403, code="42501") \
+            if table == "child" else None
+
+    worker, db = worker_for(tmp_path, FakeTarget(deny_child))
+    db.execute("INSERT INTO parent VALUES (1, 'p')")
+    db.execute("INSERT INTO child VALUES (1, 1, 'c')")
+    result = worker.drain_once()
+    assert result.shipped == 1 and "child" in worker.halted
+    assert db.execute("SELECT tbl FROM _syncd_outbox").fetchall() == [("child",)]
+    assert worker.drain_once().claimed == 0  # halted tables are not claimed
+    worker.resume()
+    assert worker.drain_once().claimed == 1
+
+
+def test_transient_failure_keeps_what_shipped_and_interrupts(tmp_path: Path):
+    def down_for_child(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
+        return TargetError("transient", "503", status=503, retry_after=2) if table == "child" else None
+
+    worker, db = worker_for(tmp_path, FakeTarget(down_for_child))
+    db.execute("INSERT INTO parent VALUES (1, 'p')")
+    db.execute("INSERT INTO child VALUES (1, 1, 'c')")
+    with pytest.raises(Interrupted) as caught:
+        worker.drain_once()
+    assert caught.value.error.retry_after == 2
+    assert db.execute("SELECT tbl FROM _syncd_outbox").fetchall() == [("child",)]
+    assert dead(db) == []
+
+
+def test_statement_timeout_halves_the_batch(tmp_path: Path):
+    def timeout_big(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
+        return TargetError("transient", "57014", status=500, code="57014") if len(items) > 10 else None
+
+    worker, db = worker_for(tmp_path, FakeTarget(timeout_big), batch_size=40)
+    db.executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(40)])
+    sizes = []
+    for _ in range(10):
+        try:
+            worker.drain_once()
+        except Interrupted:
+            sizes.append(worker.batch_size)
+    assert sizes == [20, 10] and outbox_size(db) == 0
+
+
+def test_only_claimed_entries_are_acknowledged(tmp_path: Path):
+    """A change committed while a request is in flight stays queued and ships its newer state next."""
+    db_holder: dict[str, sqlite3.Connection] = {}
+
+    def write_meanwhile(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
+        if items and items[0].get("v") == "old":
+            db_holder["db"].execute("UPDATE parent SET v = 'new' WHERE id = 1")
+        return None
+
+    target = FakeTarget(write_meanwhile)
+    worker, db = worker_for(tmp_path, target)
+    db_holder["db"] = db
+    db.execute("INSERT INTO parent VALUES (1, 'old')")
+    worker.drain_once()
+    assert target.stored["parent"][1]["v"] == "old" and outbox_size(db) == 1
+    worker.drain_once()
+    assert target.stored["parent"][1]["v"] == "new" and outbox_size(db) == 0
+
+
+def test_journal_records_shipped_keys(tmp_path: Path):
+    worker, db = worker_for(tmp_path, FakeTarget())
+    db.execute("INSERT INTO parent VALUES (3, 'p')")
+    worker.drain_once()
+    assert db.execute("SELECT tbl, key FROM _syncd_journal").fetchall() == [("parent", "3")]
+
+
+@pytest.mark.parametrize("failures", [1, 2, 5, 10, 40])
+def test_backoff_is_capped_full_jitter(failures: int):
+    assert backoff.delay(failures, rand=lambda: 1.0, cap=30) == min(30, 0.1 * 2 ** (failures - 1))
+    assert backoff.delay(failures, rand=lambda: 0.0) == 0.0
+
+
+def test_backoff_honours_retry_after():
+    assert backoff.delay(1, rand=lambda: 0.0, retry_after=4) == 4
+    assert backoff.delay(1, rand=lambda: 0.0, retry_after=400, cap=30) == 30
