@@ -137,6 +137,8 @@ KEY_TOKEN = re.compile(r"""\s*(?:'((?:[^']|'')*)'|X'([0-9A-Fa-f]*)'|(NULL)|([-+0
 
 def decode_key(text: str) -> tuple[object, ...]:
     """Invert key_sql: "1,'a''b',X'00',NULL,2.5" -> (1, "a'b", b"\\x00", None, 2.5)."""
+    if text.isdigit() or (text[:1] == "-" and text[1:].isdigit()):
+        return (int(text),)  # the common single INTEGER key, without the tokenizer
     values: list[object] = []
     pos = 0
     while pos < len(text):
