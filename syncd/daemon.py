@@ -39,6 +39,11 @@ def run(config: Config, *, once: bool = False, log_format: str = "json") -> int:
     log = get_logger()
     tokens = token_source(config)
     conn = sqlite.connect(config.source.path)
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+        # In WAL mode a lost acknowledgement (power cut before the WAL reaches the disk) only means entries
+        # ship again, so syncd's own commits need no fsync (the app's durability stays the app's setting).
+        # Outside WAL, NORMAL is not corruption-safe: keep SQLite's default there.
+        conn.execute("PRAGMA synchronous = NORMAL")
     if not capture.owned_objects_exist(conn):
         raise capture.CaptureError(f"syncd is not installed in {config.source.path}; run: syncd install")
     apikey = config.target.effective_apikey

@@ -87,6 +87,7 @@ class Worker:
         self.fk_attempts: Counter[tuple[str, str | bytes]] = Counter()
         self.next_housekeeping = 0.0
         self.next_journal_expiry = 0.0
+        self.lease_renew_at = 0.0
 
     # -- one batch --------------------------------------------------------------------------------------
 
@@ -289,9 +290,15 @@ class Worker:
         lease.release()
 
     def hold(self, lease: Lease, stop: threading.Event) -> bool:
-        """Take or renew the lease; while another daemon holds it, stand by."""
-        if lease.renew():
+        """Take or renew the lease (every third of its lifetime: a write the app might wait for); while
+        another daemon holds it, stand by."""
+        now = time.monotonic()
+        if now < self.lease_renew_at:
             return True
+        if lease.renew():
+            self.lease_renew_at = now + self.config.worker.lease_seconds / 3
+            return True
+        self.lease_renew_at = 0.0
         holder = outbox.read_lease(self.conn)
         self.log.info("another daemon holds the lease: standing by",
                       host=holder.host if holder else None, pid=holder.pid if holder else None)
