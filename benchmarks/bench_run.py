@@ -1,0 +1,237 @@
+"""Benchmarks of `syncd run` against `syncd dev-server` on this machine, each measured side by side.
+
+1. Drain efficiency: rows/s of `syncd run --once` shipping N inserted rows, divided by rows/s of raw
+   bulk POSTs of the same rows in batches of the same size to the same dev server (rounds interleaved).
+2. Lag at 200 single-row commits/s: commit in SQLite to visible in PostgreSQL, p50 and p99.
+3. A backlog of changes (default 1,000,000): peak RSS of the syncd process while it drains, and its
+   drain rate; meanwhile the app's single-row commit latency p99, divided by its p99 with syncd idle.
+
+    python benchmarks/bench_run.py [--rows 100000] [--backlog 1000000] [--lag-seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import psycopg
+
+from syncd.devserver.launcher import RunningDevServer, launch
+
+TARGET_SQL = """
+DROP TABLE IF EXISTS public.bench_items;
+CREATE TABLE public.bench_items (id bigint PRIMARY KEY, name text, qty integer, price double precision, note text,
+                                 written double precision);
+GRANT ALL ON public.bench_items TO service_role;
+NOTIFY pgrst, 'reload schema';
+"""
+APP_SQL = """
+PRAGMA journal_mode=WAL;
+CREATE TABLE item (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, price REAL, note TEXT, written REAL);
+CREATE TABLE app_only (id INTEGER PRIMARY KEY, v TEXT);
+"""
+BATCH = 500
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(scratch: Path, server: RunningDevServer) -> tuple[Path, Path]:
+    with psycopg.connect(server.pg_url, autocommit=True) as pg:
+        pg.execute(TARGET_SQL)
+    db = scratch / "app.sqlite3"
+    sqlite3.connect(db).executescript(APP_SQL)
+    config = scratch / "syncd.toml"
+    config.write_text(f'[source]\npath = "{db}"\n[target]\nurl = "{server.url}"\njwt_secret = "{server.jwt_secret}"\n'
+                      f'[worker]\nbatch_size = {BATCH}\npoll_interval = 0.5\nmetrics_addr = "127.0.0.1:{free_port()}"\n'
+                      '[[table]]\nname = "item"\ntarget = "bench_items"\n')
+    subprocess.run([sys.executable, "-m", "syncd", "install", "--config", str(config)], check=True,
+                   capture_output=True)
+    time.sleep(0.5)
+    return db, config
+
+
+def insert_rows(db: Path, start: int, count: int) -> None:
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.executemany("INSERT INTO item VALUES (?, ?, ?, ?, ?, ?)",
+                         ((i, f"name-{i}", i % 97, i * 0.5, "a note of modest length", 0.0)
+                          for i in range(start, start + count)))
+
+
+def truncate(server: RunningDevServer) -> None:
+    with psycopg.connect(server.pg_url, autocommit=True) as pg:
+        pg.execute("TRUNCATE public.bench_items")
+
+
+def enqueue_all(db: Path) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO _syncd_outbox (tbl, key, op, at) SELECT 'item', quote(id), 'I', julianday('now') "
+                     "FROM item")
+
+
+def syncd_once(config: Path) -> None:
+    subprocess.run([sys.executable, "-m", "syncd", "run", "--once", "--config", str(config)], check=True,
+                   capture_output=True)
+
+
+def raw_posts(server: RunningDevServer, db: Path) -> None:
+    rows = sqlite3.connect(db).execute("SELECT id, name, qty, price, note, written FROM item ORDER BY id").fetchall()
+    names = ("id", "name", "qty", "price", "note", "written")
+    headers = {"Authorization": f"Bearer {server.service_key}", "Content-Type": "application/json",
+               "Prefer": "resolution=merge-duplicates, return=minimal"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as client:
+        for start in range(0, len(rows), BATCH):
+            body = json.dumps([dict(zip(names, r, strict=True)) for r in rows[start:start + BATCH]])
+            client.post("/bench_items?on_conflict=id", content=body).raise_for_status()
+
+
+def drain_efficiency(server: RunningDevServer, db: Path, config: Path, rows: int, rounds: int) -> None:
+    insert_rows(db, 0, rows)
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM _syncd_outbox")
+    syncd_rates, raw_rates = [], []
+    for _ in range(rounds):
+        truncate(server)
+        enqueue_all(db)
+        started = time.perf_counter()
+        syncd_once(config)
+        syncd_rates.append(rows / (time.perf_counter() - started))
+        truncate(server)
+        started = time.perf_counter()
+        raw_posts(server, db)
+        raw_rates.append(rows / (time.perf_counter() - started))
+    s, r = statistics.median(syncd_rates), statistics.median(raw_rates)
+    print(f"1. drain efficiency ({rows:,} rows, batches of {BATCH}, median of {rounds} interleaved rounds)")
+    print(f"   syncd run --once (whole process) : {s:10,.0f} rows/s")
+    print(f"   raw bulk POSTs, same batches     : {r:10,.0f} rows/s")
+    print(f"   ratio                            : {s / r:10.2f}   (goal >= 0.8)")
+
+
+def lag(server: RunningDevServer, db: Path, config: Path, seconds: float) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM item")
+    daemon = subprocess.Popen([sys.executable, "-m", "syncd", "run", "--config", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2)
+    truncate(server)
+    committed: dict[int, float] = {}
+    seen: dict[int, float] = {}
+    done = threading.Event()
+
+    def observe() -> None:
+        with psycopg.connect(server.pg_url, autocommit=True) as pg:
+            last = 10_000_000 - 1
+            while not done.is_set() or len(seen) < len(committed):
+                for (i,) in pg.execute("SELECT id FROM public.bench_items WHERE id > %s ORDER BY id", [last]):
+                    seen.setdefault(i, time.time())
+                    last = max(last, i)
+                time.sleep(0.002)
+                if done.is_set() and time.time() > deadline:
+                    break
+
+    deadline = time.time() + seconds + 30
+    watcher = threading.Thread(target=observe)
+    watcher.start()
+    app = sqlite3.connect(db, isolation_level=None)
+    app.execute("PRAGMA synchronous=FULL")
+    n, next_at = 10_000_000, time.perf_counter()
+    end = next_at + seconds
+    while next_at < end:
+        app.execute("INSERT INTO item (id, name) VALUES (?, 'lag')", (n,))
+        committed[n] = time.time()
+        n += 1
+        next_at += 1 / 200
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+    done.set()
+    watcher.join()
+    daemon.terminate()
+    daemon.wait()
+    lags = sorted((seen[i] - committed[i]) * 1000 for i in committed if i in seen)
+    p50, p99 = lags[len(lags) // 2], lags[int(len(lags) * 0.99) - 1]
+    print(f"2. lag at 200 single-row commits/s for {seconds:.0f} s ({len(lags)}/{len(committed)} rows seen)")
+    print(f"   commit to visible p50 {p50:6.1f} ms   p99 {p99:6.1f} ms   (goals: p50 < 50, p99 < 250)")
+
+
+def app_commit_latencies(db: Path, seconds: float, stop: threading.Event | None = None) -> list[float]:
+    app = sqlite3.connect(db, isolation_level=None, timeout=30)
+    app.execute("PRAGMA synchronous=FULL")
+    latencies, n, end = [], 0, time.perf_counter() + seconds
+    while time.perf_counter() < end and not (stop and stop.is_set()):
+        started = time.perf_counter()
+        app.execute("INSERT OR REPLACE INTO app_only VALUES (?, 'x')", (n % 1000,))
+        latencies.append(time.perf_counter() - started)
+        n += 1
+        time.sleep(0.005)
+    return latencies
+
+
+def p99(values: list[float]) -> float:
+    return sorted(values)[int(len(values) * 0.99) - 1]
+
+
+def backlog(server: RunningDevServer, db: Path, config: Path, size: int) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM item")
+        conn.execute("DELETE FROM _syncd_outbox")
+    truncate(server)
+    for start in range(0, size, 100_000):
+        insert_rows(db, 20_000_000 + start, min(100_000, size - start))
+    idle = app_commit_latencies(db, 5)
+    daemon = subprocess.Popen([sys.executable, "-m", "syncd", "run", "--once", "--config", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = psutil.Process(daemon.pid)
+    peak, started = 0, time.perf_counter()
+    busy: list[float] = []
+    stop = threading.Event()
+    writer = threading.Thread(target=lambda: busy.extend(app_commit_latencies(db, 3600, stop)))
+    writer.start()
+    while daemon.poll() is None:
+        try:
+            peak = max(peak, process.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    writer.join()
+    print(f"3. backlog of {size:,} changes")
+    print(f"   syncd peak RSS {peak / 2**20:6.1f} MB (goal < 150)   drain rate {size / elapsed:10,.0f} rows/s")
+    print(f"   app single-row commit p99: idle {p99(idle) * 1000:.2f} ms, while draining "
+          f"{p99(busy) * 1000:.2f} ms, ratio {p99(busy) / p99(idle):.2f} (goal <= 2)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backlog", type=int, default=1_000_000)
+    parser.add_argument("--lag-seconds", type=float, default=10)
+    args = parser.parse_args()
+    server = launch(["--port", "0"])
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            db, config = setup(Path(scratch), server)
+            drain_efficiency(server, db, config, args.rows, args.rounds)
+            lag(server, db, config, args.lag_seconds)
+            backlog(server, db, config, args.backlog)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
