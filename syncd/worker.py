@@ -88,6 +88,7 @@ class Worker:
         self.next_housekeeping = 0.0
         self.next_journal_expiry = 0.0
         self.lease_renew_at = 0.0
+        self.resume_requested = threading.Event()
 
     # -- one batch --------------------------------------------------------------------------------------
 
@@ -255,6 +256,9 @@ class Worker:
         failures = 0
         while not stop.is_set():
             self.metrics.health.heartbeat = time.time()
+            if self.resume_requested.is_set():  # SIGHUP: acted on here, where the connection is used
+                self.resume_requested.clear()
+                self.resume()
             try:
                 if not self.hold(lease, stop):
                     continue

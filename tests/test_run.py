@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -158,6 +158,20 @@ def wait_converged(app: App, pg: psycopg.Connection, timeout: float = 60) -> Non
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def poll(url: str, until: Callable[[httpx.Response], bool], timeout: float = 30) -> httpx.Response:
+    """GET url until `until` holds (the daemon may still be starting its metrics server)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            response = httpx.get(url)
+            if until(response) or time.monotonic() > deadline:
+                return response
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
 
 
 def pending(app: App) -> int:
@@ -341,3 +355,21 @@ def test_a_second_daemon_stands_by_and_takes_over(app: App, pg: psycopg.Connecti
         second.send_signal(signal.SIGTERM)
         _, errors = second.communicate(timeout=30)
     assert "standing by" in errors
+
+
+def test_sighup_resumes_a_table_halted_by_a_privilege_error(app: App, pg: psycopg.Connection):
+    """403 42501 (privilege revoked) halts the table; after the grant, SIGHUP resumes without a restart."""
+    pg.execute("REVOKE ALL ON public.e2e_parents FROM service_role")
+    daemon = app.start()
+    try:
+        app.connect().executemany("INSERT INTO parent VALUES (?, 'p')", [(i,) for i in range(5)])
+        ready = poll(f"http://{app.metrics}/readyz", lambda r: r.status_code == 503)
+        assert ready.status_code == 503 and "halted" in ready.json()["reason"]
+        assert 'syncd_table_halted{table="parent"} 1.0' in httpx.get(f"http://{app.metrics}/metrics").text
+        pg.execute("GRANT ALL ON public.e2e_parents TO service_role")
+        daemon.send_signal(signal.SIGHUP)
+        wait_converged(app, pg, timeout=30)
+    finally:
+        pg.execute("GRANT ALL ON public.e2e_parents TO service_role")
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
