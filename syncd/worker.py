@@ -31,6 +31,7 @@ from syncd.target import TargetError
 
 HOUSEKEEPING_EVERY = 2.0
 JOURNAL_EXPIRY_EVERY = 300.0
+REGROW_AFTER = 20  # clean batches before a batch size halved by a statement timeout doubles again
 
 
 class Target(Protocol):
@@ -88,6 +89,7 @@ class Worker:
         self.next_housekeeping = 0.0
         self.next_journal_expiry = 0.0
         self.lease_renew_at = 0.0
+        self.clean_batches = 0
         self.resume_requested = threading.Event()
 
     # -- one batch --------------------------------------------------------------------------------------
@@ -105,8 +107,18 @@ class Worker:
         finally:
             outbox.acknowledge(self.conn, batch.shipped, batch.dead, batch.requeued)
             self.observe(batch, claimed, time.monotonic() - started)
+        self.regrow_batch()
         return DrainResult(claimed, len(batch.shipped), len(batch.dead), len(batch.requeued),
                            more=claimed >= self.batch_size)
+
+    def regrow_batch(self) -> None:
+        """After a statement timeout halved the batch, double it again every REGROW_AFTER clean batches."""
+        if self.batch_size >= self.config.worker.batch_size:
+            return
+        self.clean_batches += 1
+        if self.clean_batches >= REGROW_AFTER:
+            self.clean_batches = 0
+            self.batch_size = min(self.config.worker.batch_size, self.batch_size * 2)
 
     def ship(self, changes: list[Change], batch: Batch) -> None:
         """Upserts parents first, then deletes children first, one table at a time."""
@@ -166,6 +178,7 @@ class Worker:
             else:
                 if error.statement_timeout:
                     self.batch_size = max(1, self.batch_size // 2)
+                    self.clean_batches = 0
                     self.log.warning("statement timeout in the secondary: smaller batches", table=table,
                                      batch_size=self.batch_size)
                 raise Interrupted(table, error) from None

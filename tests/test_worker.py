@@ -202,6 +202,17 @@ def test_statement_timeout_halves_the_batch(tmp_path: Path):
     assert sizes == [20, 10] and outbox_size(db) == 0
 
 
+def test_batch_size_grows_back_after_clean_batches(tmp_path: Path):
+    worker, db = worker_for(tmp_path, FakeTarget(), batch_size=40)
+    worker.batch_size = 10
+    db.executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(2000)])
+    sizes = {worker.batch_size}
+    for _ in range(60):
+        worker.drain_once()
+        sizes.add(worker.batch_size)
+    assert sizes == {10, 20, 40} and worker.batch_size == 40
+
+
 def test_only_claimed_entries_are_acknowledged(tmp_path: Path):
     """A change committed while a request is in flight stays queued and ships its newer state next."""
     db_holder: dict[str, sqlite3.Connection] = {}
