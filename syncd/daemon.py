@@ -63,7 +63,7 @@ def run(config: Config, *, once: bool = False, log_format: str = "json") -> int:
     thread = threading.Thread(target=worker.run, args=(stop, waker.wait, once), name="syncd-worker", daemon=True)
     thread.start()
     while thread.is_alive() and not stop.is_set():
-        thread.join(0.2)
+        thread.join(0.05)
     thread.join(config.worker.shutdown_timeout)
     if thread.is_alive():
         log.warning("request in flight abandoned at shutdown; it will be shipped again at the next start")

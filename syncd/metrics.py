@@ -96,5 +96,6 @@ def serve(metrics: Metrics, address: str) -> ThreadingHTTPServer:
             return
 
     server = ThreadingHTTPServer((host, int(port)), Handler)
-    threading.Thread(target=server.serve_forever, name="syncd-metrics", daemon=True).start()
+    # A short poll interval: shutdown() waits for it, and `syncd run --once` should exit promptly.
+    threading.Thread(target=server.serve_forever, args=(0.05,), name="syncd-metrics", daemon=True).start()
     return server

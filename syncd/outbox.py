@@ -119,6 +119,10 @@ class Change:
     problem: str | None = None  # why it cannot be read at all (goes to the dead letters)
 
     @property
+    def raw_key(self) -> bytes:
+        return self.key_text if isinstance(self.key_text, bytes) else self.key_text.encode("utf-8")
+
+    @property
     def seqs(self) -> list[int]:
         return [e.seq for e in self.entries]
 
@@ -127,18 +131,26 @@ class Change:
         return min(e.at for e in self.entries)
 
 
-def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]]) -> list[Change]:
+def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
+          in_flight: Sequence[Change] = ()) -> list[Change]:
     """The first `limit` outbox entries of the given tables, grouped by key, with the current row of each
-    key, all read in one transaction so that the rows are the state at one instant."""
+    key, all read in one transaction so that the rows are the state at one instant.
+
+    Entries and keys of `in_flight` (a batch whose request is under way) are left out: the same key is
+    never in two requests at once, and its newer entries wait until that request is acknowledged.
+    """
     if not keys:
         return []
     tables = list(keys)
+    busy_seqs = json.dumps([seq for change in in_flight for seq in change.seqs])
+    busy_keys = {(c.table, c.raw_key) for c in in_flight}
     conn.execute("BEGIN")
     try:
         rows = conn.execute(
             f"SELECT seq, tbl, CAST(key AS BLOB), op, at FROM _syncd_outbox WHERE tbl IN "
-            f"({', '.join('?' * len(tables))}) ORDER BY seq LIMIT ?", (*tables, limit)).fetchall()
-        changes = group_entries(rows)
+            f"({', '.join('?' * len(tables))}) AND seq NOT IN (SELECT value FROM json_each(?)) "
+            "ORDER BY seq LIMIT ?", (*tables, busy_seqs, limit)).fetchall()
+        changes = [c for c in group_entries(rows) if (c.table, c.raw_key) not in busy_keys]
         for table in dict.fromkeys(c.table for c in changes):
             readable = [c for c in changes if c.table == table and c.key is not None]
             attach_rows(conn, table, keys[table], readable)

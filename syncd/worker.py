@@ -13,7 +13,8 @@ import graphlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -58,6 +59,18 @@ class Batch:
     requeued: list[Change] = field(default_factory=list)
     upserted: Counter[str] = field(default_factory=Counter)
     deleted: Counter[str] = field(default_factory=Counter)
+    halts: list[tuple[str, str]] = field(default_factory=list)  # (table, reason), written by finish()
+
+
+@dataclass
+class Shipment:
+    """One batch on its way: claimed on the loop's thread, shipped (maybe on another), finished back."""
+
+    changes: list[Change]
+    claimed: int
+    started: float = field(default_factory=time.monotonic)
+    batch: Batch = field(default_factory=Batch)
+    interrupted: Interrupted | None = None
 
 
 @dataclass
@@ -67,6 +80,10 @@ class DrainResult:
     dead: int = 0
     requeued: int = 0
     more: bool = False  # the batch was full: more is probably waiting
+
+    def plus(self, other: DrainResult) -> DrainResult:
+        return DrainResult(self.claimed + other.claimed, self.shipped + other.shipped, self.dead + other.dead,
+                           self.requeued + other.requeued, other.more)
 
 
 class Worker:
@@ -91,26 +108,70 @@ class Worker:
         self.lease_renew_at = 0.0
         self.clean_batches = 0
         self.resume_requested = threading.Event()
+        self.shipper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncd-ship")
 
     # -- one batch --------------------------------------------------------------------------------------
 
     def drain_once(self) -> DrainResult:
-        started = time.monotonic()
-        active = {t: m.key for t, m in self.mappings.items() if t not in self.halted}
-        changes = outbox.claim(self.conn, self.batch_size, active)
-        claimed = sum(len(c.entries) for c in changes)
-        if not changes:
+        """Claim, ship and acknowledge one batch (raises Interrupted after acknowledging what shipped)."""
+        shipment = self.claim()
+        if shipment is None:
             return DrainResult()
-        batch = Batch()
-        try:
-            self.ship(changes, batch)
-        finally:
-            outbox.acknowledge(self.conn, batch.shipped, batch.dead, batch.requeued)
-            self.observe(batch, claimed, time.monotonic() - started)
-        self.regrow_batch()
-        return DrainResult(claimed, len(batch.shipped), len(batch.dead), len(batch.requeued),
-                           more=claimed >= self.batch_size)
+        return self.finish(self.deliver(shipment))
 
+    def drain(self, stop: threading.Event, between: Callable[[], bool] = lambda: True) -> DrainResult:
+        """Ship batches until the outbox is empty, `stop` is set or `between` (called after each batch)
+        says no. The next batch is claimed and its rows read while the previous one is in flight: its
+        keys are excluded, so no key is ever in two requests at once, and the requests themselves still
+        go out one batch after the other (parents-first order holds across batches)."""
+        total = DrainResult()
+        in_flight: tuple[Shipment, Future[Shipment]] | None = None
+        try:
+            while True:
+                busy = in_flight[0].changes if in_flight else []
+                upcoming = None if stop.is_set() else self.claim(busy)
+                finished = in_flight is not None
+                if in_flight is not None:
+                    shipped, in_flight = in_flight[1].result(), None
+                    total = total.plus(self.finish(shipped))  # raises Interrupted: `upcoming` is dropped
+                    if not between():
+                        return total
+                if upcoming is None:
+                    if finished:
+                        continue  # changes may have been committed while that batch was in flight
+                    return total
+                in_flight = (upcoming, self.shipper.submit(self.deliver, upcoming))
+        finally:
+            if in_flight is not None:  # left early (busy database): never leave a request running behind us
+                in_flight[1].result()
+
+    def claim(self, in_flight: Sequence[Change] = ()) -> Shipment | None:
+        active = {t: m.key for t, m in self.mappings.items() if t not in self.halted}
+        changes = outbox.claim(self.conn, self.batch_size, active, in_flight)
+        return Shipment(changes, sum(len(c.entries) for c in changes)) if changes else None
+
+    def deliver(self, shipment: Shipment) -> Shipment:
+        """Ship a claimed batch (touches no SQLite: it may run beside the next claim)."""
+        try:
+            self.ship(shipment.changes, shipment.batch)
+        except Interrupted as exc:
+            shipment.interrupted = exc
+        return shipment
+
+    def finish(self, shipment: Shipment) -> DrainResult:
+        """Acknowledge, record halts, observe; then re-raise an interruption of the secondary."""
+        batch = shipment.batch
+        outbox.acknowledge(self.conn, batch.shipped, batch.dead, batch.requeued)
+        if batch.halts:
+            with immediate(self.conn):
+                for table, reason in batch.halts:
+                    outbox.update_table_state(self.conn, table, halted=True, last_error=reason)
+        self.observe(batch, shipment.claimed, time.monotonic() - shipment.started)
+        if shipment.interrupted is not None:
+            raise shipment.interrupted
+        self.regrow_batch()
+        return DrainResult(shipment.claimed, len(batch.shipped), len(batch.dead), len(batch.requeued),
+                           more=shipment.claimed >= self.batch_size)
     def regrow_batch(self) -> None:
         """After a statement timeout halved the batch, double it again every REGROW_AFTER clean batches."""
         if self.batch_size >= self.config.worker.batch_size:
@@ -174,7 +235,7 @@ class Worker:
             elif error.kind == "row":
                 self.reject(table, items[0][0], error, batch)
             elif error.kind in ("config", "auth"):
-                self.halt(table, error)
+                self.halt(table, error, batch)
             else:
                 if error.statement_timeout:
                     self.batch_size = max(1, self.batch_size // 2)
@@ -220,13 +281,12 @@ class Worker:
         self.log.error("row dead-lettered", table=table, status=error.status, code=error.code,
                        reason=error.message, hint=f"syncd replay --dead-letters --table {table}")
 
-    def halt(self, table: str, error: TargetError) -> None:
+    def halt(self, table: str, error: TargetError, batch: Batch) -> None:
         """Stop shipping one table (bad key, RLS denial, missing table): capture goes on, nothing is lost."""
         self.halted[table] = error.message
         self.metrics.halted.labels(table=table).set(1)
         self.metrics.health.halted[table] = error.message
-        with immediate(self.conn):
-            outbox.update_table_state(self.conn, table, halted=True, last_error=error.message)
+        batch.halts.append((table, error.message))
         self.log.error("table halted", table=table, status=error.status, code=error.code, reason=error.message,
                        hint="fix the key or the policy, then restart syncd (or send SIGHUP)")
 
@@ -279,7 +339,7 @@ class Worker:
                 stop.wait(0.5)
                 continue
             try:
-                result = self.drain_once()
+                result = self.drain(stop, between=lambda: self.between_batches(lease, stop))
             except Interrupted as exc:
                 failures += 1
                 self.on_failure(exc, failures, stop)
@@ -294,8 +354,6 @@ class Worker:
                 self.log.info("secondary recovered", after_failures=failures)
                 failures = 0
             self.housekeeping()
-            if result.more:
-                continue
             if once:
                 if result.claimed == 0:
                     break
@@ -305,6 +363,12 @@ class Worker:
             else:
                 stop.wait(self.config.worker.poll_interval)
         lease.release()
+
+    def between_batches(self, lease: Lease, stop: threading.Event) -> bool:
+        """During a long drain: stay alive, keep the lease (or stop draining), refresh the gauges."""
+        self.metrics.health.heartbeat = time.time()
+        self.housekeeping()
+        return not stop.is_set() and self.hold(lease, stop)
 
     def hold(self, lease: Lease, stop: threading.Event) -> bool:
         """Take or renew the lease (every third of its lifetime: a write the app might wait for); while

@@ -248,3 +248,41 @@ def test_backoff_is_capped_full_jitter(failures: int):
 def test_backoff_honours_retry_after():
     assert backoff.delay(1, rand=lambda: 0.0, retry_after=4) == 4
     assert backoff.delay(1, rand=lambda: 0.0, retry_after=400, cap=30) == 30
+
+
+def test_a_claim_beside_a_batch_in_flight_leaves_its_keys_out(tmp_path: Path):
+    """The overlapping claim skips keys in flight; their newer state ships after the acknowledgement."""
+    worker, db = worker_for(tmp_path, FakeTarget())
+    db.executemany("INSERT INTO parent VALUES (?, 'old')", [(i,) for i in range(1, 6)])
+    first = worker.claim()
+    db.execute("UPDATE parent SET v = 'new' WHERE id = 1")
+    db.execute("INSERT INTO parent VALUES (9, 'late')")
+    beside = worker.claim(first.changes)
+    assert [c.key for c in beside.changes] == [(9,)]
+    worker.finish(worker.deliver(first))
+    worker.finish(worker.deliver(beside))
+    last = worker.claim()
+    assert [(c.key, c.row["v"]) for c in last.changes] == [((1,), "new")]
+    worker.finish(worker.deliver(last))
+    assert worker.target.stored["parent"][1]["v"] == "new" and outbox_size(db) == 0
+
+
+def test_pipelined_drain_ships_everything_including_changes_made_while_in_flight(tmp_path: Path):
+    import threading
+
+    writer: dict[str, sqlite3.Connection] = {}
+
+    def write_during_first_request(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
+        if "db" not in writer:
+            writer["db"] = sqlite3.connect(tmp_path / "app.sqlite3", isolation_level=None, check_same_thread=False)
+            writer["db"].execute("UPDATE parent SET v = 'new' WHERE id = 1")
+            writer["db"].executemany("INSERT INTO parent VALUES (?, 'late')", [(i,) for i in range(100, 130)])
+        return None
+
+    target = FakeTarget(write_during_first_request)
+    worker, db = worker_for(tmp_path, target, batch_size=10)
+    db.executemany("INSERT INTO parent VALUES (?, 'old')", [(i,) for i in range(1, 11)])
+    worker.drain(threading.Event())
+    assert target.stored["parent"][1]["v"] == "new"
+    assert sorted(target.stored["parent"]) == [*range(1, 11), *range(100, 130)]
+    assert outbox_size(db) == 0
