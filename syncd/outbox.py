@@ -251,11 +251,13 @@ def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence
     now = time.time() if now is None else now
     if not (shipped or dead or requeued):
         return
-    seqs = [seq for change in [*shipped, *(d.change for d in dead), *requeued] for seq in change.seqs]
+    shipped_seqs = json.dumps([seq for change in shipped for seq in change.seqs])
+    seqs = json.dumps([seq for change in [*shipped, *(d.change for d in dead), *requeued] for seq in change.seqs])
     with immediate(conn):
-        for start in range(0, len(seqs), 500):
-            chunk = seqs[start:start + 500]
-            conn.execute(f"DELETE FROM _syncd_outbox WHERE seq IN ({', '.join('?' * len(chunk))})", chunk)
+        # The journal rows are built in SQL from the very entries being deleted: one row per shipped key.
+        conn.execute("INSERT INTO _syncd_journal (tbl, key, shipped_at) SELECT DISTINCT tbl, key, ? "
+                     "FROM _syncd_outbox WHERE seq IN (SELECT value FROM json_each(?))", (now, shipped_seqs))
+        conn.execute("DELETE FROM _syncd_outbox WHERE seq IN (SELECT value FROM json_each(?))", (seqs,))
         conn.executemany(
             "INSERT INTO _syncd_dead_letter (tbl, key, op, enqueued_at, failed_at, status, code, message) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -263,8 +265,6 @@ def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence
               d.code, d.message) for d in dead])
         conn.executemany("INSERT INTO _syncd_outbox (tbl, key, op, at) VALUES (?, ?, ?, ?)",
                          [(c.table, c.key_text, c.entries[-1].op, julian_day(c.oldest_at)) for c in requeued])
-        conn.executemany("INSERT INTO _syncd_journal (tbl, key, shipped_at) VALUES (?, ?, ?)",
-                         [(c.table, c.key_text, now) for c in shipped])
         for table in dict.fromkeys(c.table for c in shipped):
             update_table_state(conn, table, last_shipped_at=now)
 
