@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from types import FrameType
 
@@ -66,7 +67,11 @@ def run(config: Config, *, once: bool = False, log_format: str = "json") -> int:
         thread.join(0.05)
     thread.join(config.worker.shutdown_timeout)
     if thread.is_alive():
+        # The shipping thread would be joined at interpreter exit; leave now instead. Safe: nothing in
+        # flight was acknowledged, so it ships again at the next start.
         log.warning("request in flight abandoned at shutdown; it will be shipped again at the next start")
+        sys.stderr.flush()
+        os._exit(0)
     waker.stop()
     server.shutdown()
     target.close()

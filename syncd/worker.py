@@ -172,6 +172,7 @@ class Worker:
         self.regrow_batch()
         return DrainResult(shipment.claimed, len(batch.shipped), len(batch.dead), len(batch.requeued),
                            more=shipment.claimed >= self.batch_size)
+
     def regrow_batch(self) -> None:
         """After a statement timeout halved the batch, double it again every REGROW_AFTER clean batches."""
         if self.batch_size >= self.config.worker.batch_size:

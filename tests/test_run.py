@@ -373,3 +373,20 @@ def test_sighup_resumes_a_table_halted_by_a_privilege_error(app: App, pg: psycop
         pg.execute("GRANT ALL ON public.e2e_parents TO service_role")
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)
+
+
+def test_shutdown_abandons_a_slow_request_within_the_timeout_and_loses_nothing(app: App, pg: psycopg.Connection,
+                                                                              faults) -> None:
+    """SIGTERM while a request hangs: exit 0 within --shutdown-timeout; the batch ships at the next start."""
+    faults(delay_ms=10_000)
+    app.connect().executemany("INSERT INTO parent VALUES (?, 'p')", [(i,) for i in range(20)])
+    daemon = app.start("--shutdown-timeout", "1")
+    time.sleep(2)  # the first request is now held by the secondary
+    started = time.monotonic()
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0
+    assert time.monotonic() - started < 5
+    assert pending(app) == 20
+    faults(delay_ms=0)
+    assert app.syncd("run", "--once").returncode == 0
+    assert_converged(app, pg)
