@@ -53,7 +53,12 @@ def run(config: Config, *, once: bool = False, log_format: str = "json") -> int:
                              timeout=config.worker.request_timeout)
     metrics = Metrics()
     metrics.health.alive_within = max(60.0, 5 * config.worker.poll_interval)
-    server = serve(metrics, config.worker.metrics_addr)
+    try:
+        server = serve(metrics, config.worker.metrics_addr)
+    except OSError as exc:
+        raise ConfigError("invalid configuration (1 problem):", [
+            f"worker.metrics_addr: cannot listen on {config.worker.metrics_addr} ({exc.strerror}); "
+            "choose another with --metrics-addr"]) from None
     worker = Worker(conn, config, target, metrics, tokens)
     waker = Waker(conn, config.source.path)
     waker.start()

@@ -390,3 +390,13 @@ def test_shutdown_abandons_a_slow_request_within_the_timeout_and_loses_nothing(a
     faults(delay_ms=0)
     assert app.syncd("run", "--once").returncode == 0
     assert_converged(app, pg)
+
+
+def test_busy_metrics_port_is_a_clear_error(app: App):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = app.syncd("run", "--once", "--metrics-addr", f"127.0.0.1:{port}")
+    assert result.returncode == 2
+    assert "worker.metrics_addr: cannot listen" in result.stderr and "Traceback" not in result.stderr
