@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import apsw
 
 from syncd import __version__, capture, sqlite, status
+from syncd import replay as operations
 from syncd.config import Config, ConfigError, load_config
 
 Command = Callable[[argparse.Namespace], int]
 # Mistakes an operator can fix: printed as one clear message, never as a traceback.
-USER_ERRORS = (ConfigError, capture.CaptureError, sqlite.DatabaseNotFound, apsw.BusyError)
+USER_ERRORS = (ConfigError, capture.CaptureError, sqlite.DatabaseNotFound, apsw.BusyError, apsw.SQLError)
 
 
 def load(args: argparse.Namespace) -> Config:
@@ -76,6 +78,80 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-addr", dest="metrics_addr", help="host:port of /metrics (default 127.0.0.1:9464)")
     p.add_argument("--log-format", choices=("json", "console"), default="json", help="log lines for machines or people")
     p.set_defaults(run=run)
+
+
+def progress(label: str) -> Callable[[int], None]:
+    """A progress line with rate on a terminal; a plain line per step when stderr is not one."""
+    started = time.monotonic()
+    terminal = sys.stderr.isatty()
+
+    def report(done: int) -> None:
+        rate = done / max(time.monotonic() - started, 1e-6)
+        line = f"{label}: {done:,} keys enqueued ({rate:,.0f}/s)"
+        print(f"\r{line}" if terminal else line, end="" if terminal else "\n", file=sys.stderr, flush=True)
+
+    return report
+
+
+def replay(args: argparse.Namespace) -> int:
+    config = load(args)
+    conn = sqlite.connect(config.source.path)
+    if args.dead_letters:
+        result = operations.replay_dead_letters(conn, table=args.table, ids=args.id or (), dry_run=args.dry_run,
+                                                progress=progress("replay"))
+        what = "dead letter(s)"
+    else:
+        now = time.time()
+        try:
+            since = operations.parse_time(args.since, now)
+            until = operations.parse_time(args.until, now) if args.until else None
+        except ValueError as exc:
+            raise ConfigError("invalid arguments (1 problem):", [f"--since/--until: {exc}"]) from None
+        result = operations.replay_journal(conn, since, until, table=args.table, dry_run=args.dry_run,
+                                           progress=progress("replay"))
+        what = "shipped key(s) from the journal"
+    verb = "would re-enqueue" if result.dry_run else "re-enqueued"
+    print(f"{verb} {result.keys} {what}" + ("" if result.dry_run else "; `syncd run` ships them"))
+    return 0
+
+
+def resync(args: argparse.Namespace) -> int:
+    config = load(args)
+    table_config = config.table(args.table)
+    if table_config is None:
+        raise capture.CaptureError(f"table {args.table!r} is not configured; add a [[table]] section for it")
+    conn = sqlite.connect(config.source.path)
+    planned = capture.plan_table(conn, table_config)
+    result = operations.resync(conn, planned, where=args.where, dry_run=args.dry_run,
+                               progress=progress(f"resync {args.table}"))
+    verb = "would enqueue" if result.dry_run else "enqueued"
+    print(f"{verb} {result.keys} key(s) of {args.table}" + ("" if result.dry_run else "; `syncd run` ships them"))
+    return 0
+
+
+def add_operation_commands(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("replay", help="re-enqueue dead letters, or keys shipped in a time window",
+                            description="Put keys back into the outbox: dead letters after their cause was "
+                                        "fixed, or every key shipped in a window (a secondary restored from an "
+                                        "older backup). The current row is read at ship time, never stale data.")
+    add_config_options(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dead-letters", action="store_true", help="replay dead letters")
+    source.add_argument("--since", help="replay keys shipped since TIME (ISO 8601, or 90s, 15m, 2h, 7d ago)")
+    p.add_argument("--until", help="with --since: only keys shipped before TIME")
+    p.add_argument("--table", help="only this table")
+    p.add_argument("--id", type=int, action="append", help="with --dead-letters: only these dead letter ids")
+    p.add_argument("--dry-run", action="store_true", help="count, change nothing")
+    p.set_defaults(run=replay)
+    for name in ("resync", "backfill"):
+        p = commands.add_parser(name, help="enqueue every key of a table (initial backfill or full resync)",
+                                description="Enqueue every key of a table in chunks, each its own short "
+                                            "transaction, while the app writes and the daemon ships.")
+        add_config_options(p)
+        p.add_argument("--table", required=True, help="the SQLite table")
+        p.add_argument("--where", help="only rows matching this SQL condition on the table")
+        p.add_argument("--dry-run", action="store_true", help="count, change nothing")
+        p.set_defaults(run=resync)
 
 
 def add_config_options(p: argparse.ArgumentParser) -> None:
@@ -154,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_capture_commands(commands)
     add_run_command(commands)
+    add_operation_commands(commands)
     add_dev_server(commands)
     return parser
 

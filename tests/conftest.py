@@ -81,3 +81,6 @@ def faults(devserver: DevServer) -> Iterator[Callable[..., dict[str, object]]]:
     httpx.put(f"{devserver.root}/_dev/faults", json={"error_rate": 0, "reset_rate": 0, "timeout_rate": 0,
                                                       "delay_ms": 0, "down": False, "error_status": 503})
     httpx.delete(f"{devserver.root}/_dev/stats")
+
+
+from tests.e2e import app  # noqa: E402, F401 - the `app` fixture of the end-to-end tests

@@ -1,0 +1,138 @@
+"""Replay and resync: every operation puts keys into the outbox, so it obeys the same ordering,
+acknowledgement and dead-letter rules as live changes, and runs while the app writes and the daemon ships.
+
+- `replay_dead_letters`: dead letters back into the outbox (the current row is re-read at ship time, so a
+  replay never ships stale data), after the operator fixed the cause.
+- `replay_journal`: every key shipped in a time window, again (a secondary restored from an older backup).
+- `resync`: every key of a table (optionally filtered), in chunks, each its own short transaction so the
+  app is never blocked: the initial backfill, or a full resync.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import apsw
+
+from syncd.capture import Capture, key_sql
+from syncd.sqlite import immediate, quote_ident, quote_text
+
+CHUNK = 2000
+Progress = Callable[[int], None]
+
+
+@dataclass
+class Enqueued:
+    keys: int
+    dry_run: bool
+
+
+def replay_dead_letters(conn: apsw.Connection, *, table: str | None = None, ids: Sequence[int] = (),
+                        dry_run: bool = False, progress: Progress | None = None) -> Enqueued:
+    """Move the matching dead letters back into the outbox, a chunk per transaction."""
+    where, params = dead_letter_filter(table, ids)
+    if dry_run:
+        (count,) = conn.execute(f"SELECT count(*) FROM _syncd_dead_letter WHERE {where}", params).fetchone()
+        return Enqueued(count, True)
+    total = 0
+    while True:
+        with immediate(conn):
+            batch = conn.execute(f"SELECT id FROM _syncd_dead_letter WHERE {where} ORDER BY id LIMIT ?",
+                                 (*params, CHUNK)).fetchall()
+            chosen = json.dumps([row[0] for row in batch])
+            conn.execute("INSERT INTO _syncd_outbox (tbl, key, op, at) SELECT tbl, key, op, julianday('now') "
+                         "FROM _syncd_dead_letter WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
+                         (chosen,))
+            conn.execute("DELETE FROM _syncd_dead_letter WHERE id IN (SELECT value FROM json_each(?))", (chosen,))
+        total += len(batch)
+        if progress:
+            progress(total)
+        if len(batch) < CHUNK:
+            return Enqueued(total, False)
+
+
+def dead_letter_filter(table: str | None, ids: Sequence[int]) -> tuple[str, tuple[object, ...]]:
+    conditions, params = ["1"], []
+    if table is not None:
+        conditions.append("tbl = ?")
+        params.append(table)
+    if ids:
+        conditions.append("id IN (SELECT value FROM json_each(?))")
+        params.append(json.dumps(list(ids)))
+    return " AND ".join(conditions), tuple(params)
+
+
+def replay_journal(conn: apsw.Connection, since: float, until: float | None = None, *, table: str | None = None,
+                   dry_run: bool = False, progress: Progress | None = None) -> Enqueued:
+    """Enqueue again every key the journal says was shipped in [since, until)."""
+    conditions, params = ["shipped_at >= ?"], [since]
+    if until is not None:
+        conditions.append("shipped_at < ?")
+        params.append(until)
+    if table is not None:
+        conditions.append("tbl = ?")
+        params.append(table)
+    keys = conn.execute(f"SELECT DISTINCT tbl, key FROM _syncd_journal WHERE {' AND '.join(conditions)} "
+                        "ORDER BY tbl, key", params).fetchall()
+    if not dry_run:
+        for start in range(0, len(keys), CHUNK):
+            with immediate(conn):
+                conn.executemany("INSERT INTO _syncd_outbox (tbl, key, op, at) VALUES (?, ?, 'S', julianday('now'))",
+                                 keys[start:start + CHUNK])
+            if progress:
+                progress(min(start + CHUNK, len(keys)))
+    return Enqueued(len(keys), dry_run)
+
+
+def resync(conn: apsw.Connection, capture: Capture, *, where: str | None = None, dry_run: bool = False,
+           progress: Progress | None = None) -> Enqueued:
+    """Enqueue every key of a table in key order, CHUNK keys per short transaction (keyset pagination).
+
+    `where` is the operator's own SQL condition on the table (e.g. "created_at > '2024-01-01'"). Rows
+    whose key holds NULL are skipped: they cannot be shipped (a live change to them is dead-lettered).
+    """
+    table, key = quote_ident(capture.table.name), capture.key
+    columns = ", ".join(f"{table}.{quote_ident(c)}" for c in key)
+    filters = [f"({where})"] if where else []
+    filters += [f"{table}.{quote_ident(c)} IS NOT NULL" for c in key]
+    if dry_run:
+        (count,) = conn.execute(f"SELECT count(*) FROM {table} WHERE {' AND '.join(filters)}").fetchone()
+        return Enqueued(count, True)
+    total, last = 0, None
+    while True:
+        bound = [f"({columns}) > ({', '.join('?' * len(key))})"] if last is not None else []
+        condition = " AND ".join(filters + bound) or "1"
+        with immediate(conn):
+            chunk = conn.execute(f"SELECT {columns} FROM {table} WHERE {condition} ORDER BY {columns} LIMIT ?",
+                                 (*(last or ()), CHUNK)).fetchall()
+            if not chunk:
+                return Enqueued(total, False)
+            upper = f"({columns}) <= ({', '.join('?' * len(key))})"
+            conn.execute(f"INSERT INTO _syncd_outbox (tbl, key, op, at) SELECT {quote_text(capture.table.name)}, "
+                         f"{key_sql(key, table)}, 'S', julianday('now') FROM {table} WHERE {condition} AND {upper}",
+                         (*(last or ()), *chunk[-1]))
+        total += len(chunk)
+        last = tuple(chunk[-1])
+        if progress:
+            progress(total)
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time(text: str, now: float) -> float:
+    """'2024-01-15T10:00:00Z' (naive means UTC), or a duration back from now: '90s', '15m', '2h', '7d'."""
+    text = text.strip()
+    unit = DURATION_UNITS.get(text[-1:].lower())
+    if unit and text[:-1].replace(".", "", 1).isdigit():
+        return now - float(text[:-1]) * unit
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a time; use ISO 8601 like 2024-01-15T10:00:00Z or a duration "
+                         "back from now like 90s, 15m, 2h, 7d") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
