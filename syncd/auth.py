@@ -11,6 +11,7 @@ import string
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import jwt
@@ -105,3 +106,31 @@ class MintedTokens:
         self._current = mint_token(self._secret, self.role, expires_in=self.lifetime, now=now,
                                    jti=secrets.token_hex(8))
         self._expires_at = int(now) + int(self.lifetime)
+
+
+@dataclass
+class TokenReport:
+    """What `syncd jwt verify` says about a token: its claims, its signature and whether it expired."""
+
+    claims: dict[str, Any]
+    signature: str  # "valid" | "INVALID" | "not checked (no secret given)"
+    expired: bool
+    problem: str | None = None
+
+
+def inspect_token(token: str, secret: str | None, now: float | None = None) -> TokenReport:
+    now = time.time() if now is None else now
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError as exc:
+        return TokenReport({}, "INVALID", False, f"not a JWT: {exc}")
+    signature = "not checked (no secret given)"
+    if secret:
+        try:
+            jwt.decode(token, secret, algorithms=[ALGORITHM], options={
+                "verify_exp": False, "verify_aud": False, "verify_iat": False, "verify_nbf": False})
+            signature = "valid"
+        except jwt.PyJWTError:
+            signature = "INVALID"
+    exp = claims.get("exp")
+    return TokenReport(claims, signature, isinstance(exp, int | float) and exp < now)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import apsw
 
-from syncd import __version__, capture, sqlite, status
+from syncd import __version__, auth, capture, sqlite, status, timeparse
 from syncd import replay as operations
 from syncd.config import Config, ConfigError, load_config
 
@@ -154,6 +156,95 @@ def add_operation_commands(commands: argparse._SubParsersAction) -> None:
         p.set_defaults(run=resync)
 
 
+def jwt_secret(args: argparse.Namespace, required: bool) -> str | None:
+    secret = args.secret or os.environ.get("SUPABASE_JWT_SECRET")
+    if required and not secret:
+        raise ConfigError("invalid arguments (1 problem):", ["--secret: missing; pass --secret or set "
+                                                              "SUPABASE_JWT_SECRET (try: syncd jwt gen)"])
+    if secret and len(secret) < auth.MIN_SECRET_LENGTH:
+        raise ConfigError("invalid arguments (1 problem):", [f"--secret: shorter than {auth.MIN_SECRET_LENGTH} "
+                                                              "characters; PostgREST refuses it"])
+    return secret
+
+
+def duration(flag: str, text: str) -> float:
+    try:
+        return timeparse.parse_duration(text)
+    except ValueError as exc:
+        raise ConfigError("invalid arguments (1 problem):", [f"{flag}: {exc}"]) from None
+
+
+def jwt_gen(args: argparse.Namespace) -> int:
+    try:
+        secret = auth.generate_secret(args.secret_length)
+    except ValueError as exc:
+        raise ConfigError("invalid arguments (1 problem):", [f"--secret-length: {exc}"]) from None
+    lifetime = duration("--expires-in", args.expires_in)
+    anon = auth.mint_token(secret, "anon", expires_in=lifetime)
+    service = auth.mint_token(secret, "service_role", expires_in=lifetime)
+    print(f"Generated JWT Secret ({len(secret)} chars):\n{secret}\n\nPostgREST Configuration:\n"
+          f"PGRST_JWT_SECRET={secret}\n\nAnon Key (role=anon):\n{anon}\n\n"
+          f"Service Role Key (role=service_role):\n{service}\n\nFor .env.local:\nSUPABASE_JWT_SECRET={secret}\n"
+          f"SUPABASE_ANON_KEY={anon}\nSUPABASE_SERVICE_KEY={service}")
+    return 0
+
+
+def jwt_sign(args: argparse.Namespace) -> int:
+    secret = jwt_secret(args, required=True)
+    claims: dict[str, object] = {k: v for k, v in (("sub", args.sub), ("email", args.email)) if v}
+    aud = args.aud or ("authenticated" if args.role == "authenticated" else None)
+    if aud:
+        claims["aud"] = aud
+    print(auth.mint_token(secret, args.role, expires_in=duration("--expires-in", args.expires_in), **claims))  # type: ignore[arg-type]
+    return 0
+
+
+def jwt_verify(args: argparse.Namespace) -> int:
+    report = auth.inspect_token(args.token, jwt_secret(args, required=False))
+    if report.problem:
+        print(f"INVALID: {report.problem}")
+        return 1
+    claims = report.claims
+    print(f"signature: {report.signature}")
+    print(f"role:      {claims.get('role', '(none: PostgREST uses the anonymous role)')}")
+    for name in ("sub", "aud", "email", "iss"):
+        if name in claims:
+            print(f"{name + ':':10} {claims[name]}")
+    for name in ("iat", "exp"):
+        if isinstance(claims.get(name), int | float):
+            print(f"{name + ':':10} {datetime.fromtimestamp(claims[name], UTC).isoformat()}")
+    if report.expired:
+        ago = status.age(time.time() - claims["exp"])
+        print(f"EXPIRED {ago} ago: PostgREST answers 401 PGRST301 'JWT expired'; sign a new one (syncd jwt sign)")
+    elif "exp" not in claims:
+        print("expires:   never (no exp claim)")
+    return 0 if report.signature != "INVALID" and not report.expired else 1
+
+
+def add_jwt_commands(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("jwt", help="JWT secrets and keys for PostgREST / Supabase (gen, sign, verify)",
+                            description="What the seed's tools/gen_jwt.py did: a secret with the PostgREST setting "
+                                        "line and anon/service_role keys; sign a token for a role; verify one.")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    gen = verbs.add_parser("gen", help="a new secret, its PGRST_JWT_SECRET line, anon and service_role keys")
+    gen.add_argument("--secret-length", type=int, default=64, help="characters of the secret (>= 32, default 64)")
+    gen.add_argument("--expires-in", default="10y", help="lifetime of the two keys (default 10y)")
+    gen.set_defaults(run=jwt_gen)
+    sign = verbs.add_parser("sign", help="sign a token for a role with the JWT secret")
+    sign.add_argument("--role", required=True, help="anon, authenticated, service_role...")
+    sign.add_argument("--sub", help="the user id (auth.uid())")
+    sign.add_argument("--email", help="the email claim")
+    sign.add_argument("--aud", help="audience (default 'authenticated' for role authenticated)")
+    sign.add_argument("--expires-in", default="1h", help="lifetime, e.g. 15m, 1h, 7d (default 1h)")
+    sign.add_argument("--secret", help="the JWT secret (default: $SUPABASE_JWT_SECRET)")
+    sign.set_defaults(run=jwt_sign)
+    verify = verbs.add_parser("verify", help="check a token's signature, role and expiry")
+    verify.add_argument("token", help="the JWT")
+    verify.add_argument("--secret", help="the JWT secret (default: $SUPABASE_JWT_SECRET); without it the "
+                                         "signature is not checked")
+    verify.set_defaults(run=jwt_verify)
+
+
 def add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML configuration file (default: $SYNCD_CONFIG)")
     p.add_argument("--db", help="the application's SQLite file (overrides source.path and $SYNCD_DB)")
@@ -231,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_capture_commands(commands)
     add_run_command(commands)
     add_operation_commands(commands)
+    add_jwt_commands(commands)
     add_dev_server(commands)
     return parser
 

@@ -18,6 +18,9 @@ import apsw
 
 from syncd.capture import Capture, key_sql
 from syncd.sqlite import immediate, quote_ident, quote_text
+from syncd.timeparse import parse_time
+
+__all__ = ["Enqueued", "parse_time", "replay_dead_letters", "replay_journal", "resync"]
 
 CHUNK = 2000
 Progress = Callable[[int], None]
@@ -118,21 +121,3 @@ def resync(conn: apsw.Connection, capture: Capture, *, where: str | None = None,
         if progress:
             progress(total)
 
-
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_time(text: str, now: float) -> float:
-    """'2024-01-15T10:00:00Z' (naive means UTC), or a duration back from now: '90s', '15m', '2h', '7d'."""
-    text = text.strip()
-    unit = DURATION_UNITS.get(text[-1:].lower())
-    if unit and text[:-1].replace(".", "", 1).isdigit():
-        return now - float(text[:-1]) * unit
-    from datetime import UTC, datetime
-
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{text!r} is not a time; use ISO 8601 like 2024-01-15T10:00:00Z or a duration "
-                         "back from now like 90s, 15m, 2h, 7d") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
