@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import apsw
 
@@ -320,13 +321,18 @@ class UninstallReport:
     dropped_tables: list[str] = field(default_factory=list)
 
 
-def uninstall(conn: apsw.Connection, *, drop_outbox: bool = False, force: bool = False) -> UninstallReport:
+def uninstall(conn: apsw.Connection, *, drop_outbox: bool = False, force: bool = False,
+              archive: Path | None = None) -> UninstallReport:
     """Remove every syncd trigger; with drop_outbox also the outbox, dead letters, journal and meta.
 
     Dropping a non-empty outbox or dead-letter table loses changes that never reached the secondary,
-    so it needs force.
+    so it needs force, unless `archive` names a new file that receives a copy of all four tables first
+    (the seed's Phase 4: archive, then clean up).
     """
     report = UninstallReport()
+    if archive is not None:
+        archive_tables(conn, archive)
+        drop_outbox, force = True, True
     with immediate(conn):
         for name in existing_triggers(conn):
             conn.execute(f"DROP TRIGGER {quote_ident(name)}")
@@ -340,6 +346,22 @@ def uninstall(conn: apsw.Connection, *, drop_outbox: bool = False, force: bool =
             for key in [r[0] for r in conn.execute("SELECT key FROM _syncd_meta WHERE key LIKE 'table:%'")]:
                 conn.execute("DELETE FROM _syncd_meta WHERE key = ?", (key,))
     return report
+
+
+def archive_tables(conn: apsw.Connection, path: Path) -> None:
+    """Copy syncd's tables into a new SQLite file (committed before anything is dropped)."""
+    if path.exists():
+        raise CaptureError(f"archive {path} already exists; choose a new file name")
+    if not owned_objects_exist(conn):
+        raise CaptureError("there is nothing to archive: syncd's tables are not in this database")
+    apsw.Connection(str(path)).close()  # create it: the app's file was opened without CREATE, and ATTACH inherits that
+    conn.execute("ATTACH DATABASE ? AS syncd_archive", (str(path),))
+    try:
+        with immediate(conn):
+            for table in OWNED_TABLES:
+                conn.execute(f"CREATE TABLE syncd_archive.{table} AS SELECT * FROM main.{table}")
+    finally:
+        conn.execute("DETACH DATABASE syncd_archive")
 
 
 def check_empty_before_drop(conn: apsw.Connection, force: bool) -> None:

@@ -40,7 +40,10 @@ def install(args: argparse.Namespace) -> int:
 
 def uninstall(args: argparse.Namespace) -> int:
     config = load(args)
-    report = capture.uninstall(sqlite.connect(config.source.path), drop_outbox=args.drop_outbox, force=args.force)
+    report = capture.uninstall(sqlite.connect(config.source.path), drop_outbox=args.drop_outbox, force=args.force,
+                               archive=args.archive)
+    if args.archive:
+        print(f"archived the outbox, dead letters, journal and meta to {args.archive}")
     print(f"removed {len(report.dropped_triggers)} trigger(s)"
           + (f" and {', '.join(report.dropped_tables)}" if report.dropped_tables else
              "; the outbox and dead letters stay (use --drop-outbox to remove them)"))
@@ -262,6 +265,8 @@ def add_capture_commands(commands: argparse._SubParsersAction) -> None:
     add_config_options(p)
     p.add_argument("--drop-outbox", action="store_true", help="also drop the outbox, dead letters, journal, meta")
     p.add_argument("--force", action="store_true", help="drop them even when changes are still pending")
+    p.add_argument("--archive", type=Path, metavar="PATH",
+                   help="copy syncd's tables into a new SQLite file PATH, then drop them (Phase 4 clean-up)")
     p.set_defaults(run=uninstall)
     p = commands.add_parser("status", help="pending changes, dead letters, lease and trigger health",
                             description="Report per table what is pending and how old, dead letters, last "

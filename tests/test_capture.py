@@ -273,3 +273,22 @@ def test_uninstall_drops_an_empty_outbox_without_force(tmp_path: Path):
     path, _ = installed(tmp_path, "CREATE TABLE t (id INTEGER PRIMARY KEY);", {"name": "t"})
     report = capture.uninstall(connect(path), drop_outbox=True)
     assert "_syncd_outbox" in report.dropped_tables
+
+
+def test_uninstall_archive_copies_everything_then_removes_syncd(tmp_path: Path):
+    """Phase 4: the outbox, dead letters, journal and meta go to a new file; the app's file keeps only its own."""
+    path, _ = installed(tmp_path, "CREATE TABLE t (id INTEGER PRIMARY KEY);", {"name": "t"})
+    db = app(path)
+    db.execute("INSERT INTO t VALUES (1), (2)")
+    db.execute("INSERT INTO _syncd_journal VALUES ('t', '9', 0)")
+    db.execute("INSERT INTO _syncd_dead_letter (tbl, key, op, enqueued_at, failed_at, message) "
+               "VALUES ('t', '8', 'I', 0, 0, 'refused')")
+    archive = tmp_path / "archive.sqlite3"
+    capture.uninstall(connect(path), archive=archive)
+    kept = sqlite3.connect(archive)
+    assert kept.execute("SELECT count(*) FROM _syncd_outbox").fetchone() == (2,)
+    assert kept.execute("SELECT message FROM _syncd_dead_letter").fetchall() == [("refused",)]
+    assert kept.execute("SELECT key FROM _syncd_journal").fetchall() == [("9",)]
+    assert [n for (n,) in sqlite3.connect(path).execute("SELECT name FROM sqlite_schema")] == ["t"]
+    with pytest.raises(CaptureError, match="already exists"):
+        capture.uninstall(connect(path), archive=archive)
