@@ -224,6 +224,31 @@ def jwt_verify(args: argparse.Namespace) -> int:
     return 0 if report.signature != "INVALID" and not report.expired else 1
 
 
+def run_check(args: argparse.Namespace) -> int:
+    from syncd import check, daemon
+
+    config = load(args)
+    findings = check.run_checks(config, sqlite.connect(config.source.path), daemon.token_source(config), args.pg_url)
+    for finding in findings:
+        print(finding.line())
+    errors = sum(f.level == "error" for f in findings)
+    warnings = sum(f.level == "warn" for f in findings)
+    print(f"{errors} error(s), {warnings} warning(s)")
+    return 1 if errors else 0
+
+
+def add_check_command(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("check", help="check config, key, connectivity and the secondary's tables before a run",
+                            description="Check the configuration, the SQLite side, the key (role, expiry), "
+                                        "connectivity, and that every mapped table and column exists in the "
+                                        "secondary with a compatible type and a unique key; with --pg-url also "
+                                        "RLS policies that read request.jwt.claim.*. Exit 1 when anything is an "
+                                        "error; each problem comes with its fix. Writes nothing.")
+    add_config_options(p)
+    p.add_argument("--pg-url", help="the secondary's PostgreSQL URL, to inspect RLS policies (optional)")
+    p.set_defaults(run=run_check)
+
+
 def add_jwt_commands(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("jwt", help="JWT secrets and keys for PostgREST / Supabase (gen, sign, verify)",
                             description="What the seed's tools/gen_jwt.py did: a secret with the PostgREST setting "
@@ -328,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_command(commands)
     add_operation_commands(commands)
     add_jwt_commands(commands)
+    add_check_command(commands)
     add_dev_server(commands)
     return parser
 

@@ -367,7 +367,28 @@ class PostgrestTarget:
             chunks[-1].append(item)
         return chunks
 
-    def send(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None) -> None:
+    def describe(self) -> dict[str, object]:
+        """PostgREST's OpenAPI (Swagger 2.0) description of the schema: tables, columns, formats, keys."""
+        headers = {"Accept": "application/openapi+json"}
+        if self.schema != "public":
+            headers["Accept-Profile"] = self.schema
+        response = self.send("GET", self.base + "/", headers, None)
+        try:
+            document = response.json()
+        except ValueError:
+            raise TargetError("config", f"GET /: not an OpenAPI document ({response.text[:80]!r}); is the URL "
+                                        "the PostgREST root (…/rest/v1)?", status=response.status_code) from None
+        return document if isinstance(document, dict) else {}
+
+    def probe_conflict_key(self, table: str, key: Sequence[str]) -> None:
+        """Upsert no rows by `key`: PostgreSQL still plans ON CONFLICT and answers 42P10 when no unique
+        constraint matches those columns. Writes nothing."""
+        columns = encode(",".join(field(column) for column in key))
+        url = f"{self.table_url(table)}?on_conflict={columns}&columns={columns}"
+        headers = {"Prefer": "resolution=merge-duplicates, return=minimal", "Content-Type": "application/json"}
+        self.send("POST", url, headers, b"[]")
+
+    def send(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None) -> httpx.Response:
         token = self._tokens.token()
         try:
             response = self._client.request(method, url, headers={**self.headers(token), **headers}, content=body)
@@ -377,6 +398,7 @@ class PostgrestTarget:
         error = classify(response)
         if error is not None:
             raise self.redacted(error, token)
+        return response
 
     def headers(self, token: str) -> dict[str, str]:
         headers = {"Authorization": f"Bearer {token}"}

@@ -179,7 +179,7 @@ def test_sighup_resumes_a_table_halted_by_a_privilege_error(app: App, pg: psycop
     daemon = app.start()
     try:
         app.connect().executemany("INSERT INTO parent VALUES (?, 'p')", [(i,) for i in range(5)])
-        ready = poll(f"http://{app.metrics}/readyz", lambda r: r.status_code == 503)
+        ready = poll(f"http://{app.metrics}/readyz", lambda r: "halted" in r.json()["reason"])
         assert ready.status_code == 503 and "halted" in ready.json()["reason"]
         assert 'syncd_table_halted{table="parent"} 1.0' in httpx.get(f"http://{app.metrics}/metrics").text
         pg.execute("GRANT ALL ON public.e2e_parents TO service_role")

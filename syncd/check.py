@@ -1,0 +1,192 @@
+"""`syncd check`: before starting or cutting over, find what would go wrong, each problem with its fix.
+
+Configuration, the SQLite side (capturable tables, installed triggers), the key (whose role, when it
+expires), connectivity, and per table: the target table and every mapped column exist in the secondary
+with a compatible type (from PostgREST's OpenAPI description), NOT NULL columns are fed, and the key is
+unique there (an empty upsert makes PostgreSQL plan ON CONFLICT without writing anything). With a
+database URL it also flags RLS policies that read `request.jwt.claim.*`, which PostgREST v12 never sets.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import apsw
+import jwt
+
+from syncd import capture
+from syncd.auth import TokenSource
+from syncd.config import Config, TableConfig
+from syncd.mapping import TableMapping
+from syncd.sqlite import quote_ident
+from syncd.target import PostgrestTarget, TargetError
+
+EXPIRY_WARNING_DAYS = 30
+NUMERIC = {"smallint", "integer", "bigint", "numeric", "real", "double precision"}
+TEXTUAL = {"text", "character varying", "character", "citext", "uuid", "name"}
+EXPECTED_FOR_TRANSFORM = {
+    "json": {"json", "jsonb"},
+    "bool": {"boolean"},
+    "timestamp": {"timestamp with time zone", "timestamp without time zone", "date"},
+    "bytea": {"bytea"},
+}
+POLICIES_SQL = """
+SELECT schemaname, tablename, policyname FROM pg_policies
+WHERE coalesce(qual, '') LIKE '%request.jwt.claim.%' OR coalesce(with_check, '') LIKE '%request.jwt.claim.%'
+ORDER BY 1, 2, 3
+"""
+
+
+@dataclass
+class Finding:
+    level: str  # ok | skip | warn | error
+    subject: str
+    message: str
+    fix: str | None = None
+
+    def line(self) -> str:
+        text = f"{self.level.upper():5} {self.subject}: {self.message}"
+        return text + (f"\n      fix: {self.fix}" if self.fix else "")
+
+
+def check_source(conn: apsw.Connection, config: Config) -> tuple[list[Finding], dict[str, capture.Capture]]:
+    findings, planned = [], {}
+    for table in config.tables:
+        try:
+            planned[table.name] = capture.plan_table(conn, table)
+        except capture.CaptureError as exc:
+            findings.append(Finding("error", f"sqlite {table.name}", str(exc)))
+    if not capture.owned_objects_exist(conn):
+        findings.append(Finding("warn", "sqlite", "syncd is not installed: changes are not captured yet",
+                                "syncd install"))
+    else:
+        current = capture.existing_triggers(conn)
+        for name, plan in planned.items():
+            missing = [t for t in plan.triggers() if t not in current]
+            if missing:
+                findings.append(Finding("error", f"sqlite {name}", f"trigger(s) missing: {', '.join(missing)}",
+                                        "syncd install"))
+    if not findings:
+        findings.append(Finding("ok", "sqlite", f"{len(planned)} table(s) capturable, triggers in place"))
+    return findings, planned
+
+
+def check_key(config: Config, now: float) -> list[Finding]:
+    """Whose role the key carries and when it expires (a minted token is always fresh)."""
+    if config.target.jwt_secret is not None:
+        return [Finding("ok", "auth", "syncd mints its own short-lived service_role tokens from the JWT secret")]
+    if config.target.service_key is None:
+        return [Finding("error", "auth", "no service key and no JWT secret",
+                        "set SUPABASE_SERVICE_KEY (or service_key_file), or SUPABASE_JWT_SECRET")]
+    try:
+        claims = jwt.decode(config.target.service_key.get_secret_value(), options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return [Finding("warn", "auth", "the service key is not a JWT (an opaque key?): its role cannot be read")]
+    role = claims.get("role", "(none: the anonymous role)")
+    findings = []
+    if role != "service_role":
+        findings.append(Finding("warn", "auth", f"the key carries role {role!r}: RLS policies apply to syncd's "
+                                                "writes", "use the service_role key (SUPABASE_SERVICE_KEY)"))
+    exp = claims.get("exp")
+    if isinstance(exp, int | float) and exp < now:
+        findings.append(Finding("error", "auth", "the service key has expired",
+                                "sign a new one (syncd jwt sign --role service_role) or set SUPABASE_JWT_SECRET"))
+    elif isinstance(exp, int | float) and exp < now + EXPIRY_WARNING_DAYS * 86400:
+        findings.append(Finding("warn", "auth", f"the service key expires in {(exp - now) / 86400:.1f} days",
+                                "replace it before then, or set SUPABASE_JWT_SECRET so syncd mints its own"))
+    return findings or [Finding("ok", "auth", f"key role {role}")]
+
+
+def check_table(target: PostgrestTarget, spec: dict[str, object], table: TableConfig, plan: capture.Capture,
+                columns: list[tuple[str, str]]) -> list[Finding]:
+    """columns: (SQLite column, declared type) of the source table."""
+    mapping = TableMapping.from_config(table, plan.key)
+    subject = f"{table.name} -> {mapping.target}"
+    definition = (spec.get("definitions") or {}).get(mapping.target)  # type: ignore[union-attr]
+    if not isinstance(definition, dict):
+        return [Finding("error", subject, "the target table is not in the secondary (or not exposed)",
+                        "apply deploy/supabase/migrations, then NOTIFY pgrst, 'reload schema'")]
+    properties: dict[str, dict[str, object]] = definition.get("properties", {})
+    findings, fed = [], set()
+    for column, declared in columns:
+        if column in mapping.exclude:
+            continue
+        name = mapping.renames.get(column, column)
+        fed.add(name)
+        if name not in properties:
+            findings.append(Finding("error", subject, f"column {name!r} does not exist in the secondary: every row "
+                                    "would be refused (PGRST204)", f"add it there, or exclude = [\"{column}\"]"))
+            continue
+        problem = type_problem(mapping.transforms.get(column), declared, str(properties[name].get("format", "")))
+        if problem:
+            findings.append(Finding("warn", subject, f"column {column!r} -> {name!r}: {problem}",
+                                    f"set [table.columns.{column}] transform, or change the column type"))
+    unfed = [c for c in definition.get("required", []) if c not in fed and "default" not in properties.get(c, {})]
+    if unfed:
+        findings.append(Finding("error", subject, f"NOT NULL column(s) without default that the mapping never "
+                                f"fills: {', '.join(unfed)} (23502 on every row)", "map a source column to them"))
+    try:
+        target.probe_conflict_key(mapping.target, mapping.target_key)
+    except TargetError as error:
+        findings.append(Finding("error", subject, f"key ({', '.join(mapping.target_key)}) cannot be used for "
+                                f"upserts: {error.message}", "add a unique constraint on those columns there"))
+    return findings or [Finding("ok", subject, f"{len(fed)} column(s) match, key unique")]
+
+
+def type_problem(transform: str | None, declared: str, target_format: str) -> str | None:
+    """A short reason when a source column of this declared type cannot land in a column of that type."""
+    if transform == "vector":
+        return None if target_format.endswith("vector") else f"transform vector, but the target is {target_format}"
+    if transform:
+        expected = EXPECTED_FOR_TRANSFORM[transform]
+        return None if target_format in expected else f"transform {transform}, but the target is {target_format}"
+    affinity = declared.upper()
+    if target_format in ("json", "jsonb") and "JSON" not in affinity:
+        return f"target is {target_format}: text would be stored as a JSON string (transform = \"json\"?)"
+    if target_format == "boolean":
+        return "target is boolean: SQLite stores 0/1 (transform = \"bool\")"
+    if target_format == "bytea" or target_format.endswith("vector"):
+        return f"target is {target_format}: needs transform = \"bytea\" or \"vector\""
+    if "INT" in affinity and target_format not in NUMERIC | TEXTUAL:
+        return f"SQLite INTEGER into {target_format}"
+    return None
+
+
+def check_policies(pg_url: str) -> list[Finding]:
+    import psycopg
+
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute(POLICIES_SQL).fetchall()
+    return [Finding("warn", f"policy {policy!r} on {schema}.{table}", "reads request.jwt.claim.*, which PostgREST "
+                    "v12+ never sets: it never matches", "read current_setting('request.jwt.claims', true)::jsonb "
+                    "->> 'role' (or auth.role(), auth.uid()) instead") for schema, table, policy in rows] \
+        or [Finding("ok", "policies", "no policy reads request.jwt.claim.*")]
+
+
+def run_checks(config: Config, conn: apsw.Connection, tokens: TokenSource, pg_url: str | None = None,
+               now: float | None = None) -> list[Finding]:
+    now = time.time() if now is None else now
+    findings = [Finding("ok", "config", "loaded and valid")]
+    source, planned = check_source(conn, config)
+    findings += source + check_key(config, now)
+    apikey = config.target.effective_apikey
+    with PostgrestTarget(config.target.url, tokens, schema=config.target.schema_name,
+                         apikey=apikey.get_secret_value() if apikey else None,
+                         timeout=config.worker.request_timeout) as target:
+        try:
+            spec = target.describe()
+        except TargetError as error:
+            return [*findings, Finding("error", "secondary", f"{config.target.url}: {error.message}",
+                                       "check target.url, the network and the key")]
+        findings.append(Finding("ok", "secondary", f"{config.target.url} answers"))
+        for table in config.tables:
+            if table.name in planned:
+                columns = [(r[1], r[2] or "") for r in conn.execute(
+                    f"PRAGMA table_info({quote_ident(planned[table.name].table.name)})")]
+                findings += check_table(target, spec, table, planned[table.name], columns)
+    if pg_url:
+        findings += check_policies(pg_url)
+    else:
+        findings.append(Finding("skip", "policies", "not checked (give --pg-url to look for request.jwt.claim.*)"))
+    return findings

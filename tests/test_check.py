@@ -1,0 +1,86 @@
+"""`syncd check` reports each planted misconfiguration with its fix, and passes a healthy setup."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+
+from syncd import auth
+from tests.conftest import DevServer
+from tests.e2e import App, write_config
+
+
+def check(app: App, *args: str) -> tuple[int, str]:
+    result = app.syncd("check", *args)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, result.stdout
+
+
+def edit_config(app: App, old: str, new: str) -> None:
+    text = app.config.read_text()
+    assert old in text
+    app.config.write_text(text.replace(old, new))
+
+
+def test_healthy_setup_passes(app: App, devserver: DevServer, pg: psycopg.Connection):
+    code, out = check(app, "--pg-url", devserver.pg_url)
+    assert code == 0, out
+    assert "0 error(s), 0 warning(s)" in out and "item -> e2e_items: 7 column(s) match, key unique" in out
+    assert "no policy reads request.jwt.claim.*" in out
+
+
+def test_column_missing_in_the_secondary(app: App):
+    app.connect().execute("ALTER TABLE item ADD COLUMN extra TEXT")
+    code, out = check(app)
+    assert code == 1 and "column 'extra' does not exist in the secondary" in out and 'exclude = ["extra"]' in out
+
+
+def test_missing_transform_for_a_boolean_target(app: App):
+    edit_config(app, '[table.columns.flag]\ntransform = "bool"\n', "")
+    code, out = check(app)
+    assert code == 0 and "WARN" in out and "target is boolean" in out and "transform" in out
+
+
+def test_target_table_missing(app: App):
+    edit_config(app, 'target = "e2e_parents"', 'target = "no_such_table"')
+    code, out = check(app)
+    assert code == 1 and "parent -> no_such_table: the target table is not in the secondary" in out
+
+
+def test_key_that_is_not_unique_in_the_secondary(app: App, pg: psycopg.Connection):
+    edit_config(app, 'target = "e2e_children"', 'target = "e2e_children"\nkey = ["name"]')
+    code, out = check(app)
+    assert code == 1 and "key (name) cannot be used for upserts" in out and "unique constraint" in out
+    assert pg.execute("SELECT count(*) FROM e2e_children").fetchone() == (0,)  # the probe wrote nothing
+
+
+def test_wrong_key_and_expiring_key(app: App, devserver: DevServer):
+    forged = auth.mint_token("f" * 40, "service_role")
+    write_config(app.config, app.db, devserver, app.metrics, key=forged)
+    code, out = check(app)
+    assert code == 1 and "ERROR secondary" in out and forged not in out
+    soon = auth.mint_token(devserver.jwt_secret, "service_role", expires_in=2 * 86400)
+    write_config(app.config, app.db, devserver, app.metrics, key=soon)
+    code, out = check(app)
+    assert code == 0 and "expires in 2.0 days" in out
+    expired = auth.mint_token(devserver.jwt_secret, "service_role", now=time.time() - 3600, expires_in=60)
+    write_config(app.config, app.db, devserver, app.metrics, key=expired)
+    code, out = check(app)
+    assert code == 1 and "the service key has expired" in out
+
+
+@pytest.fixture
+def seed_style_policy(pg: psycopg.Connection):
+    pg.execute("""CREATE POLICY "seed style" ON public.e2e_parents FOR ALL
+                  USING (current_setting('request.jwt.claim.role', true) = 'service_role')""")
+    yield
+    pg.execute('DROP POLICY "seed style" ON public.e2e_parents')
+
+
+@pytest.mark.usefixtures("seed_style_policy")
+def test_rls_policy_reading_request_jwt_claim_is_flagged(app: App, devserver: DevServer):
+    code, out = check(app, "--pg-url", devserver.pg_url)
+    assert "policy 'seed style' on public.e2e_parents: reads request.jwt.claim.*" in out
+    assert "request.jwt.claims" in out and code == 0
