@@ -17,13 +17,16 @@ from syncd import __version__, auth, capture, sqlite, status, timeparse
 from syncd import replay as operations
 from syncd.config import Config, ConfigError, load_config
 
-Command = Callable[[argparse.Namespace], int]
 # Mistakes an operator can fix: printed as one clear message, never as a traceback.
 USER_ERRORS = (ConfigError, capture.CaptureError, sqlite.DatabaseNotFound, apsw.BusyError, apsw.SQLError)
 
 
-def load(args: argparse.Namespace) -> Config:
-    return load_config(args.config, overrides={"source.path": args.db})
+def load(args: argparse.Namespace, **overrides: object) -> Config:
+    return load_config(args.config, overrides={"source.path": args.db, **overrides})
+
+
+def bad_argument(flag: str, problem: str) -> ConfigError:
+    return ConfigError("invalid arguments (1 problem):", [f"{flag}: {problem}"])
 
 
 def install(args: argparse.Namespace) -> int:
@@ -60,8 +63,7 @@ def show_status(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from syncd import daemon
 
-    overrides = {"source.path": args.db, **{f"worker.{k}": getattr(args, k) for k in WORKER_FLAGS}}
-    config = load_config(args.config, overrides=overrides)
+    config = load(args, **{f"worker.{k}": getattr(args, k) for k in WORKER_FLAGS})
     return daemon.run(config, once=args.once, log_format=args.log_format)
 
 
@@ -98,6 +100,11 @@ def progress(label: str) -> Callable[[int], None]:
     return report
 
 
+def end_progress() -> None:
+    if sys.stderr.isatty():
+        print(file=sys.stderr)  # the progress line was redrawn in place: end it
+
+
 def replay(args: argparse.Namespace) -> int:
     config = load(args)
     conn = sqlite.connect(config.source.path)
@@ -111,10 +118,11 @@ def replay(args: argparse.Namespace) -> int:
             since = operations.parse_time(args.since, now)
             until = operations.parse_time(args.until, now) if args.until else None
         except ValueError as exc:
-            raise ConfigError("invalid arguments (1 problem):", [f"--since/--until: {exc}"]) from None
+            raise bad_argument("--since/--until", str(exc)) from None
         result = operations.replay_journal(conn, since, until, table=args.table, dry_run=args.dry_run,
                                            progress=progress("replay"))
         what = "shipped key(s) from the journal"
+    end_progress()
     verb = "would re-enqueue" if result.dry_run else "re-enqueued"
     print(f"{verb} {result.keys} {what}" + ("" if result.dry_run else "; `syncd run` ships them"))
     return 0
@@ -129,6 +137,7 @@ def resync(args: argparse.Namespace) -> int:
     planned = capture.plan_table(conn, table_config)
     result = operations.resync(conn, planned, where=args.where, dry_run=args.dry_run,
                                progress=progress(f"resync {args.table}"))
+    end_progress()
     verb = "would enqueue" if result.dry_run else "enqueued"
     print(f"{verb} {result.keys} key(s) of {args.table}" + ("" if result.dry_run else "; `syncd run` ships them"))
     return 0
@@ -162,11 +171,9 @@ def add_operation_commands(commands: argparse._SubParsersAction) -> None:
 def jwt_secret(args: argparse.Namespace, required: bool) -> str | None:
     secret = args.secret or os.environ.get("SUPABASE_JWT_SECRET")
     if required and not secret:
-        raise ConfigError("invalid arguments (1 problem):", ["--secret: missing; pass --secret or set "
-                                                              "SUPABASE_JWT_SECRET (try: syncd jwt gen)"])
+        raise bad_argument("--secret", "missing; pass --secret or set SUPABASE_JWT_SECRET (try: syncd jwt gen)")
     if secret and len(secret) < auth.MIN_SECRET_LENGTH:
-        raise ConfigError("invalid arguments (1 problem):", [f"--secret: shorter than {auth.MIN_SECRET_LENGTH} "
-                                                              "characters; PostgREST refuses it"])
+        raise bad_argument("--secret", f"shorter than {auth.MIN_SECRET_LENGTH} characters; PostgREST refuses it")
     return secret
 
 
@@ -174,14 +181,14 @@ def duration(flag: str, text: str) -> float:
     try:
         return timeparse.parse_duration(text)
     except ValueError as exc:
-        raise ConfigError("invalid arguments (1 problem):", [f"{flag}: {exc}"]) from None
+        raise bad_argument(flag, str(exc)) from None
 
 
 def jwt_gen(args: argparse.Namespace) -> int:
     try:
         secret = auth.generate_secret(args.secret_length)
     except ValueError as exc:
-        raise ConfigError("invalid arguments (1 problem):", [f"--secret-length: {exc}"]) from None
+        raise bad_argument("--secret-length", str(exc)) from None
     lifetime = duration("--expires-in", args.expires_in)
     anon = auth.mint_token(secret, "anon", expires_in=lifetime)
     service = auth.mint_token(secret, "service_role", expires_in=lifetime)
