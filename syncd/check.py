@@ -18,6 +18,7 @@ import jwt
 from syncd import capture
 from syncd.auth import TokenSource
 from syncd.config import Config, TableConfig
+from syncd.daemon import open_target
 from syncd.mapping import TableMapping
 from syncd.sqlite import quote_ident
 from syncd.target import PostgrestTarget, TargetError
@@ -170,10 +171,7 @@ def run_checks(config: Config, conn: apsw.Connection, tokens: TokenSource, pg_ur
     findings = [Finding("ok", "config", "loaded and valid")]
     source, planned = check_source(conn, config)
     findings += source + check_key(config, now)
-    apikey = config.target.effective_apikey
-    with PostgrestTarget(config.target.url, tokens, schema=config.target.schema_name,
-                         apikey=apikey.get_secret_value() if apikey else None,
-                         timeout=config.worker.request_timeout) as target:
+    with open_target(config, tokens) as target:
         try:
             spec = target.describe()
         except TargetError as error:

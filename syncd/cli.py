@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,9 +16,11 @@ import apsw
 from syncd import __version__, auth, capture, sqlite, status, timeparse
 from syncd import replay as operations
 from syncd.config import Config, ConfigError, load_config
+from syncd.progress import Progress
+from syncd.target import TargetError
 
 # Mistakes an operator can fix: printed as one clear message, never as a traceback.
-USER_ERRORS = (ConfigError, capture.CaptureError, sqlite.DatabaseNotFound, apsw.BusyError, apsw.SQLError)
+USER_ERRORS = (ConfigError, capture.CaptureError, sqlite.DatabaseNotFound, apsw.BusyError, apsw.SQLError, TargetError)
 
 
 def load(args: argparse.Namespace, **overrides: object) -> Config:
@@ -87,30 +89,13 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def progress(label: str) -> Callable[[int], None]:
-    """A progress line with rate on a terminal; a plain line per step when stderr is not one."""
-    started = time.monotonic()
-    terminal = sys.stderr.isatty()
-
-    def report(done: int) -> None:
-        rate = done / max(time.monotonic() - started, 1e-6)
-        line = f"{label}: {done:,} keys enqueued ({rate:,.0f}/s)"
-        print(f"\r{line}" if terminal else line, end="" if terminal else "\n", file=sys.stderr, flush=True)
-
-    return report
-
-
-def end_progress() -> None:
-    if sys.stderr.isatty():
-        print(file=sys.stderr)  # the progress line was redrawn in place: end it
-
-
 def replay(args: argparse.Namespace) -> int:
     config = load(args)
     conn = sqlite.connect(config.source.path)
     if args.dead_letters:
-        result = operations.replay_dead_letters(conn, table=args.table, ids=args.id or (), dry_run=args.dry_run,
-                                                progress=progress("replay"))
+        with Progress("replay") as progress:
+            result = operations.replay_dead_letters(conn, table=args.table, ids=args.id or (), dry_run=args.dry_run,
+                                                    progress=progress)
         what = "dead letter(s)"
     else:
         now = time.time()
@@ -119,10 +104,10 @@ def replay(args: argparse.Namespace) -> int:
             until = operations.parse_time(args.until, now) if args.until else None
         except ValueError as exc:
             raise bad_argument("--since/--until", str(exc)) from None
-        result = operations.replay_journal(conn, since, until, table=args.table, dry_run=args.dry_run,
-                                           progress=progress("replay"))
+        with Progress("replay") as progress:
+            result = operations.replay_journal(conn, since, until, table=args.table, dry_run=args.dry_run,
+                                               progress=progress)
         what = "shipped key(s) from the journal"
-    end_progress()
     verb = "would re-enqueue" if result.dry_run else "re-enqueued"
     print(f"{verb} {result.keys} {what}" + ("" if result.dry_run else "; `syncd run` ships them"))
     return 0
@@ -135,9 +120,8 @@ def resync(args: argparse.Namespace) -> int:
         raise capture.CaptureError(f"table {args.table!r} is not configured; add a [[table]] section for it")
     conn = sqlite.connect(config.source.path)
     planned = capture.plan_table(conn, table_config)
-    result = operations.resync(conn, planned, where=args.where, dry_run=args.dry_run,
-                               progress=progress(f"resync {args.table}"))
-    end_progress()
+    with Progress(f"resync {args.table}") as progress:
+        result = operations.resync(conn, planned, where=args.where, dry_run=args.dry_run, progress=progress)
     verb = "would enqueue" if result.dry_run else "enqueued"
     print(f"{verb} {result.keys} key(s) of {args.table}" + ("" if result.dry_run else "; `syncd run` ships them"))
     return 0
@@ -242,6 +226,61 @@ def run_check(args: argparse.Namespace) -> int:
     warnings = sum(f.level == "warn" for f in findings)
     print(f"{errors} error(s), {warnings} warning(s)")
     return 1 if errors else 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from syncd import daemon, verify
+
+    config = load(args)
+    with daemon.open_target(config) as target:
+        result = verify.verify(sqlite.connect(config.source.path), config, target, tables=args.table,
+                               repair=args.repair, dry_run=args.dry_run, page=args.page_size, progress=Progress)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.render())
+    return 0 if result.equal else 1
+
+
+def run_cutover(args: argparse.Namespace) -> int:
+    from syncd import cutover, daemon
+
+    config = load(args)
+    timeout = duration("--timeout", args.timeout)
+    with daemon.open_target(config) as target:
+        readiness = cutover.check_readiness(sqlite.connect(config.source.path), config, target, timeout=timeout,
+                                            progress=Progress)
+    if readiness.verification is not None:
+        print(readiness.verification.render())
+    if not readiness.ready:
+        print("\nNOT READY to cut over:")
+        for reason in readiness.reasons:
+            print(f"  - {reason}")
+        return 1
+    print("\nREADY to cut over: the outbox is empty, no dead letters, every table equal.\n")
+    print(cutover.instructions(config))
+    return 0
+
+
+def add_verify_commands(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("verify", help="compare the source and the secondary row by row; --repair fixes",
+                            description="Stream both sides in key order (keyset pagination), hash each row after "
+                                        "mapping, and report counts and the keys missing, extra and different "
+                                        "in the secondary, with examples. Exit 0 when equal, 1 when not. "
+                                        "--repair enqueues the differing keys (extra rows get deleted).")
+    add_config_options(p)
+    p.add_argument("--table", action="append", help="only this table (repeatable)")
+    p.add_argument("--repair", action="store_true", help="enqueue every differing key; `syncd run` ships them")
+    p.add_argument("--dry-run", action="store_true", help="with --repair: count what would be enqueued")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--page-size", dest="page_size", type=int, default=5000, help="rows per read (default 5000)")
+    p.set_defaults(run=run_verify)
+    p = commands.add_parser("cutover", help="wait for an empty outbox, verify, and say how to switch the app",
+                            description="The seed's Phase 3, checked: wait until the daemon has drained the "
+                                        "outbox, refuse while dead letters remain or a table is halted, verify "
+                                        "every table, then print exactly what to change in the application's "
+                                        "environment (DB_BACKEND=supabase). Writes nothing. Exit 0 when ready, "
+                                        "1 with the reasons when not.")
+    add_config_options(p)
+    p.add_argument("--timeout", default="10m", help="how long to wait for the outbox to drain (default 10m)")
+    p.set_defaults(run=run_cutover)
 
 
 def add_check_command(commands: argparse._SubParsersAction) -> None:
@@ -361,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_operation_commands(commands)
     add_jwt_commands(commands)
     add_check_command(commands)
+    add_verify_commands(commands)
     add_dev_server(commands)
     return parser
 

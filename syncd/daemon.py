@@ -35,6 +35,13 @@ def token_source(config: Config) -> TokenSource:
         "so syncd mints its own service_role tokens"])
 
 
+def open_target(config: Config, tokens: TokenSource | None = None) -> PostgrestTarget:
+    """The PostgREST client every command that talks to the secondary uses, built from the configuration."""
+    apikey = config.target.effective_apikey
+    return PostgrestTarget(config.target.url, tokens or token_source(config), schema=config.target.schema_name,
+                           apikey=apikey.get_secret_value() if apikey else None, timeout=config.worker.request_timeout)
+
+
 def run(config: Config, *, once: bool = False, log_format: str = "json") -> int:
     logs.configure(log_format)
     log = get_logger()
@@ -47,10 +54,7 @@ def run(config: Config, *, once: bool = False, log_format: str = "json") -> int:
         conn.execute("PRAGMA synchronous = NORMAL")
     if not capture.owned_objects_exist(conn):
         raise capture.CaptureError(f"syncd is not installed in {config.source.path}; run: syncd install")
-    apikey = config.target.effective_apikey
-    target = PostgrestTarget(config.target.url, tokens, schema=config.target.schema_name,
-                             apikey=apikey.get_secret_value() if apikey else None,
-                             timeout=config.worker.request_timeout)
+    target = open_target(config, tokens)
     metrics = Metrics()
     metrics.health.alive_within = max(60.0, 5 * config.worker.poll_interval)
     try:

@@ -6,24 +6,27 @@ acknowledgement and dead-letter rules as live changes, and runs while the app wr
 - `replay_journal`: every key shipped in a time window, again (a secondary restored from an older backup).
 - `resync`: every key of a table (optionally filtered), in chunks, each its own short transaction so the
   app is never blocked: the initial backfill, or a full resync.
+- `enqueue`: the step they share with `verify --repair`: given keys into the outbox, a chunk per transaction.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import apsw
 
 from syncd.capture import Capture, key_sql
+from syncd.progress import Reporter, Silent
 from syncd.sqlite import immediate, quote_ident, quote_text
 from syncd.timeparse import parse_time
 
-__all__ = ["Enqueued", "parse_time", "replay_dead_letters", "replay_journal", "resync"]
+__all__ = ["Enqueued", "enqueue", "parse_time", "replay_dead_letters", "replay_journal", "resync"]
 
 CHUNK = 2000
-Progress = Callable[[int], None]
+SILENT = Silent()
 
 
 @dataclass
@@ -33,12 +36,13 @@ class Enqueued:
 
 
 def replay_dead_letters(conn: apsw.Connection, *, table: str | None = None, ids: Sequence[int] = (),
-                        dry_run: bool = False, progress: Progress | None = None) -> Enqueued:
+                        dry_run: bool = False, progress: Reporter = SILENT) -> Enqueued:
     """Move the matching dead letters back into the outbox, a chunk per transaction."""
     where, params = dead_letter_filter(table, ids)
+    (count,) = conn.execute(f"SELECT count(*) FROM _syncd_dead_letter WHERE {where}", params).fetchone()
     if dry_run:
-        (count,) = conn.execute(f"SELECT count(*) FROM _syncd_dead_letter WHERE {where}", params).fetchone()
         return Enqueued(count, True)
+    progress.set_total(count)
     total = 0
     while True:
         with immediate(conn):
@@ -50,8 +54,7 @@ def replay_dead_letters(conn: apsw.Connection, *, table: str | None = None, ids:
                          (chosen,))
             conn.execute("DELETE FROM _syncd_dead_letter WHERE id IN (SELECT value FROM json_each(?))", (chosen,))
         total += len(batch)
-        if progress:
-            progress(total)
+        progress(total)
         if len(batch) < CHUNK:
             return Enqueued(total, False)
 
@@ -68,7 +71,7 @@ def dead_letter_filter(table: str | None, ids: Sequence[int]) -> tuple[str, tupl
 
 
 def replay_journal(conn: apsw.Connection, since: float, until: float | None = None, *, table: str | None = None,
-                   dry_run: bool = False, progress: Progress | None = None) -> Enqueued:
+                   dry_run: bool = False, progress: Reporter = SILENT) -> Enqueued:
     """Enqueue again every key the journal says was shipped in [since, until)."""
     conditions, params = ["shipped_at >= ?"], [since]
     if until is not None:
@@ -80,17 +83,26 @@ def replay_journal(conn: apsw.Connection, since: float, until: float | None = No
     keys = conn.execute(f"SELECT DISTINCT tbl, key FROM _syncd_journal WHERE {' AND '.join(conditions)} "
                         "ORDER BY tbl, key", params).fetchall()
     if not dry_run:
-        for start in range(0, len(keys), CHUNK):
-            with immediate(conn):
-                conn.executemany("INSERT INTO _syncd_outbox (tbl, key, op, at) VALUES (?, ?, 'S', julianday('now'))",
-                                 keys[start:start + CHUNK])
-            if progress:
-                progress(min(start + CHUNK, len(keys)))
+        progress.set_total(len(keys))
+        enqueue(conn, keys, progress)
     return Enqueued(len(keys), dry_run)
 
 
+def enqueue(conn: apsw.Connection, keys: Iterable[tuple[str, str]], progress: Reporter = SILENT) -> int:
+    """Put (table, outbox key) pairs into the outbox, CHUNK per short write transaction; how many."""
+    total = 0
+    chunks = iter(keys)
+    while chunk := list(itertools.islice(chunks, CHUNK)):
+        with immediate(conn):
+            conn.executemany("INSERT INTO _syncd_outbox (tbl, key, op, at) VALUES (?, ?, 'S', julianday('now'))",
+                             chunk)
+        total += len(chunk)
+        progress(total)
+    return total
+
+
 def resync(conn: apsw.Connection, capture: Capture, *, where: str | None = None, dry_run: bool = False,
-           progress: Progress | None = None) -> Enqueued:
+           progress: Reporter = SILENT) -> Enqueued:
     """Enqueue every key of a table in key order, CHUNK keys per short transaction (keyset pagination).
 
     `where` is the operator's own SQL condition on the table (e.g. "created_at > '2024-01-01'"). Rows
@@ -100,9 +112,10 @@ def resync(conn: apsw.Connection, capture: Capture, *, where: str | None = None,
     columns = ", ".join(f"{table}.{quote_ident(c)}" for c in key)
     filters = [f"({where})"] if where else []
     filters += [f"{table}.{quote_ident(c)} IS NOT NULL" for c in key]
+    (count,) = conn.execute(f"SELECT count(*) FROM {table} WHERE {' AND '.join(filters)}").fetchone()
     if dry_run:
-        (count,) = conn.execute(f"SELECT count(*) FROM {table} WHERE {' AND '.join(filters)}").fetchone()
         return Enqueued(count, True)
+    progress.set_total(count)  # live writes may add a few while it runs
     total, last = 0, None
     while True:
         bound = [f"({columns}) > ({', '.join('?' * len(key))})"] if last is not None else []
@@ -118,6 +131,5 @@ def resync(conn: apsw.Connection, capture: Capture, *, where: str | None = None,
                          (*(last or ()), *chunk[-1]))
         total += len(chunk)
         last = tuple(chunk[-1])
-        if progress:
-            progress(total)
+        progress(total)
 

@@ -263,6 +263,16 @@ def literal(value: object) -> str:
     return quoted(text)
 
 
+def keyset_terms(key: Sequence[str], after: Sequence[object]) -> list[str]:
+    """The logic-tree terms of "key > after" for a (composite) key: `a.gt.x`, `and(a.eq.x,b.gt.y)`, ..."""
+    terms = []
+    for i, column in enumerate(key):
+        parts = [f"{field(c)}.eq.{literal(v)}" for c, v in zip(key[:i], after[:i], strict=True)]
+        parts.append(f"{field(column)}.gt.{literal(after[i])}")
+        terms.append(parts[0] if len(parts) == 1 else f"and({','.join(parts)})")
+    return terms
+
+
 def encode_rows(table: str, rows: Sequence[Mapping[str, object]]) -> bytes:
     try:
         text = json.dumps([dict(row) for row in rows], separators=(",", ":"), allow_nan=False, ensure_ascii=False)
@@ -379,6 +389,35 @@ class PostgrestTarget:
             raise TargetError("config", f"GET /: not an OpenAPI document ({response.text[:80]!r}); is the URL "
                                         "the PostgREST root (…/rest/v1)?", status=response.status_code) from None
         return document if isinstance(document, dict) else {}
+
+    def read_page(self, table: str, columns: Sequence[str] | None, key: Sequence[str], *, limit: int,
+                  after: Sequence[object] | None = None, equal: Sequence[object] | None = None,
+                  count: bool = False) -> tuple[list[dict[str, object]], int | None]:
+        """Up to `limit` rows in key order: those whose key comes after `after` (keyset pagination, in the
+        secondary's own collation) or equals `equal`; with `count`, also the table's row count."""
+        select = ",".join(columns) if columns is not None and all(map(plain, columns)) else "*"
+        query = [f"select={encode(select)}", "order=" + encode(",".join(f"{field(c)}.asc" for c in key)),
+                 f"limit={limit}"]
+        if after is not None:
+            query.append("or=" + encode(f"({','.join(keyset_terms(key, after))})"))
+        if equal is not None:
+            terms = [f"{field(c)}.eq.{literal(v)}" for c, v in zip(key, equal, strict=True)]
+            query.append("and=" + encode(f"({','.join(terms)})"))
+        headers = {"Accept": "application/json"}
+        if count:
+            headers["Prefer"] = "count=exact"
+        if self.schema != "public":
+            headers["Accept-Profile"] = self.schema
+        response = self.send("GET", f"{self.table_url(table)}?{'&'.join(query)}", headers, None)
+        try:
+            rows = response.json()
+        except ValueError:
+            rows = None
+        if not isinstance(rows, list):
+            raise TargetError("config", f"GET {table}: expected a JSON array, got {response.text[:80]!r}",
+                              status=response.status_code)
+        total = response.headers.get("content-range", "").rpartition("/")[2]
+        return rows, int(total) if total.isdigit() else None
 
     def probe_conflict_key(self, table: str, key: Sequence[str]) -> None:
         """Upsert no rows by `key`: PostgreSQL still plans ON CONFLICT and answers 42P10 when no unique
