@@ -1,0 +1,566 @@
+"""`syncd verify`: compare the source with the secondary row by row, after mapping; with `repair`, put
+the keys that differ into the outbox, so the daemon ships them like any change (extra rows included:
+their key is gone from SQLite, so the daemon deletes them).
+
+Both sides are streamed in key order with keyset pagination, `page` rows at a time: SQLite one short
+read per page, the secondary through `GET ?select&order&limit&or=(key > last)`. Each row becomes
+(canonical key, hash of its canonical values). SQLite orders text bytewise and PostgreSQL by its
+collation, so the two streams cannot simply be merged in step; the pairs go into a scratch SQLite file
+instead, and one join per kind finds what is missing in the secondary, extra there, and different.
+Memory stays bounded by a page whatever the size of the table; the scratch file is deleted on close.
+
+Canonical values are what PostgreSQL holds, given the target column's type from PostgREST's OpenAPI
+description: a timestamp is an instant however it is spelt, 1 and 1.0 are one number, jsonb ignores key
+order, a real compares at float32 precision and a vector as its float32 components, a number sent to a
+text column is its JSON text. A source row the mapping refuses (the daemon dead-letters it) is counted
+as unshippable, not compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import struct
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from typing import TypeVar
+
+import apsw
+
+from syncd import backoff, capture, outbox
+from syncd.capture import decode_key
+from syncd.config import Config, TableConfig
+from syncd.mapping import InvalidText, RowError, TableMapping
+from syncd.progress import ReporterFactory, Silent
+from syncd.replay import enqueue
+from syncd.sqlite import quote_ident, quote_text
+from syncd.target import PostgrestTarget, TargetError
+
+PAGE = 5000
+EXAMPLES = 5
+READ_ATTEMPTS = 6  # transient failures of one page before verify gives up on a table
+VALUE_PREVIEW = 60
+FORMAT_KINDS = {
+    "smallint": "integer", "integer": "integer", "bigint": "integer",
+    "numeric": "number", "double precision": "number", "real": "real",
+    "boolean": "bool",
+    "timestamp with time zone": "instant", "timestamp without time zone": "timestamp", "date": "date",
+    "json": "json", "jsonb": "json",
+    "bytea": "lower", "uuid": "lower",
+    "text": "text", "character varying": "text", "character": "text", "citext": "text", "name": "text",
+}
+
+
+# -- canonical values --------------------------------------------------------------------------------
+
+
+def canonical(target_format: str, value: object) -> object:
+    """The value as PostgreSQL holds it in a column of that type; a value it could not hold stays as it
+    is (so it compares different, which is the truth)."""
+    if value is None:
+        return None
+    kind = FORMAT_KINDS.get(target_format) or ("vector" if target_format.endswith("vector") else "json")
+    try:
+        return CANONICAL[kind](value)
+    except (ValueError, TypeError, OverflowError, struct.error):
+        return value
+
+
+def _number(value: object) -> object:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        value = float(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, int | float):
+        return value
+    raise TypeError(type(value).__name__)
+
+
+def _integer(value: object) -> object:
+    return int(value.strip()) if isinstance(value, str) else _number(value)
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def _real(value: object) -> object:
+    number = _number(value)
+    return _number(_float32(float(number))) if isinstance(number, int | float) and not isinstance(number, bool) \
+        else number
+
+
+def _bool(value: object) -> object:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    flag = {"t": True, "true": True, "f": False, "false": False, "1": True, "0": False}.get(str(value).lower())
+    if flag is None:
+        raise ValueError(value)
+    return flag
+
+
+def _moment(value: object) -> datetime:
+    if not isinstance(value, str):
+        raise TypeError(type(value).__name__)
+    return datetime.fromisoformat(value.strip())
+
+
+def _instant(value: object) -> str:
+    moment = _moment(value)
+    return (moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)).isoformat()
+
+
+def _timestamp(value: object) -> str:
+    return _moment(value).replace(tzinfo=None).isoformat()  # PostgreSQL ignores an offset here
+
+
+def _date(value: object) -> str:
+    text = str(value).strip()
+    return date.fromisoformat(text[:10]).isoformat()
+
+
+def _json(value: object) -> object:
+    if isinstance(value, dict):
+        return {str(k): _json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json(v) for v in value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return _number(value) if math.isfinite(value) else value
+    return value
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _text(value: object) -> object:
+    if isinstance(value, str):
+        return value
+    # PostgreSQL stores the JSON text of a number, boolean or object sent to a text column
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _vector(value: object) -> list[object]:
+    numbers = json.loads(value) if isinstance(value, str) else value
+    if not isinstance(numbers, list):
+        raise TypeError(type(numbers).__name__)
+    return [_number(_float32(float(v))) for v in numbers]
+
+
+CANONICAL: dict[str, Callable[[object], object]] = {
+    "integer": _integer, "number": _number, "real": _real, "bool": _bool, "instant": _instant,
+    "timestamp": _timestamp, "date": _date, "json": _json, "lower": _lower, "text": _text, "vector": _vector,
+}
+
+
+def row_hash(values: Sequence[object]) -> bytes:
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+# -- reports -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TableReport:
+    table: str
+    target: str
+    source_rows: int = 0
+    target_rows: int = 0
+    missing: int = 0  # in the source, not in the secondary
+    extra: int = 0  # in the secondary, not in the source
+    different: int = 0
+    unshippable: int = 0  # source rows the mapping refuses (the daemon dead-letters them)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    pending: int = 0
+    dead_letters: int = 0
+    repair: int | None = None  # keys enqueued (or, dry run, that would be)
+    unrepairable: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def differences(self) -> int:
+        return self.missing + self.extra + self.different + self.unshippable
+
+    @property
+    def equal(self) -> bool:
+        return self.error is None and self.differences == 0
+
+    def render(self, dry_run: bool) -> list[str]:
+        head = f"{self.table} -> {self.target}: "
+        if self.error:
+            return [head + f"NOT VERIFIED: {self.error}"]
+        if self.equal:
+            lines = [head + f"equal ({self.source_rows:,} rows)"]
+        else:
+            lines = [head + f"DIFFERENT: source {self.source_rows:,} rows, secondary {self.target_rows:,} rows"]
+        for kind, label in (("missing", "missing in the secondary"), ("extra", "extra in the secondary"),
+                            ("different", "different"), ("unshippable", "unshippable in the source (dead letters)")):
+            count = getattr(self, kind)
+            if count:
+                lines.append(f"  {count:,} {label}:")
+                lines += [f"    {example}" for example in self.examples.get(kind, [])]
+                if count > len(self.examples.get(kind, [])):
+                    lines.append("    ...")
+        if self.pending and not self.equal:
+            lines.append(f"  {self.pending:,} change(s) still pending in the outbox: some differences may only be "
+                         "in flight (`syncd run` ships them)")
+        if self.repair is not None:
+            verb = "would enqueue" if dry_run else "enqueued"
+            lines.append(f"  repair: {verb} {self.repair:,} key(s)" + ("" if dry_run else "; `syncd run` ships them"))
+        lines += [f"  cannot repair: {problem}" for problem in self.unrepairable]
+        return lines
+
+
+@dataclass
+class Verification:
+    tables: list[TableReport]
+    repair: bool = False
+    dry_run: bool = False
+
+    @property
+    def equal(self) -> bool:
+        return all(t.equal for t in self.tables)
+
+    def as_dict(self) -> dict[str, object]:
+        tables = [{**asdict(t), "equal": t.equal} for t in self.tables]
+        return {"equal": self.equal, "repair": self.repair, "dry_run": self.dry_run, "tables": tables}
+
+    def render(self) -> str:
+        lines = [line for table in self.tables for line in table.render(self.dry_run)]
+        differ = sum(not t.equal for t in self.tables)
+        if not differ:
+            lines.append(f"verify: {len(self.tables)} table(s) equal")
+        else:
+            lines.append(f"verify: {differ} of {len(self.tables)} table(s) differ"
+                         + ("" if self.repair else "; `syncd verify --repair` enqueues the differing keys"))
+        return "\n".join(lines)
+
+
+# -- the comparison ----------------------------------------------------------------------------------
+
+
+class TableProblem(Exception):
+    """This table cannot be compared (missing in the secondary, a column missing there...)."""
+
+
+def verify(conn: apsw.Connection, config: Config, target: PostgrestTarget, *, tables: Sequence[str] | None = None,
+           repair: bool = False, dry_run: bool = False, page: int = PAGE,
+           progress: ReporterFactory = Silent) -> Verification:
+    """Compare every configured table (or those named) and, with `repair`, enqueue what differs."""
+    chosen = [t for t in config.tables if tables is None or t.name in tables]
+    if tables is not None and (unknown := sorted(set(tables) - {t.name for t in chosen})):
+        raise capture.CaptureError(f"table(s) {', '.join(map(repr, unknown))} not configured; "
+                                   "add a [[table]] section or check the name")
+    spec = read_with_retries(target.describe)
+    pending, dead = outbox.pending_by_table(conn), outbox.dead_letters_by_table(conn)
+    reports = []
+    for table_config in chosen:
+        report = TableReport(table_config.name, table_config.target_name,
+                             pending=pending[table_config.name].count if table_config.name in pending else 0,
+                             dead_letters=dead.get(table_config.name, 0))
+        try:
+            TableVerifier(conn, target, table_config, spec, report, page, progress).run(repair, dry_run)
+        except (TableProblem, capture.CaptureError) as exc:
+            report.error = str(exc)
+        except TargetError as exc:
+            report.error = exc.message
+        reports.append(report)
+    return Verification(reports, repair, dry_run)
+
+
+T = TypeVar("T")
+
+
+def read_with_retries(read: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """A read of the secondary, retried over transient failures and expired tokens (renewed on the way)."""
+    for attempt in itertools.count(1):
+        try:
+            return read(*args, **kwargs)
+        except TargetError as error:
+            if error.kind not in ("transient", "auth") or attempt >= READ_ATTEMPTS:
+                raise
+            time.sleep(backoff.delay(attempt, base=0.2, cap=5.0, retry_after=error.retry_after))
+    raise AssertionError("unreachable")
+
+
+class TableVerifier:
+    def __init__(self, conn: apsw.Connection, target: PostgrestTarget, table_config: TableConfig,
+                 spec: dict[str, object], report: TableReport, page: int, progress: ReporterFactory) -> None:
+        self.conn = conn
+        self.target = target
+        self.report = report
+        self.page = page
+        self.progress = progress
+        self.plan = capture.plan_table(conn, table_config)
+        self.mapping = TableMapping.from_config(table_config, self.plan.key)
+        self.formats = target_formats(spec, self.mapping.target)
+        self.source_columns = [c for c in self.plan.table.columns if c not in self.mapping.exclude]
+        shipped = [self.mapping.renames.get(c, c) for c in self.source_columns]
+        if absent := [c for c in shipped if c not in self.formats]:
+            raise TableProblem(f"column(s) {', '.join(map(repr, absent))} do not exist in {self.mapping.target!r} "
+                               "of the secondary (`syncd check` shows the fix)")
+        self.compared = sorted(shipped)
+        self.target_key = self.mapping.target_key
+        self.scratch = Scratch()
+
+    def run(self, repair: bool, dry_run: bool) -> None:
+        try:
+            self.read_source()
+            self.read_target()
+            self.compare()
+            if repair:
+                self.enqueue_differences(dry_run)
+        finally:
+            self.scratch.close()
+
+    # -- the two sides -------------------------------------------------------------------------------
+
+    def canonical_key(self, values: Sequence[object]) -> str:
+        return json.dumps([canonical(self.formats[c], v) for c, v in zip(self.target_key, values, strict=True)],
+                          ensure_ascii=False, default=str)
+
+    def canonical_hash(self, row: dict[str, object]) -> bytes:
+        return row_hash([canonical(self.formats[c], row.get(c)) for c in self.compared])
+
+    def read_source(self) -> None:
+        table = quote_ident(self.plan.table.name)
+        key_is_null = " OR ".join(f"{quote_ident(c)} IS NULL" for c in self.plan.key)
+        (total,) = self.conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+        (null_keys,) = self.conn.execute(f"SELECT count(*) FROM {table} WHERE {key_is_null}").fetchone()
+        self.report.source_rows = total
+        if null_keys:
+            self.report.unshippable += null_keys
+            self.report.examples.setdefault("unshippable", []).append(
+                f"{null_keys:,} row(s) with NULL in a key column ({', '.join(self.plan.key)}): they cannot be "
+                "identified in the secondary")
+        report = self.progress(f"verify {self.plan.table.name}: source", total, "rows")
+        done = 0
+        for rows in self.source_pages():
+            self.scratch.add_source([self.source_entry(okey, row) for okey, row in rows])
+            done += len(rows)
+            report(done)
+        report.close()
+
+    def source_pages(self) -> Iterator[list[tuple[str | bytes, dict[str, object]]]]:
+        """Pages of (outbox key, row) in key order, each read in one short read transaction."""
+        after: tuple[object, ...] | None = None
+        while True:
+            try:
+                rows = self.source_page(after, safe=False)
+            except UnicodeDecodeError:  # a TEXT value that is not UTF-8: read that page as bytes
+                rows = self.source_page(after, safe=True)
+            if not rows:
+                return
+            yield rows
+            after = tuple(rows[-1][1][c] for c in self.plan.key)
+
+    def source_page(self, after: tuple[object, ...] | None,
+                    safe: bool) -> list[tuple[str | bytes, dict[str, object]]]:
+        table, key = quote_ident(self.plan.table.name), self.plan.key
+        keys = ", ".join(quote_ident(c) for c in key)
+        conditions = [f"{quote_ident(c)} IS NOT NULL" for c in key]
+        params: list[object] = []
+        if after is not None:
+            # CAST: a key read as bytes (not UTF-8) must still compare as the TEXT it is
+            bound = ", ".join("CAST(? AS TEXT)" if isinstance(v, InvalidText) else "?" for v in after)
+            conditions.append(f"({keys}) > ({bound})")
+            params += [bytes(v) if isinstance(v, InvalidText) else v for v in after]
+        names = self.source_columns
+        if safe:
+            select = "CAST(" + capture.key_sql(key, table) + " AS BLOB), " + ", ".join(
+                f"typeof({quote_ident(c)}), CASE typeof({quote_ident(c)}) WHEN 'text' THEN "
+                f"CAST({quote_ident(c)} AS BLOB) ELSE {quote_ident(c)} END" for c in names)
+        else:
+            select = capture.key_sql(key, table) + ", " + ", ".join(quote_ident(c) for c in names)
+        sql = f"SELECT {select} FROM {table} WHERE {' AND '.join(conditions)} ORDER BY {keys} LIMIT ?"
+        pages = []
+        for values in self.conn.execute(sql, (*params, self.page)):
+            okey, rest = values[0], values[1:]
+            row = outbox.decode_safe_row(names, rest) if safe else dict(zip(names, rest, strict=True))
+            pages.append((okey, row))
+        return pages
+
+    def source_entry(self, okey: str | bytes, row: dict[str, object]) -> tuple[str, bytes | None, str]:
+        """(canonical key, hash or None when unshippable, outbox key or the reason it cannot ship)."""
+        key = tuple(row[c] for c in self.plan.key)
+        if isinstance(okey, bytes):
+            try:
+                okey = okey.decode("utf-8")
+            except UnicodeDecodeError:
+                return (f"unshippable:{okey.hex()}", None, f"key {okey[:40]!r} is text that is not valid UTF-8")
+        try:
+            mapped = self.mapping.map_row(row, key)
+        except RowError as exc:
+            try:
+                mapped_key = self.mapping.map_key(key)
+                canonical_key = self.canonical_key([mapped_key[c] for c in self.target_key])
+            except RowError:
+                canonical_key = f"unshippable:{okey}"
+            return canonical_key, None, str(exc)
+        return self.canonical_key([mapped[c] for c in self.target_key]), self.canonical_hash(mapped), okey
+
+    def read_target(self) -> None:
+        report = self.progress(f"verify {self.plan.table.name}: secondary", None, "rows")
+        after: list[object] | None = None
+        done = 0
+        while True:
+            rows, total = read_with_retries(self.target.read_page, self.mapping.target, self.compared,
+                                            self.target_key, limit=self.page, after=after, count=after is None)
+            if after is None:
+                report.set_total(total)
+            self.scratch.add_target([(self.canonical_key([r[c] for c in self.target_key]), self.canonical_hash(r),
+                                      json.dumps([r[c] for c in self.target_key], ensure_ascii=False)) for r in rows])
+            done += len(rows)
+            report(done)
+            if len(rows) < self.page:
+                break
+            after = [rows[-1][c] for c in self.target_key]
+        self.report.target_rows = done
+        report.close()
+
+    # -- the outcome ---------------------------------------------------------------------------------
+
+    def compare(self) -> None:
+        report, scratch = self.report, self.scratch
+        report.missing = scratch.count(MISSING)
+        report.extra = scratch.count(EXTRA)
+        report.different = scratch.count(DIFFERENT)
+        report.unshippable += scratch.count(UNSHIPPABLE)
+        for kind, sql in (("missing", MISSING), ("extra", EXTRA)):
+            report.examples[kind] = [self.show_key(k) for k, _ in scratch.rows(sql, EXAMPLES)]
+        report.examples["different"] = [self.show_difference(*row) for row in scratch.rows(DIFFERENT, EXAMPLES)]
+        report.examples.setdefault("unshippable", []).extend(
+            f"{self.show_key(k) if not k.startswith('unshippable:') else '(key unreadable)'}: {reason}"
+            for k, reason in scratch.rows(UNSHIPPABLE, EXAMPLES))
+
+    def show_key(self, canonical_key: str) -> str:
+        values = json.loads(canonical_key)
+        text = f"({', '.join(self.target_key)})=({', '.join(json.dumps(v, ensure_ascii=False) for v in values)})"
+        return text if len(text) <= 2 * VALUE_PREVIEW else text[:2 * VALUE_PREVIEW] + "..."
+
+    def show_difference(self, canonical_key: str, okey: str, raw_key: str) -> str:
+        """`(id)=(3): qty 5 (source) vs 7 (secondary)`: the rows are read again, so they may have moved on."""
+        key = decode_key(okey)
+        source = outbox.read_rows(self.conn, self.plan.table.name, self.plan.key, [key], safe=True).get(key)
+        rows, _ = read_with_retries(self.target.read_page, self.mapping.target, self.compared, self.target_key,
+                                    limit=1, equal=json.loads(raw_key))
+        if source is None or not rows:
+            return f"{self.show_key(canonical_key)}: changed while verifying"
+        try:
+            mapped = self.mapping.map_row(source, key)
+        except RowError as exc:
+            return f"{self.show_key(canonical_key)}: {exc}"
+        changes = [f"{c} {preview(mapped.get(c))} (source) vs {preview(rows[0].get(c))} (secondary)"
+                   for c in self.compared
+                   if canonical(self.formats[c], mapped.get(c)) != canonical(self.formats[c], rows[0].get(c))]
+        return f"{self.show_key(canonical_key)}: " + ("; ".join(changes) or "changed while verifying")
+
+    def enqueue_differences(self, dry_run: bool) -> None:
+        """Missing and different keys as the source spells them; extra keys rebuilt from the secondary's."""
+        table = self.plan.table.name
+        keys = itertools.chain(((table, okey) for _, okey in self.scratch.rows(MISSING_OR_DIFFERENT)),
+                               self.extra_keys())
+        if dry_run:
+            self.report.repair = sum(1 for _ in keys)
+        else:
+            report = self.progress(f"repair {table}", self.report.missing + self.report.different + self.report.extra,
+                                   "keys")
+            self.report.repair = enqueue(self.conn, keys, report)
+            report.close()
+
+    def extra_keys(self) -> Iterator[tuple[str, str]]:
+        for canonical_key, raw in self.scratch.rows(EXTRA):
+            okey = self.outbox_key(json.loads(raw))
+            if okey is None:
+                self.report.unrepairable.append(f"extra row {self.show_key(canonical_key)}: its key cannot be "
+                                                "spelt as a SQLite key; delete it in the secondary by hand")
+                continue
+            yield self.plan.table.name, okey
+
+    def outbox_key(self, values: Sequence[object]) -> str | None:
+        """The outbox key (SQLite quote() form) that the daemon maps back to these secondary key values,
+        or None when there is none; checked by mapping it back."""
+        parts = []
+        for column, value in zip(self.mapping.key, values, strict=True):
+            transform = self.mapping.transforms.get(column)
+            if transform == "bytea" and isinstance(value, str) and value.startswith("\\x"):
+                parts.append(f"X'{value[2:]}'")
+            elif isinstance(value, bool):
+                parts.append("1" if value else "0")
+            elif isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+                parts.append(repr(value))
+            elif isinstance(value, str):
+                parts.append(quote_text(value))
+            elif isinstance(value, dict | list):
+                parts.append(quote_text(json.dumps(value, ensure_ascii=False)))
+            else:
+                return None
+        okey = ",".join(parts)
+        try:
+            mapped = self.mapping.map_key(decode_key(okey))
+        except (RowError, ValueError):
+            return None
+        same = self.canonical_key([mapped[c] for c in self.target_key]) == self.canonical_key(values)
+        return okey if same else None
+
+
+def target_formats(spec: dict[str, object], target: str) -> dict[str, str]:
+    definitions = spec.get("definitions")
+    definition = definitions.get(target) if isinstance(definitions, dict) else None
+    if not isinstance(definition, dict):
+        raise TableProblem(f"the table {target!r} is not in the secondary (or not exposed); run the migrations, "
+                           "then NOTIFY pgrst, 'reload schema'")
+    return {name: str(prop.get("format", "")) for name, prop in definition.get("properties", {}).items()}
+
+
+def preview(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= VALUE_PREVIEW else text[:VALUE_PREVIEW] + "..."
+
+
+# -- the scratch file --------------------------------------------------------------------------------
+
+MISSING = ("SELECT s.k, s.okey FROM source s WHERE s.h IS NOT NULL "
+           "AND NOT EXISTS (SELECT 1 FROM target t WHERE t.k = s.k)")
+EXTRA = "SELECT t.k, t.raw FROM target t WHERE NOT EXISTS (SELECT 1 FROM source s WHERE s.k = t.k)"
+DIFFERENT = "SELECT s.k, s.okey, t.raw FROM source s JOIN target t ON t.k = s.k WHERE s.h IS NOT NULL AND s.h != t.h"
+MISSING_OR_DIFFERENT = ("SELECT s.k, s.okey FROM source s LEFT JOIN target t ON t.k = s.k "
+                        "WHERE s.h IS NOT NULL AND (t.k IS NULL OR s.h != t.h)")
+UNSHIPPABLE = "SELECT k, okey FROM source WHERE h IS NULL"
+
+
+class Scratch:
+    """A private temporary SQLite file (SQLite deletes it on close) holding (key, hash) of both sides."""
+
+    def __init__(self) -> None:
+        self.db = apsw.Connection("")
+        for pragma in ("journal_mode = OFF", "synchronous = OFF", "cache_size = -16000"):
+            self.db.execute(f"PRAGMA {pragma}").fetchall()  # a pragma that answers runs only once read
+        self.db.execute("CREATE TABLE source (k TEXT PRIMARY KEY, h BLOB, okey TEXT NOT NULL) WITHOUT ROWID;"
+                        "CREATE TABLE target (k TEXT PRIMARY KEY, h BLOB NOT NULL, raw TEXT NOT NULL) WITHOUT ROWID")
+
+    def add_source(self, entries: Sequence[tuple[str, bytes | None, str]]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO source VALUES (?, ?, ?)", entries)
+
+    def add_target(self, entries: Sequence[tuple[str, bytes, str]]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO target VALUES (?, ?, ?)", entries)
+
+    def count(self, sql: str) -> int:
+        return self.db.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]
+
+    def rows(self, sql: str, limit: int | None = None) -> Iterator[tuple[str, ...]]:
+        yield from self.db.execute(sql + (f" LIMIT {limit}" if limit is not None else ""))
+
+    def close(self) -> None:
+        self.db.close()
