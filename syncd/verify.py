@@ -58,16 +58,28 @@ FORMAT_KINDS = {
 # -- canonical values --------------------------------------------------------------------------------
 
 
-def canonical(target_format: str, value: object) -> object:
-    """The value as PostgreSQL holds it in a column of that type; a value it could not hold stays as it
-    is (so it compares different, which is the truth)."""
-    if value is None:
-        return None
+Canonical = Callable[[object], object]
+
+
+def canonicalizer(target_format: str) -> Canonical:
+    """The function giving a value as PostgreSQL holds it in a column of that type; a value it could not
+    hold stays as it is (so it compares different, which is the truth). Chosen once per column."""
     kind = FORMAT_KINDS.get(target_format) or ("vector" if target_format.endswith("vector") else "json")
-    try:
-        return CANONICAL[kind](value)
-    except (ValueError, TypeError, OverflowError, struct.error):
-        return value
+    convert, settled = CANONICAL[kind], SETTLED.get(kind)
+
+    def canonical(value: object) -> object:
+        if value is None or type(value) is settled:
+            return value
+        try:
+            return convert(value)
+        except (ValueError, TypeError, OverflowError, struct.error):
+            return value
+
+    return canonical
+
+
+def canonical(target_format: str, value: object) -> object:
+    return canonicalizer(target_format)(value)
 
 
 def _number(value: object) -> object:
@@ -128,12 +140,15 @@ def _date(value: object) -> str:
 
 
 def _json(value: object) -> object:
-    if isinstance(value, dict):
-        return {str(k): _json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json(v) for v in value]
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return _number(value) if math.isfinite(value) else value
+    kind = type(value)
+    if kind is dict:
+        # sorted: jsonb keeps no key order, and the row's hash is taken over repr()
+        return {k: value[k] if type(value[k]) in JSON_SETTLED else _json(value[k])  # type: ignore[index]
+                for k in sorted(value)}  # type: ignore[call-overload]
+    if kind is list:
+        return [v if type(v) in JSON_SETTLED else _json(v) for v in value]  # type: ignore[union-attr]
+    if kind is float:
+        return _number(value) if math.isfinite(value) else value  # type: ignore[arg-type]
     return value
 
 
@@ -155,15 +170,21 @@ def _vector(value: object) -> list[object]:
     return [_number(_float32(float(v))) for v in numbers]
 
 
-CANONICAL: dict[str, Callable[[object], object]] = {
+CANONICAL: dict[str, Canonical] = {
     "integer": _integer, "number": _number, "real": _real, "bool": _bool, "instant": _instant,
     "timestamp": _timestamp, "date": _date, "json": _json, "lower": _lower, "text": _text, "vector": _vector,
 }
+# The type whose values each kind already holds canonically (the fast path of most values).
+SETTLED: dict[str, type] = {"integer": int, "number": int, "json": str, "text": str, "bool": bool}
+JSON_SETTLED = frozenset({str, int, bool, type(None)})
+# Built once: json.dumps with options builds a new encoder per call.
+KEY_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
 
 
-def row_hash(values: Sequence[object]) -> bytes:
-    text = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+def row_hash(values: list[object]) -> bytes:
+    """Canonical values are str, int, float, bool, None and lists and key-sorted dicts of them, whose repr()
+    is deterministic: the cheapest exact serialisation to hash."""
+    return hashlib.blake2b(repr(values).encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 # -- reports -----------------------------------------------------------------------------------------
@@ -310,6 +331,9 @@ class TableVerifier:
                                "of the secondary (`syncd check` shows the fix)")
         self.compared = sorted(shipped)
         self.target_key = self.mapping.target_key
+        self.canonical = {column: canonicalizer(fmt) for column, fmt in self.formats.items()}
+        self.key_steps = [(c, self.canonical[c]) for c in self.target_key]
+        self.row_steps = [(c, self.canonical[c]) for c in self.compared]
         self.scratch = Scratch()
 
     def run(self, repair: bool, dry_run: bool) -> None:
@@ -325,11 +349,12 @@ class TableVerifier:
     # -- the two sides -------------------------------------------------------------------------------
 
     def canonical_key(self, values: Sequence[object]) -> str:
-        return json.dumps([canonical(self.formats[c], v) for c, v in zip(self.target_key, values, strict=True)],
-                          ensure_ascii=False, default=str)
+        return KEY_JSON([canon(v) for (_, canon), v in zip(self.key_steps, values, strict=True)])
 
-    def canonical_hash(self, row: dict[str, object]) -> bytes:
-        return row_hash([canonical(self.formats[c], row.get(c)) for c in self.compared])
+    def canonical_row(self, row: dict[str, object]) -> tuple[str, bytes]:
+        """(canonical key, hash of the canonical values) of a mapped source row or a secondary row."""
+        return (KEY_JSON([canon(row[c]) for c, canon in self.key_steps]),
+                row_hash([canon(row.get(c)) for c, canon in self.row_steps]))
 
     def read_source(self) -> None:
         table = quote_ident(self.plan.table.name)
@@ -406,7 +431,7 @@ class TableVerifier:
             except RowError:
                 canonical_key = f"unshippable:{okey}"
             return canonical_key, None, str(exc)
-        return self.canonical_key([mapped[c] for c in self.target_key]), self.canonical_hash(mapped), okey
+        return (*self.canonical_row(mapped), okey)
 
     def read_target(self) -> None:
         report = self.progress(f"verify {self.plan.table.name}: secondary", None, "rows")
@@ -417,8 +442,8 @@ class TableVerifier:
                                             self.target_key, limit=self.page, after=after, count=after is None)
             if after is None:
                 report.set_total(total)
-            self.scratch.add_target([(self.canonical_key([r[c] for c in self.target_key]), self.canonical_hash(r),
-                                      json.dumps([r[c] for c in self.target_key], ensure_ascii=False)) for r in rows])
+            self.scratch.add_target([(*self.canonical_row(r), KEY_JSON([r[c] for c in self.target_key]))
+                                     for r in rows])
             done += len(rows)
             report(done)
             if len(rows) < self.page:
@@ -461,7 +486,7 @@ class TableVerifier:
             return f"{self.show_key(canonical_key)}: {exc}"
         changes = [f"{c} {preview(mapped.get(c))} (source) vs {preview(rows[0].get(c))} (secondary)"
                    for c in self.compared
-                   if canonical(self.formats[c], mapped.get(c)) != canonical(self.formats[c], rows[0].get(c))]
+                   if self.canonical[c](mapped.get(c)) != self.canonical[c](rows[0].get(c))]
         return f"{self.show_key(canonical_key)}: " + ("; ".join(changes) or "changed while verifying")
 
     def enqueue_differences(self, dry_run: bool) -> None:
@@ -479,38 +504,38 @@ class TableVerifier:
 
     def extra_keys(self) -> Iterator[tuple[str, str]]:
         for canonical_key, raw in self.scratch.rows(EXTRA):
-            okey = self.outbox_key(json.loads(raw))
+            okey = outbox_key(self.mapping, json.loads(raw), self.canonical_key)
             if okey is None:
                 self.report.unrepairable.append(f"extra row {self.show_key(canonical_key)}: its key cannot be "
                                                 "spelt as a SQLite key; delete it in the secondary by hand")
                 continue
             yield self.plan.table.name, okey
 
-    def outbox_key(self, values: Sequence[object]) -> str | None:
-        """The outbox key (SQLite quote() form) that the daemon maps back to these secondary key values,
-        or None when there is none; checked by mapping it back."""
-        parts = []
-        for column, value in zip(self.mapping.key, values, strict=True):
-            transform = self.mapping.transforms.get(column)
-            if transform == "bytea" and isinstance(value, str) and value.startswith("\\x"):
-                parts.append(f"X'{value[2:]}'")
-            elif isinstance(value, bool):
-                parts.append("1" if value else "0")
-            elif isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
-                parts.append(repr(value))
-            elif isinstance(value, str):
-                parts.append(quote_text(value))
-            elif isinstance(value, dict | list):
-                parts.append(quote_text(json.dumps(value, ensure_ascii=False)))
-            else:
-                return None
-        okey = ",".join(parts)
-        try:
-            mapped = self.mapping.map_key(decode_key(okey))
-        except (RowError, ValueError):
+
+def outbox_key(mapping: TableMapping, values: Sequence[object], canonical_key: Callable[[Sequence[object]], str]
+               ) -> str | None:
+    """The outbox key (SQLite quote() form) that the daemon maps back to these secondary key values, or
+    None when there is none; checked by mapping it back and comparing canonical keys."""
+    parts = []
+    for column, value in zip(mapping.key, values, strict=True):
+        if mapping.transforms.get(column) == "bytea" and isinstance(value, str) and value.startswith("\\x"):
+            parts.append(f"X'{value[2:]}'")
+        elif isinstance(value, bool):
+            parts.append("1" if value else "0")
+        elif isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+            parts.append(repr(value))
+        elif isinstance(value, str):
+            parts.append(quote_text(value))
+        elif isinstance(value, dict | list):
+            parts.append(quote_text(json.dumps(value, ensure_ascii=False)))
+        else:
             return None
-        same = self.canonical_key([mapped[c] for c in self.target_key]) == self.canonical_key(values)
-        return okey if same else None
+    okey = ",".join(parts)
+    try:
+        mapped = mapping.map_key(decode_key(okey))
+    except (RowError, ValueError):
+        return None
+    return okey if canonical_key([mapped[c] for c in mapping.target_key]) == canonical_key(values) else None
 
 
 def target_formats(spec: dict[str, object], target: str) -> dict[str, str]:

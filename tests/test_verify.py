@@ -16,12 +16,12 @@ import pytest
 from syncd.capture import decode_key
 from syncd.config import TableConfig
 from syncd.mapping import TableMapping
-from syncd.verify import Scratch, canonical
+from syncd.verify import Scratch, canonical, outbox_key
 from tests.e2e import App, assert_converged, dead_letters, pending, write_mixed_workload
 
 WORDS_SCHEMA = """
-CREATE TABLE words (n INTEGER PRIMARY KEY, word TEXT, cnt INTEGER, score REAL, amount REAL, tags TEXT, at INTEGER, naive TEXT,
-                    day TEXT, vec BLOB, raw BLOB, uid TEXT, ok INTEGER, note TEXT);
+CREATE TABLE words (n INTEGER PRIMARY KEY, word TEXT, cnt INTEGER, score REAL, amount REAL, tags TEXT, at INTEGER,
+                    naive TEXT, day TEXT, vec BLOB, raw BLOB, uid TEXT, ok INTEGER, note TEXT);
 """
 WORDS_CONFIG = """
 [[table]]
@@ -140,7 +140,8 @@ def test_each_kind_of_difference_is_found_and_repaired(words_app: App, pg: psyco
 
 
 def test_unshippable_rows_are_reported_not_compared(app: App):
-    app.config.write_text(app.config.read_text().replace('target = "e2e_items"', 'target = "e2e_items"\nkey = ["email"]'))
+    keyed_by_email = app.config.read_text().replace('target = "e2e_items"', 'target = "e2e_items"\nkey = ["email"]')
+    app.config.write_text(keyed_by_email)
     assert app.syncd("install").returncode == 0
     db = app.connect()
     db.execute("INSERT INTO item (id, name, doc_json, email) VALUES (1, 'ok', '{}', 'a@x'), (2, 'bad', '{not json', "
@@ -246,23 +247,17 @@ def test_scratch_joins_find_each_kind_whatever_the_order_of_arrival():
         scratch.close()
 
 
-@pytest.mark.parametrize("key", [(5,), ("it's, (odd)",), ("", -3), ("é", 2**62)])
+@pytest.mark.parametrize("key", [(5,), ("it's, (odd)",), ("", -3), ("é", 2**62), (2.5, "a'b")])
 def test_extra_keys_spelt_for_the_outbox_map_back_to_the_same_key(key: tuple[object, ...]):
-    from syncd import verify as module
-
     names = ["a", "b"][:len(key)]
     mapping = TableMapping.from_config(TableConfig(name="t", key=names), names)
-    verifier = object.__new__(module.TableVerifier)
-    verifier.mapping, verifier.target_key = mapping, mapping.target_key
-    verifier.formats = {"a": "text" if isinstance(key[0], str) else "bigint", "b": "bigint"}
-    okey = verifier.outbox_key(list(key))
+    okey = outbox_key(mapping, list(key), json.dumps)
     assert okey is not None and decode_key(okey) == key
 
 
-def test_blob_keys_are_spelt_as_blobs():
-    from syncd import verify as module
-
-    mapping = TableMapping.from_config(TableConfig(name="t", key=["k"], columns={"k": {"transform": "bytea"}}), ["k"])
-    verifier = object.__new__(module.TableVerifier)
-    verifier.mapping, verifier.target_key, verifier.formats = mapping, ["k"], {"k": "bytea"}
-    assert verifier.outbox_key(["\\x00ff"]) == "X'00ff'" and decode_key("X'00ff'") == (b"\x00\xff",)
+def test_blob_keys_are_spelt_as_blobs_and_unspellable_keys_refused():
+    bytea = TableMapping.from_config(TableConfig(name="t", key=["k"], columns={"k": {"transform": "bytea"}}), ["k"])
+    assert outbox_key(bytea, ["\\x00ff"], json.dumps) == "X'00ff'" and decode_key("X'00ff'") == (b"\x00\xff",)
+    assert outbox_key(bytea, ["not hex"], json.dumps) is None  # maps back to other bytes
+    plain = TableMapping.from_config(TableConfig(name="t", key=["k"]), ["k"])
+    assert outbox_key(plain, [None], json.dumps) is None
