@@ -281,8 +281,13 @@ def verify(conn: apsw.Connection, config: Config, target: PostgrestTarget, *, ta
     if tables is not None and (unknown := sorted(set(tables) - {t.name for t in chosen})):
         raise capture.CaptureError(f"table(s) {', '.join(map(repr, unknown))} not configured; "
                                    "add a [[table]] section or check the name")
+    installed = capture.owned_objects_exist(conn)
+    if repair and not installed:
+        raise capture.CaptureError("syncd is not installed, so there is no outbox to repair through; run: "
+                                   "syncd install")
     spec = read_with_retries(target.describe)
-    pending, dead = outbox.pending_by_table(conn), outbox.dead_letters_by_table(conn)
+    pending = outbox.pending_by_table(conn) if installed else {}
+    dead = outbox.dead_letters_by_table(conn) if installed else {}
     reports = []
     for table_config in chosen:
         report = TableReport(table_config.name, table_config.target_name,

@@ -155,6 +155,16 @@ def test_unshippable_rows_are_reported_not_compared(app: App):
     assert '(email)=("b@x"): table \'item\'' in result.stdout and "invalid JSON" in result.stdout
 
 
+def test_verify_before_install_compares_and_repair_asks_for_install(app: App):
+    db = app.connect()
+    db.execute("INSERT INTO parent VALUES (1, 'p')")
+    assert app.syncd("uninstall", "--drop-outbox", "--force").returncode == 0
+    result = verify(app, "--table", "parent")
+    assert result.returncode == 1 and "1 missing in the secondary" in result.stdout
+    refused = verify(app, "--repair")
+    assert refused.returncode == 2 and "syncd is not installed" in refused.stderr
+
+
 def test_missing_target_table_or_column_is_not_verified(app: App):
     app.connect().execute("ALTER TABLE parent ADD COLUMN extra TEXT")
     app.config.write_text(app.config.read_text().replace('target = "e2e_children"', 'target = "nope"'))
