@@ -406,7 +406,9 @@ class Monitor:
         self.writer = writer
         self.caught_up_threshold = max(5.0, rate)  # pending below one second of writes
         self.lag_history: deque[tuple[float, list[tuple[float, float]]]] = deque()
+        self.lag_cumulative: list[tuple[float, float]] = []  # the whole run's
         self.peak_pending = 0
+        self.peak_oldest_age = 0.0
         self.outage_shipped: float | None = None
         self.caught_up: tuple[float, float] | None = None  # (seconds after the outage, rows shipped then)
 
@@ -424,12 +426,14 @@ class Monitor:
             snap.target_up = total(samples, "syncd_target_up") > 0
             snap.lag = self.recent_lag(buckets(samples, "syncd_replication_lag_seconds"))
         self.peak_pending = max(self.peak_pending, pending)
+        self.peak_oldest_age = max(self.peak_oldest_age, snap.oldest_age)
         self.note_recovery(snap)
         return snap
 
     def recent_lag(self, cumulative: list[tuple[float, float]]) -> tuple[float, float] | None:
         """p50 and p99 of the acknowledgements of the last LAG_WINDOW seconds (None when there were none)."""
         now = time.monotonic()
+        self.lag_cumulative = cumulative
         self.lag_history.append((now, cumulative))
         while len(self.lag_history) > 1 and self.lag_history[1][0] <= now - LAG_WINDOW:
             self.lag_history.popleft()
@@ -450,6 +454,18 @@ class Monitor:
 
     def close(self) -> None:
         self.db.close()
+
+
+def bucket_text(q: float, cumulative: list[tuple[float, float]]) -> str:
+    """The histogram bucket holding the q-quantile, e.g. '10 s–30 s' (honest where buckets are wide)."""
+    if not cumulative or cumulative[-1][1] <= 0:
+        return "—"
+    lower = 0.0
+    for bound, count in cumulative:
+        if count >= q * cumulative[-1][1]:
+            return f"{seconds(lower)}–{seconds(bound)}" if bound != float("inf") else f"over {seconds(lower)}"
+        lower = bound
+    return "—"
 
 
 def seconds(value: float | None) -> str:
@@ -720,12 +736,15 @@ class Demo:
         print(f"\nwrites: {snap.calls:,} calls changed {snap.rows:,} rows in {self.writes_ended:.1f}s; shipped "
               f"{shipped} rows ({ops_text(snap)}; cascaded deletes included, changes to one key in one batch "
               f"once); drained {self.drained - self.writes_ended:.1f}s after the writes stopped")
+        p50, p99 = (bucket_text(q, self.monitor.lag_cumulative) for q in (0.5, 0.99))
+        print(f"lag (commit in SQLite to acknowledged by the secondary) over the run: p50 {p50}, p99 {p99}; "
+              f"the oldest waiting change reached {seconds(self.monitor.peak_oldest_age)}")
         print(f"failures: {failures_text(snap.failures)}; dead letters: {snap.dead_letters}; "
               f"peak pending: {self.monitor.peak_pending:,}")
         if self.outage is not None and self.outage.ended_at is not None:
             caught = self.monitor.caught_up
-            drain = (f"backlog caught up {caught[0]:.1f}s after it came back ({caught[1]:,.0f} rows shipped, "
-                     f"{caught[1] / max(caught[0], 0.001):,.0f} rows/s)") if caught else "backlog not caught up"
+            drain = (f"backlog caught up {caught[0]:.1f}s after it came back ({caught[1]:,.0f} rows shipped; syncd "
+                     "retries within 1 s, the Retry-After)") if caught else "backlog not caught up"
             print(f"outage: secondary down from {self.outage.began_at:.1f}s to {self.outage.ended_at:.1f}s; {drain}")
 
     def stop_daemon(self) -> None:

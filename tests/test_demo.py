@@ -241,12 +241,13 @@ def test_demoapp_module_creates_its_database_and_writes(tmp_path: Path) -> None:
 
 
 def test_quantile_interpolates_like_prometheus() -> None:
-    """histogram_quantile: linear inside the bucket holding the rank; None without samples."""
+    """histogram_quantile: linear inside the bucket holding the rank; None without samples; the bucket as text."""
     cumulative = [(0.1, 50.0), (1.0, 90.0), (10.0, 100.0), (float("inf"), 100.0)]
     assert demo.quantile(0.5, cumulative) == pytest.approx(0.1)
     assert demo.quantile(0.7, cumulative) == pytest.approx(0.55)
     assert demo.quantile(0.99, cumulative) == pytest.approx(9.1)
     assert demo.quantile(0.5, [(0.1, 0.0), (float("inf"), 0.0)]) is None
+    assert (demo.bucket_text(0.5, cumulative), demo.bucket_text(0.99, cumulative)) == ("0 ms–100 ms", "1.0 s–10.0 s")
 
 
 def test_an_outage_goes_down_then_over_even_when_shorter_than_a_tick() -> None:
