@@ -22,7 +22,6 @@ import select
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -36,8 +35,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Protocol
 
-from syncd.config import ConfigError
-from syncd.timeparse import parse_duration
+from syncd import outbox, sqlite
+from syncd.cli import bad_argument, duration
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -50,7 +49,6 @@ DRAIN_TIMEOUT = 120.0  # seconds after the writes (and any outage) end
 REFRESH = 0.25  # seconds between two looks at the pipeline (the headless view prints one line a second)
 LAG_WINDOW = 10.0  # seconds of acknowledgements the live lag percentiles cover
 APP_FILES = ("app.sqlite3", "syncd.toml")
-UNIX_EPOCH_JULIAN_DAY = 2440587.5  # the outbox's `at` is a Julian day (see syncd.capture)
 
 
 class DemoError(Exception):
@@ -94,15 +92,8 @@ class Settings:
     migrations: Path | None
 
 
-def bad_argument(flag: str, problem: str) -> ConfigError:
-    return ConfigError("invalid arguments (1 problem):", [f"{flag}: {problem}"])
-
-
-def duration(flag: str, text: str | None) -> float | None:
-    try:
-        return None if text is None else parse_duration(text)
-    except ValueError as exc:
-        raise bad_argument(flag, str(exc)) from None
+def optional_duration(flag: str, text: str | None) -> float | None:
+    return duration(flag, text) if text else None
 
 
 def read_settings(args: argparse.Namespace) -> Settings:
@@ -110,10 +101,9 @@ def read_settings(args: argparse.Namespace) -> Settings:
         raise bad_argument("--rate", f"{args.rate:g} is not a rate; give write calls per second above 0")
     if args.dir is not None and any((args.dir / name).exists() for name in APP_FILES):
         raise bad_argument("--dir", f"{args.dir} already holds a demo; give an empty or new directory")
-    outage_at = duration("--outage-at", args.outage_at)
-    assert outage_at is not None
-    return Settings(rate=args.rate, duration=duration("--duration", args.duration),
-                    outage=duration("--outage", args.outage) or None, outage_at=outage_at, workdir=args.dir,
+    return Settings(rate=args.rate, duration=optional_duration("--duration", args.duration),
+                    outage=optional_duration("--outage", args.outage) or None,  # 0s: no outage
+                    outage_at=duration("--outage-at", args.outage_at), workdir=args.dir,
                     keep=args.keep, keep_running=args.keep_running,
                     headless=args.headless or not sys.stdout.isatty(), seed=args.seed, migrations=args.migrations)
 
@@ -401,7 +391,7 @@ class Monitor:
     """Takes snapshots: the daemon's /metrics, the outbox and dead letters read straight from SQLite."""
 
     def __init__(self, db: Path, metrics_url: str, writer: Writer, rate: float) -> None:
-        self.db = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        self.db = sqlite.connect(db, readonly=True)
         self.metrics_url = metrics_url
         self.writer = writer
         self.caught_up_threshold = max(5.0, rate)  # pending below one second of writes
@@ -413,12 +403,13 @@ class Monitor:
         self.caught_up: tuple[float, float] | None = None  # (seconds after the outage, rows shipped then)
 
     def snapshot(self, elapsed: float, phase: str, outage: Outage | None) -> Snapshot:
-        pending, oldest_at = self.db.execute("SELECT count(*), min(at) FROM _syncd_outbox").fetchone()
-        dead = self.db.execute("SELECT count(*) FROM _syncd_dead_letter").fetchone()[0]
+        by_table = outbox.pending_by_table(self.db).values()
+        pending = sum(p.count for p in by_table)
+        dead = sum(outbox.dead_letters_by_table(self.db).values())
         snap = Snapshot(elapsed, phase, self.writer.calls, self.writer.rows, pending=pending, dead_letters=dead,
                         outage=outage)
-        if oldest_at is not None:
-            snap.oldest_age = max(0.0, time.time() - (oldest_at - UNIX_EPOCH_JULIAN_DAY) * 86400)
+        if oldest_at := min((p.oldest_at for p in by_table if p.oldest_at is not None), default=None):
+            snap.oldest_age = max(0.0, time.time() - oldest_at)
         if (samples := scrape(self.metrics_url)) is not None:
             snap.shipped = total(samples, "syncd_rows_shipped_total")
             snap.shipped_by_op = by_label(samples, "syncd_rows_shipped_total", "op")
