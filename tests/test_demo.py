@@ -11,6 +11,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +55,12 @@ def test_packaged_schema_and_mapping_are_the_config_files() -> None:
     assert schema_sql() == (ROOT / "config" / "demo_sqlite_schema.sql").read_text(encoding="utf-8")
     packaged = ROOT / "syncd" / "demo_mapping.toml"
     assert packaged.read_text(encoding="utf-8") == DEMO_CONFIG.read_text(encoding="utf-8")
+
+
+def test_packaged_files_go_into_the_wheel() -> None:
+    """Without package-data a wheel (the container image's install) would lack them: the app could not start."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert {"demo_schema.sql", "demo_mapping.toml"} <= set(pyproject["tool"]["setuptools"]["package-data"]["syncd"])
 
 
 # ---- the seed's write methods ------------------------------------------------------------------------------
