@@ -744,23 +744,14 @@ class Demo:
             print(f"warning: syncd run exited with {code}; see {self.daemon_log}", file=sys.stderr)
 
     def verify(self) -> int:
-        """`syncd verify`'s report and verdict (0: equal); `syncd status` where verify does not exist yet."""
+        """`syncd verify`'s report and verdict (0: equal)."""
         print("\n$ syncd verify", flush=True)
         result = run_syncd("verify", "--config", str(self.config))
-        if result.returncode == 2 and "invalid choice: 'verify'" in result.stderr:
-            return self.status_instead()
         print(result.stdout.rstrip())
         if result.returncode not in (0, 1):  # not a verdict: an error, said on stderr (which also has progress)
             print(result.stderr.strip()[-2000:])
         print("result: the secondary equals the app's database" if result.returncode == 0 else
               f"result: NOT EQUAL (syncd verify exit {result.returncode})")
-        return 0 if result.returncode == 0 else 1
-
-    def status_instead(self) -> int:
-        print("this syncd has no verify command yet; syncd status instead:")
-        result = run_syncd("status", "--config", str(self.config))
-        print(result.stdout.rstrip())
-        print(f"status: {'healthy' if result.returncode == 0 else f'UNHEALTHY (exit {result.returncode})'}")
         return 0 if result.returncode == 0 else 1
 
     def explain_queries(self) -> None:
