@@ -378,8 +378,14 @@ def test_compose_syncd_runs_with_a_command_the_cli_accepts() -> None:
     assert grace.endswith("s") and float(grace[:-1]) > shutdown_timeout(args)
     install = service("syncd-install")
     assert parse_cli(install["command"]).command == "install"
-    assert install["depends_on"]["app"]["condition"] == "service_healthy"
-    assert spec["depends_on"]["syncd-install"]["condition"] == "service_completed_successfully"
+
+
+def test_compose_order_is_schema_then_install_then_app_and_syncd() -> None:
+    """`syncd install` needs the app's tables, and the app must not write before the triggers exist."""
+    done = "service_completed_successfully"
+    assert service("syncd-install")["depends_on"]["app-schema"]["condition"] == done
+    assert service("app")["depends_on"]["syncd-install"]["condition"] == done
+    assert service("syncd")["depends_on"]["syncd-install"]["condition"] == done
 
 
 def test_compose_environment_is_a_valid_syncd_configuration(tmp_path: Path) -> None:
@@ -412,15 +418,21 @@ def test_compose_app_is_the_demo_app_on_the_shared_volume() -> None:
     assert "appdata:/data" in service("syncd-install")["volumes"]
 
 
-def test_compose_app_healthcheck_waits_for_the_schema(tmp_path: Path) -> None:
-    """The app's healthcheck command fails before its file has tables and passes once the app created them."""
-    command = service("app")["healthcheck"]["test"]
-    assert command[:2] == ["CMD", "python"]
-    database = tmp_path / "app.sqlite3"
-    local = [sys.executable, *[a.replace("/data/app.sqlite3", str(database)) for a in command[2:]]]
-    assert subprocess.run(local, capture_output=True, timeout=30).returncode != 0
-    demoapp.connect(database).close()
-    assert subprocess.run(local, capture_output=True, timeout=30).returncode == 0
+def test_schema_steps_create_the_tables_syncd_install_needs(tmp_path: Path) -> None:
+    """The app-schema command of compose and of the pod, run for real, leaves a file `syncd install` accepts;
+    and a second run changes nothing."""
+    for name, command in (("compose", service("app-schema")["entrypoint"]),
+                          ("kubernetes", container("app-schema", init=True)["command"])):
+        database = tmp_path / name / "app.sqlite3"
+        database.parent.mkdir()
+        assert command[0] == "python"
+        local = [sys.executable, *[a.replace("/data/app.sqlite3", str(database)) for a in command[1:]]]
+        for _ in range(2):
+            assert subprocess.run(local, capture_output=True, timeout=60).returncode == 0, name
+        config = ROOT / "config" / "demo.toml"
+        assert cli.main(["install", "--config", str(config), "--db", str(database)]) == 0, name
+    for name in ("app", "syncd-install", "app-schema"):
+        assert service(name).get("healthcheck", {}).get("disable") is True, f"{name} would ask syncd's /healthz"
 
 
 def test_compose_postgrest_is_the_seeds_supabase_rest() -> None:
