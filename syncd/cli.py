@@ -390,6 +390,20 @@ def add_dev_server(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=dev_server)
 
 
+def add_demo_command(commands: argparse._SubParsersAction) -> None:
+    from syncd import demo
+
+    p = commands.add_parser(
+        "demo", help="the whole pipeline on this machine: app, syncd, secondary, an outage, live view, verify",
+        description="Start the dev server over a throwaway PostgreSQL, create the demo app's SQLite database, "
+                    "install syncd, run the daemon and the demo app (the seed's write methods at --rate), show "
+                    "written, shipped, pending, lag and failures live, optionally take the secondary down "
+                    "(--outage), then drain, stop and run `syncd verify`. Exit 0 only when verify finds the "
+                    "secondary equal.")
+    demo.add_arguments(p)
+    p.set_defaults(run=demo.main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="syncd", description="Keep PostgreSQL (PostgREST / Supabase) in "
                                      "step with an application's SQLite file.")
@@ -402,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_command(commands)
     add_verify_commands(commands)
     add_dev_server(commands)
+    add_demo_command(commands)
     return parser
 
 
