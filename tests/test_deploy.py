@@ -181,9 +181,12 @@ def bind_mounts(spec: dict[str, Any]) -> dict[str, Path]:
 
 
 def host_path(spec: dict[str, Any], container_path: str) -> Path | None:
+    """The host file behind `container_path` in a compose service, when a bind mount provides it."""
     for target, source in bind_mounts(spec).items():
-        if container_path == target or container_path.startswith(target + "/"):
-            return source / container_path[len(target):].lstrip("/") if container_path != target else source
+        if container_path == target:
+            return source
+        if container_path.startswith(target + "/"):
+            return source / container_path.removeprefix(target + "/")
     return None
 
 
