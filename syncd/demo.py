@@ -18,7 +18,6 @@ import contextlib
 import ctypes
 import json
 import random
-import select
 import shutil
 import signal
 import socket
@@ -165,26 +164,6 @@ def spawn(command: list[str], log: IO[str], stdout: int | IO[str] | None = None)
 
 def syncd_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "syncd", *args]
-
-
-def launch_secondary(migrations: Path | None, log: IO[str]) -> subprocess.Popen[str]:
-    """`syncd dev-server --faults` on a free port, as syncd.devserver.launcher does, in its own session."""
-    args = ["--port", "0", "--faults"] + (["--migrations", str(migrations)] if migrations else [])
-    return spawn(syncd_command("dev-server", *args), log, stdout=subprocess.PIPE)
-
-
-def await_secondary(process: subprocess.Popen[str], log: IO[str], timeout: float = 120) -> RunningDevServer:
-    """The dev server's URL and keys, from the JSON line it prints when ready."""
-    from syncd.devserver.launcher import RunningDevServer
-
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        if select.select([process.stdout], [], [], 0.5)[0] and (line := process.stdout.readline()):
-            info = json.loads(line)
-            return RunningDevServer(info["url"], info["pg_url"], info["jwt_secret"], info["anon_key"],
-                                    info["service_key"], process, log)
-    raise DemoError(f"the dev server did not start; see {log.name}")
 
 
 def add_demo_users(pg_url: str) -> None:
@@ -613,9 +592,16 @@ class Demo:
     def start_secondary(self) -> None:
         print("starting the secondary (dev server over a throwaway PostgreSQL)...", flush=True)
         log = self.stack.enter_context(open(self.workdir / "dev-server.log", "w"))  # noqa: SIM115
-        process = launch_secondary(self.settings.migrations, log)
-        self.stack.callback(stop_process, process, 60)
-        self.secondary = await_secondary(process, log)
+        from syncd.devserver.launcher import launch
+
+        args = ["--port", "0", "--faults"]
+        if self.settings.migrations:
+            args += ["--migrations", str(self.settings.migrations)]
+        try:  # in a session of its own: Ctrl-C in the terminal reaches the demo only, which stops it in order
+            self.secondary = launch(args, stderr=log, start_new_session=True, preexec_fn=die_with_parent)
+        except RuntimeError as exc:
+            raise DemoError(str(exc)) from None
+        self.stack.callback(stop_process, self.secondary.process, 60)
         add_demo_users(self.secondary.pg_url)
 
     def prepare_app(self) -> None:

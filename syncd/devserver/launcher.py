@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
@@ -48,22 +48,30 @@ class RunningDevServer:
         return code
 
 
-def launch(args: Sequence[str], timeout: float = 120) -> RunningDevServer:
-    """Run `python -m syncd dev-server ARGS` and return once it printed its JSON line."""
+def launch(args: Sequence[str], timeout: float = 120, *, stderr: IO[str] | None = None,
+           **popen: Any) -> RunningDevServer:
+    """Run `python -m syncd dev-server ARGS` and return once it printed its JSON line. Its stderr goes to
+    `stderr` (else a temporary file); `popen` are further subprocess.Popen options (a session of its own...)."""
     command = [sys.executable, "-m", "syncd", "dev-server", *args]
-    stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the server process
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    log = stderr or tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the server process
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, **popen)
     assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 0.5)
-        line = process.stdout.readline() if ready else ""
-        if line:
-            info = json.loads(line)
-            return RunningDevServer(info["url"], info["pg_url"], info["jwt_secret"], info["anon_key"],
-                                    info["service_key"], process, stderr)
-        if process.poll() is not None:
-            break
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([process.stdout], [], [], 0.5)
+            line = process.stdout.readline() if ready else ""
+            if line:
+                info = json.loads(line)
+                return RunningDevServer(info["url"], info["pg_url"], info["jwt_secret"], info["anon_key"],
+                                        info["service_key"], process, log)
+            if process.poll() is not None:
+                break
+    except BaseException:
+        process.kill()
+        raise
     process.kill()
-    stderr.seek(0)
-    raise RuntimeError(f"syncd dev-server did not start: {stderr.read()[-4000:]}")
+    if stderr is not None:
+        raise RuntimeError(f"syncd dev-server did not start; see {stderr.name}")
+    log.seek(0)
+    raise RuntimeError(f"syncd dev-server did not start: {log.read()[-4000:]}")
