@@ -166,7 +166,7 @@ class Worker:
             with immediate(self.conn):
                 for table, reason in batch.halts:
                     outbox.update_table_state(self.conn, table, halted=True, last_error=reason)
-        self.observe(batch, shipment.claimed, time.monotonic() - shipment.started)
+        self.observe(batch, shipment.claimed, time.monotonic() - shipment.started, shipment.interrupted is not None)
         if shipment.interrupted is not None:
             raise shipment.interrupted
         self.regrow_batch()
@@ -302,7 +302,7 @@ class Worker:
                 if outbox.table_state(self.conn, table).get("halted"):
                     outbox.update_table_state(self.conn, table, halted=False)
 
-    def observe(self, batch: Batch, claimed: int, seconds: float) -> None:
+    def observe(self, batch: Batch, claimed: int, seconds: float, interrupted: bool = False) -> None:
         now = time.time()
         m = self.metrics
         m.batch_duration.observe(seconds)
@@ -317,7 +317,8 @@ class Worker:
             m.last_success.set(now)
             m.target_up.set(1)
             m.health.target_ok, m.health.reason = True, "ok"
-        outcome = "ok" if not (batch.dead or batch.requeued) else "partial"
+        # interrupted: the secondary failed as a whole; what shipped before is acknowledged, the rest retried
+        outcome = "interrupted" if interrupted else "ok" if not (batch.dead or batch.requeued) else "partial"
         self.log.info("batch", claimed=claimed, shipped=len(batch.shipped), dead_lettered=len(batch.dead),
                       requeued=len(batch.requeued), duration_ms=round(seconds * 1000, 1), outcome=outcome)
 

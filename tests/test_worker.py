@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+import structlog
 
 from syncd import backoff
 from syncd.config import Config
@@ -180,9 +181,10 @@ def test_transient_failure_keeps_what_shipped_and_interrupts(tmp_path: Path):
     worker, db = worker_for(tmp_path, FakeTarget(down_for_child))
     db.execute("INSERT INTO parent VALUES (1, 'p')")
     db.execute("INSERT INTO child VALUES (1, 1, 'c')")
-    with pytest.raises(Interrupted) as caught:
+    with structlog.testing.capture_logs() as logs, pytest.raises(Interrupted) as caught:
         worker.drain_once()
     assert caught.value.error.retry_after == 2
+    assert [(e["shipped"], e["outcome"]) for e in logs if e["event"] == "batch"] == [(1, "interrupted")]
     assert db.execute("SELECT tbl FROM _syncd_outbox").fetchall() == [("child",)]
     assert dead(db) == []
 
