@@ -29,11 +29,15 @@ def test_throwaway_database_is_removed_on_stop(stop_signal: signal.Signals, monk
     claims = jwt.decode(server.service_key, server.jwt_secret, algorithms=["HS256"])
     assert claims["role"] == "service_role" and claims["iss"] == "supabase"
     assert jwt.decode(server.anon_key, server.jwt_secret, algorithms=["HS256"])["role"] == "anon"
-    assert server.client(server.service_key).get("/artifacts").status_code == 200
+    client = server.client(server.service_key)  # left open: an idle keep-alive connection at shutdown
+    assert client.get("/artifacts").status_code == 200
     server.process.send_signal(stop_signal)
     assert server.process.wait(timeout=60) == 0
     assert server.process.stdout is not None and server.process.stdout.read() == ""
     assert not data.exists()
+    server.stderr.seek(0)
+    assert "Traceback" not in server.stderr.read()
+    client.close()
 
 
 def test_data_dir_keeps_the_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

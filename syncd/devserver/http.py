@@ -76,6 +76,10 @@ class HttpServer:
                     await write_response(conn, writer, Response(exc.error_status_hint, body), head_only=False)
         except (ConnectionError, asyncio.IncompleteReadError, h11.LocalProtocolError):
             pass
+        except asyncio.CancelledError:
+            # Shutdown cancels idle keep-alive connections. Ending normally is the point: Python 3.11's stream
+            # callback asks a cancelled task for its exception and logs a traceback for it.
+            pass
         finally:
             self.connections.discard(task)
             writer.close()

@@ -161,8 +161,10 @@ async def serve(options: Options, admin_url: str, secret: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     server.close()
-    for task in list(http.connections):
+    connections = list(http.connections)
+    for task in connections:
         task.cancel()
+    await asyncio.gather(*connections, return_exceptions=True)  # reaped here, not reported as never retrieved
     listener.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await listener
