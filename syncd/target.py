@@ -419,6 +419,13 @@ class PostgrestTarget:
         total = response.headers.get("content-range", "").rpartition("/")[2]
         return rows, int(total) if total.isdigit() else None
 
+    def ping(self, table: str) -> None:
+        """The cheapest authenticated read of a table (no rows): reachability, key and grants in one answer."""
+        headers = {"Accept": "application/json"}
+        if self.schema != "public":
+            headers["Accept-Profile"] = self.schema
+        self.send("GET", f"{self.table_url(table)}?limit=0", headers, None)
+
     def probe_conflict_key(self, table: str, key: Sequence[str]) -> None:
         """Upsert no rows by `key`: PostgreSQL still plans ON CONFLICT and answers 42P10 when no unique
         constraint matches those columns. Writes nothing."""

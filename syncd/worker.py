@@ -33,6 +33,8 @@ from syncd.target import TargetError
 HOUSEKEEPING_EVERY = 2.0
 JOURNAL_EXPIRY_EVERY = 300.0
 REGROW_AFTER = 20  # clean batches before a batch size halved by a statement timeout doubles again
+PROBE_EVERY = 30.0  # seconds without an exchange before an idle daemon checks that the secondary answers
+PROBE_RETRY = 5.0  # ... and while it does not
 
 
 class Target(Protocol):
@@ -41,6 +43,8 @@ class Target(Protocol):
     def upsert(self, table: str, key: Sequence[str], rows: Sequence[dict[str, object]]) -> None: ...
 
     def delete(self, table: str, key: Sequence[str], keys: Sequence[dict[str, object]]) -> int: ...
+
+    def ping(self, table: str) -> None: ...
 
 
 class Interrupted(Exception):
@@ -107,6 +111,7 @@ class Worker:
         self.next_journal_expiry = 0.0
         self.lease_renew_at = 0.0
         self.clean_batches = 0
+        self.next_probe = 0.0
         self.resume_requested = threading.Event()
         self.shipper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncd-ship")
 
@@ -314,6 +319,7 @@ class Worker:
             for entry in change.entries:
                 m.lag.observe(max(0.0, now - entry.at))
         if batch.shipped:
+            self.next_probe = time.monotonic() + PROBE_EVERY
             m.last_success.set(now)
             m.target_up.set(1)
             m.health.target_ok, m.health.reason = True, "ok"
@@ -360,6 +366,8 @@ class Worker:
                 if result.claimed == 0:
                     break
                 continue
+            if result.claimed == 0:
+                self.probe_when_idle()
             if wait is not None:
                 wait(self.config.worker.poll_interval, stop)
             else:
@@ -395,6 +403,26 @@ class Worker:
         self.log.warning("secondary unavailable: will retry", table=exc.table, reason=exc.error.message,
                          attempt=failures, retry_in_s=round(pause, 3))
         stop.wait(pause)
+
+    def probe_when_idle(self) -> None:
+        """An idle daemon still tells whether the secondary answers (/readyz, syncd_target_up): a read of
+        no rows when nothing was exchanged for PROBE_EVERY seconds (PROBE_RETRY while it fails)."""
+        now = time.monotonic()
+        table = next((t for t in self.order if t not in self.halted), None)
+        if now < self.next_probe or table is None:
+            return
+        health = self.metrics.health
+        try:
+            self.target.ping(self.mappings[table].target)
+        except TargetError as error:
+            self.next_probe = now + PROBE_RETRY
+            self.metrics.target_up.set(0)
+            health.target_ok, health.reason = False, error.message
+            self.log.warning("secondary check failed while idle", table=table, reason=error.message)
+            return
+        self.next_probe = now + PROBE_EVERY
+        self.metrics.target_up.set(1)
+        health.target_ok, health.reason = True, "ok"
 
     def housekeeping(self) -> None:
         """Refresh the backlog gauges and expire old journal rows, now and then (both scan tables)."""

@@ -92,6 +92,22 @@ def test_faults_errors_resets_timeouts_and_an_outage(app: App, pg: psycopg.Conne
     assert dead_letters(app) == []
 
 
+def test_an_idle_daemon_becomes_ready_when_the_secondary_answers(app: App, faults) -> None:
+    """With nothing to ship, /readyz still follows the secondary (a Kubernetes readiness probe relies on it;
+    tests/test_worker.py covers the idle check failing and recovering)."""
+    faults(down=True, retry_after=1)
+    daemon = app.start()
+    try:
+        down = poll(f"http://{app.metrics}/readyz", lambda r: "PGRST000" in r.text)
+        assert down.status_code == 503 and "PGRST000" in down.json()["reason"]
+        faults(down=False)
+        assert poll(f"http://{app.metrics}/readyz", lambda r: r.status_code == 200).status_code == 200
+        assert "syncd_target_up 1.0" in httpx.get(f"http://{app.metrics}/metrics").text
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+
+
 def test_kill_9_at_random_moments_loses_nothing(app: App, pg: psycopg.Connection):
     rng = random.Random(9)
     stop = threading.Event()

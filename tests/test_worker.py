@@ -51,6 +51,9 @@ class FakeTarget:
         self.answer("delete", table, keys)
         return 1
 
+    def ping(self, table: str) -> None:
+        self.answer("ping", table, [])
+
 
 def row_error(bad: set[object], code: str = "23514") -> Rule:
     def rule(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
@@ -288,3 +291,22 @@ def test_pipelined_drain_ships_everything_including_changes_made_while_in_flight
     assert target.stored["parent"][1]["v"] == "new"
     assert sorted(target.stored["parent"]) == [*range(1, 11), *range(100, 130)]
     assert outbox_size(db) == 0
+
+
+def test_an_idle_daemon_checks_the_secondary_for_readiness(tmp_path: Path):
+    down = {"now": True}
+
+    def unreachable(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
+        return TargetError("transient", "ConnectError: refused") if down["now"] else None
+
+    target = FakeTarget(unreachable)
+    worker, _ = worker_for(tmp_path, target)
+    assert worker.metrics.health.ready() == (False, "no exchange with the secondary yet")
+    worker.probe_when_idle()
+    assert worker.metrics.health.ready() == (False, "ConnectError: refused")
+    worker.probe_when_idle()  # within PROBE_RETRY: no second request
+    assert [r[0] for r in target.requests] == ["ping"]
+    down["now"] = False
+    worker.next_probe = 0.0
+    worker.probe_when_idle()
+    assert worker.metrics.health.ready() == (True, "ok") and target.requests[-1] == ("ping", "parent", [])
