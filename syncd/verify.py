@@ -307,12 +307,12 @@ T = TypeVar("T")
 
 
 def read_with_retries(read: Callable[..., T], *args: object, **kwargs: object) -> T:
-    """A read of the secondary, retried over transient failures and expired tokens (renewed on the way)."""
+    """A read of the secondary, retried over transient failures (a verify of an hour need not die of a 503)."""
     for attempt in itertools.count(1):
         try:
             return read(*args, **kwargs)
         except TargetError as error:
-            if error.kind not in ("transient", "auth") or attempt >= READ_ATTEMPTS:
+            if error.kind != "transient" or attempt >= READ_ATTEMPTS:
                 raise
             time.sleep(backoff.delay(attempt, base=0.2, cap=5.0, retry_after=error.retry_after))
     raise AssertionError("unreachable")

@@ -155,6 +155,14 @@ def test_unshippable_rows_are_reported_not_compared(app: App):
     assert '(email)=("b@x"): table \'item\'' in result.stdout and "invalid JSON" in result.stdout
 
 
+def test_verify_reads_through_transient_failures(app: App, faults):
+    app.connect().executemany("INSERT INTO parent VALUES (?, 'p')", [(i,) for i in range(60)])
+    ship(app)
+    faults(error_rate=0.3, error_status=503, seed=11)
+    result = verify(app, "--page-size", "10")
+    assert result.returncode == 0 and "verify: 4 table(s) equal" in result.stdout
+
+
 def test_verify_before_install_compares_and_repair_asks_for_install(app: App):
     db = app.connect()
     db.execute("INSERT INTO parent VALUES (1, 'p')")
