@@ -361,7 +361,8 @@ class TableMapping:
                 target, convert = step
                 if convert is None:
                     kind = type(value)
-                    if kind is str or value is None or (kind is int and INT64_MIN <= value <= INT64_MAX):
+                    if (kind is str or value is None or (kind is int and INT64_MIN <= value <= INT64_MAX)
+                            or (kind is float and math.isfinite(value))):
                         out[target] = value
                     else:
                         out[target] = _plain(value)

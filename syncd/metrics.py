@@ -6,13 +6,18 @@ classes only, never a key, a value or a secret.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import threading
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from syncd import __version__
 
@@ -38,6 +43,46 @@ class Health:
         return (True, "ok") if self.target_ok else (False, self.reason)
 
 
+class BatchHistogram:
+    """A histogram fed a whole batch of observations at once (the lag of every outbox entry acknowledged):
+    one lock and a bisect per value, where prometheus_client's Histogram takes a lock per bucket and per sum
+    for each value (a tenth of the drain's CPU at 500-entry batches). Exposed exactly as a Histogram."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = sorted(buckets)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+        self.lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        counts = [0] * len(self.counts)
+        total = 0.0
+        for value in values:
+            counts[bisect.bisect_left(self.bounds, value)] += 1  # le: a value equal to a bound falls in it
+            total += value
+        with self.lock:
+            self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+            self.sum += total
+
+    def observe(self, value: float) -> None:
+        self.observe_many((value,))
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self.lock:
+            counts, total = list(self.counts), self.sum
+        cumulative = list(itertools.accumulate(counts))
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], [(floatToGoString(b), c) for b, c in zip(self.bounds, cumulative, strict=False)]
+                          + [("+Inf", cumulative[-1])], total)
+        yield family
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self.name, self.documentation)]
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -53,8 +98,8 @@ class Metrics:
         self.dead_letters = Gauge("syncd_dead_letters", "Rows in the dead-letter table", ["table"], registry=r)
         self.batch_duration = Histogram("syncd_batch_duration_seconds", "Claim to acknowledge of one batch",
                                         registry=r)
-        self.lag = Histogram("syncd_replication_lag_seconds", "Commit in SQLite to acknowledgement by the secondary",
-                             buckets=LAG_BUCKETS, registry=r)
+        self.lag = BatchHistogram("syncd_replication_lag_seconds",
+                                  "Commit in SQLite to acknowledgement by the secondary", LAG_BUCKETS, r)
         self.last_success = Gauge("syncd_last_success_timestamp_seconds", "Last successful exchange", registry=r)
         self.target_up = Gauge("syncd_target_up", "1 when the last exchange with the secondary succeeded",
                                registry=r)

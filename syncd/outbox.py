@@ -117,10 +117,11 @@ class Change:
     key: tuple[object, ...] | None = None  # decoded; None when it cannot be
     row: dict[str, object] | None = None  # None: the row is gone (ship a delete)
     problem: str | None = None  # why it cannot be read at all (goes to the dead letters)
+    raw_key: bytes = b""  # the key's bytes as read from the outbox (what claims compare)
 
-    @property
-    def raw_key(self) -> bytes:
-        return self.key_text if isinstance(self.key_text, bytes) else self.key_text.encode("utf-8")
+    def __post_init__(self) -> None:
+        if not self.raw_key:
+            self.raw_key = self.key_text if isinstance(self.key_text, bytes) else self.key_text.encode("utf-8")
 
     @property
     def seqs(self) -> list[int]:
@@ -142,7 +143,7 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
     if not keys:
         return []
     tables = list(keys)
-    busy_seqs = json.dumps([seq for change in in_flight for seq in change.seqs])
+    busy_seqs = json.dumps([e.seq for change in in_flight for e in change.entries])
     busy_keys = {(c.table, c.raw_key) for c in in_flight}
     conn.execute("BEGIN")
     try:
@@ -174,11 +175,11 @@ def decode_change(table: str, raw_key: bytes) -> Change:
         text = raw_key.decode("utf-8")
     except UnicodeDecodeError:
         return Change(table, raw_key, [], problem=f"table {table!r}: the key holds text that is not valid UTF-8 "
-                                                  f"({raw_key[:40].hex()}...); fix the key in SQLite")
+                                                  f"({raw_key[:40].hex()}...); fix the key in SQLite", raw_key=raw_key)
     try:
-        return Change(table, text, [], key=decode_key(text))
+        return Change(table, text, [], key=decode_key(text), raw_key=raw_key)
     except ValueError as exc:
-        return Change(table, text, [], problem=f"table {table!r}: {exc}")
+        return Change(table, text, [], problem=f"table {table!r}: {exc}", raw_key=raw_key)
 
 
 def attach_rows(conn: apsw.Connection, table: str, key_columns: Sequence[str], changes: list[Change]) -> None:
@@ -251,8 +252,8 @@ def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence
     now = time.time() if now is None else now
     if not (shipped or dead or requeued):
         return
-    shipped_seqs = json.dumps([seq for change in shipped for seq in change.seqs])
-    seqs = json.dumps([seq for change in [*shipped, *(d.change for d in dead), *requeued] for seq in change.seqs])
+    shipped_seqs = json.dumps([e.seq for change in shipped for e in change.entries])
+    seqs = json.dumps([e.seq for change in [*shipped, *(d.change for d in dead), *requeued] for e in change.entries])
     with immediate(conn):
         # The journal rows are built in SQL from the very entries being deleted: one row per shipped key.
         conn.execute("INSERT INTO _syncd_journal (tbl, key, shipped_at) SELECT DISTINCT tbl, key, ? "

@@ -315,9 +315,7 @@ class Worker:
             m.shipped.labels(table=table, op="upsert").inc(n)
         for table, n in batch.deleted.items():
             m.shipped.labels(table=table, op="delete").inc(n)
-        for change in batch.shipped:
-            for entry in change.entries:
-                m.lag.observe(max(0.0, now - entry.at))
+        m.lag.observe_many([max(0.0, now - entry.at) for change in batch.shipped for entry in change.entries])
         if batch.shipped:
             self.next_probe = time.monotonic() + PROBE_EVERY
             m.last_success.set(now)
