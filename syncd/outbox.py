@@ -124,10 +124,6 @@ class Change:
             self.raw_key = self.key_text if isinstance(self.key_text, bytes) else self.key_text.encode("utf-8")
 
     @property
-    def seqs(self) -> list[int]:
-        return [e.seq for e in self.entries]
-
-    @property
     def oldest_at(self) -> float:
         return min(e.at for e in self.entries)
 
