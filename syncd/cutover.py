@@ -41,6 +41,8 @@ def wait_until_drained(conn: apsw.Connection, timeout: float, progress: Reporter
                        sleep: Callable[[float], None] = time.sleep) -> int:
     """Wait until the outbox is empty or `timeout` passed; the entries still pending (0 when drained)."""
     pending = outbox_pending(conn)
+    if not pending:
+        return 0
     deadline = clock() + timeout
     report = progress("waiting for the outbox to drain", pending, "changes")
     total = pending
