@@ -195,11 +195,7 @@ def read_rows(conn: apsw.Connection, table: str, key_columns: Sequence[str], key
     """Current rows for `keys`, by key. `safe` reads TEXT as bytes so invalid UTF-8 cannot stop the batch."""
     columns = [r[1] for r in conn.execute(f"PRAGMA table_info({quote_ident(table)})")]
     width = len(key_columns)
-    if safe:
-        select = ", ".join(f"typeof({quote_ident(c)}), CASE typeof({quote_ident(c)}) WHEN 'text' THEN "
-                           f"CAST({quote_ident(c)} AS BLOB) ELSE {quote_ident(c)} END" for c in columns)
-    else:
-        select = ", ".join(quote_ident(c) for c in columns)
+    select = safe_select(columns) if safe else ", ".join(quote_ident(c) for c in columns)
     key_sql = ", ".join(quote_ident(c) for c in key_columns)
     row_value = "(" + ", ".join("?" * width) + ")"
     matches = (f"{key_sql} IN ({', '.join('?' * len(keys))})" if width == 1 else
@@ -210,6 +206,13 @@ def read_rows(conn: apsw.Connection, table: str, key_columns: Sequence[str], key
         row = decode_safe_row(columns, values) if safe else dict(zip(columns, values, strict=True))
         found[tuple(row[c] for c in key_columns)] = row
     return found
+
+
+def safe_select(columns: Sequence[str]) -> str:
+    """A select list that reads TEXT as bytes (type, value per column), so invalid UTF-8 cannot stop a read;
+    `decode_safe_row` turns such a row back into values."""
+    return ", ".join(f"typeof({quote_ident(c)}), CASE typeof({quote_ident(c)}) WHEN 'text' THEN "
+                     f"CAST({quote_ident(c)} AS BLOB) ELSE {quote_ident(c)} END" for c in columns)
 
 
 def decode_safe_row(columns: list[str], values: Sequence[object]) -> dict[str, object]:

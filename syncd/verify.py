@@ -406,9 +406,7 @@ class TableVerifier:
             params += [bytes(v) if isinstance(v, InvalidText) else v for v in after]
         names = self.source_columns
         if safe:
-            select = "CAST(" + capture.key_sql(key, table) + " AS BLOB), " + ", ".join(
-                f"typeof({quote_ident(c)}), CASE typeof({quote_ident(c)}) WHEN 'text' THEN "
-                f"CAST({quote_ident(c)} AS BLOB) ELSE {quote_ident(c)} END" for c in names)
+            select = f"CAST({capture.key_sql(key, table)} AS BLOB), {outbox.safe_select(names)}"
         else:
             select = capture.key_sql(key, table) + ", " + ", ".join(quote_ident(c) for c in names)
         sql = f"SELECT {select} FROM {table} WHERE {' AND '.join(conditions)} ORDER BY {keys} LIMIT ?"

@@ -173,6 +173,17 @@ def test_verify_before_install_compares_and_repair_asks_for_install(app: App):
     assert refused.returncode == 2 and "syncd is not installed" in refused.stderr
 
 
+def test_text_that_is_not_utf8_is_unshippable_not_a_crash(app: App):
+    db = app.connect()
+    db.executemany("INSERT INTO parent VALUES (?, 'p')", [(i,) for i in range(12)])
+    db.execute("INSERT INTO parent VALUES (5000, CAST(X'66ff6f' AS TEXT))")
+    ship(app)
+    result = verify(app, "--table", "parent", "--page-size", "5")
+    assert result.returncode == 1 and "1 unshippable in the source (dead letters):" in result.stdout
+    assert "(id)=(5000): table 'parent'" in result.stdout and "invalid UTF-8 in column 'name'" in result.stdout
+    assert "missing" not in result.stdout and "extra" not in result.stdout
+
+
 def test_missing_target_table_or_column_is_not_verified(app: App):
     app.connect().execute("ALTER TABLE parent ADD COLUMN extra TEXT")
     app.config.write_text(app.config.read_text().replace('target = "e2e_children"', 'target = "nope"'))
