@@ -185,6 +185,18 @@ def p99(values: list[float]) -> float:
     return sorted(values)[int(len(values) * 0.99) - 1]
 
 
+def peak_rss(process: subprocess.Popen[str] | subprocess.Popen[bytes], every: float) -> int:
+    """The highest RSS (bytes) of `process`, sampled every `every` seconds until it exits."""
+    watched, peak = psutil.Process(process.pid), 0
+    while process.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(every)
+    return peak
+
+
 def backlog(server: RunningDevServer, db: Path, config: Path, size: int) -> None:
     with sqlite3.connect(db) as conn:
         conn.execute("DELETE FROM item")
@@ -195,18 +207,12 @@ def backlog(server: RunningDevServer, db: Path, config: Path, size: int) -> None
     idle = app_commit_latencies(db, 5)
     daemon = subprocess.Popen([sys.executable, "-m", "syncd", "run", "--once", "--config", str(config)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    process = psutil.Process(daemon.pid)
-    peak, started = 0, time.perf_counter()
+    started = time.perf_counter()
     busy: list[float] = []
     stop = threading.Event()
     writer = threading.Thread(target=lambda: busy.extend(app_commit_latencies(db, 3600, stop)))
     writer.start()
-    while daemon.poll() is None:
-        try:
-            peak = max(peak, process.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.05)
+    peak = peak_rss(daemon, every=0.05)
     elapsed = time.perf_counter() - started
     stop.set()
     writer.join()

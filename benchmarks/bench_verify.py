@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-import psutil
 import psycopg
+from bench_run import peak_rss
 
 from syncd.devserver.launcher import RunningDevServer, launch
 
@@ -65,13 +65,7 @@ def run_verify(config: Path, page: int) -> tuple[float, float, str]:
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "syncd", "verify", "--config", str(config), "--page-size",
                                 str(page)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    watched, peak = psutil.Process(process.pid), 0
-    while process.poll() is None:
-        try:
-            peak = max(peak, watched.memory_info().rss)
-        except psutil.Error:
-            break
-        time.sleep(0.02)
+    peak = peak_rss(process, every=0.02)
     out = process.stdout.read() if process.stdout else ""
     elapsed = time.perf_counter() - started
     if process.returncode != 0:
