@@ -22,6 +22,7 @@ from syncd.config import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config"
+DEMO_DIR = ROOT / "syncd" / "demo"
 MIGRATIONS = ROOT / "deploy" / "supabase" / "migrations"
 SECRET = "TOPSECRET-4f1c9a7e-this-must-never-be-printed"
 JWT_SECRET = "JWTSECRET-b7d2e85f-0123456789abcdef-never-printed"
@@ -358,8 +359,8 @@ def test_example_toml_loads_as_is() -> None:
 
 
 def test_demo_toml_loads() -> None:
-    config = load_config(CONFIG_DIR / "demo.toml", env={})
-    assert config.source.path == CONFIG_DIR / "demo.sqlite3"
+    config = load_config(DEMO_DIR / "mapping.toml", env={})
+    assert config.source.path == DEMO_DIR / "demo.sqlite3"
     assert config.target.url == "http://127.0.0.1:54321/rest/v1"
     artifact = config.table("artifact")
     assert artifact is not None and artifact.target_name == "artifacts"
@@ -368,13 +369,13 @@ def test_demo_toml_loads() -> None:
 
 def sqlite_columns() -> dict[str, list[str]]:
     db = sqlite3.connect(":memory:")
-    db.executescript((CONFIG_DIR / "demo_sqlite_schema.sql").read_text())
+    db.executescript((DEMO_DIR / "schema.sql").read_text())
     tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
     return {table: [row[1] for row in db.execute(f"PRAGMA table_info({table})")] for table in tables}
 
 
 def test_demo_toml_matches_the_demo_sqlite_schema() -> None:
-    config = load_config(CONFIG_DIR / "demo.toml", env={})
+    config = load_config(DEMO_DIR / "mapping.toml", env={})
     schema = sqlite_columns()
     assert sorted(table.name for table in config.tables) == sorted(schema)
     for table in config.tables:
@@ -398,7 +399,7 @@ TYPE_OF_TRANSFORM = {"json": "jsonb", "bool": "boolean", "timestamp": "timestamp
 
 def test_demo_toml_matches_the_migrations() -> None:
     """Every target column gets the transform its PostgreSQL type needs, and no other column does."""
-    config = load_config(CONFIG_DIR / "demo.toml", env={})
+    config = load_config(DEMO_DIR / "mapping.toml", env={})
     schema = sqlite_columns()
     targets = postgres_columns()
     for table in config.tables:

@@ -1,10 +1,12 @@
-"""`syncd demo` and the demo application (syncd.demoapp): what each seed method writes, that every row the
+"""`syncd demo` and the demo application (syncd.demo.app): what each seed method writes, that every row the
 workload writes maps and ships without a dead letter, and the whole demo, headless, through an outage."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import os
 import random
 import re
 import sqlite3
@@ -14,20 +16,23 @@ import sys
 import time
 import tomllib
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from syncd import demo
 from syncd.config import ConfigError, load_config
-from syncd.demoapp import DEMO_USERS, EMBEDDING_DIMENSIONS, DemoApp, Workload, schema_sql, users_sql
+from syncd.demo import command as demo
+from syncd.demo.app import DEMO_USERS, EMBEDDING_DIMENSIONS, DemoApp, Workload, schema_sql, users_sql
 from syncd.devserver.launcher import RunningDevServer
 from syncd.mapping import TableMapping
 from tests.e2e import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = ROOT / "config" / "demo.toml"
+DEMO_PACKAGE = ROOT / "syncd" / "demo"
+DEMO_CONFIG = DEMO_PACKAGE / "mapping.toml"
+DEMO_DATA = ("schema.sql", "mapping.toml")
 TARGETS = ("artifacts", "evidence", "facts", "documents", "document_sections", "document_tables", "api_endpoints",
            "logs", "tags", "tag_prompts", "search_chunks", "entities", "structure", "metric_hits", "summaries",
            "cipher_memory", "user_prefs", "skills_registry")
@@ -51,17 +56,59 @@ def count(app: DemoApp, table: str) -> int:
 # ---- package data ------------------------------------------------------------------------------------------
 
 
-def test_packaged_schema_and_mapping_are_the_config_files() -> None:
-    """The copies inside the package (for installs without the repository) equal config/."""
-    assert schema_sql() == (ROOT / "config" / "demo_sqlite_schema.sql").read_text(encoding="utf-8")
-    packaged = ROOT / "syncd" / "demo_mapping.toml"
-    assert packaged.read_text(encoding="utf-8") == DEMO_CONFIG.read_text(encoding="utf-8")
+def test_packaged_schema_and_mapping_are_the_only_copies() -> None:
+    """The schema and the mapping are read from the package (importlib.resources, as installs without the
+    repository do) and exist once: no other file of the repository has the bytes of either."""
+    package = resources.files("syncd.demo")
+    data = {name: package.joinpath(name).read_bytes() for name in DEMO_DATA}
+    assert schema_sql() == data["schema.sql"].decode("utf-8") == (DEMO_PACKAGE / "schema.sql").read_text("utf-8")
+    assert data["mapping.toml"].decode("utf-8") == DEMO_CONFIG.read_text(encoding="utf-8")
+    assert data["mapping.toml"].decode("utf-8").endswith(demo.mapping_tables())
+    sizes = {len(content) for content in data.values()}
+    copies: list[str] = []
+    for directory, subdirectories, files in os.walk(ROOT):
+        subdirectories[:] = [d for d in subdirectories if not d.startswith(".") and d != "__pycache__"
+                             and not d.endswith(".egg-info") and d not in ("build", "dist")]
+        for name in files:
+            path = Path(directory) / name
+            if path.parent == DEMO_PACKAGE and name in DEMO_DATA:
+                continue
+            if path.stat().st_size in sizes and path.read_bytes() in data.values():
+                copies.append(path.relative_to(ROOT).as_posix())
+    assert copies == [], f"copies of the demo's package data: {copies}"
 
 
 def test_packaged_files_go_into_the_wheel() -> None:
     """Without package-data a wheel (the container image's install) would lack them: the app could not start."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    assert {"demo_schema.sql", "demo_mapping.toml"} <= set(pyproject["tool"]["setuptools"]["package-data"]["syncd"])
+    assert set(DEMO_DATA) <= set(pyproject["tool"]["setuptools"]["package-data"]["syncd.demo"])
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, at any depth: `import a.b` gives a.b, `from a import b` gives a and a.b."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_demo_uses_syncd_and_syncd_does_not_use_the_demo() -> None:
+    """No import cycle: the demo never imports syncd.cli (which imports the demo), and no syncd module but the
+    CLI imports the demo. Importing the demo app (the app container) loads neither the command nor the CLI."""
+    for path in sorted((ROOT / "syncd").rglob("*.py")):
+        relative = path.relative_to(ROOT).as_posix()
+        imported = imported_modules(path)
+        if path.is_relative_to(DEMO_PACKAGE):
+            assert "syncd.cli" not in imported, f"{relative} imports syncd.cli"
+        elif relative != "syncd/cli.py":
+            assert not {m for m in imported if m == "syncd.demo" or m.startswith("syncd.demo.")}, relative
+    loaded = subprocess.run([sys.executable, "-c", "import sys, syncd.demo.app; print(sorted(sys.modules))"],
+                            capture_output=True, text=True, check=True).stdout
+    assert "'syncd.cli'" not in loaded and "'syncd.demo.command'" not in loaded
 
 
 # ---- the seed's write methods ------------------------------------------------------------------------------
@@ -166,7 +213,7 @@ def run_workload(app: DemoApp, calls: int, seed: int = 1) -> Workload:
 
 
 def test_every_row_the_workload_writes_maps(app: DemoApp) -> None:
-    """Every row of every table goes through config/demo.toml's mapping without a RowError."""
+    """Every row of every table goes through syncd/demo/mapping.toml's mapping without a RowError."""
     run_workload(app, 600)
     config = load_config(DEMO_CONFIG, env={})
     mapped = 0
@@ -231,19 +278,19 @@ def test_the_workload_ships_without_a_dead_letter(tmp_path: Path, secondary: Run
         assert pg.execute(f"SELECT count(*) FROM public.{table.target_name}").fetchone()[0] == count(app, table.name)
 
 
-# ---- python -m syncd.demoapp ---------------------------------------------------------------------------------
+# ---- python -m syncd.demo.app --------------------------------------------------------------------------------
 
 
 def test_demoapp_module_creates_its_database_and_writes(tmp_path: Path) -> None:
-    """The compose file's app container: python -m syncd.demoapp --db PATH --rate N (here with --duration)."""
+    """The compose file's app container: python -m syncd.demo.app --db PATH --rate N (here with --duration)."""
     db = tmp_path / "new" / "app.sqlite3"
     db.parent.mkdir()
-    done = subprocess.run([sys.executable, "-m", "syncd.demoapp", "--db", str(db), "--rate", "50", "--duration", "1s"],
+    done = subprocess.run([sys.executable, "-m", "syncd.demo.app", "--db", str(db), "--rate", "50", "--duration", "1s"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "stopped after" in done.stdout
     assert sqlite3.connect(db).execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0] == 18
-    users = subprocess.run([sys.executable, "-m", "syncd.demoapp", "--users-sql"], capture_output=True, text=True)
+    users = subprocess.run([sys.executable, "-m", "syncd.demo.app", "--users-sql"], capture_output=True, text=True)
     assert users.stdout.strip() == users_sql() and all(user in users.stdout for user, _ in DEMO_USERS)
 
 

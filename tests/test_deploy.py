@@ -34,8 +34,9 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from syncd import cli, demoapp
+from syncd import cli
 from syncd.config import WorkerConfig, load_config
+from syncd.demo import app as demoapp
 from syncd.metrics import Metrics, serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,7 @@ ALERTS = PROMETHEUS / "alerts.yml"
 ALERTS_TEST = PROMETHEUS / "alerts_test.yml"
 DASHBOARD = DEPLOY / "grafana" / "syncd.json"
 MIGRATIONS = DEPLOY / "supabase" / "migrations"
+DEMO_MAPPING = ROOT / "syncd" / "demo" / "mapping.toml"
 METRICS_PORT = 9464
 IMAGE_UID = 10001
 
@@ -98,6 +100,23 @@ def final_stage() -> list[tuple[str, str]]:
     instructions = dockerfile()
     last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
     return instructions[last_from:]
+
+
+def image_files() -> dict[str, Path]:
+    """The files the final stage COPYs from the build context: absolute path in the image -> file here."""
+    files: dict[str, Path] = {}
+    for keyword, arguments in final_stage():
+        if keyword != "COPY" or "--from=" in arguments:
+            continue
+        *sources, destination = [w for w in arguments.split() if not w.startswith("--")]
+        for source in sources:
+            path = ROOT / source
+            if path.is_dir():
+                files |= {(PurePosixPath(destination) / f.relative_to(path).as_posix()).as_posix(): f
+                          for f in path.rglob("*") if f.is_file()}
+            else:
+                files[destination + path.name if destination.endswith("/") else destination] = path
+    return files
 
 
 def exec_form(arguments: str) -> list[str]:
@@ -368,7 +387,7 @@ def test_compose_references_only_existing_files() -> None:
         for target, source in bind_mounts(spec).items():
             assert source.exists(), f"service {name} mounts missing {source} at {target}"
     mounted = {source for spec in services.values() for source in bind_mounts(spec).values()}
-    assert {MIGRATIONS, ROOT / "config" / "demo.toml", ALERTS, PROMETHEUS / "prometheus.yml", DASHBOARD} <= mounted
+    assert {MIGRATIONS, DEMO_MAPPING, ALERTS, PROMETHEUS / "prometheus.yml", DASHBOARD} <= mounted
 
 
 def test_compose_syncd_runs_with_a_command_the_cli_accepts() -> None:
@@ -412,9 +431,9 @@ def test_compose_environment_is_a_valid_syncd_configuration(tmp_path: Path) -> N
 
 
 def test_compose_app_is_the_demo_app_on_the_shared_volume() -> None:
-    """The app runs python -m syncd.demoapp with arguments it accepts, on the same volume and file as syncd."""
+    """The app runs python -m syncd.demo.app with arguments it accepts, on the same volume and file as syncd."""
     app, sidecar = service("app"), service("syncd")
-    assert app["entrypoint"] == ["python", "-m", "syncd.demoapp"]
+    assert app["entrypoint"] == ["python", "-m", "syncd.demo.app"]
     args = demoapp.parse_args(app["command"])
     assert str(args.db) == sidecar["environment"]["SYNCD_DB"] == service("syncd-install")["environment"]["SYNCD_DB"]
     assert "appdata:/data" in app["volumes"] and "appdata:/data" in sidecar["volumes"]
@@ -432,7 +451,7 @@ def test_schema_steps_create_the_tables_syncd_install_needs(tmp_path: Path) -> N
         local = [sys.executable, *[a.replace("/data/app.sqlite3", str(database)) for a in command[1:]]]
         for _ in range(2):
             assert subprocess.run(local, capture_output=True, timeout=60).returncode == 0, name
-        config = ROOT / "config" / "demo.toml"
+        config = DEMO_MAPPING
         assert cli.main(["install", "--config", str(config), "--db", str(database)]) == 0, name
     for name in ("app", "syncd-install", "app-schema"):
         assert service(name).get("healthcheck", {}).get("disable") is True, f"{name} would ask syncd's /healthz"
@@ -473,7 +492,7 @@ def test_compose_commits_no_secret() -> None:
 
 
 def test_compose_db_init_creates_the_demo_users() -> None:
-    """db-init inserts exactly the users the demo app writes Cipher rows for (demoapp.users_sql())."""
+    """db-init inserts exactly the users the demo app writes Cipher rows for (syncd.demo.app.users_sql())."""
     script = service("db-init")["command"][0]
     normalized = " ".join(script.split())
     assert " ".join(demoapp.users_sql().split()) in normalized
@@ -609,12 +628,23 @@ def test_kubernetes_install_runs_after_the_apps_schema() -> None:
     names = [c["name"] for c in pod_spec()["initContainers"]]
     assert names == ["app-schema", "syncd-install"]
     assert parse_cli(container("syncd-install", init=True)["args"]).command == "install"
-    assert "syncd.demoapp" in " ".join(container("app-schema", init=True)["command"])
-    assert container("app")["command"] == ["python", "-m", "syncd.demoapp"]
+    assert "syncd.demo.app" in " ".join(container("app-schema", init=True)["command"])
+    assert container("app")["command"] == ["python", "-m", "syncd.demo.app"]
     demoapp.parse_args(container("app")["args"])
     databases = {env["value"] for c in (container("syncd"), container("syncd-install", init=True))
                  for env in c["env"] if env["name"] == "SYNCD_DB"}
     assert databases == {str(demoapp.parse_args(container("app")["args"]).db)}
+
+
+def test_kubernetes_config_is_a_file_of_the_image() -> None:
+    """SYNCD_CONFIG of the pod's syncd containers names a file deploy/Dockerfile copies into the image, and that
+    file is a configuration load_config accepts with the pod's SYNCD_DB."""
+    files = image_files()
+    for c in (container("syncd"), container("syncd-install", init=True)):
+        env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+        assert env["SYNCD_CONFIG"] in files, f"{c['name']}: no COPY puts {env['SYNCD_CONFIG']} in the image"
+        config = load_config(files[env["SYNCD_CONFIG"]], env={"SYNCD_DB": env["SYNCD_DB"]})
+        assert config.tables and str(config.source.path) == env["SYNCD_DB"]
 
 
 def test_kubernetes_secret_keys_exist() -> None:

@@ -1,8 +1,8 @@
 -- 001_initial_schema.sql
 --
 -- The document tables behind the seed application's write methods (add_artifact, add_fact, ...,
--- store_summary). syncd ships them from the application's SQLite file (config/demo_sqlite_schema.sql
--- names each table's SQLite source and the column transforms) with the service_role key.
+-- store_summary). syncd ships them from the application's SQLite file (syncd/demo/schema.sql names
+-- each table's SQLite source and the column transforms) with the service_role key.
 --
 -- Idempotent: IF NOT EXISTS everywhere, constraints inside CREATE TABLE, grants re-applied.
 -- Needs 000_roles_and_auth.sql (the roles) on plain PostgreSQL.
@@ -10,7 +10,7 @@
 -- Conventions
 --   * Text primary keys: the application generates its ids (uuid4 as text) itself.
 --   * Foreign keys with ON DELETE CASCADE where a child means nothing without its parent, SET NULL
---     for optional references. config/demo_sqlite_schema.sql declares the same actions, so with
+--     for optional references. syncd/demo/schema.sql declares the same actions, so with
 --     PRAGMA foreign_keys=ON both sides delete the same rows (SQLite's cascades fire the capture
 --     triggers too).
 --   * NOT NULL on exactly the columns that are NOT NULL in SQLite: any row the application can store

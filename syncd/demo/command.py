@@ -2,13 +2,15 @@
 
 The story: start the dev server (a throwaway PostgreSQL behind the PostgREST protocol, with fault
 injection), create the demo application's SQLite file, write syncd's configuration for it (the mapping of
-config/demo.toml), `syncd install`, start `syncd run`, start the demo application (syncd.demoapp) writing at
-a rate, take the secondary down and bring it back when asked, and show written, shipped, pending, lag and
-failures as they move. When the writes stop: wait for the outbox to drain, stop the daemon, run `syncd
-verify` and exit with its verdict. The children run in sessions of their own so that Ctrl-C reaches only the
-demo, which then stops them in order (the first Ctrl-C ends the writes early, a second one aborts).
+syncd/demo/mapping.toml), `syncd install`, start `syncd run`, start the demo application (syncd.demo.app)
+writing at a rate, take the secondary down and bring it back when asked, and show written, shipped, pending,
+lag and failures as they move. When the writes stop: wait for the outbox to drain, stop the daemon, run
+`syncd verify` and exit with its verdict. The children run in sessions of their own so that Ctrl-C reaches
+only the demo, which then stops them in order (the first Ctrl-C ends the writes early, a second one aborts).
 
-Nothing heavy is imported before `main` runs: `syncd --help` stays fast.
+Nothing heavy is imported before `main` runs: `syncd --help` stays fast. `syncd.cli` is not imported at all
+(it imports this package to register the command): a bad flag raises `syncd.config.ConfigError`, which the
+CLI reports as it reports its own.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from types import FrameType
 from typing import IO, TYPE_CHECKING, Protocol
 
 from syncd import outbox, sqlite
-from syncd.cli import bad_argument, duration
+from syncd.config import ConfigError
+from syncd.timeparse import parse_duration
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -59,6 +62,8 @@ class Terminated(BaseException):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `syncd demo` flags to `parser`: --rate, --duration, --outage, --outage-at, --dir, --keep,
+    --keep-running, --headless, --seed, --migrations. Durations stay text here; `read_settings` checks them."""
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE,
                         help=f"the demo app's write calls per second (default {DEFAULT_RATE:g})")
     parser.add_argument("--duration", help="stop writing after this long, e.g. 30s (default: at Ctrl-C)")
@@ -79,6 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class Settings:
+    """The demo's checked flags: `rate` in write calls per second; `duration`, `outage`, `outage_at` in seconds
+    (duration None: write until Ctrl-C; outage None: no outage); `workdir` None: a temporary directory."""
     rate: float
     duration: float | None
     outage: float | None
@@ -91,18 +98,34 @@ class Settings:
     migrations: Path | None
 
 
+def _bad_argument(flag: str, problem: str) -> ConfigError:
+    """The error of one bad flag, worded as the CLI's own: 'invalid arguments (1 problem):', then 'FLAG: PROBLEM'."""
+    return ConfigError("invalid arguments (1 problem):", [f"{flag}: {problem}"])
+
+
+def _duration(flag: str, text: str) -> float:
+    """`text` ('30s', '2m', a bare number of seconds) in seconds; ConfigError naming `flag` when it is not one."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise _bad_argument(flag, str(exc)) from None
+
+
 def optional_duration(flag: str, text: str | None) -> float | None:
-    return duration(flag, text) if text else None
+    """`_duration` in seconds, or None when the flag was not given (or given empty). ConfigError as there."""
+    return _duration(flag, text) if text else None
 
 
 def read_settings(args: argparse.Namespace) -> Settings:
+    """The demo's settings from its parsed flags. Raises ConfigError for a rate not above 0, a --dir that
+    already holds a demo, or a duration that does not parse."""
     if args.rate <= 0:
-        raise bad_argument("--rate", f"{args.rate:g} is not a rate; give write calls per second above 0")
+        raise _bad_argument("--rate", f"{args.rate:g} is not a rate; give write calls per second above 0")
     if args.dir is not None and any((args.dir / name).exists() for name in APP_FILES):
-        raise bad_argument("--dir", f"{args.dir} already holds a demo; give an empty or new directory")
+        raise _bad_argument("--dir", f"{args.dir} already holds a demo; give an empty or new directory")
     return Settings(rate=args.rate, duration=optional_duration("--duration", args.duration),
                     outage=optional_duration("--outage", args.outage) or None,  # 0s: no outage
-                    outage_at=duration("--outage-at", args.outage_at), workdir=args.dir,
+                    outage_at=_duration("--outage-at", args.outage_at), workdir=args.dir,
                     keep=args.keep, keep_running=args.keep_running,
                     headless=args.headless or not sys.stdout.isatty(), seed=args.seed, migrations=args.migrations)
 
@@ -144,6 +167,7 @@ def abort_on_sigterm() -> Iterator[None]:
 
 
 def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now (the OS picks it; nothing stops another process taking it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -163,6 +187,7 @@ def spawn(command: list[str], log: IO[str], stdout: int | IO[str] | None = None)
 
 
 def syncd_command(*args: str) -> list[str]:
+    """The command line that runs syncd with `args` under this Python: [python, '-m', 'syncd', *args]."""
     return [sys.executable, "-m", "syncd", *args]
 
 
@@ -170,21 +195,24 @@ def add_demo_users(pg_url: str) -> None:
     """The Cipher tables reference auth.users: create the demo app's users there, as Supabase Auth would."""
     import psycopg
 
-    from syncd.demoapp import users_sql
+    from syncd.demo.app import users_sql
 
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(users_sql())  # type: ignore[arg-type]
 
 
 def mapping_tables() -> str:
-    """The [[table]] sections of config/demo.toml (shipped in the package as demo_mapping.toml)."""
-    text = resources.files("syncd").joinpath("demo_mapping.toml").read_text(encoding="utf-8")
-    return text[text.index("[[table]]"):]
+    """The [[table]] sections of the demo's mapping (syncd/demo/mapping.toml, package data), as TOML text."""
+    text = resources.files("syncd.demo").joinpath("mapping.toml").read_text(encoding="utf-8")
+    return text[text.index("\n[[table]]") + 1:]  # the first line that is a [[table]] header, not a comment
 
 
 def write_config(path: Path, db: Path, secondary: RunningDevServer, metrics_addr: str) -> None:
+    """Write syncd's configuration for the demo to `path` (mode 0600): source `db`, target `secondary`, the
+    daemon's metrics on `metrics_addr` (host:port), and the demo's mapping."""
     # The dev server's JWT secret is a throwaway made for this demo (it dies with the dev server).
-    path.write_text(f"""# Written by `syncd demo`: its app database, its dev server and the mapping of config/demo.toml.
+    header = "# Written by `syncd demo`: its app database, its dev server and the mapping of syncd/demo/mapping.toml."
+    path.write_text(f"""{header}
 
 [source]
 path = {json.dumps(str(db))}
@@ -203,6 +231,8 @@ max_backoff = 2.0
 
 
 def run_syncd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run syncd with `args` to its end, stdout and stderr captured as text. subprocess.TimeoutExpired (the child
+    killed) after `timeout` seconds."""
     return subprocess.run(syncd_command(*args), capture_output=True, text=True, timeout=timeout)
 
 
@@ -220,6 +250,8 @@ def stop_process(process: subprocess.Popen[str], timeout: float = 20) -> int | N
 
 
 def set_down(secondary: RunningDevServer, down: bool) -> None:
+    """Switch the dev server's fault injection: `down` makes it answer every request 503 with Retry-After 1 s,
+    False brings it back. DemoError when it does not answer 200; httpx.HTTPError when it cannot be reached."""
     import httpx
 
     response = httpx.put(f"{secondary.root}/_dev/faults", json={"down": down, "retry_after": 1}, timeout=10)
@@ -252,7 +284,9 @@ class Writer:
         self.thread = threading.Thread(target=self.run, name="syncd-demo-writer", daemon=True)
 
     def run(self) -> None:
-        from syncd.demoapp import DemoApp, Workload
+        """The thread's body: the workload on its own connection until stopped. An Exception ends it and is kept in
+        `error` (the demo shows it), not raised."""
+        from syncd.demo.app import DemoApp, Workload
 
         app = DemoApp.open(self.db)
         try:
@@ -263,13 +297,16 @@ class Writer:
             app.conn.close()
 
     def count(self, name: str, rows: int) -> None:
+        """The workload's on_write: count one call and the rows it changed."""
         self.calls += 1
         self.rows += rows
 
     def start(self) -> None:
+        """Start the writer thread."""
         self.thread.start()
 
     def stop(self) -> None:
+        """Ask the writer to stop and wait up to 30 s for its thread to end."""
         self.stopped.set()
         self.thread.join(30)
 
@@ -336,10 +373,13 @@ def scrape(url: str) -> Samples | None:
 
 
 def total(samples: Samples, name: str) -> float:
+    """The sum of every sample named `name` (0.0 when there is none)."""
     return sum(value for _, value in samples.get(name, []))
 
 
 def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
+    """The samples named `name` summed by the value of their label `label`, without the zero sums. KeyError when a
+    sample lacks that label."""
     result: dict[str, float] = {}
     for labels, value in samples.get(name, []):
         result[labels[label]] = result.get(labels[label], 0.0) + value
@@ -382,6 +422,9 @@ class Monitor:
         self.caught_up: tuple[float, float] | None = None  # (seconds after the outage, rows shipped then)
 
     def snapshot(self, elapsed: float, phase: str, outage: Outage | None) -> Snapshot:
+        """One Snapshot at `elapsed` seconds in `phase`: the writer's counts, the outbox and dead letters from SQLite,
+        and, when /metrics answers, shipped rows, failures, target state and lag (else those stay None or empty).
+        Updates the peaks and the outage's recovery."""
         by_table = outbox.pending_by_table(self.db).values()
         pending = sum(p.count for p in by_table)
         dead = sum(outbox.dead_letters_by_table(self.db).values())
@@ -423,6 +466,7 @@ class Monitor:
         snap.caught_up_after = self.caught_up[0] if self.caught_up else None
 
     def close(self) -> None:
+        """Close the read-only SQLite connection."""
         self.db.close()
 
 
@@ -439,20 +483,25 @@ def bucket_text(q: float, cumulative: list[tuple[float, float]]) -> str:
 
 
 def seconds(value: float | None) -> str:
+    """A duration in seconds as text: '—' for None, '250 ms' below a second, else '1.5 s'."""
     if value is None:
         return "—"
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
 
 
 def failures_text(failures: dict[str, float]) -> str:
+    """Failure counts as 'CLASS COUNT, ...' sorted by class, or 'none'."""
     return ", ".join(f"{kind} {count:.0f}" for kind, count in sorted(failures.items())) or "none"
 
 
 def ops_text(snap: Snapshot) -> str:
+    """Rows shipped by op, e.g. '1,200 upserts, 30 deletes'."""
     return ", ".join(f"{count:,.0f} {op}s" for op, count in sorted(snap.shipped_by_op.items(), reverse=True))
 
 
 def outage_text(snap: Snapshot) -> str:
+    """The outage's line for a snapshot: '' without one, the plan before it, 'SECONDARY DOWN' with the seconds
+    left during it, then draining or caught up."""
     outage = snap.outage
     if outage is None or outage.state == "planned":
         return "" if outage is None else f"outage of {outage.length:g}s at {outage.start:g}s"
@@ -465,6 +514,7 @@ def outage_text(snap: Snapshot) -> str:
 
 
 def progress_line(snap: Snapshot) -> str:
+    """The headless view's line for a snapshot: written, shipped, pending, lag, failures, target, outage."""
     lag = "—" if snap.lag is None else f"p50 {seconds(snap.lag[0])} p99 {seconds(snap.lag[1])}"
     shipped = "—" if snap.shipped is None else f"{snap.shipped:,.0f}"
     target = {None: "?", True: "up", False: "down"}[snap.target_up]
@@ -475,6 +525,8 @@ def progress_line(snap: Snapshot) -> str:
 
 
 def live_table(snap: Snapshot, title: str) -> RenderableType:
+    """The live view of a snapshot: a rich Table of the same figures, under a Panel with the outage's line when
+    there is one."""
     from rich.console import Group
     from rich.panel import Panel
     from rich.table import Table
@@ -499,9 +551,12 @@ def live_table(snap: Snapshot, title: str) -> RenderableType:
 
 
 class View(Protocol):
-    def show(self, snap: Snapshot) -> None: ...
+    """Where the demo shows snapshots and says what happens: PlainView (--headless) or LiveView."""
+    def show(self, snap: Snapshot) -> None:
+        """Show one snapshot of the pipeline."""
 
-    def say(self, text: str) -> None: ...
+    def say(self, text: str) -> None:
+        """Say what happened (an outage, a Ctrl-C, ...) as a line of its own."""
 
 
 class PlainView:
@@ -511,11 +566,13 @@ class PlainView:
         self.last = -1.0
 
     def show(self, snap: Snapshot) -> None:
+        """Print the snapshot's progress line, at most once a second (always in the 'drained' phase)."""
         if snap.elapsed - self.last >= 1.0 or snap.phase == "drained":
             self.last = snap.elapsed
             print(progress_line(snap), flush=True)
 
     def say(self, text: str) -> None:
+        """Print `text` as a line."""
         print(text, flush=True)
 
 
@@ -527,14 +584,18 @@ class LiveView:
         self.title = title
 
     def show(self, snap: Snapshot) -> None:
+        """Redraw the table with the snapshot."""
         self.live.update(live_table(snap, self.title))  # type: ignore[attr-defined]
 
     def say(self, text: str) -> None:
+        """Print `text` as a line above the live table."""
         self.live.console.print(text)  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
 def open_view(headless: bool, title: str) -> Iterator[View]:
+    """The view, as a context manager: a PlainView when `headless`, else a LiveView titled `title` in a rich Live
+    (4 refreshes a second) that stops on exit."""
     if headless:
         yield PlainView()
         return
@@ -556,6 +617,9 @@ class Demo:
         self.outage = Outage(settings.outage_at, settings.outage) if settings.outage else None
 
     def run(self) -> int:
+        """Every step in order; the exit code: 0 when `syncd verify` finds the secondary equal, else 1. Raises
+        DemoError when a step fails, KeyboardInterrupt at a Ctrl-C (except the first during the writes, which only
+        ends them), Terminated at SIGTERM."""
         self.prepare_workdir()
         self.start_secondary()
         self.prepare_app()
@@ -578,6 +642,8 @@ class Demo:
     # -- set-up ---------------------------------------------------------------------------------------
 
     def prepare_workdir(self) -> None:
+        """Create the work directory (--dir, else a temporary one, removed at the end unless --keep) and set the
+        paths of the app's database, syncd's config and syncd's log in it."""
         if self.settings.workdir is not None:
             self.workdir = self.settings.workdir.resolve()
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -590,6 +656,8 @@ class Demo:
         self.daemon_log = self.workdir / "syncd.log"
 
     def start_secondary(self) -> None:
+        """Launch the dev server (fault injection on, any free port, log dev-server.log; stopped at the end) and add
+        the demo's users to its auth.users. DemoError when it does not start."""
         print("starting the secondary (dev server over a throwaway PostgreSQL)...", flush=True)
         log = self.stack.enter_context(open(self.workdir / "dev-server.log", "w"))  # noqa: SIM115
         from syncd.devserver.launcher import launch
@@ -605,7 +673,9 @@ class Demo:
         add_demo_users(self.secondary.pg_url)
 
     def prepare_app(self) -> None:
-        from syncd.demoapp import connect
+        """Create the app's database with its schema, write syncd's config (metrics on a free port), `syncd install`.
+        DemoError when the install fails."""
+        from syncd.demo.app import connect
 
         connect(self.db).close()  # the app creates its schema, as it would on first start
         self.metrics_addr = f"127.0.0.1:{free_port()}"
@@ -615,11 +685,14 @@ class Demo:
             raise DemoError(f"syncd install failed: {installed.stderr.strip()}")
 
     def start_daemon(self) -> None:
+        """Start `syncd run` (log syncd.log; stopped at the end)."""
         log = self.stack.enter_context(open(self.daemon_log, "w"))  # noqa: SIM115
         self.daemon = spawn(syncd_command("run", "--config", str(self.config), "--log-format", "console"), log)
         self.stack.callback(stop_process, self.daemon)
 
     def start_writer(self) -> None:
+        """Open the monitor and start the writer thread (both closed or stopped at the end); `elapsed` counts from
+        here."""
         self.writer = Writer(self.db, self.settings.rate, self.settings.seed)
         self.monitor = Monitor(self.db, self.metrics_url, self.writer, self.settings.rate)
         self.stack.callback(self.monitor.close)
@@ -629,9 +702,11 @@ class Demo:
 
     @property
     def metrics_url(self) -> str:
+        """The daemon's Prometheus endpoint: http://HOST:PORT/metrics."""
         return f"http://{self.metrics_addr}/metrics"
 
     def introduce(self) -> None:
+        """Print the work directory, the app, syncd, its metrics, the secondary and the plan."""
         s = self.settings
         kept = "kept" if s.workdir or s.keep else "removed at the end; --keep keeps it"
         plan = [f"writes stop after {s.duration:g}s" if s.duration else "writes go on until Ctrl-C"]
@@ -639,7 +714,7 @@ class Demo:
             plan.insert(0, f"outage of {self.outage.length:g}s at {self.outage.start:g}s")
         print(f"""syncd demo: the app writes to SQLite, syncd ships every change to PostgreSQL
   work dir    {self.workdir} ({kept})
-  app         {self.db} ({s.rate:g} write calls/s through syncd.demoapp)
+  app         {self.db} ({s.rate:g} write calls/s through syncd.demo.app)
   syncd       syncd run --config {self.config}   (log: {self.daemon_log})
   metrics     {self.metrics_url}
   secondary   {self.secondary.url}   (PostgreSQL: {self.secondary.pg_url})
@@ -648,6 +723,7 @@ class Demo:
     # -- watching ------------------------------------------------------------------------------------
 
     def elapsed(self) -> float:
+        """Seconds since the writer started (monotonic clock)."""
         return time.monotonic() - self.started
 
     def tick(self, view: View, phase: str) -> Snapshot:
@@ -659,6 +735,8 @@ class Demo:
         return snap
 
     def move_outage(self, view: View) -> None:
+        """Take the secondary down or bring it back when the outage's time has come, and say so. DemoError as
+        `set_down` raises it."""
         if self.outage is None or (state := self.outage.due(self.elapsed())) is None:
             return
         set_down(self.secondary, state == "down")
@@ -670,6 +748,7 @@ class Demo:
         view.say(f"[{self.elapsed():6.1f}s] the secondary is {'DOWN' if state == 'down' else 'back up'}")
 
     def check_children(self) -> None:
+        """DemoError when `syncd run` has exited or the writer has failed."""
         if self.daemon.poll() is not None:
             raise DemoError(f"syncd run exited with code {self.daemon.returncode}; see {self.daemon_log}")
         if self.writer.error is not None:
@@ -702,12 +781,15 @@ class Demo:
         self.final = self.tick(view, "drained")
 
     def finish_outage(self) -> None:
+        """Bring the secondary back when the outage is still on."""
         if self.outage is not None and self.outage.state == "down":
             set_down(self.secondary, False)
 
     # -- the end ---------------------------------------------------------------------------------------
 
     def summarise(self) -> None:
+        """Print the run's figures: writes, shipped rows, drain time, lag over the run, failures, dead letters, peak
+        pending and the outage's recovery."""
         snap = self.final
         shipped = "?" if snap.shipped is None else f"{snap.shipped:,.0f}"
         print(f"\nwrites: {snap.calls:,} calls changed {snap.rows:,} rows in {self.writes_ended:.1f}s; shipped "
@@ -725,6 +807,7 @@ class Demo:
             print(f"outage: secondary down from {self.outage.began_at:.1f}s to {self.outage.ended_at:.1f}s; {drain}")
 
     def stop_daemon(self) -> None:
+        """Stop `syncd run` (SIGTERM, SIGKILL after 20 s); a warning on stderr when its exit code is not 0."""
         code = stop_process(self.daemon)
         if code != 0:
             print(f"warning: syncd run exited with {code}; see {self.daemon_log}", file=sys.stderr)
@@ -741,6 +824,7 @@ class Demo:
         return 0 if result.returncode == 0 else 1
 
     def explain_queries(self) -> None:
+        """Print the metrics URL and commands (psql, curl, syncd verify) that query the secondary."""
         s = self.secondary
         # The dev server's keys are throwaways minted for this demo run and die with it: fine to show.
         running = ("they stay up until Ctrl-C" if self.settings.keep_running else
@@ -754,6 +838,7 @@ Query the secondary:
   syncd verify --config {self.config}""", flush=True)
 
     def wait_for_ctrl_c(self) -> None:
+        """--keep-running: wait until Ctrl-C or until `syncd run` exits."""
         print("\nthe secondary, syncd and its metrics keep running; Ctrl-C stops them", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while self.daemon.poll() is None:

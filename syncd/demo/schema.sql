@@ -1,4 +1,4 @@
--- demo_sqlite_schema.sql -- the demo application's SQLite schema (the seed's data model).
+-- schema.sql -- the demo application's SQLite schema (the seed's data model), package data of syncd.demo.
 --
 -- syncd ships these tables to the PostgreSQL tables of deploy/supabase/migrations/001 and 002.
 -- Each table's header names its target and the columns that need a transform or a rename; every
