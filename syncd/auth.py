@@ -1,7 +1,8 @@
 """JSON Web Tokens as Supabase and PostgREST use them: HS256, a `role` claim, short or long lifetimes.
 
 Minting lives here so that the dev server, the daemon (which mints its own short-lived service_role
-tokens from the JWT secret) and the `jwt` tooling all sign the same way.
+tokens from the JWT secret) and the `jwt` tooling all sign the same way; so do the reports of `syncd jwt`
+(`render_keys`, `TokenReport.render`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import jwt
+
+from syncd.timeparse import format_age
 
 ALGORITHM = "HS256"
 MIN_SECRET_LENGTH = 32
@@ -62,9 +66,11 @@ class StaticToken:
         return "StaticToken(<redacted>)"
 
     def token(self) -> str:
+        """The key, as given."""
         return self._key
 
     def refresh(self) -> bool:
+        """Always False: a fixed key cannot be renewed (only the operator can replace it)."""
         return False
 
 
@@ -90,12 +96,15 @@ class MintedTokens:
         return f"MintedTokens(role={self.role!r}, lifetime={self.lifetime})"
 
     def token(self) -> str:
+        """The current token; a new one is minted first when there is none yet or the current one expires within
+        `renew_before` seconds."""
         with self._lock:
             if self._clock() >= self._expires_at - self.renew_before:
                 self._mint()
             return self._current
 
     def refresh(self) -> bool:
+        """Mint a new token now (after a 401 "JWT expired"); always True."""
         with self._lock:
             self._mint()
         return True
@@ -108,6 +117,15 @@ class MintedTokens:
         self._expires_at = int(now) + int(self.lifetime)
 
 
+def render_keys(secret: str, anon: str, service: str) -> str:
+    """What `syncd jwt gen` prints (the seed's tools/gen_jwt.py layout): the secret, its PostgREST setting,
+    the anon and service_role keys, and the .env.local lines."""
+    return (f"Generated JWT Secret ({len(secret)} chars):\n{secret}\n\nPostgREST Configuration:\n"
+            f"PGRST_JWT_SECRET={secret}\n\nAnon Key (role=anon):\n{anon}\n\n"
+            f"Service Role Key (role=service_role):\n{service}\n\nFor .env.local:\nSUPABASE_JWT_SECRET={secret}\n"
+            f"SUPABASE_ANON_KEY={anon}\nSUPABASE_SERVICE_KEY={service}")
+
+
 @dataclass
 class TokenReport:
     """What `syncd jwt verify` says about a token: its claims, its signature and whether it expired."""
@@ -117,8 +135,35 @@ class TokenReport:
     expired: bool
     problem: str | None = None
 
+    @property
+    def ok(self) -> bool:
+        """A token PostgREST would take: readable, not expired, and not a bad signature."""
+        return self.problem is None and self.signature != "INVALID" and not self.expired
+
+    def render(self, now: float | None = None) -> str:
+        """The lines `syncd jwt verify` prints: signature, role, the identifying claims, times, expiry."""
+        if self.problem:
+            return f"INVALID: {self.problem}"
+        now = time.time() if now is None else now
+        claims = self.claims
+        lines = [f"signature: {self.signature}",
+                 f"role:      {claims.get('role', '(none: PostgREST uses the anonymous role)')}"]
+        lines += [f"{name + ':':10} {claims[name]}" for name in ("sub", "aud", "email", "iss") if name in claims]
+        lines += [f"{name + ':':10} {datetime.fromtimestamp(claims[name], UTC).isoformat()}"
+                  for name in ("iat", "exp") if isinstance(claims.get(name), int | float)]
+        if self.expired:
+            lines.append(f"EXPIRED {format_age(now - claims['exp'])} ago: PostgREST answers 401 PGRST301 "
+                         "'JWT expired'; sign a new one (syncd jwt sign)")
+        elif "exp" not in claims:
+            lines.append("expires:   never (no exp claim)")
+        return "\n".join(lines)
+
 
 def inspect_token(token: str, secret: str | None, now: float | None = None) -> TokenReport:
+    """What `syncd jwt verify` reports about `token`: its claims (read without checking), its signature checked
+    against `secret` ("not checked" without one; exp, aud, iat and nbf are not checked there) and whether its `exp`
+    is before `now` (unix seconds, default the current time). Never raises: a token that is not a JWT gives a report
+    whose `problem` says so."""
     now = time.time() if now is None else now
     try:
         claims = jwt.decode(token, options={"verify_signature": False})

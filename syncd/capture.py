@@ -1,9 +1,10 @@
-"""Capture: the SQLite objects syncd owns and the triggers that record changed keys in the outbox.
+"""Capture: the triggers that record changed keys in the outbox, and installing or removing them.
 
 Each synced table gets AFTER INSERT/UPDATE/DELETE triggers that append (table, key, op, time) to
 `_syncd_outbox` inside the application's own transaction: never the row image, so they cost little and
-cannot fail for any value the app can store. The key is encoded with SQLite's `quote()` (exact for every
-storage class, including BLOBs, invalid UTF-8 text, NULL and reals) and decoded by `decode_key`.
+cannot fail for any value the app can store. The key is spelt as `syncd.keys` says (SQLite's `quote()`, exact
+for every storage class). `install` creates syncd's tables (their owner is `syncd.outbox`) and the triggers in
+one transaction; `uninstall` removes them.
 
 `INSERT OR REPLACE` and `UPDATE OR REPLACE` delete rows that collide on a UNIQUE index other than the
 key without firing delete triggers; BEFORE triggers record the keys of those would-be victims, so the
@@ -12,49 +13,18 @@ shipper re-reads them, finds them gone, and deletes them in the secondary too.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import apsw
 
+from syncd import outbox
 from syncd.config import Config, TableConfig
+from syncd.keys import NOW_SQL, key_sql
 from syncd.sqlite import immediate, quote_ident, quote_text
 
-SCHEMA_VERSION = 1
 OWNED_PREFIX = "_syncd_"
-# The outbox's `at` is a Julian day: julianday('now') alone is measurably cheaper per row than converting
-# to unix seconds inside the trigger (about 0.05x of an insert's cost); readers convert with unix_time().
-NOW_SQL = "julianday('now')"
-UNIX_EPOCH_JULIAN_DAY = 2440587.5
-OWNED_TABLES = {
-    "_syncd_outbox": """CREATE TABLE IF NOT EXISTS _syncd_outbox (
-        seq INTEGER PRIMARY KEY,
-        tbl TEXT NOT NULL,
-        key TEXT NOT NULL,
-        op TEXT NOT NULL,
-        at REAL NOT NULL)""",  # op: I U D, or R for a row a REPLACE may delete; at: Julian day
-    "_syncd_dead_letter": """CREATE TABLE IF NOT EXISTS _syncd_dead_letter (
-        id INTEGER PRIMARY KEY,
-        tbl TEXT NOT NULL,
-        key TEXT NOT NULL,
-        op TEXT NOT NULL,
-        enqueued_at REAL NOT NULL,
-        failed_at REAL NOT NULL,
-        status INTEGER,
-        code TEXT,
-        message TEXT NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 1)""",
-    "_syncd_journal": """CREATE TABLE IF NOT EXISTS _syncd_journal (
-        tbl TEXT NOT NULL,
-        key TEXT NOT NULL,
-        shipped_at REAL NOT NULL)""",
-    "_syncd_meta": """CREATE TABLE IF NOT EXISTS _syncd_meta (
-        key TEXT PRIMARY KEY,
-        value TEXT NOT NULL)""",
-}
-OWNED_INDEXES = ["CREATE INDEX IF NOT EXISTS _syncd_journal_shipped_at ON _syncd_journal (shipped_at)"]
 
 
 class CaptureError(Exception):
@@ -108,12 +78,16 @@ class Capture:
         return triggers
 
     def append(self, literal: str, row: str, op: str, where: str | None = None) -> str:
+        """The SQL statement that appends one outbox entry: the table (`literal`, its name as an SQL string), the key
+        of `row` (`NEW` or `OLD`), `op` and the time; with `where`, only when that SQL condition holds."""
         values = f"{literal}, {key_sql(self.key, row)}, '{op}', {NOW_SQL}"
         if where is None:
             return f"INSERT INTO _syncd_outbox (tbl, key, op, at) VALUES ({values})"
         return f"INSERT INTO _syncd_outbox (tbl, key, op, at) SELECT {values} WHERE {where}"
 
     def key_changed(self) -> str:
+        """SQL that is true when an UPDATE changed a key column (`IS NOT`, so NULLs compare too): the old key is then
+        recorded as deleted."""
         return " OR ".join(f"OLD.{quote_ident(c)} IS NOT NEW.{quote_ident(c)}" for c in self.key)
 
     def collision_condition(self) -> str:
@@ -126,45 +100,6 @@ class Capture:
                 continue
             conditions.append("(" + " AND ".join(f"{t}.{quote_ident(c)} = NEW.{quote_ident(c)}" for c in columns) + ")")
         return " OR ".join(conditions)
-
-
-def key_sql(columns: list[str], row: str) -> str:
-    """SQL building the outbox key: quote() of each key column, comma separated (exact for every type)."""
-    return " || ',' || ".join(f"quote({row}.{quote_ident(c)})" for c in columns)
-
-
-KEY_TOKEN = re.compile(r"""\s*(?:'((?:[^']|'')*)'|X'([0-9A-Fa-f]*)'|(NULL)|([-+0-9.eEInf]+))\s*(,|$)""", re.S)
-
-
-def decode_key(text: str) -> tuple[object, ...]:
-    """Invert key_sql: "1,'a''b',X'00',NULL,2.5" -> (1, "a'b", b"\\x00", None, 2.5)."""
-    if text.isdigit() or (text[:1] == "-" and text[1:].isdigit()):
-        return (int(text),)  # the common single INTEGER key, without the tokenizer
-    values: list[object] = []
-    pos = 0
-    while pos < len(text):
-        match = KEY_TOKEN.match(text, pos)
-        if match is None:
-            raise ValueError(f"malformed outbox key: {text[:80]!r}")
-        quoted, blob, null, number = match.group(1, 2, 3, 4)
-        if quoted is not None:
-            values.append(quoted.replace("''", "'"))
-        elif blob is not None:
-            values.append(bytes.fromhex(blob))
-        elif null:
-            values.append(None)
-        else:
-            values.append(parse_number(number))
-        pos = match.end()
-        if match.group(5) == "" and pos < len(text):
-            raise ValueError(f"malformed outbox key: {text[:80]!r}")
-    return tuple(values)
-
-
-def parse_number(token: str) -> int | float:
-    if re.fullmatch(r"[-+]?\d+", token):
-        return int(token)
-    return float(token.replace("Inf", "inf"))
 
 
 # -- reading the application's schema ------------------------------------------------------------------
@@ -190,6 +125,8 @@ def inspect_table(conn: apsw.Connection, name: str) -> SourceTable:
 
 
 def unique_sets(conn: apsw.Connection, table: str) -> list[list[str] | None]:
+    """The column sets of `table`'s UNIQUE indexes other than the primary key, read with SQLite's `PRAGMA index_list`
+    and `index_xinfo`; None for an index on expressions (SQLite reports their column number as -2)."""
     sets: list[list[str] | None] = []
     for _, index, unique, origin, _partial in conn.execute(f"PRAGMA index_list({quote_ident(table)})"):
         if not unique or origin == "pk":
@@ -213,6 +150,9 @@ def plan(conn: apsw.Connection, config: Config) -> list[Capture]:
 
 
 def plan_table(conn: apsw.Connection, table_config: TableConfig) -> Capture:
+    """The triggers of one configured table, keyed by the config's `key` or else the primary key. Raises CaptureError
+    when the table cannot be captured (missing, a view or virtual table, a name of syncd's), has no key, or lacks a
+    key column."""
     table = inspect_table(conn, table_config.name)
     key = table_config.key or table.primary_key
     if not key:
@@ -230,6 +170,9 @@ def plan_table(conn: apsw.Connection, table_config: TableConfig) -> Capture:
 
 @dataclass
 class InstallReport:
+    """What `install` did: the triggers created, replaced (changed, or dropped because no longer needed) and left
+    unchanged, by name, and warnings for the operator."""
+
     created: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
@@ -251,8 +194,7 @@ def install(conn: apsw.Connection, config: Config) -> InstallReport:
     report = InstallReport()
     with immediate(conn):
         captures = plan(conn, config)
-        for ddl in [*OWNED_TABLES.values(), *OWNED_INDEXES]:
-            conn.execute(ddl)
+        outbox.create(conn)
         current = existing_triggers(conn)
         for capture in captures:
             for name, sql in capture.triggers().items():
@@ -264,17 +206,18 @@ def install(conn: apsw.Connection, config: Config) -> InstallReport:
             if None in capture.table.unique:
                 report.warnings.append(f"table {capture.table.name!r} has a UNIQUE index on expressions: rows that "
                                        "INSERT OR REPLACE deletes through it are not seen; avoid REPLACE on it")
-            record_table(conn, capture)
+            outbox.record_table(conn, capture.table.name, capture.key, capture.target)
         configured = {c.table.name for c in captures}
         strays = sorted({table for table, _ in current.values()} - configured)
         report.warnings += [f"table {t!r} still has syncd triggers but is not configured; run syncd uninstall "
                             "to remove every trigger, then install again" for t in strays]
-        set_meta(conn, "schema_version", str(SCHEMA_VERSION))
     return report
 
 
 def install_trigger(conn: apsw.Connection, name: str, sql: str, current: dict[str, tuple[str, str]],
                     report: InstallReport) -> None:
+    """Create trigger `name` from `sql` unless `current` ({name: (table, sql)}) holds it exactly; one of that name
+    with other SQL is dropped first. Records which in `report`."""
     if name in current and current[name][1] == sql:
         report.unchanged.append(name)
         return
@@ -286,37 +229,10 @@ def install_trigger(conn: apsw.Connection, name: str, sql: str, current: dict[st
     conn.execute(sql)
 
 
-def record_table(conn: apsw.Connection, capture: Capture) -> None:
-    set_meta(conn, f"table:{capture.table.name}", json.dumps({"key": capture.key, "target": capture.target}))
-
-
-def unix_time(day: float) -> float:
-    return (day - UNIX_EPOCH_JULIAN_DAY) * 86400.0
-
-
-def julian_day(unix: float) -> float:
-    return unix / 86400.0 + UNIX_EPOCH_JULIAN_DAY
-
-
-def installed_key(conn: apsw.Connection, table: str) -> list[str] | None:
-    """The key columns a table had when it was last installed."""
-    row = conn.execute("SELECT value FROM _syncd_meta WHERE key = ?", (f"table:{table}",)).fetchone()
-    return json.loads(row[0])["key"] if row else None
-
-
-def set_meta(conn: apsw.Connection, key: str, value: str) -> None:
-    """Write a meta entry only when it differs, so a repeated install writes nothing at all."""
-    row = conn.execute("SELECT value FROM _syncd_meta WHERE key = ?", (key,)).fetchone()
-    if row is None or row[0] != value:
-        conn.execute("INSERT OR REPLACE INTO _syncd_meta (key, value) VALUES (?, ?)", (key, value))
-
-
-def owned_objects_exist(conn: apsw.Connection) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_schema WHERE name = '_syncd_outbox'").fetchone() is not None
-
-
 @dataclass
 class UninstallReport:
+    """What `uninstall` dropped: syncd's triggers, and (with drop_outbox) its tables, by name."""
+
     dropped_triggers: list[str] = field(default_factory=list)
     dropped_tables: list[str] = field(default_factory=list)
 
@@ -331,42 +247,27 @@ def uninstall(conn: apsw.Connection, *, drop_outbox: bool = False, force: bool =
     """
     report = UninstallReport()
     if archive is not None:
-        archive_tables(conn, archive)
+        if archive.exists():
+            raise CaptureError(f"archive {archive} already exists; choose a new file name")
+        if not outbox.installed(conn):
+            raise CaptureError("there is nothing to archive: syncd's tables are not in this database")
+        outbox.archive(conn, archive)
         drop_outbox, force = True, True
     with immediate(conn):
         for name in existing_triggers(conn):
             conn.execute(f"DROP TRIGGER {quote_ident(name)}")
             report.dropped_triggers.append(name)
-        if drop_outbox and owned_objects_exist(conn):
-            check_empty_before_drop(conn, force)
-            for table in OWNED_TABLES:
-                conn.execute(f"DROP TABLE IF EXISTS {table}")
-                report.dropped_tables.append(table)
-        elif owned_objects_exist(conn):
-            for key in [r[0] for r in conn.execute("SELECT key FROM _syncd_meta WHERE key LIKE 'table:%'")]:
-                conn.execute("DELETE FROM _syncd_meta WHERE key = ?", (key,))
+        if drop_outbox and outbox.installed(conn):
+            refuse_losing_changes(conn, force)
+            report.dropped_tables += outbox.drop(conn)
+        elif outbox.installed(conn):
+            outbox.forget_tables(conn)
     return report
 
 
-def archive_tables(conn: apsw.Connection, path: Path) -> None:
-    """Copy syncd's tables into a new SQLite file (committed before anything is dropped)."""
-    if path.exists():
-        raise CaptureError(f"archive {path} already exists; choose a new file name")
-    if not owned_objects_exist(conn):
-        raise CaptureError("there is nothing to archive: syncd's tables are not in this database")
-    apsw.Connection(str(path)).close()  # create it: the app's file was opened without CREATE, and ATTACH inherits that
-    conn.execute("ATTACH DATABASE ? AS syncd_archive", (str(path),))
-    try:
-        with immediate(conn):
-            for table in OWNED_TABLES:
-                conn.execute(f"CREATE TABLE syncd_archive.{table} AS SELECT * FROM main.{table}")
-    finally:
-        conn.execute("DETACH DATABASE syncd_archive")
-
-
-def check_empty_before_drop(conn: apsw.Connection, force: bool) -> None:
-    pending = conn.execute("SELECT count(*) FROM _syncd_outbox").fetchone()[0]
-    dead = conn.execute("SELECT count(*) FROM _syncd_dead_letter").fetchone()[0]
+def refuse_losing_changes(conn: apsw.Connection, force: bool) -> None:
+    """Raise CaptureError when dropping syncd's tables would lose changes that never reached the secondary."""
+    pending, dead = outbox.pending_total(conn), outbox.count_dead_letters(conn)
     if (pending or dead) and not force:
         raise CaptureError(f"the outbox holds {pending} pending change(s) and {dead} dead letter(s) that never "
                            "reached the secondary; let the daemon drain them, or add --force to drop them anyway")

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 import apsw
 import jwt
 
-from syncd import capture
+from syncd import capture, outbox
 from syncd.auth import TokenSource
 from syncd.config import Config, TableConfig
-from syncd.daemon import open_target
 from syncd.mapping import TableMapping
 from syncd.sqlite import quote_ident
-from syncd.target import PostgrestTarget, TargetError
+from syncd.target import PostgrestTarget, TargetError, open_target
 
 EXPIRY_WARNING_DAYS = 30
 NUMERIC = {"smallint", "integer", "bigint", "numeric", "real", "double precision"}
@@ -41,24 +40,29 @@ ORDER BY 1, 2, 3
 
 @dataclass
 class Finding:
+    """One result of `syncd check`: its level, what it is about, what was found, and the fix."""
+
     level: str  # ok | skip | warn | error
     subject: str
     message: str
     fix: str | None = None
 
     def line(self) -> str:
+        """The finding as printed: `LEVEL subject: message`, and the fix on a second line when there is one."""
         text = f"{self.level.upper():5} {self.subject}: {self.message}"
         return text + (f"\n      fix: {self.fix}" if self.fix else "")
 
 
 def check_source(conn: apsw.Connection, config: Config) -> tuple[list[Finding], dict[str, capture.Capture]]:
+    """The SQLite side: every configured table capturable and, once syncd is installed, its triggers in place.
+    Returns (findings, {table name: Capture} of the tables that can be captured)."""
     findings, planned = [], {}
     for table in config.tables:
         try:
             planned[table.name] = capture.plan_table(conn, table)
         except capture.CaptureError as exc:
             findings.append(Finding("error", f"sqlite {table.name}", str(exc)))
-    if not capture.owned_objects_exist(conn):
+    if not outbox.installed(conn):
         findings.append(Finding("warn", "sqlite", "syncd is not installed: changes are not captured yet",
                                 "syncd install"))
     else:
@@ -101,7 +105,9 @@ def check_key(config: Config, now: float) -> list[Finding]:
 
 def check_table(target: PostgrestTarget, spec: dict[str, object], table: TableConfig, plan: capture.Capture,
                 columns: list[tuple[str, str]]) -> list[Finding]:
-    """columns: (SQLite column, declared type) of the source table."""
+    """The secondary's side of one table, from PostgREST's OpenAPI description `spec`: the target table and every
+    shipped column exist with a compatible type, NOT NULL columns without default are fed, and the key can be used
+    for upserts (probed with an empty one). `columns`: (SQLite column, declared type) of the source table."""
     mapping = TableMapping.from_config(table, plan.key)
     subject = f"{table.name} -> {mapping.target}"
     definition = (spec.get("definitions") or {}).get(mapping.target)  # type: ignore[union-attr]
@@ -155,6 +161,9 @@ def type_problem(transform: str | None, declared: str, target_format: str) -> st
 
 
 def check_policies(pg_url: str) -> list[Finding]:
+    """Row-level security policies that read `request.jwt.claim.*` (PostgREST v12 sets only `request.jwt.claims`, so
+    they never match), looked up in PostgreSQL's `pg_policies` at `pg_url`. Needs psycopg (the devserver extra):
+    raises ImportError without it, psycopg.Error when the database cannot be reached or read."""
     import psycopg
 
     with psycopg.connect(pg_url) as conn:
@@ -165,8 +174,9 @@ def check_policies(pg_url: str) -> list[Finding]:
         or [Finding("ok", "policies", "no policy reads request.jwt.claim.*")]
 
 
-def run_checks(config: Config, conn: apsw.Connection, tokens: TokenSource, pg_url: str | None = None,
+def run_checks(config: Config, conn: apsw.Connection, tokens: TokenSource | None = None, pg_url: str | None = None,
                now: float | None = None) -> list[Finding]:
+    """Every check, in the order `syncd check` prints them (`tokens`: default the configuration's)."""
     now = time.time() if now is None else now
     findings = [Finding("ok", "config", "loaded and valid")]
     source, planned = check_source(conn, config)
@@ -188,3 +198,15 @@ def run_checks(config: Config, conn: apsw.Connection, tokens: TokenSource, pg_ur
     else:
         findings.append(Finding("skip", "policies", "not checked (give --pg-url to look for request.jwt.claim.*)"))
     return findings
+
+
+def render(findings: list[Finding]) -> str:
+    """What `syncd check` prints: one finding a line (with its fix), then the count of errors and warnings."""
+    errors = sum(f.level == "error" for f in findings)
+    warnings = sum(f.level == "warn" for f in findings)
+    return "\n".join([*(finding.line() for finding in findings), f"{errors} error(s), {warnings} warning(s)"])
+
+
+def passed(findings: list[Finding]) -> bool:
+    """No finding is an error (warnings pass)."""
+    return not any(f.level == "error" for f in findings)

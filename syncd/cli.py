@@ -1,4 +1,8 @@
-"""The `syncd` command line: parse, validate, call, print. No logic of its own."""
+"""The `syncd` command line: parse, validate, call one library function, print. No logic of its own.
+
+Defaults shown in `--help` come from where they are defined (the config model, the modules that use them),
+never from a second copy here. Mistakes an operator can fix are one message and exit 2, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +10,34 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 import apsw
 
 from syncd import __version__, auth, capture, sqlite, status, timeparse
 from syncd import replay as operations
-from syncd.config import Config, ConfigError, load_config
+from syncd.config import Config, ConfigError, WorkerConfig, load_config
 from syncd.progress import Progress
-from syncd.target import TargetError
+from syncd.target import TargetError, open_target
+from syncd.verify import PAGE
 
 # Mistakes an operator can fix: printed as one clear message, never as a traceback.
 USER_ERRORS = (ConfigError, capture.CaptureError, sqlite.DatabaseNotFound, apsw.BusyError, apsw.SQLError, TargetError)
 
 
 def load(args: argparse.Namespace, **overrides: object) -> Config:
+    """The configuration for a command: its --config and --db, then `overrides` (dotted keys). Raises ConfigError."""
     return load_config(args.config, overrides={"source.path": args.db, **overrides})
 
 
 def bad_argument(flag: str, problem: str) -> ConfigError:
+    """The ConfigError for a bad flag value: `flag: problem`."""
     return ConfigError("invalid arguments (1 problem):", [f"{flag}: {problem}"])
 
 
 def install(args: argparse.Namespace) -> int:
+    """`syncd install`: create syncd's tables and the triggers; print what changed."""
     config = load(args)
     report = capture.install(sqlite.connect(config.source.path), config)
     print(f"installed in {config.source.path}: {len(report.created)} trigger(s) created, "
@@ -44,6 +50,7 @@ def install(args: argparse.Namespace) -> int:
 
 
 def uninstall(args: argparse.Namespace) -> int:
+    """`syncd uninstall`: remove the triggers (and, as asked, archive or drop syncd's tables)."""
     config = load(args)
     report = capture.uninstall(sqlite.connect(config.source.path), drop_outbox=args.drop_outbox, force=args.force,
                                archive=args.archive)
@@ -56,6 +63,7 @@ def uninstall(args: argparse.Namespace) -> int:
 
 
 def show_status(args: argparse.Namespace) -> int:
+    """`syncd status`: exit 0 when healthy, 1 when something needs an operator."""
     config = load(args)
     result = status.collect(sqlite.connect(config.source.path), config, max_lag=args.max_lag)
     print(json.dumps(result.as_dict(), indent=2) if args.json else status.render(result))
@@ -63,6 +71,7 @@ def show_status(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`syncd run`: the daemon, until a signal (or, with --once, until the outbox is empty)."""
     from syncd import daemon
 
     config = load(args, **{f"worker.{k}": getattr(args, k) for k in WORKER_FLAGS})
@@ -72,24 +81,30 @@ def run(args: argparse.Namespace) -> int:
 WORKER_FLAGS = ("batch_size", "poll_interval", "shutdown_timeout", "metrics_addr")
 
 
+def worker_help(key: str) -> str:
+    """A [worker] key's flag help: its description and default, from the config model."""
+    field = WorkerConfig.model_fields[key]
+    return f"{field.description} (default {field.default}; [worker] {key})"
+
+
 def add_run_command(commands: argparse._SubParsersAction) -> None:
+    """Register `run`, its [worker] flags described from the config model."""
     p = commands.add_parser("run", help="drain the outbox to the secondary (the daemon)",
                             description="Ship every captured change to PostgREST: wake on commits, batch, retry "
                                         "transient failures forever, dead-letter rows the secondary refuses, "
                                         "serve /metrics, /healthz and /readyz.")
     add_config_options(p)
     p.add_argument("--once", action="store_true", help="drain until the outbox is empty, then exit")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="outbox entries per batch (default 500)")
-    p.add_argument("--poll-interval", dest="poll_interval", type=float,
-                   help="seconds between checks when no change wakes the loop (default 1)")
-    p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float,
-                   help="seconds to finish the request in flight at SIGTERM (default 10)")
-    p.add_argument("--metrics-addr", dest="metrics_addr", help="host:port of /metrics (default 127.0.0.1:9464)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help=worker_help("batch_size"))
+    p.add_argument("--poll-interval", dest="poll_interval", type=float, help=worker_help("poll_interval"))
+    p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, help=worker_help("shutdown_timeout"))
+    p.add_argument("--metrics-addr", dest="metrics_addr", help=worker_help("metrics_addr"))
     p.add_argument("--log-format", choices=("json", "console"), default="json", help="log lines for machines or people")
     p.set_defaults(run=run)
 
 
 def replay(args: argparse.Namespace) -> int:
+    """`syncd replay`: dead letters, or the keys shipped in a time window, back into the outbox."""
     config = load(args)
     conn = sqlite.connect(config.source.path)
     if args.dead_letters:
@@ -98,15 +113,12 @@ def replay(args: argparse.Namespace) -> int:
                                                     progress=progress)
         what = "dead letter(s)"
     else:
-        now = time.time()
-        try:
-            since = operations.parse_time(args.since, now)
-            until = operations.parse_time(args.until, now) if args.until else None
-        except ValueError as exc:
-            raise bad_argument("--since/--until", str(exc)) from None
         with Progress("replay") as progress:
-            result = operations.replay_journal(conn, since, until, table=args.table, dry_run=args.dry_run,
-                                               progress=progress)
+            try:
+                result = operations.replay_window(conn, args.since, args.until, table=args.table,
+                                                  dry_run=args.dry_run, progress=progress)
+            except ValueError as exc:
+                raise bad_argument("--since/--until", str(exc)) from None
         what = "shipped key(s) from the journal"
     verb = "would re-enqueue" if result.dry_run else "re-enqueued"
     print(f"{verb} {result.keys} {what}" + ("" if result.dry_run else "; `syncd run` ships them"))
@@ -114,20 +126,18 @@ def replay(args: argparse.Namespace) -> int:
 
 
 def resync(args: argparse.Namespace) -> int:
+    """`syncd resync` / `backfill`: every key of a table into the outbox."""
     config = load(args)
-    table_config = config.table(args.table)
-    if table_config is None:
-        raise capture.CaptureError(f"table {args.table!r} is not configured; add a [[table]] section for it")
-    conn = sqlite.connect(config.source.path)
-    planned = capture.plan_table(conn, table_config)
     with Progress(f"resync {args.table}") as progress:
-        result = operations.resync(conn, planned, where=args.where, dry_run=args.dry_run, progress=progress)
+        result = operations.resync_table(sqlite.connect(config.source.path), config, args.table, where=args.where,
+                                         dry_run=args.dry_run, progress=progress)
     verb = "would enqueue" if result.dry_run else "enqueued"
     print(f"{verb} {result.keys} key(s) of {args.table}" + ("" if result.dry_run else "; `syncd run` ships them"))
     return 0
 
 
 def add_operation_commands(commands: argparse._SubParsersAction) -> None:
+    """Register `replay`, `resync` and its alias `backfill`."""
     p = commands.add_parser("replay", help="re-enqueue dead letters, or keys shipped in a time window",
                             description="Put keys back into the outbox: dead letters after their cause was "
                                         "fixed, or every key shipped in a window (a secondary restored from an "
@@ -153,6 +163,7 @@ def add_operation_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def jwt_secret(args: argparse.Namespace, required: bool) -> str | None:
+    """The JWT secret from --secret or $SUPABASE_JWT_SECRET; ConfigError when required and missing or short."""
     secret = args.secret or os.environ.get("SUPABASE_JWT_SECRET")
     if required and not secret:
         raise bad_argument("--secret", "missing; pass --secret or set SUPABASE_JWT_SECRET (try: syncd jwt gen)")
@@ -162,6 +173,7 @@ def jwt_secret(args: argparse.Namespace, required: bool) -> str | None:
 
 
 def duration(flag: str, text: str) -> float:
+    """A duration flag's value in seconds ('90s', '2h'); ConfigError naming the flag otherwise."""
     try:
         return timeparse.parse_duration(text)
     except ValueError as exc:
@@ -169,21 +181,19 @@ def duration(flag: str, text: str) -> float:
 
 
 def jwt_gen(args: argparse.Namespace) -> int:
+    """`syncd jwt gen`: a new secret and its anon and service_role keys."""
     try:
         secret = auth.generate_secret(args.secret_length)
     except ValueError as exc:
         raise bad_argument("--secret-length", str(exc)) from None
     lifetime = duration("--expires-in", args.expires_in)
-    anon = auth.mint_token(secret, "anon", expires_in=lifetime)
-    service = auth.mint_token(secret, "service_role", expires_in=lifetime)
-    print(f"Generated JWT Secret ({len(secret)} chars):\n{secret}\n\nPostgREST Configuration:\n"
-          f"PGRST_JWT_SECRET={secret}\n\nAnon Key (role=anon):\n{anon}\n\n"
-          f"Service Role Key (role=service_role):\n{service}\n\nFor .env.local:\nSUPABASE_JWT_SECRET={secret}\n"
-          f"SUPABASE_ANON_KEY={anon}\nSUPABASE_SERVICE_KEY={service}")
+    print(auth.render_keys(secret, auth.mint_token(secret, "anon", expires_in=lifetime),
+                           auth.mint_token(secret, "service_role", expires_in=lifetime)))
     return 0
 
 
 def jwt_sign(args: argparse.Namespace) -> int:
+    """`syncd jwt sign`: one token for a role."""
     secret = jwt_secret(args, required=True)
     claims: dict[str, object] = {k: v for k, v in (("sub", args.sub), ("email", args.email)) if v}
     aud = args.aud or ("authenticated" if args.role == "authenticated" else None)
@@ -194,45 +204,28 @@ def jwt_sign(args: argparse.Namespace) -> int:
 
 
 def jwt_verify(args: argparse.Namespace) -> int:
+    """`syncd jwt verify`: a token's signature, role and expiry; exit 1 when it would be refused."""
     report = auth.inspect_token(args.token, jwt_secret(args, required=False))
-    if report.problem:
-        print(f"INVALID: {report.problem}")
-        return 1
-    claims = report.claims
-    print(f"signature: {report.signature}")
-    print(f"role:      {claims.get('role', '(none: PostgREST uses the anonymous role)')}")
-    for name in ("sub", "aud", "email", "iss"):
-        if name in claims:
-            print(f"{name + ':':10} {claims[name]}")
-    for name in ("iat", "exp"):
-        if isinstance(claims.get(name), int | float):
-            print(f"{name + ':':10} {datetime.fromtimestamp(claims[name], UTC).isoformat()}")
-    if report.expired:
-        ago = status.age(time.time() - claims["exp"])
-        print(f"EXPIRED {ago} ago: PostgREST answers 401 PGRST301 'JWT expired'; sign a new one (syncd jwt sign)")
-    elif "exp" not in claims:
-        print("expires:   never (no exp claim)")
-    return 0 if report.signature != "INVALID" and not report.expired else 1
+    print(report.render())
+    return 0 if report.ok else 1
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from syncd import check, daemon
+    """`syncd check`: every check with its fix; exit 1 on any error."""
+    from syncd import check
 
     config = load(args)
-    findings = check.run_checks(config, sqlite.connect(config.source.path), daemon.token_source(config), args.pg_url)
-    for finding in findings:
-        print(finding.line())
-    errors = sum(f.level == "error" for f in findings)
-    warnings = sum(f.level == "warn" for f in findings)
-    print(f"{errors} error(s), {warnings} warning(s)")
-    return 1 if errors else 0
+    findings = check.run_checks(config, sqlite.connect(config.source.path), pg_url=args.pg_url)
+    print(check.render(findings))
+    return 0 if check.passed(findings) else 1
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from syncd import daemon, verify
+    """`syncd verify`: compare (and with --repair, enqueue the differences); exit 1 when not equal."""
+    from syncd import verify
 
     config = load(args)
-    with daemon.open_target(config) as target:
+    with open_target(config) as target:
         result = verify.verify(sqlite.connect(config.source.path), config, target, tables=args.table,
                                repair=args.repair, dry_run=args.dry_run, page=args.page_size, progress=Progress)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.render())
@@ -240,26 +233,20 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_cutover(args: argparse.Namespace) -> int:
-    from syncd import cutover, daemon
+    """`syncd cutover`: ready to switch the app to the secondary? Exit 1 with the reasons when not."""
+    from syncd import cutover
 
     config = load(args)
     timeout = duration("--timeout", args.timeout)
-    with daemon.open_target(config) as target:
+    with open_target(config) as target:
         readiness = cutover.check_readiness(sqlite.connect(config.source.path), config, target, timeout=timeout,
                                             progress=Progress)
-    if readiness.verification is not None:
-        print(readiness.verification.render())
-    if not readiness.ready:
-        print("\nNOT READY to cut over:")
-        for reason in readiness.reasons:
-            print(f"  - {reason}")
-        return 1
-    print("\nREADY to cut over: the outbox is empty, no dead letters, every table equal.\n")
-    print(cutover.instructions(config))
-    return 0
+    print(cutover.render(readiness, config))
+    return 0 if readiness.ready else 1
 
 
 def add_verify_commands(commands: argparse._SubParsersAction) -> None:
+    """Register `verify` and `cutover`."""
     p = commands.add_parser("verify", help="compare the source and the secondary row by row; --repair fixes",
                             description="Stream both sides in key order (keyset pagination), hash each row after "
                                         "mapping, and report counts and the keys missing, extra and different "
@@ -270,7 +257,7 @@ def add_verify_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--repair", action="store_true", help="enqueue every differing key; `syncd run` ships them")
     p.add_argument("--dry-run", action="store_true", help="with --repair: count what would be enqueued")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--page-size", dest="page_size", type=int, default=5000, help="rows per read (default 5000)")
+    p.add_argument("--page-size", dest="page_size", type=int, default=PAGE, help=f"rows per read (default {PAGE})")
     p.set_defaults(run=run_verify)
     p = commands.add_parser("cutover", help="wait for an empty outbox, verify, and say how to switch the app",
                             description="The seed's Phase 3, checked: wait until the daemon has drained the "
@@ -284,6 +271,7 @@ def add_verify_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def add_check_command(commands: argparse._SubParsersAction) -> None:
+    """Register `check`."""
     p = commands.add_parser("check", help="check config, key, connectivity and the secondary's tables before a run",
                             description="Check the configuration, the SQLite side, the key (role, expiry), "
                                         "connectivity, and that every mapped table and column exists in the "
@@ -296,6 +284,7 @@ def add_check_command(commands: argparse._SubParsersAction) -> None:
 
 
 def add_jwt_commands(commands: argparse._SubParsersAction) -> None:
+    """Register `jwt` and its verbs `gen`, `sign`, `verify`."""
     p = commands.add_parser("jwt", help="JWT secrets and keys for PostgREST / Supabase (gen, sign, verify)",
                             description="What the seed's tools/gen_jwt.py did: a secret with the PostgREST setting "
                                         "line and anon/service_role keys; sign a token for a role; verify one.")
@@ -320,11 +309,13 @@ def add_jwt_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def add_config_options(p: argparse.ArgumentParser) -> None:
+    """--config and --db, which every command that reads the app's file takes."""
     p.add_argument("--config", type=Path, help="TOML configuration file (default: $SYNCD_CONFIG)")
     p.add_argument("--db", help="the application's SQLite file (overrides source.path and $SYNCD_DB)")
 
 
 def add_capture_commands(commands: argparse._SubParsersAction) -> None:
+    """Register `install`, `uninstall` and `status`."""
     p = commands.add_parser("install", help="create the outbox and the capture triggers (idempotent)",
                             description="Create syncd's tables and the triggers of every configured table in one "
                                         "transaction. Refuses, without touching the file, tables it cannot capture.")
@@ -346,11 +337,13 @@ def add_capture_commands(commands: argparse._SubParsersAction) -> None:
     add_config_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--max-lag", type=float, default=status.DEFAULT_MAX_LAG_SECONDS,
-                   help="pending changes older than this many seconds are a problem (default 300)")
+                   help="pending changes older than this many seconds are a problem "
+                        f"(default {status.DEFAULT_MAX_LAG_SECONDS:g})")
     p.set_defaults(run=show_status)
 
 
 def dev_server(args: argparse.Namespace) -> int:
+    """`syncd dev-server`: the PostgREST-compatible server, until SIGTERM/SIGINT (exit 2 without its extra)."""
     try:
         from syncd.devserver import server
     except ImportError as exc:
@@ -368,6 +361,7 @@ def dev_server(args: argparse.Namespace) -> int:
 
 
 def add_dev_server(commands: argparse._SubParsersAction) -> None:
+    """Register `dev-server`."""
     p = commands.add_parser(
         "dev-server", help="serve the PostgREST protocol over a real PostgreSQL, for tests and the demo",
         description="Start (or connect to) PostgreSQL, apply the migrations, and serve a PostgREST v12-"
@@ -391,6 +385,7 @@ def add_dev_server(commands: argparse._SubParsersAction) -> None:
 
 
 def add_demo_command(commands: argparse._SubParsersAction) -> None:
+    """Register `demo` (its flags are the demo package's)."""
     from syncd import demo
 
     p = commands.add_parser(
@@ -405,6 +400,7 @@ def add_demo_command(commands: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: every command, its flags and help."""
     parser = argparse.ArgumentParser(prog="syncd", description="Keep PostgreSQL (PostgREST / Supabase) in "
                                      "step with an application's SQLite file.")
     parser.add_argument("--version", action="version", version=f"syncd {__version__}")
@@ -421,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` and run the command; its exit code (2 for a mistake an operator can fix, printed as one line)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):

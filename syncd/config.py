@@ -110,6 +110,7 @@ class TableConfig(BaseModel):
 
     @property
     def target_name(self) -> str:
+        """The target table's name: `target`, or the SQLite name when it is not set."""
         return self.target or self.name
 
     @field_validator("name")
@@ -394,6 +395,7 @@ class EnvironmentSettings(BaseSettings):
 
     @classmethod
     def variable_names(cls) -> list[str]:
+        """The names of the environment variables syncd reads (SYNCD_CONFIG, SYNCD_DB, SUPABASE_URL, ...)."""
         return [str(field.validation_alias) for field in cls.model_fields.values()]
 
     def layer(self) -> list[tuple[str, object, str]]:
@@ -423,6 +425,8 @@ class _MappingEnvironmentSettings(EnvironmentSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only the keyword arguments: not os.environ, a .env file or a secrets directory (pydantic-settings' other
+        sources)."""
         return (init_settings,)
 
 

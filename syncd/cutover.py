@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import apsw
 
-from syncd import capture, outbox
+from syncd import outbox
 from syncd.config import REST_PATH, Config
+from syncd.lease import read_lease
 from syncd.progress import ReporterFactory, Silent
 from syncd.target import PostgrestTarget
 from syncd.verify import Verification, verify
@@ -24,23 +25,22 @@ POLL_SECONDS = 0.5
 
 @dataclass
 class Readiness:
+    """The verdict of `check_readiness`: why the cutover must wait, and the verification when one ran."""
+
     reasons: list[str] = field(default_factory=list)  # why not; empty when ready
     verification: Verification | None = None
 
     @property
     def ready(self) -> bool:
+        """Nothing stands in the way of the cutover."""
         return not self.reasons
-
-
-def outbox_pending(conn: apsw.Connection) -> int:
-    return sum(p.count for p in outbox.pending_by_table(conn).values())
 
 
 def wait_until_drained(conn: apsw.Connection, timeout: float, progress: ReporterFactory = Silent, *,
                        clock: Callable[[], float] = time.monotonic,
                        sleep: Callable[[float], None] = time.sleep) -> int:
-    """Wait until the outbox is empty or `timeout` passed; the entries still pending (0 when drained)."""
-    pending = outbox_pending(conn)
+    """Wait until the outbox is empty or `timeout` seconds passed; the entries still pending (0 when drained)."""
+    pending = outbox.pending_total(conn)
     if not pending:
         return 0
     deadline = clock() + timeout
@@ -48,7 +48,7 @@ def wait_until_drained(conn: apsw.Connection, timeout: float, progress: Reporter
     total = pending
     while pending and clock() < deadline:
         sleep(POLL_SECONDS)
-        pending = outbox_pending(conn)
+        pending = outbox.pending_total(conn)
         total = max(total, pending)  # the app may still be writing
         report.set_total(total)
         report(total - pending)
@@ -58,13 +58,17 @@ def wait_until_drained(conn: apsw.Connection, timeout: float, progress: Reporter
 
 def check_readiness(conn: apsw.Connection, config: Config, target: PostgrestTarget, *, timeout: float,
                     progress: ReporterFactory = Silent) -> Readiness:
-    if not capture.owned_objects_exist(conn):
+    """Whether the application can switch to the secondary now: syncd installed, the outbox drained within `timeout`
+    seconds (a daemon must be shipping it), no dead letters, no table halted, and `verify` finding every table equal.
+    Every reason against is collected in the answer. Raises TargetError when PostgREST's OpenAPI description of the
+    secondary cannot be read (transient failures are retried first)."""
+    if not outbox.installed(conn):
         return Readiness([f"syncd is not installed in {config.source.path}: nothing was shipped (syncd install, "
                           "syncd resync --table T, syncd run)"])
     readiness = Readiness()
     left = wait_until_drained(conn, timeout, progress)
     if left:
-        lease = outbox.read_lease(conn)
+        lease = read_lease(conn)
         if lease is None or not lease.alive(time.time()):
             readiness.reasons.append(f"{left:,} change(s) pending and no daemon holds the lease, so nothing drains "
                                      "the outbox: start `syncd run` (or `syncd run --once`)")
@@ -106,4 +110,16 @@ def instructions(config: Config) -> str:
               "what it writes meanwhile ships too. Once the application runs on Supabase and `syncd status` shows",
               "nothing pending, stop syncd and archive its tables (Phase 4):",
               f"  syncd uninstall --archive {config.source.path.with_suffix('.syncd-archive.sqlite3')}"]
+    return "\n".join(lines)
+
+
+def render(readiness: Readiness, config: Config) -> str:
+    """What `syncd cutover` prints: the verification, then READY with the instructions, or NOT READY with
+    every reason."""
+    lines = [readiness.verification.render()] if readiness.verification is not None else []
+    if not readiness.ready:
+        lines += ["", "NOT READY to cut over:", *(f"  - {reason}" for reason in readiness.reasons)]
+    else:
+        lines += ["", "READY to cut over: the outbox is empty, no dead letters, every table equal.", "",
+                  instructions(config)]
     return "\n".join(lines)

@@ -1,8 +1,11 @@
-"""`syncd run`: build the daemon's parts from the configuration and drive the worker until a signal.
+"""`syncd run`: the wiring. Build the daemon's parts from the configuration (the application's file, the
+secondary, the metrics server, the wake-up sources, the worker) and drive the worker until a signal.
 
 Signals: SIGTERM/SIGINT stop claiming, let the request in flight finish within the shutdown timeout
 (or abandon it: nothing unacknowledged is ever deleted, so that is safe) and exit 0; a second one exits
 at once. SIGUSR1 wakes the loop; SIGHUP resumes tables halted by a configuration error.
+
+Only the command line imports this module.
 """
 
 from __future__ import annotations
@@ -13,36 +16,19 @@ import sys
 import threading
 from types import FrameType
 
-from syncd import capture, logs, sqlite
-from syncd.auth import MintedTokens, StaticToken, TokenSource
+from syncd import capture, logs, outbox, sqlite
 from syncd.config import Config, ConfigError
 from syncd.logs import get_logger
 from syncd.metrics import Metrics, serve
-from syncd.target import PostgrestTarget
+from syncd.observer import Observer
+from syncd.target import open_target, token_source
 from syncd.wake import Waker
 from syncd.worker import Worker
 
 
-def token_source(config: Config) -> TokenSource:
-    """Mint short-lived service_role tokens when the JWT secret is known, else send the service key."""
-    target = config.target
-    if target.jwt_secret is not None:
-        return MintedTokens(target.jwt_secret.get_secret_value())
-    if target.service_key is not None:
-        return StaticToken(target.service_key.get_secret_value())
-    raise ConfigError("invalid configuration (1 problem):", [
-        "target.service_key: missing; set SUPABASE_SERVICE_KEY (or service_key_file), or SUPABASE_JWT_SECRET "
-        "so syncd mints its own service_role tokens"])
-
-
-def open_target(config: Config, tokens: TokenSource | None = None) -> PostgrestTarget:
-    """The PostgREST client every command that talks to the secondary uses, built from the configuration."""
-    apikey = config.target.effective_apikey
-    return PostgrestTarget(config.target.url, tokens or token_source(config), schema=config.target.schema_name,
-                           apikey=apikey.get_secret_value() if apikey else None, timeout=config.worker.request_timeout)
-
-
 def run(config: Config, *, once: bool = False, log_format: str = "json") -> int:
+    """Run the daemon until SIGTERM/SIGINT (or, with `once`, until the outbox is empty); the exit code.
+    Raises ConfigError, CaptureError or DatabaseNotFound before anything starts."""
     logs.configure(log_format)
     log = get_logger()
     tokens = token_source(config)
@@ -52,18 +38,21 @@ def run(config: Config, *, once: bool = False, log_format: str = "json") -> int:
         # ship again, so syncd's own commits need no fsync (the app's durability stays the app's setting).
         # Outside WAL, NORMAL is not corruption-safe: keep SQLite's default there.
         conn.execute("PRAGMA synchronous = NORMAL")
-    if not capture.owned_objects_exist(conn):
+    if not outbox.installed(conn):
         raise capture.CaptureError(f"syncd is not installed in {config.source.path}; run: syncd install")
-    target = open_target(config, tokens)
     metrics = Metrics()
     metrics.health.alive_within = max(60.0, 5 * config.worker.poll_interval)
+    observer = Observer(metrics, log)
+    source_of = {table.target_name: table.name for table in config.tables}
+    target = open_target(config, tokens, on_renewed=lambda table, error: observer.token_renewed(
+        source_of.get(table, table), error))
     try:
         server = serve(metrics, config.worker.metrics_addr)
     except OSError as exc:
         raise ConfigError("invalid configuration (1 problem):", [
             f"worker.metrics_addr: cannot listen on {config.worker.metrics_addr} ({exc.strerror}); "
             "choose another with --metrics-addr"]) from None
-    worker = Worker(conn, config, target, metrics, tokens)
+    worker = Worker(conn, config, target, observer)
     waker = Waker(conn, config.source.path)
     waker.start()
     stop = threading.Event()
@@ -89,6 +78,9 @@ def run(config: Config, *, once: bool = False, log_format: str = "json") -> int:
 
 
 def install_signal_handlers(stop: threading.Event, waker: Waker, worker: Worker) -> None:
+    """SIGTERM and SIGINT set `stop` and wake the loop (a second one exits at once with 128 + the signal number);
+    SIGUSR1 wakes the loop; SIGHUP asks `worker` to resume halted tables. Call it from the main thread: Python's
+    `signal.signal` raises ValueError anywhere else."""
     def on_stop(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():
             os._exit(128 + signum)  # second signal: at once (safe: nothing is acknowledged early)

@@ -9,6 +9,8 @@ import structlog
 
 
 def configure(log_format: str = "json", level: int = logging.INFO) -> None:
+    """Set up structlog for the whole process: JSON lines (`log_format` "json") or plain text for people ("console"),
+    on stderr, with the level and an ISO 8601 UTC timestamp, dropping events below `level` (a `logging` level)."""
     console = log_format == "console"
     renderer = structlog.dev.ConsoleRenderer(colors=False) if console else structlog.processors.JSONRenderer()
     structlog.configure(
@@ -21,4 +23,5 @@ def configure(log_format: str = "json", level: int = logging.INFO) -> None:
 
 
 def get_logger() -> structlog.typing.FilteringBoundLogger:
+    """The logger every syncd module logs through (structlog's, named "syncd")."""
     return structlog.get_logger("syncd")

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from syncd.config import TRANSFORMS, TableConfig
+from syncd.keys import InvalidText
 
-__all__ = ["InvalidText", "RowError", "TableMapping"]
+__all__ = ["RowError", "TableMapping"]
 
 Converter = Callable[[object], object]
 # (target column, converter or None for "no transform"); None instead of the tuple: the column is excluded.
@@ -37,10 +38,6 @@ BOOL_ACCEPTED = "0 or 1, or text '0', '1', 'true', 'false', 't', 'f' (any case)"
 BLOB_FIX = 'set transform = "bytea" (or "vector" for float32 embeddings) in {section} of the config'
 SQLITE_FIX = "fix the value in SQLite"
 _UNKNOWN = object()
-
-
-class InvalidText(bytes):
-    """A TEXT value that is not valid UTF-8, as the reader hands it over (the raw bytes)."""
 
 
 class RowError(Exception):

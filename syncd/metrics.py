@@ -28,16 +28,19 @@ LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 90
 class Health:
     """What /healthz and /readyz answer from: the loop's heartbeat and its last exchange."""
 
-    heartbeat: float = field(default_factory=time.time)
+    heartbeat: float = field(default_factory=time.time)  # unix seconds of the loop's last beat
     target_ok: bool = False
     reason: str = "no exchange with the secondary yet"
     halted: dict[str, str] = field(default_factory=dict)
-    alive_within: float = 60.0
+    alive_within: float = 60.0  # seconds
 
     def alive(self) -> bool:
+        """Whether the loop beat within the last `alive_within` seconds (/healthz)."""
         return time.time() - self.heartbeat < self.alive_within
 
     def ready(self) -> tuple[bool, str]:
+        """(ready, reason) for /readyz: not ready while a table is halted (the reason names each) or when the last
+        exchange with the secondary failed."""
         if self.halted:
             return False, "halted: " + "; ".join(f"{t}: {r}" for t, r in sorted(self.halted.items()))
         return (True, "ok") if self.target_ok else (False, self.reason)
@@ -58,6 +61,7 @@ class BatchHistogram:
         registry.register(self)
 
     def observe_many(self, values: Iterable[float]) -> None:
+        """Count every value (seconds, for the lag) at once, under one lock."""
         counts = [0] * len(self.counts)
         total = 0.0
         for value in values:
@@ -68,9 +72,12 @@ class BatchHistogram:
             self.sum += total
 
     def observe(self, value: float) -> None:
+        """Count one value."""
         self.observe_many((value,))
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
+        """The histogram for prometheus_client's registry: one family with cumulative buckets up to +Inf, and the
+        sum."""
         with self.lock:
             counts, total = list(self.counts), self.sum
         cumulative = list(itertools.accumulate(counts))
@@ -80,10 +87,14 @@ class BatchHistogram:
         yield family
 
     def describe(self) -> list[HistogramMetricFamily]:
+        """The family without samples: the registry takes the metric's names from it when registering."""
         return [HistogramMetricFamily(self.name, self.documentation)]
 
 
 class Metrics:
+    """The daemon's Prometheus registry with every metric syncd exposes (their names and labels are the contract),
+    and the `Health` that /healthz and /readyz answer from."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -110,6 +121,7 @@ class Metrics:
         self.health = Health()
 
     def exposition(self) -> bytes:
+        """The registry in Prometheus' text format: the body of /metrics."""
         return generate_latest(self.registry)
 
 

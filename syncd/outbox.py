@@ -1,107 +1,208 @@
-"""The outbox: the lease, what is pending, and the claim / acknowledge steps of the drain loop.
+"""The outbox and syncd's other tables in the application's file: every read and write of `_syncd_outbox`,
+`_syncd_dead_letter`, `_syncd_journal` and `_syncd_meta` is a function of this module.
 
-The lease is a row of `_syncd_meta` written in a short IMMEDIATE transaction: one daemon holds it
-and renews it; a holder that died stops renewing, and once `expires_at` has passed another may take it.
+- The outbox: what is pending; `claim` (a batch of entries and the current rows of their keys, from one
+  snapshot) and `acknowledge` (one short write transaction: delete what shipped, file dead letters, journal
+  what shipped, move requeued keys to the tail, record halts); `enqueue` for every operation that puts keys in.
+- Dead letters: counted, and moved back into the outbox by a replay.
+- The journal of shipped keys: read by a replay of a time window, expired after its retention.
+- Meta: the installed tables' keys, the daemon's state per table (last shipment, last error, halted) and
+  the lease's row (`syncd.lease` owns what it means).
+
+The triggers that append to the outbox are capture's; the tables themselves are created and dropped here.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
-import socket
 import time
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import apsw
 
-from syncd.capture import decode_key, julian_day, unix_time
-from syncd.mapping import InvalidText
-from syncd.sqlite import immediate, quote_ident
+from syncd.keys import MAX_PARAMS, NOW_SQL, decode_key, julian_day, key_sql, read_rows, unix_time
+from syncd.sqlite import immediate, quote_ident, quote_text
 
-LEASE_KEY = "lease"
-DEFAULT_LEASE_SECONDS = 30.0
+__all__ = [
+    "SCHEMA_VERSION",
+    "Change",
+    "DeadLetter",
+    "Entry",
+    "Pending",
+    "acknowledge",
+    "claim",
+    "create",
+    "dead_letters_by_table",
+    "drop",
+    "enqueue",
+    "installed",
+    "pending_by_table",
+]
+
+SCHEMA_VERSION = 1
+TABLES = {
+    "_syncd_outbox": """CREATE TABLE IF NOT EXISTS _syncd_outbox (
+        seq INTEGER PRIMARY KEY,
+        tbl TEXT NOT NULL,
+        key TEXT NOT NULL,
+        op TEXT NOT NULL,
+        at REAL NOT NULL)""",  # op: I U D, R for a row a REPLACE may delete, S for an enqueued key; at: Julian day
+    "_syncd_dead_letter": """CREATE TABLE IF NOT EXISTS _syncd_dead_letter (
+        id INTEGER PRIMARY KEY,
+        tbl TEXT NOT NULL,
+        key TEXT NOT NULL,
+        op TEXT NOT NULL,
+        enqueued_at REAL NOT NULL,
+        failed_at REAL NOT NULL,
+        status INTEGER,
+        code TEXT,
+        message TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 1)""",  # enqueued_at, failed_at: unix seconds
+    "_syncd_journal": """CREATE TABLE IF NOT EXISTS _syncd_journal (
+        tbl TEXT NOT NULL,
+        key TEXT NOT NULL,
+        shipped_at REAL NOT NULL)""",  # unix seconds
+    "_syncd_meta": """CREATE TABLE IF NOT EXISTS _syncd_meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL)""",
+}
+INDEXES = ["CREATE INDEX IF NOT EXISTS _syncd_journal_shipped_at ON _syncd_journal (shipped_at)"]
+CHUNK = 2000  # keys per transaction when enqueueing many: short write locks, the app is never held up long
 
 
-@dataclass(frozen=True)
-class LeaseInfo:
-    holder: str
-    host: str
-    pid: int
-    expires_at: float
-
-    def alive(self, now: float) -> bool:
-        return self.expires_at > now
+# -- the tables themselves ------------------------------------------------------------------------------
 
 
-def read_lease(conn: apsw.Connection) -> LeaseInfo | None:
-    row = conn.execute("SELECT value FROM _syncd_meta WHERE key = ?", (LEASE_KEY,)).fetchone()
-    if row is None:
-        return None
-    data = json.loads(row[0])
-    return LeaseInfo(data["holder"], data["host"], int(data["pid"]), float(data["expires_at"]))
+def create(conn: apsw.Connection) -> None:
+    """Create syncd's tables and indexes where missing (inside the caller's transaction)."""
+    for ddl in [*TABLES.values(), *INDEXES]:
+        conn.execute(ddl)
+    set_meta(conn, "schema_version", str(SCHEMA_VERSION))
 
 
-class Lease:
-    """The right to drain one database file. `acquire` and `renew` are the same step: take or extend."""
+def installed(conn: apsw.Connection) -> bool:
+    """Whether syncd's tables exist in this file (`syncd install` ran)."""
+    return conn.execute("SELECT 1 FROM sqlite_schema WHERE name = '_syncd_outbox'").fetchone() is not None
 
-    def __init__(self, conn: apsw.Connection, seconds: float = DEFAULT_LEASE_SECONDS,
-                 holder: str | None = None) -> None:
-        self.conn = conn
-        self.seconds = seconds
-        self.holder = holder or uuid.uuid4().hex
 
-    def acquire(self, now: float | None = None) -> bool:
-        """Take the lease if it is free, expired or already ours; False while another live holder has it."""
-        now = time.time() if now is None else now
-        with immediate(self.conn):
-            current = read_lease(self.conn)
-            if current is not None and current.holder != self.holder and current.alive(now):
-                return False
-            value = {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
-                     "expires_at": now + self.seconds}
-            self.conn.execute("INSERT OR REPLACE INTO _syncd_meta (key, value) VALUES (?, ?)",
-                              (LEASE_KEY, json.dumps(value)))
-        return True
+def drop(conn: apsw.Connection) -> list[str]:
+    """Drop syncd's tables (inside the caller's transaction); the names dropped."""
+    for table in TABLES:
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
+    return list(TABLES)
 
-    renew = acquire
 
-    def release(self) -> None:
-        """Give the lease up at a clean shutdown so the next daemon need not wait for expiry."""
-        with self.conn:
-            self.conn.execute("DELETE FROM _syncd_meta WHERE key = ? AND json_extract(value, '$.holder') = ?",
-                              (LEASE_KEY, self.holder))
+def archive(conn: apsw.Connection, path: Path) -> None:
+    """Copy syncd's tables into a new SQLite file at `path` (created here; committed before the caller drops
+    anything)."""
+    apsw.Connection(str(path)).close()  # create it: the app's file was opened without CREATE, and ATTACH inherits that
+    conn.execute("ATTACH DATABASE ? AS syncd_archive", (str(path),))
+    try:
+        with immediate(conn):
+            for table in TABLES:
+                conn.execute(f"CREATE TABLE syncd_archive.{table} AS SELECT * FROM main.{table}")
+    finally:
+        conn.execute("DETACH DATABASE syncd_archive")
+
+
+# -- meta -----------------------------------------------------------------------------------------------
+
+
+def get_meta(conn: apsw.Connection, key: str) -> str | None:
+    """The value of one meta entry, None when there is none."""
+    row = conn.execute("SELECT value FROM _syncd_meta WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else None
+
+
+def set_meta(conn: apsw.Connection, key: str, value: str) -> None:
+    """Write a meta entry only when it differs, so a repeated install writes nothing at all."""
+    if get_meta(conn, key) != value:
+        conn.execute("INSERT OR REPLACE INTO _syncd_meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def delete_meta(conn: apsw.Connection, key: str, holder: str | None = None) -> None:
+    """Remove a meta entry; with `holder`, only while its JSON value's `holder` is that one (the lease)."""
+    if holder is None:
+        conn.execute("DELETE FROM _syncd_meta WHERE key = ?", (key,))
+    else:
+        conn.execute("DELETE FROM _syncd_meta WHERE key = ? AND json_extract(value, '$.holder') = ?", (key, holder))
+
+
+def record_table(conn: apsw.Connection, table: str, key: Sequence[str], target: str) -> None:
+    """Remember a table's key and target as installed (what `status` compares the schema with later)."""
+    set_meta(conn, f"table:{table}", json.dumps({"key": list(key), "target": target}))
+
+
+def installed_key(conn: apsw.Connection, table: str) -> list[str] | None:
+    """The key columns a table had when it was last installed; None when it was never installed."""
+    value = get_meta(conn, f"table:{table}")
+    return json.loads(value)["key"] if value else None
+
+
+def forget_tables(conn: apsw.Connection) -> None:
+    """Forget every installed table (uninstall without dropping the outbox)."""
+    conn.execute("DELETE FROM _syncd_meta WHERE key LIKE 'table:%'")
+
+
+def table_state(conn: apsw.Connection, table: str) -> dict[str, object]:
+    """What the daemon last recorded for a table: last_shipped_at (unix seconds), last_error, halted."""
+    value = get_meta(conn, f"state:{table}")
+    return json.loads(value) if value else {}
+
+
+def update_table_state(conn: apsw.Connection, table: str, **fields: object) -> None:
+    """Merge fields into a table's state (inside the caller's transaction)."""
+    state = table_state(conn, table)
+    state.update(fields)
+    conn.execute("INSERT OR REPLACE INTO _syncd_meta (key, value) VALUES (?, ?)", (f"state:{table}", json.dumps(state)))
+
+
+def clear_halts(conn: apsw.Connection, tables: Iterable[str]) -> None:
+    """Mark these tables as shipping again (one write transaction, only when one was halted)."""
+    halted = [table for table in tables if table_state(conn, table).get("halted")]
+    if halted:
+        with immediate(conn):
+            for table in halted:
+                update_table_state(conn, table, halted=False)
+
+
+# -- what is pending ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Pending:
+    """One table's backlog: how many outbox entries wait, and when the oldest of them was written."""
+
     count: int
     oldest_at: float | None  # unix seconds
 
 
 def pending_by_table(conn: apsw.Connection) -> dict[str, Pending]:
+    """{table: how many outbox entries wait, and the time of the oldest}."""
     rows = conn.execute("SELECT tbl, count(*), min(at) FROM _syncd_outbox GROUP BY tbl")
     return {table: Pending(count, unix_time(oldest) if oldest is not None else None) for table, count, oldest in rows}
 
 
+def pending_total(conn: apsw.Connection) -> int:
+    """How many outbox entries wait, all tables together."""
+    return conn.execute("SELECT count(*) FROM _syncd_outbox").fetchone()[0]
+
+
 def dead_letters_by_table(conn: apsw.Connection) -> dict[str, int]:
+    """{table: how many dead letters}."""
     return dict(conn.execute("SELECT tbl, count(*) FROM _syncd_dead_letter GROUP BY tbl").fetchall())
-
-
-def table_state(conn: apsw.Connection, table: str) -> dict[str, object]:
-    """What the daemon last recorded for a table: last_shipped_at, last_error, halted (written by `run`)."""
-    row = conn.execute("SELECT value FROM _syncd_meta WHERE key = ?", (f"state:{table}",)).fetchone()
-    return json.loads(row[0]) if row else {}
 
 
 # -- claim: one snapshot of keys and their current rows ---------------------------------------------------
 
-MAX_PARAMS = 30_000  # below SQLite's default limit of 32,766 host parameters
-
 
 @dataclass
 class Entry:
+    """One claimed outbox entry: its seq, its op (I, U, D; R or S as in `_syncd_outbox`) and its time."""
+
     seq: int
     op: str
     at: float  # unix seconds of the change
@@ -125,13 +226,14 @@ class Change:
 
     @property
     def oldest_at(self) -> float:
+        """When the oldest entry claimed for this key was written (unix seconds)."""
         return min(e.at for e in self.entries)
 
 
 def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
           in_flight: Sequence[Change] = ()) -> list[Change]:
-    """The first `limit` outbox entries of the given tables, grouped by key, with the current row of each
-    key, all read in one transaction so that the rows are the state at one instant.
+    """The first `limit` outbox entries of the tables in `keys` ({table: key columns}), grouped by key, with
+    the current row of each key, all read in one transaction so that the rows are the state at one instant.
 
     Entries and keys of `in_flight` (a batch whose request is under way) are left out: the same key is
     never in two requests at once, and its newer entries wait until that request is acknowledged.
@@ -157,6 +259,8 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
 
 
 def group_entries(rows: Sequence[tuple[int, str, bytes, str, float]]) -> list[Change]:
+    """Outbox rows (seq, table, key as bytes, op, Julian day), in seq order -> one Change per (table, key), in order
+    of first entry, with its entries (times in unix seconds)."""
     by_key: dict[tuple[str, bytes], Change] = {}
     for seq, table, raw_key, op, at in rows:
         change = by_key.get((table, raw_key))
@@ -167,6 +271,8 @@ def group_entries(rows: Sequence[tuple[int, str, bytes, str, float]]) -> list[Ch
 
 
 def decode_change(table: str, raw_key: bytes) -> Change:
+    """A Change without entries for a key read as bytes: its key decoded, or `problem` set when the key is not UTF-8
+    or not a key `decode_key` reads (such a change goes to the dead letters)."""
     try:
         text = raw_key.decode("utf-8")
     except UnicodeDecodeError:
@@ -179,6 +285,9 @@ def decode_change(table: str, raw_key: bytes) -> Change:
 
 
 def attach_rows(conn: apsw.Connection, table: str, key_columns: Sequence[str], changes: list[Change]) -> None:
+    """Set each change's `row` to the current row of its key in `table`, or None when the row is gone; the keys must
+    be decoded. At most MAX_PARAMS key values per statement; a chunk holding text that is not UTF-8 is read again
+    with TEXT as bytes (that text becomes InvalidText)."""
     per_chunk = max(1, MAX_PARAMS // len(key_columns))
     for start in range(0, len(changes), per_chunk):
         chunk = changes[start:start + per_chunk]
@@ -190,50 +299,14 @@ def attach_rows(conn: apsw.Connection, table: str, key_columns: Sequence[str], c
             change.row = found.get(change.key)  # type: ignore[arg-type]
 
 
-def read_rows(conn: apsw.Connection, table: str, key_columns: Sequence[str], keys: list[tuple[object, ...]],
-              safe: bool = False) -> dict[tuple[object, ...], dict[str, object]]:
-    """Current rows for `keys`, by key. `safe` reads TEXT as bytes so invalid UTF-8 cannot stop the batch."""
-    columns = [r[1] for r in conn.execute(f"PRAGMA table_info({quote_ident(table)})")]
-    width = len(key_columns)
-    select = safe_select(columns) if safe else ", ".join(quote_ident(c) for c in columns)
-    key_sql = ", ".join(quote_ident(c) for c in key_columns)
-    row_value = "(" + ", ".join("?" * width) + ")"
-    matches = (f"{key_sql} IN ({', '.join('?' * len(keys))})" if width == 1 else
-               f"({key_sql}) IN (VALUES {', '.join([row_value] * len(keys))})")
-    params = [value for key in keys for value in key]
-    found = {}
-    for values in conn.execute(f"SELECT {select} FROM {quote_ident(table)} WHERE {matches}", params):
-        row = decode_safe_row(columns, values) if safe else dict(zip(columns, values, strict=True))
-        found[tuple(row[c] for c in key_columns)] = row
-    return found
-
-
-def safe_select(columns: Sequence[str]) -> str:
-    """A select list that reads TEXT as bytes (type, value per column), so invalid UTF-8 cannot stop a read;
-    `decode_safe_row` turns such a row back into values."""
-    return ", ".join(f"typeof({quote_ident(c)}), CASE typeof({quote_ident(c)}) WHEN 'text' THEN "
-                     f"CAST({quote_ident(c)} AS BLOB) ELSE {quote_ident(c)} END" for c in columns)
-
-
-def decode_safe_row(columns: list[str], values: Sequence[object]) -> dict[str, object]:
-    row: dict[str, object] = {}
-    for i, column in enumerate(columns):
-        kind, value = values[2 * i], values[2 * i + 1]
-        if kind == "text":
-            assert isinstance(value, bytes)
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError:
-                value = InvalidText(value)
-        row[column] = value
-    return row
-
-
 # -- acknowledge: one short write transaction ----------------------------------------------------------
 
 
 @dataclass
 class DeadLetter:
+    """A change the daemon gives up on: the message for the operator, and the secondary's HTTP status and error code
+    when it answered."""
+
     change: Change
     message: str
     status: int | None = None
@@ -241,15 +314,17 @@ class DeadLetter:
 
 
 def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence[DeadLetter],
-                requeued: Sequence[Change] = (), now: float | None = None) -> None:
+                requeued: Sequence[Change] = (), halts: Sequence[tuple[str, str]] = (),
+                now: float | None = None) -> None:
     """Delete the entries of shipped and dead-lettered keys, file the dead letters, journal what shipped,
-    and move requeued keys (a foreign key refused them: their parent may still be queued) to the tail.
+    move requeued keys (a foreign key refused them: their parent may still be queued) to the tail, and
+    record the halts ((table, reason)) and each shipping table's last shipment, in one transaction.
 
     Only the claimed seqs are deleted: an entry the app added for the same key after the claim stays,
     so its newer state ships next (no loss, no regression).
     """
     now = time.time() if now is None else now
-    if not (shipped or dead or requeued):
+    if not (shipped or dead or requeued or halts):
         return
     shipped_seqs = json.dumps([e.seq for change in shipped for e in change.entries])
     seqs = json.dumps([e.seq for change in [*shipped, *(d.change for d in dead), *requeued] for e in change.entries])
@@ -267,13 +342,85 @@ def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence
                          [(c.table, c.key_text, c.entries[-1].op, julian_day(c.oldest_at)) for c in requeued])
         for table in dict.fromkeys(c.table for c in shipped):
             update_table_state(conn, table, last_shipped_at=now)
+        for table, reason in halts:
+            update_table_state(conn, table, halted=True, last_error=reason)
 
 
-def update_table_state(conn: apsw.Connection, table: str, **fields: object) -> None:
-    """Merge fields into meta `state:<table>` (what `status` shows: last_shipped_at, last_error, halted)."""
-    state = table_state(conn, table)
-    state.update(fields)
-    conn.execute("INSERT OR REPLACE INTO _syncd_meta (key, value) VALUES (?, ?)", (f"state:{table}", json.dumps(state)))
+# -- enqueue: every operation that puts keys in -----------------------------------------------------------
+
+
+def enqueue(conn: apsw.Connection, keys: Iterable[tuple[str, str]],
+            progress: Callable[[int], object] = lambda done: None) -> int:
+    """Put (table, outbox key) pairs into the outbox as op 'S', CHUNK per short write transaction; how many.
+    `progress` is told the running total after each chunk."""
+    total = 0
+    chunks = iter(keys)
+    while chunk := list(itertools.islice(chunks, CHUNK)):
+        with immediate(conn):
+            conn.executemany(f"INSERT INTO _syncd_outbox (tbl, key, op, at) VALUES (?, ?, 'S', {NOW_SQL})", chunk)
+        total += len(chunk)
+        progress(total)
+    return total
+
+
+def enqueue_rows(conn: apsw.Connection, table: str, key: Sequence[str], condition: str,
+                 params: Sequence[object]) -> int:
+    """Enqueue the key of every row of `table` matching `condition` (SQL over the table, with `params`), in
+    the caller's transaction; how many."""
+    conn.execute(f"INSERT INTO _syncd_outbox (tbl, key, op, at) SELECT {quote_text(table)}, "
+                 f"{key_sql(key, quote_ident(table))}, 'S', {NOW_SQL} FROM {quote_ident(table)} WHERE {condition}",
+                 params)
+    return conn.changes()
+
+
+# -- dead letters and the journal -------------------------------------------------------------------------
+
+
+def dead_letter_filter(table: str | None, ids: Sequence[int]) -> tuple[str, tuple[object, ...]]:
+    """The SQL condition and its parameters that select dead letters: all of them, or those of `table` and/or with
+    these `ids`."""
+    conditions, params = ["1"], []
+    if table is not None:
+        conditions.append("tbl = ?")
+        params.append(table)
+    if ids:
+        conditions.append("id IN (SELECT value FROM json_each(?))")
+        params.append(json.dumps(list(ids)))
+    return " AND ".join(conditions), tuple(params)
+
+
+def count_dead_letters(conn: apsw.Connection, *, table: str | None = None, ids: Sequence[int] = ()) -> int:
+    """How many dead letters match (all of them, those of `table`, those with these ids)."""
+    where, params = dead_letter_filter(table, ids)
+    return conn.execute(f"SELECT count(*) FROM _syncd_dead_letter WHERE {where}", params).fetchone()[0]
+
+
+def requeue_dead_letters(conn: apsw.Connection, *, table: str | None = None, ids: Sequence[int] = ()) -> int:
+    """Move up to CHUNK matching dead letters back into the outbox, oldest first, in one short transaction;
+    how many moved (fewer than CHUNK: none are left)."""
+    where, params = dead_letter_filter(table, ids)
+    with immediate(conn):
+        batch = conn.execute(f"SELECT id FROM _syncd_dead_letter WHERE {where} ORDER BY id LIMIT ?",
+                             (*params, CHUNK)).fetchall()
+        chosen = json.dumps([row[0] for row in batch])
+        conn.execute(f"INSERT INTO _syncd_outbox (tbl, key, op, at) SELECT tbl, key, op, {NOW_SQL} "
+                     "FROM _syncd_dead_letter WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id", (chosen,))
+        conn.execute("DELETE FROM _syncd_dead_letter WHERE id IN (SELECT value FROM json_each(?))", (chosen,))
+    return len(batch)
+
+
+def journal_keys(conn: apsw.Connection, since: float, until: float | None = None,
+                 table: str | None = None) -> list[tuple[str, str]]:
+    """Every (table, outbox key) the journal says was shipped in [since, until) (unix seconds), once each."""
+    conditions, params = ["shipped_at >= ?"], [since]
+    if until is not None:
+        conditions.append("shipped_at < ?")
+        params.append(until)
+    if table is not None:
+        conditions.append("tbl = ?")
+        params.append(table)
+    return conn.execute(f"SELECT DISTINCT tbl, key FROM _syncd_journal WHERE {' AND '.join(conditions)} "
+                        "ORDER BY tbl, key", params).fetchall()
 
 
 def expire_journal(conn: apsw.Connection, older_than: float, limit: int = 5000) -> int:

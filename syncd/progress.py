@@ -20,12 +20,19 @@ class Reporter(Protocol):
 
     def __call__(self, done: int) -> None: ...
 
-    def set_total(self, total: int | None) -> None: ...
+    def set_total(self, total: int | None) -> None:
+        """The total became known or changed (None: unknown)."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """The work is over: leave the final state shown."""
+        ...
 
 
 class ReporterFactory(Protocol):
+    """What the long operations take to report progress with: called with a label, the total when known and the unit
+    counted, it gives a Reporter (`Progress` and `Silent` are such factories)."""
+
     def __call__(self, label: str, total: int | None = None, unit: str = "keys") -> Reporter: ...
 
 
@@ -39,13 +46,18 @@ class Silent:
         pass
 
     def set_total(self, total: int | None) -> None:
+        """Ignored."""
         pass
 
     def close(self) -> None:
+        """Nothing to close."""
         pass
 
 
 class Progress:
+    """A Reporter for people: a rich bar on a terminal, else a plain line at most every `every` seconds and one at
+    close; closed on leaving a `with` block."""
+
     def __init__(self, label: str, total: int | None = None, unit: str = "keys", *, stream: IO[str] | None = None,
                  every: float = PLAIN_EVERY_SECONDS) -> None:
         self.label = label
@@ -69,6 +81,7 @@ class Progress:
             self.print_line()
 
     def set_total(self, total: int | None) -> None:
+        """Change the total (None: unknown) and report again."""
         self.total = total
         self(self.done)
 
@@ -90,6 +103,8 @@ class Progress:
         self.close()
 
     def line(self) -> str:
+        """The plain line: `label: done/total unit (pct%), rate/s, time left`, or without a total `label: done unit,
+        rate/s`."""
         elapsed = max(time.monotonic() - self.started, 1e-6)
         rate = self.done / elapsed
         text = f"{self.label}: {self.done:,}"
@@ -103,11 +118,13 @@ class Progress:
         return text
 
     def print_line(self) -> None:
+        """Print `line()` on the stream now."""
         self.printed_at = time.monotonic()
         print(self.line(), file=self.stream, flush=True)
 
 
 def format_seconds(seconds: float) -> str:
+    """Seconds, rounded, as `42s`, `4m05s` or `2h03m`."""
     seconds = int(seconds + 0.5)
     if seconds < 60:
         return f"{seconds}s"
@@ -117,6 +134,8 @@ def format_seconds(seconds: float) -> str:
 
 
 def start_bar(label: str, total: int | None, stream: IO[str]) -> tuple[Any, Any]:
+    """Start a rich progress bar on `stream` (rich is imported here: only terminals pay for it); (the bar, its task
+    id)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,

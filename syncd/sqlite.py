@@ -12,11 +12,12 @@ BUSY_TIMEOUT_MS = 5000
 
 
 class DatabaseNotFound(Exception):
-    pass
+    """The database file does not exist (syncd never creates one)."""
 
 
 def connect(path: Path, *, readonly: bool = False) -> apsw.Connection:
-    """Open an existing database (never create one: a typo in source.path must not make an empty file)."""
+    """Open an existing database (never create one: a typo in source.path must not make an empty file), with a
+    busy timeout of BUSY_TIMEOUT_MS. Raises DatabaseNotFound when `path` does not exist."""
     if not path.exists():
         raise DatabaseNotFound(f"database file not found: {path} (check source.path or SYNCD_DB)")
     flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
@@ -26,10 +27,12 @@ def connect(path: Path, *, readonly: bool = False) -> apsw.Connection:
 
 
 def quote_ident(name: str) -> str:
+    """`name` as an SQL identifier: in double quotes, with `"` doubled."""
     return '"' + name.replace('"', '""') + '"'
 
 
 def quote_text(value: str) -> str:
+    """`value` as an SQL string literal: in single quotes, with `'` doubled."""
     return "'" + value.replace("'", "''") + "'"
 
 

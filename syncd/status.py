@@ -13,18 +13,23 @@ import apsw
 
 from syncd import capture, outbox
 from syncd.config import Config
+from syncd.lease import read_lease
+from syncd.timeparse import format_age
 
 DEFAULT_MAX_LAG_SECONDS = 300.0
 
 
 @dataclass
 class TableStatus:
+    """One configured table in `syncd status`: its backlog, dead letters, last shipment, triggers, and the problems
+    an operator must act on."""
+
     name: str
     target: str
     pending: int = 0
-    oldest_pending_age: float | None = None
+    oldest_pending_age: float | None = None  # seconds
     dead_letters: int = 0
-    last_shipped_at: float | None = None
+    last_shipped_at: float | None = None  # unix seconds
     last_error: str | None = None
     halted: bool = False
     triggers: str = "ok"  # ok | missing | outdated | not installed | invalid
@@ -33,6 +38,9 @@ class TableStatus:
 
 @dataclass
 class Status:
+    """What `syncd status` reports about one database file: whether syncd is installed, the lease as recorded (with
+    `alive`), each configured table, and problems not tied to a table."""
+
     database: str
     installed: bool
     lease: dict[str, object] | None
@@ -41,21 +49,26 @@ class Status:
 
     @property
     def healthy(self) -> bool:
+        """No problem anywhere (`syncd status` exits 1 otherwise)."""
         return not self.problems and not any(t.problems for t in self.tables)
 
     def as_dict(self) -> dict[str, object]:
+        """The `--json` form: every field (tables as dicts too), and `healthy`."""
         return {**asdict(self), "healthy": self.healthy}
 
 
 def collect(conn: apsw.Connection, config: Config, *, max_lag: float = DEFAULT_MAX_LAG_SECONDS,
             now: float | None = None) -> Status:
+    """The status, read from the SQLite file alone in one read transaction: each configured table's backlog, dead
+    letters, triggers and recorded state. A change pending longer than `max_lag` seconds is a problem; `now` is unix
+    seconds (default the current time)."""
     now = time.time() if now is None else now
     with conn:  # one read snapshot for every figure
-        if not capture.owned_objects_exist(conn):
+        if not outbox.installed(conn):
             return not_installed(config)
         pending = outbox.pending_by_table(conn)
         dead = outbox.dead_letters_by_table(conn)
-        lease = outbox.read_lease(conn)
+        lease = read_lease(conn)
         current = capture.existing_triggers(conn)
         tables = [table_status(conn, t.name, t.target_name, config, current, pending, dead, now, max_lag)
                   for t in config.tables]
@@ -69,6 +82,8 @@ def collect(conn: apsw.Connection, config: Config, *, max_lag: float = DEFAULT_M
 
 
 def not_installed(config: Config) -> Status:
+    """The status of a file where syncd is not installed: every table "not installed", with the command that installs
+    it."""
     hint = "syncd is not installed in this database; run: syncd install"
     tables = [TableStatus(t.name, t.target_name, triggers="not installed", problems=[hint]) for t in config.tables]
     return Status(str(config.source.path), False, None, tables, [] if tables else ["no tables configured"])
@@ -77,6 +92,9 @@ def not_installed(config: Config) -> Status:
 def table_status(conn: apsw.Connection, name: str, target: str, config: Config,
                  current: dict[str, tuple[str, str]], pending: dict[str, outbox.Pending], dead: dict[str, int],
                  now: float, max_lag: float) -> TableStatus:
+    """One table's status: its triggers against what the config and schema need now (`current`: {trigger name:
+    (table, sql)}), its backlog in `pending` ({table: Pending}) and `dead` ({table: count}), and the daemon's
+    recorded state; `now` in unix seconds, `max_lag` in seconds."""
     status = TableStatus(name, target)
     try:
         planned = capture.plan_table(conn, config.table(name))  # type: ignore[arg-type]
@@ -85,7 +103,7 @@ def table_status(conn: apsw.Connection, name: str, target: str, config: Config,
         status.triggers = "invalid"
         status.problems.append(f"{exc} (the key column may have been renamed or dropped)")
         expected = {}
-    installed_key = capture.installed_key(conn, name)
+    installed_key = outbox.installed_key(conn, name)
     if expected and installed_key is not None and installed_key != planned.key:
         status.triggers = "outdated"
         status.problems.append(f"the key was {', '.join(installed_key)} at install and is now "
@@ -132,8 +150,8 @@ def render(status: Status, now: float | None = None) -> str:
     else:
         lines.append("daemon:   no daemon holds the lease")
     header = ("TABLE", "TARGET", "PENDING", "OLDEST", "DEAD", "LAST SHIPPED", "TRIGGERS")
-    rows = [header] + [(t.name, t.target, str(t.pending), age(t.oldest_pending_age), str(t.dead_letters),
-                        age(now - t.last_shipped_at if t.last_shipped_at else None, " ago"), t.triggers)
+    rows = [header] + [(t.name, t.target, str(t.pending), format_age(t.oldest_pending_age), str(t.dead_letters),
+                        format_age(now - t.last_shipped_at if t.last_shipped_at else None, " ago"), t.triggers)
                        for t in status.tables]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -141,12 +159,3 @@ def render(status: Status, now: float | None = None) -> str:
     lines.append("healthy" if not problems else "needs attention:")
     lines += [f"  - {p}" for p in problems]
     return "\n".join(lines)
-
-
-def age(seconds: float | None, suffix: str = "") -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}{suffix}"
-    return f"{seconds:.1f}s{suffix}"

@@ -1,4 +1,4 @@
-"""The PostgREST client: bulk upserts and deletes by key, and the one place in syncd that classifies failures.
+"""The secondary: the PostgREST client (bulk upserts and deletes by key), and the one place that classifies failures.
 
 Every answer and every exception of the secondary becomes a `TargetError` of one of four kinds here;
 no other module looks at a status code. The worker acts on the kind (DESIGN.md, "Failure model"):
@@ -27,7 +27,7 @@ config -> stop shipping that table and report loudly; row -> bisect the batch do
     PGRST000/001/002 (503), PGRST003 (504), any status             transient, with Retry-After
     57014 statement timeout (500)                                  transient, .statement_timeout: halve the batch
     any other 5xx (40001, 40P01, 53xxx, XX000, ...)                transient
-    401 PGRST301/PGRST303 whose message says "expired"             auth
+    401 PGRST301/PGRST303 whose message says "expired"             auth: renewed once and resent here
     401/403 otherwise: bad signature, gateway's "Invalid API key"  config
         or "No API key found in request" (bodies without a code),
         42501 missing privilege or RLS denial
@@ -45,6 +45,10 @@ config -> stop shipping that table and report loudly; row -> bisect the batch do
 
 A body that is not JSON (a proxy's HTML page) is classified by its status alone, and a short prefix of
 its text goes into the message. Messages never contain the bearer token or the apikey.
+
+An `auth` answer (the token expired) is handled here, where it arises: the token source renews the token
+once and the request is sent again at once; only when it cannot be renewed (a fixed key) does the caller see
+the error. `open_target` builds the client and its token source from the configuration, for every command.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ import email.utils
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC
 from typing import Literal
 from urllib.parse import quote, unquote
@@ -61,7 +65,8 @@ from urllib.parse import quote, unquote
 import httpx
 
 from syncd import __version__
-from syncd.auth import TokenSource
+from syncd.auth import MintedTokens, StaticToken, TokenSource
+from syncd.config import Config, ConfigError
 
 Kind = Literal["transient", "auth", "config", "row"]
 
@@ -202,8 +207,13 @@ def where(source: httpx.Response | httpx.HTTPError) -> str:
         request = source.request
     except RuntimeError:  # built by hand, never sent
         return ""
-    table = unquote(request.url.raw_path.split(b"?", 1)[0].rsplit(b"/", 1)[-1].decode("ascii"))
-    return f"{request.method} {table}: "
+    return f"{request.method} {table_of(request.url)}: "
+
+
+def table_of(url: httpx.URL | str) -> str:
+    """The table a request URL addresses (the last path segment, unquoted)."""
+    raw_path = httpx.URL(url).raw_path
+    return unquote(raw_path.split(b"?", 1)[0].rsplit(b"/", 1)[-1].decode("ascii"))
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -274,6 +284,8 @@ def keyset_terms(key: Sequence[str], after: Sequence[object]) -> list[str]:
 
 
 def encode_rows(table: str, rows: Sequence[Mapping[str, object]]) -> bytes:
+    """The JSON array body of an upsert, as UTF-8 bytes. Raises TargetError of kind row when a row cannot be sent as
+    JSON (NaN or Infinity, a lone surrogate, a value JSON has no type for)."""
     try:
         text = json.dumps([dict(row) for row in rows], separators=(",", ":"), allow_nan=False, ensure_ascii=False)
         return text.encode()
@@ -295,7 +307,11 @@ class PostgrestTarget:
 
     def __init__(self, url: str, tokens: TokenSource, *, schema: str = "public", apikey: str | None = None,
                  timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
-                 max_url_bytes: int = 8192) -> None:
+                 max_url_bytes: int = 8192, on_renewed: Callable[[str, TargetError], None] | None = None) -> None:
+        """`url` is the PostgREST root (Supabase: .../rest/v1); `timeout` is in seconds, `max_url_bytes` the
+        longest URL a DELETE may use. `on_renewed(table, error)` is told each time an expired token was renewed
+        and a request to `table` (as named in the secondary) sent again. Raises ValueError when `url` is not
+        http(s) or has a query or fragment."""
         base = httpx.URL(url.rstrip("/"))
         if base.scheme not in ("http", "https") or base.query or base.fragment:
             raise ValueError(f"the target URL must be http(s)://host/path without a query, not {url!r}")
@@ -303,6 +319,7 @@ class PostgrestTarget:
         self.base = str(base)
         self.schema = schema
         self.max_url_bytes = max_url_bytes
+        self.on_renewed = on_renewed
         self._tokens = tokens
         self._apikey = apikey
         self._client = httpx.Client(verify=True, timeout=timeout, transport=transport,
@@ -318,6 +335,7 @@ class PostgrestTarget:
         self.close()
 
     def close(self) -> None:
+        """Close the HTTP client and its connections."""
         self._client.close()
 
     def upsert(self, table: str, key: Sequence[str], rows: Sequence[Mapping[str, object]]) -> None:
@@ -331,7 +349,8 @@ class PostgrestTarget:
         self.send("POST", url, headers, encode_rows(table, rows))
 
     def delete(self, table: str, key: Sequence[str], keys: Sequence[Mapping[str, object]]) -> int:
-        """Delete the rows with these keys, in as few requests as the URL limit allows; returns how many."""
+        """Delete the rows whose `key` columns hold these values ({key column: value} each), in as few requests
+        as the URL limit allows; returns how many requests that took. Raises ValueError without key columns."""
         if not keys:
             return 0
         if not key:
@@ -342,6 +361,7 @@ class PostgrestTarget:
         return len(urls)
 
     def table_url(self, table: str) -> str:
+        """The URL of `table` (percent-encoded) below the base URL."""
         return f"{self.base}/{quote(table, safe='')}"
 
     def delete_urls(self, table: str, key: Sequence[str], keys: Sequence[Mapping[str, object]]) -> list[str]:
@@ -394,7 +414,8 @@ class PostgrestTarget:
                   after: Sequence[object] | None = None, equal: Sequence[object] | None = None,
                   count: bool = False) -> tuple[list[dict[str, object]], int | None]:
         """Up to `limit` rows in key order: those whose key comes after `after` (keyset pagination, in the
-        secondary's own collation) or equals `equal`; with `count`, also the table's row count."""
+        secondary's own collation) or equals `equal`; `columns` None (or a name PostgREST cannot take unquoted)
+        selects all. Returns (rows as {column: value}, the table's row count with `count`, else None)."""
         select = ",".join(columns) if columns is not None and all(map(plain, columns)) else "*"
         query = [f"select={encode(select)}", "order=" + encode(",".join(f"{field(c)}.asc" for c in key)),
                  f"limit={limit}"]
@@ -435,6 +456,20 @@ class PostgrestTarget:
         self.send("POST", url, headers, b"[]")
 
     def send(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None) -> httpx.Response:
+        """One request; a 401 "JWT expired" renews the token once and sends the request again at once.
+        Raises TargetError for every failure (classified, secrets redacted)."""
+        try:
+            return self.send_once(method, url, headers, body)
+        except TargetError as error:
+            if error.kind != "auth" or not self._tokens.refresh():
+                raise
+            if self.on_renewed is not None:
+                self.on_renewed(table_of(url), error)
+            return self.send_once(method, url, headers, body)
+
+    def send_once(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None) -> httpx.Response:
+        """One request with the current token, no renewal: the response when it is a 2xx, else raises the classified
+        TargetError (token and apikey redacted)."""
         token = self._tokens.token()
         try:
             response = self._client.request(method, url, headers={**self.headers(token), **headers}, content=body)
@@ -447,6 +482,8 @@ class PostgrestTarget:
         return response
 
     def headers(self, token: str) -> dict[str, str]:
+        """The headers of every request: the bearer token, the apikey when there is one, and Content-Profile for a
+        schema other than public (PostgREST takes a write's schema from it)."""
         headers = {"Authorization": f"Bearer {token}"}
         if self._apikey:
             headers["apikey"] = self._apikey
@@ -461,3 +498,29 @@ class PostgrestTarget:
                 error.message = error.message.replace(secret, "<redacted>")
                 error.args = (error.message,)
         return error
+
+
+# -- built from the configuration ---------------------------------------------------------------------
+
+
+def token_source(config: Config) -> TokenSource:
+    """Mint short-lived service_role tokens when the JWT secret is known, else send the service key.
+    Raises ConfigError when there is neither."""
+    target = config.target
+    if target.jwt_secret is not None:
+        return MintedTokens(target.jwt_secret.get_secret_value())
+    if target.service_key is not None:
+        return StaticToken(target.service_key.get_secret_value())
+    raise ConfigError("invalid configuration (1 problem):", [
+        "target.service_key: missing; set SUPABASE_SERVICE_KEY (or service_key_file), or SUPABASE_JWT_SECRET "
+        "so syncd mints its own service_role tokens"])
+
+
+def open_target(config: Config, tokens: TokenSource | None = None,
+                on_renewed: Callable[[str, TargetError], None] | None = None) -> PostgrestTarget:
+    """The PostgREST client every command that talks to the secondary uses, built from the configuration
+    (`tokens`: default `token_source(config)`). Raises ConfigError when no credential is configured."""
+    apikey = config.target.effective_apikey
+    return PostgrestTarget(config.target.url, tokens or token_source(config), schema=config.target.schema_name,
+                           apikey=apikey.get_secret_value() if apikey else None, timeout=config.worker.request_timeout,
+                           on_renewed=on_renewed)

@@ -32,12 +32,11 @@ from typing import TypeVar
 import apsw
 
 from syncd import backoff, capture, outbox
-from syncd.capture import decode_key
 from syncd.config import Config, TableConfig
-from syncd.mapping import InvalidText, RowError, TableMapping
+from syncd.keys import InvalidText, decode_key, decode_safe_row, encode_key, key_sql, read_rows, safe_select
+from syncd.mapping import RowError, TableMapping
 from syncd.progress import ReporterFactory, Silent
-from syncd.replay import enqueue
-from syncd.sqlite import quote_ident, quote_text
+from syncd.sqlite import quote_ident
 from syncd.target import PostgrestTarget, TargetError
 
 PAGE = 5000
@@ -79,6 +78,7 @@ def canonicalizer(target_format: str) -> Canonical:
 
 
 def canonical(target_format: str, value: object) -> object:
+    """`value` as PostgreSQL holds it in a column of type `target_format` (`canonicalizer` for one value)."""
     return canonicalizer(target_format)(value)
 
 
@@ -192,6 +192,9 @@ def row_hash(values: list[object]) -> bytes:
 
 @dataclass
 class TableReport:
+    """One table's result of `verify`: row counts, differences by kind with a few examples each, the backlog, and the
+    repair."""
+
     table: str
     target: str
     source_rows: int = 0
@@ -209,13 +212,16 @@ class TableReport:
 
     @property
     def differences(self) -> int:
+        """Rows that differ in any way: missing + extra + different + unshippable."""
         return self.missing + self.extra + self.different + self.unshippable
 
     @property
     def equal(self) -> bool:
+        """Verified, and no difference."""
         return self.error is None and self.differences == 0
 
     def render(self, dry_run: bool) -> list[str]:
+        """The table's lines as `syncd verify` prints them (`dry_run`: the repair was only counted)."""
         head = f"{self.table} -> {self.target}: "
         if self.error:
             return [head + f"NOT VERIFIED: {self.error}"]
@@ -243,19 +249,24 @@ class TableReport:
 
 @dataclass
 class Verification:
+    """The result of `verify`: one TableReport per table, and whether it repaired (or, dry run, only counted)."""
+
     tables: list[TableReport]
     repair: bool = False
     dry_run: bool = False
 
     @property
     def equal(self) -> bool:
+        """Every table verified and equal."""
         return all(t.equal for t in self.tables)
 
     def as_dict(self) -> dict[str, object]:
+        """The `--json` form: equal, repair, dry_run, and each table's report with its own `equal`."""
         tables = [{**asdict(t), "equal": t.equal} for t in self.tables]
         return {"equal": self.equal, "repair": self.repair, "dry_run": self.dry_run, "tables": tables}
 
     def render(self) -> str:
+        """What `syncd verify` prints: each table's lines, then one summary line."""
         lines = [line for table in self.tables for line in table.render(self.dry_run)]
         differ = sum(not t.equal for t in self.tables)
         if not differ:
@@ -281,7 +292,7 @@ def verify(conn: apsw.Connection, config: Config, target: PostgrestTarget, *, ta
     if tables is not None and (unknown := sorted(set(tables) - {t.name for t in chosen})):
         raise capture.CaptureError(f"table(s) {', '.join(map(repr, unknown))} not configured; "
                                    "add a [[table]] section or check the name")
-    installed = capture.owned_objects_exist(conn)
+    installed = outbox.installed(conn)
     if repair and not installed:
         raise capture.CaptureError("syncd is not installed, so there is no outbox to repair through; run: "
                                    "syncd install")
@@ -319,6 +330,10 @@ def read_with_retries(read: Callable[..., T], *args: object, **kwargs: object) -
 
 
 class TableVerifier:
+    """Compares one table: reads both sides into a Scratch file, counts and shows what differs, and with `repair`
+    enqueues it. Raises TableProblem when the target table or a shipped column is missing in the secondary,
+    CaptureError when the table cannot be captured."""
+
     def __init__(self, conn: apsw.Connection, target: PostgrestTarget, table_config: TableConfig,
                  spec: dict[str, object], report: TableReport, page: int, progress: ReporterFactory) -> None:
         self.conn = conn
@@ -342,6 +357,9 @@ class TableVerifier:
         self.scratch = Scratch()
 
     def run(self, repair: bool, dry_run: bool) -> None:
+        """Read both sides, compare, and with `repair` enqueue the keys that differ (`dry_run`: only count them); the
+        scratch file is closed in any case. Raises TargetError when a read of the secondary fails (transient failures
+        are retried first)."""
         try:
             self.read_source()
             self.read_target()
@@ -354,6 +372,7 @@ class TableVerifier:
     # -- the two sides -------------------------------------------------------------------------------
 
     def canonical_key(self, values: Sequence[object]) -> str:
+        """The canonical key of key values given in target key order: a JSON array of their canonical values."""
         return KEY_JSON([canon(v) for (_, canon), v in zip(self.key_steps, values, strict=True)])
 
     def canonical_row(self, row: dict[str, object]) -> tuple[str, bytes]:
@@ -362,6 +381,8 @@ class TableVerifier:
                 row_hash([canon(row.get(c)) for c, canon in self.row_steps]))
 
     def read_source(self) -> None:
+        """Read every source row into the scratch file as (canonical key, hash, outbox key); rows with NULL in a key
+        column are only counted, as unshippable."""
         table = quote_ident(self.plan.table.name)
         key_is_null = " OR ".join(f"{quote_ident(c)} IS NULL" for c in self.plan.key)
         (total,) = self.conn.execute(f"SELECT count(*) FROM {table}").fetchone()
@@ -395,6 +416,8 @@ class TableVerifier:
 
     def source_page(self, after: tuple[object, ...] | None,
                     safe: bool) -> list[tuple[str | bytes, dict[str, object]]]:
+        """Up to `page` rows whose key comes after `after` (None: from the start), in key order, as (outbox key,
+        {column: value}); `safe` reads TEXT as bytes (the outbox key too), for a page holding text that is not UTF-8."""
         table, key = quote_ident(self.plan.table.name), self.plan.key
         keys = ", ".join(quote_ident(c) for c in key)
         conditions = [f"{quote_ident(c)} IS NOT NULL" for c in key]
@@ -406,14 +429,14 @@ class TableVerifier:
             params += [bytes(v) if isinstance(v, InvalidText) else v for v in after]
         names = self.source_columns
         if safe:
-            select = f"CAST({capture.key_sql(key, table)} AS BLOB), {outbox.safe_select(names)}"
+            select = f"CAST({key_sql(key, table)} AS BLOB), {safe_select(names)}"
         else:
-            select = capture.key_sql(key, table) + ", " + ", ".join(quote_ident(c) for c in names)
+            select = key_sql(key, table) + ", " + ", ".join(quote_ident(c) for c in names)
         sql = f"SELECT {select} FROM {table} WHERE {' AND '.join(conditions)} ORDER BY {keys} LIMIT ?"
         pages = []
         for values in self.conn.execute(sql, (*params, self.page)):
             okey, rest = values[0], values[1:]
-            row = outbox.decode_safe_row(names, rest) if safe else dict(zip(names, rest, strict=True))
+            row = decode_safe_row(names, rest) if safe else dict(zip(names, rest, strict=True))
             pages.append((okey, row))
         return pages
 
@@ -437,6 +460,8 @@ class TableVerifier:
         return (*self.canonical_row(mapped), okey)
 
     def read_target(self) -> None:
+        """Read every row of the target table, page by page in key order, into the scratch file as (canonical key,
+        hash, key values as JSON)."""
         report = self.progress(f"verify {self.plan.table.name}: secondary", None, "rows")
         after: list[object] | None = None
         done = 0
@@ -458,6 +483,8 @@ class TableVerifier:
     # -- the outcome ---------------------------------------------------------------------------------
 
     def compare(self) -> None:
+        """Count the missing, extra, different and unshippable rows from the scratch file, with a few examples of
+        each."""
         report, scratch = self.report, self.scratch
         report.missing = scratch.count(MISSING)
         report.extra = scratch.count(EXTRA)
@@ -471,6 +498,7 @@ class TableVerifier:
             for k, reason in scratch.rows(UNSHIPPABLE, EXAMPLES))
 
     def show_key(self, canonical_key: str) -> str:
+        """A canonical key as the operator reads it, `(id, lang)=(1, "en")`, cut at 120 characters."""
         values = json.loads(canonical_key)
         text = f"({', '.join(self.target_key)})=({', '.join(json.dumps(v, ensure_ascii=False) for v in values)})"
         return text if len(text) <= 2 * VALUE_PREVIEW else text[:2 * VALUE_PREVIEW] + "..."
@@ -478,7 +506,7 @@ class TableVerifier:
     def show_difference(self, canonical_key: str, okey: str, raw_key: str) -> str:
         """`(id)=(3): qty 5 (source) vs 7 (secondary)`: the rows are read again, so they may have moved on."""
         key = decode_key(okey)
-        source = outbox.read_rows(self.conn, self.plan.table.name, self.plan.key, [key], safe=True).get(key)
+        source = read_rows(self.conn, self.plan.table.name, self.plan.key, [key], safe=True).get(key)
         rows, _ = read_with_retries(self.target.read_page, self.mapping.target, self.compared, self.target_key,
                                     limit=1, equal=json.loads(raw_key))
         if source is None or not rows:
@@ -502,10 +530,12 @@ class TableVerifier:
         else:
             report = self.progress(f"repair {table}", self.report.missing + self.report.different + self.report.extra,
                                    "keys")
-            self.report.repair = enqueue(self.conn, keys, report)
+            self.report.repair = outbox.enqueue(self.conn, keys, report)
             report.close()
 
     def extra_keys(self) -> Iterator[tuple[str, str]]:
+        """(table, outbox key) of every row only the secondary has, so that the daemon deletes it; a key that cannot
+        be spelt as a SQLite key is reported in `unrepairable` instead."""
         for canonical_key, raw in self.scratch.rows(EXTRA):
             okey = outbox_key(self.mapping, json.loads(raw), self.canonical_key)
             if okey is None:
@@ -519,21 +549,23 @@ def outbox_key(mapping: TableMapping, values: Sequence[object], canonical_key: C
                ) -> str | None:
     """The outbox key (SQLite quote() form) that the daemon maps back to these secondary key values, or
     None when there is none; checked by mapping it back and comparing canonical keys."""
-    parts = []
+    sqlite_values: list[object] = []
     for column, value in zip(mapping.key, values, strict=True):
         if mapping.transforms.get(column) == "bytea" and isinstance(value, str) and value.startswith("\\x"):
-            parts.append(f"X'{value[2:]}'")
-        elif isinstance(value, bool):
-            parts.append("1" if value else "0")
-        elif isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
-            parts.append(repr(value))
-        elif isinstance(value, str):
-            parts.append(quote_text(value))
+            try:
+                sqlite_values.append(bytes.fromhex(value[2:]))
+            except ValueError:
+                return None
         elif isinstance(value, dict | list):
-            parts.append(quote_text(json.dumps(value, ensure_ascii=False)))
+            sqlite_values.append(json.dumps(value, ensure_ascii=False))
         else:
-            return None
-    okey = ",".join(parts)
+            sqlite_values.append(value)
+    if None in sqlite_values:
+        return None
+    try:
+        okey = encode_key(sqlite_values)
+    except (TypeError, ValueError):
+        return None
     try:
         mapped = mapping.map_key(decode_key(okey))
     except (RowError, ValueError):
@@ -542,6 +574,8 @@ def outbox_key(mapping: TableMapping, values: Sequence[object], canonical_key: C
 
 
 def target_formats(spec: dict[str, object], target: str) -> dict[str, str]:
+    """{column: PostgreSQL type} of table `target` in PostgREST's OpenAPI description `spec`. Raises TableProblem
+    when the table is not there."""
     definitions = spec.get("definitions")
     definition = definitions.get(target) if isinstance(definitions, dict) else None
     if not isinstance(definition, dict):
@@ -551,6 +585,7 @@ def target_formats(spec: dict[str, object], target: str) -> dict[str, str]:
 
 
 def preview(value: object) -> str:
+    """`value` as JSON, cut at VALUE_PREVIEW characters."""
     text = json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= VALUE_PREVIEW else text[:VALUE_PREVIEW] + "..."
 
@@ -577,18 +612,24 @@ class Scratch:
                         "CREATE TABLE target (k TEXT PRIMARY KEY, h BLOB NOT NULL, raw TEXT NOT NULL) WITHOUT ROWID")
 
     def add_source(self, entries: Sequence[tuple[str, bytes | None, str]]) -> None:
+        """Store source rows: (canonical key, hash or None when unshippable, outbox key or the reason it cannot
+        ship)."""
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO source VALUES (?, ?, ?)", entries)
 
     def add_target(self, entries: Sequence[tuple[str, bytes, str]]) -> None:
+        """Store secondary rows: (canonical key, hash, key values as JSON)."""
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO target VALUES (?, ?, ?)", entries)
 
     def count(self, sql: str) -> int:
+        """How many rows the query `sql` (MISSING, EXTRA, ...) gives."""
         return self.db.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]
 
     def rows(self, sql: str, limit: int | None = None) -> Iterator[tuple[str, ...]]:
+        """The rows of the query `sql`, at most `limit` of them."""
         yield from self.db.execute(sql + (f" LIMIT {limit}" if limit is not None else ""))
 
     def close(self) -> None:
+        """Close the scratch file (SQLite deletes it)."""
         self.db.close()

@@ -20,6 +20,9 @@ DATA_VERSION_EVERY = 0.025
 
 
 class Waker(FileSystemEventHandler):
+    """Wakes the drain loop when the database changes; `wait` is the loop's WaitFn. `conn` is the daemon's own
+    connection: SQLite changes its `PRAGMA data_version` only for commits of other connections."""
+
     def __init__(self, conn: apsw.Connection, database: Path) -> None:
         self.conn = conn
         self.event = threading.Event()
@@ -31,19 +34,24 @@ class Waker(FileSystemEventHandler):
         self.data_version = self.current_version()
 
     def start(self) -> None:
+        """Start watching the database file's directory (on watchdog's thread)."""
         self.observer.start()
 
     def stop(self) -> None:
+        """Stop watching."""
         self.observer.stop()
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        """A file event (on watchdog's thread): wake the loop when it concerns the database file or its -wal."""
         if str(event.src_path) in self.watched:
             self.event.set()
 
     def wake(self) -> None:
+        """Wake the loop now (SIGUSR1, or a stop)."""
         self.event.set()
 
     def current_version(self) -> int:
+        """SQLite's `PRAGMA data_version` on this connection: it changes when another connection commits."""
         return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
 
     def wait(self, timeout: float, stop: threading.Event) -> None:

@@ -1,10 +1,12 @@
-"""The drain loop: wait, claim, map, ship, classify, acknowledge, observe.
+"""The drain loop (DESIGN.md, "The drain loop, as a story"): wait, claim, map, ship, classify, acknowledge,
+observe.
 
 `drain_once` does one batch and returns what it did; `run` repeats it with the lease held, backs off
 when the secondary fails as a whole, and sleeps until the database changes. Row failures are carried by
 the rows (bisected down to the bad ones and dead-lettered); failures of the secondary are carried by the
 loop (no row is blamed). Only claimed entries are ever acknowledged, and only after a 2xx, in one short
-write transaction together with the dead letters and the journal.
+write transaction together with the dead letters and the journal. What happened is announced to the
+`Observer` (metrics, health, logs); failures arrive already classified by `syncd.target`.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from typing import Protocol
 import apsw
 
 from syncd import backoff, capture, outbox
-from syncd.auth import TokenSource
 from syncd.config import Config
+from syncd.lease import Lease, LeaseHeld
 from syncd.logs import get_logger
 from syncd.mapping import RowError, TableMapping
 from syncd.metrics import Metrics
-from syncd.outbox import Change, DeadLetter, Lease
-from syncd.sqlite import immediate, quote_ident
+from syncd.observer import Observer
+from syncd.outbox import Change, DeadLetter
+from syncd.sqlite import quote_ident
 from syncd.target import TargetError
 
 HOUSEKEEPING_EVERY = 2.0
@@ -35,16 +38,25 @@ JOURNAL_EXPIRY_EVERY = 300.0
 REGROW_AFTER = 20  # clean batches before a batch size halved by a statement timeout doubles again
 PROBE_EVERY = 30.0  # seconds without an exchange before an idle daemon checks that the secondary answers
 PROBE_RETRY = 5.0  # ... and while it does not
+BUSY_BACKOFF_FAILURES = 2  # the backoff step used while the app holds the write lock
 
 
 class Target(Protocol):
-    """A secondary that can upsert rows and delete keys (PostgrestTarget is the real one)."""
+    """A secondary that can upsert rows and delete keys (`syncd.target.PostgrestTarget` is the real one).
+    Every failure is a TargetError, already classified; an expired token is renewed inside."""
 
-    def upsert(self, table: str, key: Sequence[str], rows: Sequence[dict[str, object]]) -> None: ...
+    def upsert(self, table: str, key: Sequence[str], rows: Sequence[dict[str, object]]) -> None:
+        """Insert or update `rows` ({column: value}) of `table` by its `key` columns, all or none."""
+        ...
 
-    def delete(self, table: str, key: Sequence[str], keys: Sequence[dict[str, object]]) -> int: ...
+    def delete(self, table: str, key: Sequence[str], keys: Sequence[dict[str, object]]) -> int:
+        """Delete the rows of `table` whose `key` columns hold these values ({key column: value} each); the
+        number of requests it took."""
+        ...
 
-    def ping(self, table: str) -> None: ...
+    def ping(self, table: str) -> None:
+        """Read no rows of `table`: returns when the secondary answers, raises TargetError when not."""
+        ...
 
 
 class Interrupted(Exception):
@@ -58,12 +70,14 @@ class Interrupted(Exception):
 
 @dataclass
 class Batch:
+    """What shipping one batch decided, key by key: acknowledged, dead-lettered, requeued; tables halted."""
+
     shipped: list[Change] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     requeued: list[Change] = field(default_factory=list)
     upserted: Counter[str] = field(default_factory=Counter)
     deleted: Counter[str] = field(default_factory=Counter)
-    halts: list[tuple[str, str]] = field(default_factory=list)  # (table, reason), written by finish()
+    halts: list[tuple[str, str]] = field(default_factory=list)  # (table, reason)
 
 
 @dataclass
@@ -79,43 +93,111 @@ class Shipment:
 
 @dataclass
 class DrainResult:
+    """What draining did: outbox entries claimed, keys shipped, dead-lettered and requeued, and whether more is
+    probably waiting."""
+
     claimed: int = 0  # outbox entries read
     shipped: int = 0  # keys acknowledged by the secondary
-    dead: int = 0
-    requeued: int = 0
+    dead: int = 0  # keys dead-lettered
+    requeued: int = 0  # keys moved to the tail (a foreign key refused them)
     more: bool = False  # the batch was full: more is probably waiting
 
     def plus(self, other: DrainResult) -> DrainResult:
+        """Both results added up; `more` is the later one's."""
         return DrainResult(self.claimed + other.claimed, self.shipped + other.shipped, self.dead + other.dead,
                            self.requeued + other.requeued, other.more)
 
 
 class Worker:
-    def __init__(self, conn: apsw.Connection, config: Config, target: Target, metrics: Metrics,
-                 tokens: TokenSource | None = None) -> None:
+    """Drains one database file's outbox to one secondary, announcing what happens to `observer`.
+    Raises CaptureError when a configured table cannot be captured."""
+
+    def __init__(self, conn: apsw.Connection, config: Config, target: Target, observer: Observer) -> None:
         self.conn = conn
         self.config = config
         self.target = target
-        self.metrics = metrics
-        self.tokens = tokens
-        self.log = get_logger()
+        self.observer = observer
         self.mappings = {}
         for table_config in config.tables:
             planned = capture.plan_table(conn, table_config)
             self.mappings[planned.table.name] = TableMapping.from_config(table_config, planned.key)
         self.order = ship_order(conn, config, list(self.mappings))
+        self.lease = Lease(conn, config.worker.lease_seconds)
         self.batch_size = config.worker.batch_size
         self.halted: dict[str, str] = {}
         self.fk_attempts: Counter[tuple[str, str | bytes]] = Counter()
+        self.clean_batches = 0
         self.next_housekeeping = 0.0
         self.next_journal_expiry = 0.0
-        self.lease_renew_at = 0.0
-        self.clean_batches = 0
         self.next_probe = 0.0
         self.resume_requested = threading.Event()
         self.shipper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncd-ship")
 
-    # -- one batch --------------------------------------------------------------------------------------
+    @property
+    def metrics(self) -> Metrics:
+        """The observer's metrics: the registry and the health."""
+        return self.observer.metrics
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, wait: WaitFn | None = None, once: bool = False) -> None:
+        """Drain while holding the lease until `stop` is set (with `once`: until the outbox is empty)."""
+        self.resume()
+        failures = 0
+        while not stop.is_set():
+            self.observer.heartbeat()
+            self.resume_if_requested()
+            try:
+                if not self.hold_lease(stop):
+                    continue
+                result = self.drain(stop, between=lambda: self.between_batches(stop))
+            except Interrupted as exc:
+                failures += 1
+                self.back_off(exc, failures, stop)
+                continue
+            except apsw.BusyError:
+                # The app held the write lock past the busy timeout: what shipped was not acknowledged and
+                # ships again (idempotent). Never a reason to stop.
+                self.observer.database_busy()
+                stop.wait(backoff.delay(BUSY_BACKOFF_FAILURES, cap=self.config.worker.max_backoff))
+                continue
+            if failures:
+                self.observer.secondary_recovered(failures)
+                failures = 0
+            self.housekeeping()
+            if once and result.claimed == 0:
+                break
+            if once:
+                continue
+            if result.claimed == 0:
+                self.probe_when_idle()
+            (wait or wait_on(stop))(self.config.worker.poll_interval, stop)
+        self.lease.release()
+
+    def hold_lease(self, stop: threading.Event) -> bool:
+        """Keep the lease; while another daemon holds it, stand by (False) for a third of its lifetime."""
+        try:
+            self.lease.keep()
+            return True
+        except LeaseHeld as held:
+            self.observer.standing_by(held.holder.host if held.holder else None,
+                                      held.holder.pid if held.holder else None)
+            stop.wait(self.lease.retry_after)
+            return False
+
+    def between_batches(self, stop: threading.Event) -> bool:
+        """During a long drain: stay alive, keep the lease (or stop draining), refresh the gauges."""
+        self.observer.heartbeat()
+        self.housekeeping()
+        return not stop.is_set() and self.hold_lease(stop)
+
+    def back_off(self, exc: Interrupted, failures: int, stop: threading.Event) -> None:
+        """The secondary failed as a whole: wait (capped exponential backoff, full jitter, Retry-After)."""
+        pause = backoff.delay(failures, cap=self.config.worker.max_backoff, retry_after=exc.error.retry_after)
+        self.observer.secondary_failed(exc.table, exc.error, failures, pause)
+        stop.wait(pause)
+
+    # -- the drain step: claim, ship, acknowledge ------------------------------------------------------
 
     def drain_once(self) -> DrainResult:
         """Claim, ship and acknowledge one batch (raises Interrupted after acknowledging what shipped)."""
@@ -151,6 +233,7 @@ class Worker:
                 in_flight[1].result()
 
     def claim(self, in_flight: Sequence[Change] = ()) -> Shipment | None:
+        """The next batch of the tables that are not halted, its keys' rows read from one snapshot."""
         active = {t: m.key for t, m in self.mappings.items() if t not in self.halted}
         changes = outbox.claim(self.conn, self.batch_size, active, in_flight)
         return Shipment(changes, sum(len(c.entries) for c in changes)) if changes else None
@@ -164,14 +247,16 @@ class Worker:
         return shipment
 
     def finish(self, shipment: Shipment) -> DrainResult:
-        """Acknowledge, record halts, observe; then re-raise an interruption of the secondary."""
-        batch = shipment.batch
-        outbox.acknowledge(self.conn, batch.shipped, batch.dead, batch.requeued)
-        if batch.halts:
-            with immediate(self.conn):
-                for table, reason in batch.halts:
-                    outbox.update_table_state(self.conn, table, halted=True, last_error=reason)
-        self.observe(batch, shipment.claimed, time.monotonic() - shipment.started, shipment.interrupted is not None)
+        """Acknowledge and observe; then re-raise an interruption of the secondary."""
+        batch, now = shipment.batch, time.time()
+        outbox.acknowledge(self.conn, batch.shipped, batch.dead, batch.requeued, batch.halts, now=now)
+        if batch.shipped:
+            self.next_probe = time.monotonic() + PROBE_EVERY
+        self.observer.batch_done(
+            claimed=shipment.claimed, shipped=len(batch.shipped), dead=len(batch.dead), requeued=len(batch.requeued),
+            upserted=batch.upserted, deleted=batch.deleted, seconds=time.monotonic() - shipment.started,
+            lags=[max(0.0, now - entry.at) for change in batch.shipped for entry in change.entries],
+            interrupted=shipment.interrupted is not None)
         if shipment.interrupted is not None:
             raise shipment.interrupted
         self.regrow_batch()
@@ -186,6 +271,8 @@ class Worker:
         if self.clean_batches >= REGROW_AFTER:
             self.clean_batches = 0
             self.batch_size = min(self.config.worker.batch_size, self.batch_size * 2)
+
+    # -- ship: map, send, classify ----------------------------------------------------------------------
 
     def ship(self, changes: list[Change], batch: Batch) -> None:
         """Upserts parents first, then deletes children first, one table at a time."""
@@ -204,6 +291,8 @@ class Worker:
                 self.ship_deletes(table, gone, batch)
 
     def ship_upserts(self, table: str, changes: list[Change], batch: Batch) -> None:
+        """Map the present rows of `table` and upsert them, one request per set of columns (PostgREST wants the same
+        keys in every object of a request); a row the mapping refuses is dead-lettered."""
         mapping = self.mappings[table]
         groups: dict[tuple[str, ...], list[tuple[Change, dict[str, object]]]] = {}
         for change in changes:
@@ -217,6 +306,8 @@ class Worker:
             self.send(table, "upsert", items, batch)
 
     def ship_deletes(self, table: str, changes: list[Change], batch: Batch) -> None:
+        """Map the keys of the rows gone from `table` and delete them in the secondary; a key the mapping refuses (a
+        NULL in it) is dead-lettered."""
         mapping = self.mappings[table]
         items = []
         for change in changes:
@@ -240,14 +331,13 @@ class Worker:
                 self.send(table, op, items[middle:], batch)
             elif error.kind == "row":
                 self.reject(table, items[0][0], error, batch)
-            elif error.kind in ("config", "auth"):
+            elif error.kind in ("config", "auth"):  # auth here: the token could not be renewed
                 self.halt(table, error, batch)
             else:
                 if error.statement_timeout:
                     self.batch_size = max(1, self.batch_size // 2)
                     self.clean_batches = 0
-                    self.log.warning("statement timeout in the secondary: smaller batches", table=table,
-                                     batch_size=self.batch_size)
+                    self.observer.batch_size_halved(table, self.batch_size)
                 raise Interrupted(table, error) from None
             return
         batch.shipped += [change for change, _ in items]
@@ -256,25 +346,20 @@ class Worker:
             self.fk_attempts.pop((table, change.key_text), None)
 
     def exchange(self, table: str, op: str, payloads: list[dict[str, object]]) -> None:
-        """One request; an expired token is renewed and the request repeated at once."""
+        """One request; its failure is announced and raised as the TargetError the target classified."""
         mapping = self.mappings[table]
-        for attempt in (1, 2):
-            try:
-                if op == "upsert":
-                    self.target.upsert(mapping.target, mapping.target_key, payloads)
-                else:
-                    self.target.delete(mapping.target, mapping.target_key, payloads)
-                return
-            except TargetError as error:
-                self.metrics.failures.labels(table=table, **{"class": error.kind}).inc()
-                self.metrics.target_up.set(0 if error.kind == "transient" else 1)
-                renewable = error.kind == "auth" and attempt == 1 and self.tokens is not None and self.tokens.refresh()
-                if not renewable:
-                    raise
-                self.metrics.retries.labels(table=table).inc()
-                self.log.info("token expired: renewed, retrying", table=table)
+        try:
+            if op == "upsert":
+                self.target.upsert(mapping.target, mapping.target_key, payloads)
+            else:
+                self.target.delete(mapping.target, mapping.target_key, payloads)
+        except TargetError as error:
+            self.observer.exchange_failed(table, error)
+            raise
 
     def reject(self, table: str, change: Change, error: TargetError, batch: Batch) -> None:
+        """A row the secondary refused: requeue it behind its parent (an FK refusal, a bounded number of
+        times), else dead-letter it with the reason."""
         attempts = self.fk_attempts[(table, change.key_text)]
         if error.foreign_key and attempts < self.config.worker.fk_retries:
             self.fk_attempts[(table, change.key_text)] += 1
@@ -284,123 +369,27 @@ class Worker:
         message = (f"table {table!r} key {change.key!r}: {error.message}; fix the cause, then run: "
                    f"syncd replay --dead-letters --table {table}")
         batch.dead.append(DeadLetter(change, message, error.status, error.code))
-        self.log.error("row dead-lettered", table=table, status=error.status, code=error.code,
-                       reason=error.message, hint=f"syncd replay --dead-letters --table {table}")
+        self.observer.row_dead_lettered(table, error)
 
     def halt(self, table: str, error: TargetError, batch: Batch) -> None:
         """Stop shipping one table (bad key, RLS denial, missing table): capture goes on, nothing is lost."""
         self.halted[table] = error.message
-        self.metrics.halted.labels(table=table).set(1)
-        self.metrics.health.halted[table] = error.message
         batch.halts.append((table, error.message))
-        self.log.error("table halted", table=table, status=error.status, code=error.code, reason=error.message,
-                       hint="fix the key or the policy, then restart syncd (or send SIGHUP)")
+        self.observer.table_halted(table, error)
+
+    def resume_if_requested(self) -> None:
+        """SIGHUP asked for a resume: acted on here, on the thread that owns the connection."""
+        if self.resume_requested.is_set():
+            self.resume_requested.clear()
+            self.resume()
 
     def resume(self) -> None:
         """Ship halted tables again (SIGHUP, or a restart, after the operator fixed the cause)."""
-        for table in list(self.halted):
-            self.metrics.halted.labels(table=table).set(0)
+        self.observer.tables_resumed(list(self.halted))
         self.halted.clear()
-        self.metrics.health.halted.clear()
-        with immediate(self.conn):
-            for table in self.mappings:
-                if outbox.table_state(self.conn, table).get("halted"):
-                    outbox.update_table_state(self.conn, table, halted=False)
+        outbox.clear_halts(self.conn, self.mappings)
 
-    def observe(self, batch: Batch, claimed: int, seconds: float, interrupted: bool = False) -> None:
-        now = time.time()
-        m = self.metrics
-        m.batch_duration.observe(seconds)
-        for table, n in batch.upserted.items():
-            m.shipped.labels(table=table, op="upsert").inc(n)
-        for table, n in batch.deleted.items():
-            m.shipped.labels(table=table, op="delete").inc(n)
-        m.lag.observe_many([max(0.0, now - entry.at) for change in batch.shipped for entry in change.entries])
-        if batch.shipped:
-            self.next_probe = time.monotonic() + PROBE_EVERY
-            m.last_success.set(now)
-            m.target_up.set(1)
-            m.health.target_ok, m.health.reason = True, "ok"
-        # interrupted: the secondary failed as a whole; what shipped before is acknowledged, the rest retried
-        outcome = "interrupted" if interrupted else "ok" if not (batch.dead or batch.requeued) else "partial"
-        self.log.info("batch", claimed=claimed, shipped=len(batch.shipped), dead_lettered=len(batch.dead),
-                      requeued=len(batch.requeued), duration_ms=round(seconds * 1000, 1), outcome=outcome)
-
-    # -- the loop ---------------------------------------------------------------------------------------
-
-    def run(self, stop: threading.Event, wait: WaitFn | None = None, once: bool = False) -> None:
-        """Drain while holding the lease until `stop` is set (with `once`: until the outbox is empty)."""
-        lease = Lease(self.conn, self.config.worker.lease_seconds)
-        self.resume()
-        failures = 0
-        while not stop.is_set():
-            self.metrics.health.heartbeat = time.time()
-            if self.resume_requested.is_set():  # SIGHUP: acted on here, where the connection is used
-                self.resume_requested.clear()
-                self.resume()
-            try:
-                if not self.hold(lease, stop):
-                    continue
-            except apsw.BusyError:
-                stop.wait(0.5)
-                continue
-            try:
-                result = self.drain(stop, between=lambda: self.between_batches(lease, stop))
-            except Interrupted as exc:
-                failures += 1
-                self.on_failure(exc, failures, stop)
-                continue
-            except apsw.BusyError:
-                # The app held the write lock past the busy timeout: what shipped was not acknowledged and
-                # ships again (idempotent). Never a reason to stop.
-                self.log.warning("database busy: the application holds the write lock; will retry")
-                stop.wait(backoff.delay(2, cap=self.config.worker.max_backoff))
-                continue
-            if failures:
-                self.log.info("secondary recovered", after_failures=failures)
-                failures = 0
-            self.housekeeping()
-            if once:
-                if result.claimed == 0:
-                    break
-                continue
-            if result.claimed == 0:
-                self.probe_when_idle()
-            if wait is not None:
-                wait(self.config.worker.poll_interval, stop)
-            else:
-                stop.wait(self.config.worker.poll_interval)
-        lease.release()
-
-    def between_batches(self, lease: Lease, stop: threading.Event) -> bool:
-        """During a long drain: stay alive, keep the lease (or stop draining), refresh the gauges."""
-        self.metrics.health.heartbeat = time.time()
-        self.housekeeping()
-        return not stop.is_set() and self.hold(lease, stop)
-
-    def hold(self, lease: Lease, stop: threading.Event) -> bool:
-        """Take or renew the lease (every third of its lifetime: a write the app might wait for); while
-        another daemon holds it, stand by."""
-        now = time.monotonic()
-        if now < self.lease_renew_at:
-            return True
-        if lease.renew():
-            self.lease_renew_at = now + self.config.worker.lease_seconds / 3
-            return True
-        self.lease_renew_at = 0.0
-        holder = outbox.read_lease(self.conn)
-        self.log.info("another daemon holds the lease: standing by",
-                      host=holder.host if holder else None, pid=holder.pid if holder else None)
-        stop.wait(self.config.worker.lease_seconds / 3)
-        return False
-
-    def on_failure(self, exc: Interrupted, failures: int, stop: threading.Event) -> None:
-        self.metrics.retries.labels(table=exc.table).inc()
-        self.metrics.health.target_ok, self.metrics.health.reason = False, exc.error.message
-        pause = backoff.delay(failures, cap=self.config.worker.max_backoff, retry_after=exc.error.retry_after)
-        self.log.warning("secondary unavailable: will retry", table=exc.table, reason=exc.error.message,
-                         attempt=failures, retry_in_s=round(pause, 3))
-        stop.wait(pause)
+    # -- when idle ----------------------------------------------------------------------------------------
 
     def probe_when_idle(self) -> None:
         """An idle daemon still tells whether the secondary answers (/readyz, syncd_target_up): a read of
@@ -409,39 +398,41 @@ class Worker:
         table = next((t for t in self.order if t not in self.halted), None)
         if now < self.next_probe or table is None:
             return
-        health = self.metrics.health
         try:
             self.target.ping(self.mappings[table].target)
         except TargetError as error:
             self.next_probe = now + PROBE_RETRY
-            self.metrics.target_up.set(0)
-            health.target_ok, health.reason = False, error.message
-            self.log.warning("secondary check failed while idle", table=table, reason=error.message)
+            self.observer.secondary_checked(table, error)
             return
         self.next_probe = now + PROBE_EVERY
-        self.metrics.target_up.set(1)
-        health.target_ok, health.reason = True, "ok"
+        self.observer.secondary_checked(table, None)
 
     def housekeeping(self) -> None:
-        """Refresh the backlog gauges and expire old journal rows, now and then (both scan tables)."""
+        """Measure the backlog and expire old journal rows, now and then (both scan tables)."""
         now = time.time()
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + HOUSEKEEPING_EVERY
-            pending = outbox.pending_by_table(self.conn)
-            dead = outbox.dead_letters_by_table(self.conn)
-            for table in self.mappings:
-                mine = pending.get(table)
-                self.metrics.pending.labels(table=table).set(mine.count if mine else 0)
-                age = now - mine.oldest_at if mine and mine.oldest_at else 0.0
-                self.metrics.oldest_age.labels(table=table).set(max(0.0, age))
-                self.metrics.dead_letters.labels(table=table).set(dead.get(table, 0))
+            self.observer.backlog(self.mappings, outbox.pending_by_table(self.conn),
+                                  outbox.dead_letters_by_table(self.conn), now)
         if now >= self.next_journal_expiry:
             self.next_journal_expiry = now + JOURNAL_EXPIRY_EVERY
             outbox.expire_journal(self.conn, now - self.config.worker.journal_retention_days * 86400)
 
 
 class WaitFn(Protocol):
+    """How the loop sleeps between drains: called with (timeout in seconds, stop), it returns at the timeout or
+    earlier, on a change, a wake-up or `stop` (`Waker.wait`, `wait_on`)."""
+
     def __call__(self, timeout: float, stop: threading.Event) -> None: ...
+
+
+def wait_on(stop: threading.Event) -> WaitFn:
+    """A WaitFn that only waits for `stop` or the timeout (no wake-up source)."""
+
+    def wait(timeout: float, _stop: threading.Event) -> None:
+        stop.wait(timeout)
+
+    return wait
 
 
 def ship_order(conn: apsw.Connection, config: Config, tables: list[str]) -> list[str]:

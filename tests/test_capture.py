@@ -11,8 +11,9 @@ import apsw
 import pytest
 
 from syncd import capture
-from syncd.capture import CaptureError, decode_key
+from syncd.capture import CaptureError
 from syncd.config import Config
+from syncd.keys import decode_key
 from syncd.sqlite import connect
 
 

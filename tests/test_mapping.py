@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from syncd.config import ColumnConfig, TableConfig, load_config
-from syncd.mapping import InvalidText, RowError, TableMapping
+from syncd.keys import InvalidText
+from syncd.mapping import RowError, TableMapping
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = ("a1",)
@@ -329,10 +330,10 @@ def test_many_plain_rows_map_correctly():
 
 
 def test_demo_config_builds_a_mapping_per_table():
-    """Every table of config/demo.toml maps a row of its demo SQLite schema (key from config or primary key)."""
-    config = load_config(ROOT / "config" / "demo.toml", env={})
+    """Every table of syncd/demo/mapping.toml maps a row of its demo SQLite schema (key from config or primary key)."""
+    config = load_config(ROOT / "syncd" / "demo" / "mapping.toml", env={})
     db = sqlite3.connect(":memory:")
-    db.executescript((ROOT / "config" / "demo_sqlite_schema.sql").read_text())
+    db.executescript((ROOT / "syncd" / "demo" / "schema.sql").read_text())
     assert config.tables
     for table in config.tables:
         info = db.execute(f"PRAGMA table_info({table.name})").fetchall()

@@ -9,7 +9,7 @@ import time
 import psycopg
 import pytest
 
-from syncd.replay import parse_time
+from syncd.timeparse import parse_time
 from tests.e2e import App, assert_converged, dead_letters, pending, target
 
 NOW = 1_700_000_000.0

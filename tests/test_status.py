@@ -12,8 +12,8 @@ from pathlib import Path
 
 import apsw
 
-from syncd import capture, status
-from syncd.outbox import Lease, read_lease
+from syncd import capture, outbox, status
+from syncd.lease import Lease, read_lease
 from syncd.sqlite import connect
 from tests.test_capture import app, installed
 
@@ -179,7 +179,7 @@ def test_cli_refusal_is_a_clear_message_not_a_traceback(tmp_path: Path):
     assert result.returncode == 2
     assert "table 't' has no primary key" in result.stderr and "table 'u' does not exist" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not capture.owned_objects_exist(connect(db))
+    assert not outbox.installed(connect(db))
 
 
 def test_cli_missing_database_is_a_clear_error(tmp_path: Path):

@@ -355,6 +355,51 @@ def test_token_is_asked_for_on_every_request(recorder: Recorder):
     assert first != second and second == f"Bearer {tokens.token()}"
 
 
+class Renewable:
+    """A token source whose tokens expire until it is told to renew."""
+
+    def __init__(self, renews: bool = True) -> None:
+        self.renews, self.refreshed, self.current = renews, 0, "old"
+
+    def token(self) -> str:
+        return self.current
+
+    def refresh(self) -> bool:
+        self.refreshed += 1
+        if self.renews:
+            self.current = f"new{self.refreshed}"
+        return self.renews
+
+
+def expire_old_tokens(recorder: Recorder) -> Callable[[httpx.Request], httpx.Response]:
+    def answer(request: httpx.Request) -> httpx.Response:
+        recorder.requests.append(request)
+        if request.headers["authorization"] == "Bearer old":
+            return httpx.Response(401, json=pgrst("PGRST301", "JWT expired"))
+        return httpx.Response(201)
+    return answer
+
+
+def test_expired_token_is_renewed_and_the_request_repeated(recorder: Recorder):
+    """401 "JWT expired": renewed once, the same request sent again at once, the renewal announced."""
+    tokens, renewed = Renewable(), []
+    with PostgrestTarget(URL, tokens, transport=httpx.MockTransport(expire_old_tokens(recorder)),
+                         on_renewed=lambda table, error: renewed.append((table, error.kind))) as client:
+        client.upsert("items", ["id"], [{"id": 1}])
+    assert tokens.refreshed == 1 and renewed == [("items", "auth")]
+    assert [r.headers["authorization"] for r in recorder.requests] == ["Bearer old", "Bearer new1"]
+    assert recorder.requests[0].content == recorder.requests[1].content
+
+
+def test_a_token_that_cannot_be_renewed_raises_auth(recorder: Recorder):
+    """A fixed key that expired: one request, one try to renew, then the caller gets the auth error."""
+    tokens = Renewable(renews=False)
+    with PostgrestTarget(URL, tokens, transport=httpx.MockTransport(expire_old_tokens(recorder))) as client, \
+            pytest.raises(TargetError) as raised:
+        client.delete("items", ["id"], [{"id": 1}])
+    assert raised.value.kind == "auth" and tokens.refreshed == 1 and len(recorder.requests) == 1
+
+
 def test_error_answer_raises_without_the_token_or_apikey(recorder: Recorder, target: PostgrestTarget):
     """Even a body that echoes the secrets does not carry them into the exception."""
     recorder.status, recorder.body = 400, pgrst("22P02", "invalid input: TOKEN and APIKEY")

@@ -13,8 +13,8 @@ import uuid
 import psycopg
 import pytest
 
-from syncd.capture import decode_key
 from syncd.config import TableConfig
+from syncd.keys import decode_key
 from syncd.mapping import TableMapping
 from syncd.verify import Scratch, canonical, outbox_key
 from tests.e2e import App, assert_converged, dead_letters, pending, write_mixed_workload

@@ -1,5 +1,6 @@
-"""The drain loop's decisions with a scripted fake target: bisection, foreign-key requeue, token
-renewal, halting, partial acknowledgement, adaptive batch size, and the backoff function."""
+"""The drain loop's decisions with a scripted fake target: bisection, foreign-key requeue, halting (a
+config error, a token that cannot be renewed), partial acknowledgement, adaptive batch size, and the backoff
+function."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import structlog
 from syncd import backoff
 from syncd.config import Config
 from syncd.metrics import Metrics
+from syncd.observer import Observer
 from syncd.sqlite import connect
 from syncd.target import TargetError
 from syncd.worker import Interrupted, Worker
@@ -67,7 +69,7 @@ def worker_for(tmp_path: Path, target: FakeTarget, **worker: object) -> tuple[Wo
     path, _ = installed(tmp_path, SCHEMA, {"name": "parent"}, {"name": "child"})
     config = Config.model_validate({"source": {"path": str(path)}, "table": [{"name": "parent"}, {"name": "child"}],
                                     "worker": worker})
-    return Worker(connect(path), config, target, Metrics()), app(path)
+    return Worker(connect(path), config, target, Observer(Metrics())), app(path)
 
 
 def outbox_size(db: sqlite3.Connection) -> int:
@@ -132,33 +134,18 @@ def test_foreign_key_refusal_heals_when_the_parent_arrives(tmp_path: Path):
     assert dead(db) == [] and outbox_size(db) == 0
 
 
-class Tokens:
-    def __init__(self) -> None:
-        self.refreshed = 0
+def test_an_expired_token_that_cannot_be_renewed_halts_its_table(tmp_path: Path):
+    """The target renews an expired token itself (tests/test_target.py); an `auth` error that still reaches
+    the worker means it could not (a fixed key): the table halts, nothing is dead-lettered."""
+    def expired(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
+        return TargetError("auth", "401 PGRST301 JWT expired", status=401, code="PGRST301") \
+            if table == "child" else None
 
-    def token(self) -> str:
-        return "t"
-
-    def refresh(self) -> bool:
-        self.refreshed += 1
-        return True
-
-
-def test_expired_token_is_renewed_and_the_request_repeated(tmp_path: Path):
-    failures = {"left": 1}
-
-    def expire_once(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
-        if failures["left"]:
-            failures["left"] -= 1
-            return TargetError("auth", "JWT expired", status=401, code="PGRST301")
-        return None
-
-    target = FakeTarget(expire_once)
-    worker, db = worker_for(tmp_path, target)
-    worker.tokens = tokens = Tokens()
+    worker, db = worker_for(tmp_path, FakeTarget(expired))
     db.execute("INSERT INTO parent VALUES (1, 'p')")
-    assert worker.drain_once().shipped == 1
-    assert tokens.refreshed == 1 and dead(db) == []
+    db.execute("INSERT INTO child VALUES (1, 1, 'c')")
+    assert worker.drain_once().shipped == 1 and "child" in worker.halted
+    assert dead(db) == [] and db.execute("SELECT tbl FROM _syncd_outbox").fetchall() == [("child",)]
 
 
 def test_config_error_halts_one_table_while_others_ship(tmp_path: Path):

@@ -34,6 +34,10 @@ RANGE = re.compile(r"\s*(\d+)-(\d*)\s*")
 
 @dataclass
 class ApiSettings:
+    """How the API behaves: the JWT secret it verifies tokens with, the exposed schemas (the first is the default),
+    the role of a request without a token, whether Supabase's gateway apikey check applies, and the URL the OpenAPI
+    description names."""
+
     jwt_secret: str
     schemas: list[str]
     anon_role: str = "anon"
@@ -62,22 +66,29 @@ def prefer(request: Request) -> dict[str, str]:
 
 
 def error_response(error: ApiError) -> Response:
+    """An ApiError as PostgREST answers it: status, JSON body and headers."""
     return Response(error.status, error.body(), {**JSON, **error.headers})
 
 
 class Api:
+    """The PostgREST API over a pool of `authenticator` connections: one request, one transaction under the caller's
+    role."""
+
     def __init__(self, pool: psycopg_pool.AsyncConnectionPool, settings: ApiSettings) -> None:
         self.pool = pool
         self.settings = settings
         self.cache = SchemaCache(settings.schemas)
 
     async def handle(self, request: Request) -> Response:
+        """Answer one API request (its path below the prefix); an ApiError becomes PostgREST's error answer."""
         try:
             return await self.dispatch(request)
         except ApiError as error:
             return error_response(error)
 
     async def dispatch(self, request: Request) -> Response:
+        """Authenticate, choose the schema and the table, and run the method's handler (`GET /` answers the OpenAPI
+        description). Raises ApiError."""
         authorization = request.headers.get("authorization")
         if self.settings.require_apikey:
             apikey = request.headers.get("apikey")
@@ -100,6 +111,8 @@ class Api:
         return await handler(request, table, identity, query.parse(request.query))
 
     def schema_of(self, request: Request) -> str:
+        """The schema a request addresses: its Accept-Profile (GET, HEAD) or Content-Profile (writes) header, default
+        the first exposed one. Raises ApiError 406 PGRST106 for one not exposed."""
         header = "accept-profile" if request.method in ("GET", "HEAD") else "content-profile"
         schema = request.headers.get(header, self.settings.schemas[0]).strip()
         if schema not in self.settings.schemas:
@@ -109,6 +122,8 @@ class Api:
     # -- reads ------------------------------------------------------------------------------------
 
     async def read(self, request: Request, table: Table, identity: Identity, q: query.Query) -> Response:
+        """GET, HEAD: the filtered, ordered page as a JSON array, with Content-Range (and the total under Prefer:
+        count=exact)."""
         offset, limit = self.page_bounds(request, q)
         params: list[object] = []
         page = (f"SELECT {query.select_sql(q.select, table)} FROM {table.qualified}"
@@ -132,6 +147,8 @@ class Api:
 
     @staticmethod
     def page_bounds(request: Request, q: query.Query) -> tuple[int, int | None]:
+        """(offset, limit or None) from `offset`, `limit` and a `Range: first-last` header in items, whichever is
+        narrower."""
         offset, limit = q.offset, q.limit
         match = RANGE.fullmatch(request.headers.get("range", ""))
         if match and request.headers.get("range-unit", "items") == "items":
@@ -144,6 +161,8 @@ class Api:
     # -- writes -----------------------------------------------------------------------------------
 
     async def insert(self, request: Request, table: Table, identity: Identity, q: query.Query) -> Response:
+        """POST: insert one object or an array of them (an upsert with Prefer: resolution=...); 201, or 200 when an
+        upsert inserted nothing."""
         payload = parse_body(request.body)
         rows = payload if isinstance(payload, list) else [payload]
         if not all(isinstance(row, dict) for row in rows):
@@ -173,6 +192,9 @@ class Api:
 
     @staticmethod
     def insert_source(table: Table, columns: list[str], missing_default: bool) -> str:
+        """The SELECT that feeds the INSERT from the JSON body (the `%s` parameter) through
+        `json_populate_recordset`; with `missing_default` (Prefer: missing=default) a key absent from an object takes
+        the column's default instead of NULL."""
         names = ", ".join(f"_pgrst_rec.{ident(c)}" for c in columns)
         if not missing_default:
             return f"SELECT {names} FROM json_populate_recordset(NULL::{table.qualified}, %s::json) AS _pgrst_rec"
@@ -187,6 +209,7 @@ class Api:
                 f" LATERAL json_populate_record(NULL::{table.qualified}, _pgrst_obj) AS _pgrst_rec")
 
     async def update(self, request: Request, table: Table, identity: Identity, q: query.Query) -> Response:
+        """PATCH: update the filtered rows from the body's one object; a filter is required (400 21000)."""
         row = parse_body(request.body)
         if not isinstance(row, dict):
             raise errors.invalid_body("A PATCH body must be a single JSON object")
@@ -206,6 +229,7 @@ class Api:
         return self.write_response(200 if representation else 204, outcome, prefs, representation)
 
     async def delete(self, request: Request, table: Table, identity: Identity, q: query.Query) -> Response:
+        """DELETE: delete the filtered rows; a filter is required (400 21000)."""
         if not q.where:
             raise ApiError(400, "21000", "DELETE requires a WHERE clause")
         prefs = prefer(request)
@@ -217,6 +241,8 @@ class Api:
 
     @staticmethod
     def returning(sql: str, table: Table, q: query.Query, representation: bool) -> str:
+        """`sql` (an UPDATE or DELETE) as it is, or with `representation` wrapped so that it also gives the changed
+        rows as the JSON body."""
         if not representation:
             return sql
         return (f"WITH _pgrst_rows AS ({sql} RETURNING {table.qualified}.*)"
@@ -224,6 +250,8 @@ class Api:
 
     @staticmethod
     def write_response(status: int, outcome: Outcome, prefs: dict[str, str], representation: bool) -> Response:
+        """The answer to a write: `status`, Content-Range of the rows affected, Preference-Applied for the
+        preferences honoured, and with `representation` the rows as the body."""
         applied = [f"{k}={prefs[k]}" for k in ("resolution", "missing", "return") if k in prefs]
         headers = {"Content-Range": f"0-{outcome.affected - 1}/*" if outcome.affected else "*/*"}
         if applied:
@@ -259,6 +287,7 @@ class Api:
 
 
 def parse_body(body: bytes) -> Any:
+    """The request body as JSON. Raises ApiError 400 PGRST102 when it is not JSON."""
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -276,6 +305,7 @@ def keys_of(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def check_columns(columns: list[str], table: Table) -> None:
+    """Raises ApiError 400 PGRST204 for the first of `columns` that `table` lacks in the schema cache."""
     for column in columns:
         if column not in table.columns:
             raise errors.unknown_column(column, table.name)
@@ -283,6 +313,8 @@ def check_columns(columns: list[str], table: Table) -> None:
 
 def conflict_clause(table: Table, columns: list[str], on_conflict: list[str] | None,
                     resolution: str | None) -> str:
+    """The ON CONFLICT clause of Prefer: resolution=merge-duplicates (update `columns`) or ignore-duplicates (do
+    nothing), on `on_conflict` or else the primary key; empty without either."""
     if resolution not in ("merge-duplicates", "ignore-duplicates"):
         return ""
     target = on_conflict or table.primary_key
@@ -294,6 +326,7 @@ def conflict_clause(table: Table, columns: list[str], on_conflict: list[str] | N
 
 
 def representation_sql(q: query.Query, table: Table) -> str:
+    """SQL giving the `_pgrst_rows` of a write as JSON array text, through the request's `select`."""
     return (f"(SELECT coalesce(json_agg(_pgrst_t), '[]')::text FROM"
             f" (SELECT {query.select_sql(q.select, table, '_pgrst_rows')} FROM _pgrst_rows) AS _pgrst_t)")
 

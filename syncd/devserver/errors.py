@@ -14,6 +14,9 @@ import psycopg
 
 @dataclass
 class ApiError(Exception):
+    """A PostgREST error answer: HTTP status, code (a SQLSTATE or PGRSTnnn; None for a bare `{}` or a gateway
+    answer), message, details, hint and extra headers."""
+
     status: int
     code: str | None
     message: str
@@ -24,6 +27,8 @@ class ApiError(Exception):
     gateway: bool = False
 
     def body(self) -> bytes:
+        """The JSON body: PostgREST's {code, details, hint, message}, `{}` without code and message, or the gateway's
+        {message}."""
         if self.gateway:
             return json.dumps({"message": self.message}).encode()
         if self.code is None and not self.message:
@@ -73,30 +78,36 @@ def database_unreachable(retry_after: int = 1) -> ApiError:
 
 
 def pool_timeout() -> ApiError:
+    """PGRST003 (504): no pooled connection came within the pool timeout."""
     return ApiError(504, "PGRST003", "Timed out acquiring connection from connection pool.")
 
 
 def invalid_body(message: str = "Empty or invalid json", details: str | None = None) -> ApiError:
+    """PGRST102 (400): the body is not JSON, or not of the shape expected."""
     return ApiError(400, "PGRST102", message, details)
 
 
 def parse_error(message: str, details: str | None = None) -> ApiError:
+    """PGRST100 (400): a query parameter PostgREST cannot parse."""
     return ApiError(400, "PGRST100", message, details)
 
 
 def unknown_column(column: str, table: str) -> ApiError:
+    """PGRST204 (400): the body or `columns` names a column the table lacks in the schema cache."""
     return ApiError(400, "PGRST204", f"Could not find the '{column}' column of '{table}' in the schema cache")
 
 
 def unknown_table() -> ApiError:
-    # PostgREST v12 answers a table missing from the schema cache with 404 and an empty object.
+    """404 with the body `{}`: PostgREST v12's answer for a table missing from the schema cache."""
     return ApiError(404, None, "")
 
 
 def schema_not_exposed(schemas: list[str]) -> ApiError:
+    """PGRST106 (406): the profile header names a schema that is not exposed."""
     return ApiError(406, "PGRST106", f"The schema must be one of the following: {', '.join(schemas)}")
 
 
 def jwt_error(description: str) -> ApiError:
+    """PGRST301 (401) with PostgREST's `description` of the JWT failure and its WWW-Authenticate header."""
     header = f'Bearer error="invalid_token", error_description="{description}"'
     return ApiError(401, "PGRST301", description, headers={"WWW-Authenticate": header})

@@ -17,6 +17,9 @@ Fate = Literal["ok", "down", "error", "reset", "timeout"]
 
 
 class FaultSettings(BaseModel):
+    """What to inject (PUT /_dev/faults): shares (0 to 1) of requests answered with `error_status`, reset, or timed
+    out; latency; a whole-server outage; the random seed."""
+
     model_config = ConfigDict(extra="forbid")
 
     error_rate: float = Field(0.0, ge=0, le=1, description="share of requests answered with error_status")
@@ -39,12 +42,15 @@ class Faults:
         self.injected: Counter[str] = Counter()
 
     def configure(self, changes: dict[str, object]) -> FaultSettings:
-        """Apply a partial update (validated as a whole); a new seed restarts the random sequence."""
+        """Apply a partial update, validated as a whole (raises pydantic's ValidationError, a ValueError); the
+        random sequence restarts from the seed."""
         self.settings = FaultSettings.model_validate({**self.settings.model_dump(), **changes})
         self.random = random.Random(self.settings.seed)
         return self.settings
 
     def draw(self) -> Fate:
+        """The fate of the next request: "down" while down, else reset, error or timeout by their shares, else "ok";
+        counts what it injects."""
         s = self.settings
         if s.down:
             fate: Fate = "down"
@@ -63,11 +69,14 @@ class Faults:
         return fate
 
     def count(self, method: str, status: int | str) -> None:
+        """Count one answered request by method and status."""
         self.requests[method][str(status)] += 1
 
     def stats(self) -> dict[str, object]:
+        """{"requests": {method: {status: count}}, "faults": {fate: count}} (GET /_dev/stats)."""
         return {"requests": {m: dict(c) for m, c in self.requests.items()}, "faults": dict(self.injected)}
 
     def reset_stats(self) -> None:
+        """Forget the counts (DELETE /_dev/stats)."""
         self.requests.clear()
         self.injected.clear()

@@ -22,6 +22,8 @@ READ_CHUNK = 256 * 1024
 
 @dataclass
 class Request:
+    """One HTTP request as the handler sees it."""
+
     method: str
     path: str  # percent-decoded path without the query string
     query: str  # raw query string
@@ -31,6 +33,8 @@ class Request:
 
 @dataclass
 class Response:
+    """One HTTP response; Date, Server and Content-Length are added when it is written."""
+
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
@@ -44,11 +48,15 @@ Handler = Callable[[Request], Awaitable[Response | Abort]]
 
 
 class HttpServer:
+    """Serves `handler` over HTTP/1.1 with keep-alive; `connections` holds the tasks of the open connections
+    (cancelled at shutdown)."""
+
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
         self.connections: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> asyncio.Server:
+        """Listen on `host`:`port` (0: any free port) and serve each connection as a task."""
         return await asyncio.start_server(self._serve_connection, host, port, limit=READ_CHUNK)
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -87,6 +95,8 @@ class HttpServer:
 
 async def read_request(conn: h11.Connection, reader: asyncio.StreamReader,
                        writer: asyncio.StreamWriter) -> Request | None:
+    """The next request on the connection, or None once the client closed it; answers `Expect: 100-continue`. Raises
+    h11.RemoteProtocolError (status hint 413) for a body over MAX_BODY_BYTES."""
     head: h11.Request | None = None
     body = bytearray()
     while True:
@@ -113,6 +123,8 @@ async def read_request(conn: h11.Connection, reader: asyncio.StreamReader,
 
 
 def to_request(head: h11.Request, body: bytes) -> Request:
+    """An h11 request head and its body -> Request: path percent-decoded, query raw, header names in lower case,
+    repeated headers joined with ", "."""
     target = head.target.decode("latin-1")
     path, _, query = target.partition("?")
     headers: dict[str, str] = {}
@@ -125,6 +137,7 @@ def to_request(head: h11.Request, body: bytes) -> Request:
 
 async def write_response(conn: h11.Connection, writer: asyncio.StreamWriter, response: Response,
                          head_only: bool) -> None:
+    """Send `response` with Date, Server and Content-Length (without the body for HEAD)."""
     headers = [("Date", formatdate(usegmt=True)), ("Server", "syncd-devserver")]
     headers += list(response.headers.items())
     headers.append(("Content-Length", str(len(response.body))))

@@ -17,11 +17,15 @@ CLOCK_SKEW_SECONDS = 30
 
 @dataclass(frozen=True)
 class Identity:
+    """Who a request runs as: the database role, the JWT claims (what `request.jwt.claims` is set to), and whether
+    that is the anonymous role."""
+
     role: str
     claims: dict[str, Any]
     anonymous: bool
 
     def claims_json(self) -> str:
+        """The claims as compact JSON: the value of `request.jwt.claims`."""
         return json.dumps(self.claims, separators=(",", ":"))
 
 

@@ -20,6 +20,8 @@ from syncd import auth
 
 @dataclass
 class RunningDevServer:
+    """A dev server started by `launch`: its API URL, PostgreSQL URL, JWT secret and keys, and its process."""
+
     url: str
     pg_url: str
     jwt_secret: str
@@ -34,14 +36,19 @@ class RunningDevServer:
         return self.url.rsplit("/rest/v1", 1)[0]
 
     def token(self, role: str, **claims: object) -> str:
+        """A token for `role` (and any further claims) signed with the server's secret, valid for ten years."""
         return auth.mint_token(self.jwt_secret, role, **claims)
 
     def client(self, key: str | None = None, **headers: str) -> httpx.Client:
+        """An httpx client for the API URL that sends `key` as the bearer token when given, and `headers`; 30 s
+        timeout."""
         if key:
             headers["Authorization"] = f"Bearer {key}"
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
     def stop(self, timeout: float = 60) -> int:
+        """SIGTERM the server and wait up to `timeout` seconds; its exit code. Raises subprocess.TimeoutExpired when
+        it does not exit in time."""
         self.process.send_signal(signal.SIGTERM)
         code = self.process.wait(timeout=timeout)
         self.stderr.close()

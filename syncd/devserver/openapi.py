@@ -19,6 +19,8 @@ LITERAL_DEFAULT = re.compile(r"^'((?:[^']|'')*)'::[\w .\[\]\"]+$")
 
 
 def describe(cache: SchemaCache, schema: str, public_url: str) -> dict[str, Any]:
+    """The Swagger 2.0 document PostgREST v12 serves at `GET /` for `schema`: the paths and definitions of its
+    tables, host and base path taken from `public_url`."""
     url = urlsplit(public_url)
     tables = cache.in_schema(schema)
     return {
@@ -39,6 +41,7 @@ def describe(cache: SchemaCache, schema: str, public_url: str) -> dict[str, Any]
 
 
 def paths_of(table: Table) -> dict[str, Any]:
+    """The operations of one table: GET for all, POST, PATCH and DELETE too except for a materialized view."""
     ref = {"$ref": f"#/definitions/{table.name}"}
     ok = {"200": {"description": "OK", "schema": {"type": "array", "items": ref}},
           "206": {"description": "Partial Content"}}
@@ -54,6 +57,7 @@ def paths_of(table: Table) -> dict[str, Any]:
 
 
 def definition_of(table: Table) -> dict[str, Any]:
+    """One table's definition: its required (NOT NULL) columns and each column's property."""
     definition: dict[str, Any] = {
         "required": [c.name for c in table.columns.values() if not c.nullable],
         "properties": {c.name: property_of(c) for c in table.columns.values()},
@@ -65,6 +69,8 @@ def definition_of(table: Table) -> dict[str, Any]:
 
 
 def property_of(column: Column) -> dict[str, Any]:
+    """One column's property: format (its PostgreSQL type), description with the `<pk/>` and `<fk .../>` notes,
+    default, maxLength and Swagger type."""
     prop: dict[str, Any] = {"format": column.type}
     notes = []
     if column.primary_key:
@@ -89,6 +95,7 @@ def property_of(column: Column) -> dict[str, Any]:
 
 
 def swagger_type_of(column: Column) -> str | None:
+    """A column's Swagger type: array, integer, number, boolean or string; None for json and jsonb (any value)."""
     if column.type.endswith("[]"):
         return "array"
     if column.type in INTEGER_TYPES:

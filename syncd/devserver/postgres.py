@@ -22,6 +22,8 @@ API_LOGIN_ROLE = "authenticator"
 
 @dataclass
 class Database:
+    """A running PostgreSQL: the URL to connect to as admin, and whether it is a throwaway server started here."""
+
     admin_url: str
     throwaway: bool
 

@@ -30,6 +30,8 @@ CAST = re.compile(r"[A-Za-z_][A-Za-z0-9_ ]*(\[\])?")
 
 @dataclass
 class Filter:
+    """One condition: `column=[not.]op[(modifier)].value`."""
+
     column: str
     operator: str
     value: str
@@ -39,6 +41,8 @@ class Filter:
 
 @dataclass
 class Logic:
+    """A logic tree: `[not.]and=(...)` or `[not.]or=(...)` of conditions and nested trees."""
+
     conjunction: str  # "and" | "or"
     children: list[Filter | Logic]
     negated: bool = False
@@ -46,6 +50,8 @@ class Logic:
 
 @dataclass
 class SelectItem:
+    """One item of `select=`: `[alias:]column[::cast]`."""
+
     column: str  # "*" for all columns
     alias: str | None = None
     cast: str | None = None
@@ -53,6 +59,8 @@ class SelectItem:
 
 @dataclass
 class OrderTerm:
+    """One term of `order=`: `column[.asc|.desc][.nullsfirst|.nullslast]`."""
+
     column: str
     descending: bool = False
     nulls: str | None = None  # "FIRST" | "LAST"
@@ -60,6 +68,8 @@ class OrderTerm:
 
 @dataclass
 class Query:
+    """A request's query string, parsed: filters (AND-ed), select, order, limit, offset, on_conflict and columns."""
+
     where: list[Filter | Logic] = field(default_factory=list)
     select: list[SelectItem] | None = None
     order: list[OrderTerm] = field(default_factory=list)
@@ -90,12 +100,15 @@ def parse(query_string: str) -> Query:
 
 
 def parse_count(name: str, value: str) -> int:
+    """The value of `limit` or `offset`. Raises ApiError PGRST100 unless it is a non-negative integer."""
     if not value.isdigit():
         raise errors.parse_error(f"failed to parse {name} parameter ({value})", "expecting a non-negative integer")
     return int(value)
 
 
 def parse_filter(column: str, text: str) -> Filter:
+    """`column=[not.]op.value` -> Filter. Raises ApiError PGRST100 for an unknown operator, a (config) on other than
+    full-text search, a bad `is` value or a malformed `in` list."""
     negated = text.startswith("not.")
     body = text[4:] if negated else text
     match = OPERATOR.fullmatch(body)
@@ -113,6 +126,8 @@ def parse_filter(column: str, text: str) -> Filter:
 
 
 def parse_logic(conjunction: str, text: str, negated: bool = False) -> Logic:
+    """The value of `and=` or `or=`, `(cond,cond,...)` -> Logic, nested trees included. Raises ApiError PGRST100 when
+    it is malformed or empty."""
     if not (text.startswith("(") and text.endswith(")")):
         raise errors.parse_error(f"failed to parse logic tree ({text})", 'expecting "("')
     children: list[Filter | Logic] = []
@@ -174,6 +189,8 @@ def unquote(element: str) -> str:
 
 
 def parse_in_list(value: str, text: str) -> list[str]:
+    """`(a,"b,c")` -> ["a", "b,c"], `()` -> []. Raises ApiError PGRST100 without the parentheses (`text`, the whole
+    filter, is quoted in the message)."""
     if not (value.startswith("(") and value.endswith(")")):
         raise errors.parse_error(f"failed to parse filter ({text})", 'expecting "(" and ")" around the list')
     inner = value[1:-1]
@@ -183,6 +200,8 @@ def parse_in_list(value: str, text: str) -> list[str]:
 
 
 def parse_select(text: str) -> list[SelectItem]:
+    """`select=` -> SelectItems. Raises ApiError PGRST200 for a resource embedding (not supported), PGRST100 for a
+    malformed item."""
     items = []
     for raw_item in split_top_level(text):
         item = raw_item.strip()
@@ -199,6 +218,7 @@ def parse_select(text: str) -> list[SelectItem]:
 
 
 def parse_order(text: str) -> list[OrderTerm]:
+    """`order=` -> OrderTerms. Raises ApiError PGRST100 for an unknown modifier or a missing column."""
     terms = []
     for raw_term in split_top_level(text):
         column, *modifiers = raw_term.strip().split(".")
@@ -229,6 +249,7 @@ def where_sql(items: list[Filter | Logic], table: Table, params: list[object]) -
 
 
 def condition_sql(item: Filter | Logic, table: Table, params: list[object]) -> str:
+    """SQL of one filter or logic tree (negated with `NOT (...)`); appends its values to `params`."""
     if isinstance(item, Logic):
         joiner = f" {item.conjunction.upper()} "
         sql = "(" + joiner.join(condition_sql(child, table, params) for child in item.children) + ")"
@@ -238,6 +259,7 @@ def condition_sql(item: Filter | Logic, table: Table, params: list[object]) -> s
 
 
 def filter_sql(item: Filter, table: Table, params: list[object]) -> str:
+    """SQL of one filter on the table's qualified column, with `%s` placeholders; appends the values to `params`."""
     column = f"{table.qualified}.{ident(item.column)}"
     op = item.operator
     if op == "is":
@@ -279,6 +301,7 @@ def select_sql(items: list[SelectItem] | None, table: Table, source: str | None 
 
 
 def order_sql(terms: list[OrderTerm], table: Table) -> str:
+    """` ORDER BY ...` for the terms, or empty text without any."""
     if not terms:
         return ""
     rendered = []

@@ -50,6 +50,8 @@ ORDER BY n.nspname, c.relname, k.conname, u.ord
 
 @dataclass
 class Column:
+    """One column as the schema cache knows it."""
+
     name: str
     type: str  # PostgREST's "format": the type name without modifiers, schema-qualified outside pg_catalog
     category: str  # pg_type.typcategory: N numeric, B boolean, S string, A array, U user-defined...
@@ -63,6 +65,9 @@ class Column:
 
 @dataclass
 class Table:
+    """One relation of an exposed schema: `kind` is its pg_class.relkind (r table, v view, m materialized view,
+    f foreign table, p partitioned table)."""
+
     schema: str
     name: str
     kind: str
@@ -71,22 +76,28 @@ class Table:
 
     @property
     def primary_key(self) -> list[str]:
+        """The primary key columns, in the table's column order."""
         return [c.name for c in self.columns.values() if c.primary_key]
 
     @property
     def qualified(self) -> str:
+        """`"schema"."name"`, quoted for SQL sent through psycopg."""
         return f"{ident(self.schema)}.{ident(self.name)}"
 
 
 @dataclass
 class SchemaCache:
+    """The tables of the exposed schemas by (schema, name), as loaded at start or at the last reload."""
+
     schemas: list[str]
     tables: dict[tuple[str, str], Table] = field(default_factory=dict)
 
     def table(self, schema: str, name: str) -> Table | None:
+        """Table `name` of `schema`, or None when the cache does not have it."""
         return self.tables.get((schema, name))
 
     def in_schema(self, schema: str) -> list[Table]:
+        """The tables of `schema`, by name."""
         return sorted((t for (s, _), t in self.tables.items() if s == schema), key=lambda t: t.name)
 
 

@@ -27,6 +27,8 @@ APPLICATION_NAME = "syncd-devserver"
 
 @dataclass
 class Options:
+    """How `syncd dev-server` runs (its command-line options)."""
+
     host: str = "127.0.0.1"
     port: int = 54321
     prefix: str = "/rest/v1"
@@ -51,6 +53,7 @@ class DevServer:
         self.faults = faults
 
     async def handle(self, request: Request) -> Response | Abort:
+        """Answer one request; a bug of ours becomes a 500 XX000 and a traceback on stderr."""
         try:
             return await self.route(request)
         except Exception:  # a bug of ours: answer like PostgREST's 500, keep serving, leave a trace on stderr
@@ -58,6 +61,8 @@ class DevServer:
             return error_response(errors.ApiError(500, "XX000", "internal error in syncd dev-server"))
 
     async def route(self, request: Request) -> Response | Abort:
+        """`/_dev/*` (with faults) to the dev endpoints, paths below the prefix to the API (through fault injection
+        when on), anything else 404 `{}`."""
         if self.faults is not None and request.path.startswith("/_dev/"):
             return self.dev_endpoint(request)
         if not (request.path == self.prefix or request.path.startswith(self.prefix + "/")):
@@ -69,6 +74,8 @@ class DevServer:
         return await self.with_faults(api_request)
 
     async def with_faults(self, request: Request) -> Response | Abort:
+        """Answer an API request by the fate drawn for it: reset (closed at once, unanswered), or after `delay_ms`
+        down (503 PGRST000), an injected error, the real answer, or for a timeout the request applied and no answer."""
         assert self.faults is not None
         settings, fate = self.faults.settings, self.faults.draw()
         if fate == "reset":
@@ -90,6 +97,8 @@ class DevServer:
         return response
 
     def dev_endpoint(self, request: Request) -> Response:
+        """The `/_dev/*` endpoints (with --faults): GET and PUT /_dev/faults read or change the fault settings (400
+        for an invalid change), GET and DELETE /_dev/stats read or reset the counts."""
         assert self.faults is not None
         if request.path == "/_dev/faults" and request.method == "GET":
             return Response(200, self.faults.settings.model_dump_json().encode(), JSON)
@@ -132,11 +141,14 @@ async def keep_schema_fresh(api: Api, conninfo: str, ready: asyncio.Event) -> No
 
 
 async def load_schema(conninfo: str, schemas: list[str]) -> schema.SchemaCache:
+    """A fresh schema cache of `schemas`, read on a connection of its own."""
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
         return await schema.load(conn, schemas)
 
 
 async def serve(options: Options, admin_url: str, secret: str) -> None:
+    """Serve the API on options.host:port through a pool acting as `authenticator`, announce it on stdout once
+    listening, and run until SIGTERM or SIGINT."""
     pool = psycopg_pool.AsyncConnectionPool(admin_url, min_size=1, max_size=options.pool_size,
                                             timeout=options.pool_timeout,
                                             kwargs={"application_name": APPLICATION_NAME},
@@ -185,6 +197,9 @@ def announce(url: str, pg_url: str, secret: str) -> None:
 
 
 def run(options: Options) -> int:
+    """Run the dev server until SIGTERM or SIGINT; exit code 0. The JWT secret is the option's, SUPABASE_JWT_SECRET
+    or a random one; PostgreSQL is started here unless `pg_url` is given; the migrations run first. Raises SystemExit
+    with the message for a secret under 32 characters or no migrations directory."""
     secret = options.jwt_secret or os.environ.get("SUPABASE_JWT_SECRET") or auth.generate_secret()
     if len(secret) < auth.MIN_SECRET_LENGTH:
         raise SystemExit(f"error: the JWT secret must have at least {auth.MIN_SECRET_LENGTH} characters "

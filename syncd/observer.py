@@ -1,0 +1,142 @@
+"""Observation: what the drain loop announces (a batch done, the secondary failed or recovered, a table halted
+or resumed, the backlog measured) turned into metrics, health (/healthz, /readyz) and log lines, in one place.
+
+The worker only says what happened; this listener decides what an operator sees of it (as dramatiq's
+Prometheus middleware listens to a worker's events). Every condition that stops progress shows here in a
+metric, in `/readyz` and in a log line with the fix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+import structlog
+
+from syncd.logs import get_logger
+from syncd.metrics import Metrics
+from syncd.outbox import Pending
+from syncd.target import TargetError
+
+__all__ = ["Observer"]
+
+
+class Observer:
+    """The one listener of the worker's events; `metrics` holds the registry and the health it updates."""
+
+    def __init__(self, metrics: Metrics, log: structlog.typing.FilteringBoundLogger | None = None) -> None:
+        self.metrics = metrics
+        self.log = log or get_logger()
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        """The loop is alive (/healthz)."""
+        self.metrics.health.heartbeat = time.time()
+
+    def standing_by(self, host: str | None, pid: int | None) -> None:
+        """Another daemon holds the lease; this one waits."""
+        self.log.info("another daemon holds the lease: standing by", host=host, pid=pid)
+
+    def database_busy(self) -> None:
+        """The app held the write lock past the busy timeout; what shipped meanwhile ships again."""
+        self.log.warning("database busy: the application holds the write lock; will retry")
+
+    # -- batches --------------------------------------------------------------------------------------------
+
+    def batch_done(self, *, claimed: int, shipped: int, dead: int, requeued: int, upserted: Mapping[str, int],
+                   deleted: Mapping[str, int], lags: Iterable[float], seconds: float, interrupted: bool) -> None:
+        """One batch acknowledged: `claimed` outbox entries, `shipped` keys acknowledged, `lags` the seconds
+        from each shipped entry's commit to now, `seconds` from claim to acknowledgement; `interrupted` when
+        the secondary failed as a whole part way (what shipped before is acknowledged, the rest retried)."""
+        m = self.metrics
+        m.batch_duration.observe(seconds)
+        for table, n in upserted.items():
+            m.shipped.labels(table=table, op="upsert").inc(n)
+        for table, n in deleted.items():
+            m.shipped.labels(table=table, op="delete").inc(n)
+        m.lag.observe_many(lags)
+        if shipped:
+            m.last_success.set(time.time())
+            self.target_answered()
+        outcome = "interrupted" if interrupted else "ok" if not (dead or requeued) else "partial"
+        self.log.info("batch", claimed=claimed, shipped=shipped, dead_lettered=dead, requeued=requeued,
+                      duration_ms=round(seconds * 1000, 1), outcome=outcome)
+
+    def exchange_failed(self, table: str, error: TargetError) -> None:
+        """One request to the secondary failed (before any retry)."""
+        self.metrics.failures.labels(table=table, **{"class": error.kind}).inc()
+        self.metrics.target_up.set(0 if error.kind == "transient" else 1)
+
+    def token_renewed(self, table: str, error: TargetError) -> None:
+        """The token had expired; it was renewed and the request to `table` sent again."""
+        self.exchange_failed(table, error)
+        self.metrics.retries.labels(table=table).inc()
+        self.log.info("token expired: renewed, retrying", table=table)
+
+    def row_dead_lettered(self, table: str, error: TargetError) -> None:
+        """The secondary refused one row for good: it went to the dead letters (logged with the replay command; the
+        gauge follows at the next backlog measure)."""
+        self.log.error("row dead-lettered", table=table, status=error.status, code=error.code,
+                       reason=error.message, hint=f"syncd replay --dead-letters --table {table}")
+
+    def batch_size_halved(self, table: str, batch_size: int) -> None:
+        """A statement timeout in the secondary halved the batch to `batch_size` outbox entries."""
+        self.log.warning("statement timeout in the secondary: smaller batches", table=table, batch_size=batch_size)
+
+    # -- the secondary as a whole ---------------------------------------------------------------------------
+
+    def secondary_failed(self, table: str, error: TargetError, attempt: int, retry_in: float) -> None:
+        """The secondary failed as a whole (transient); the loop retries after `retry_in` seconds."""
+        self.metrics.retries.labels(table=table).inc()
+        self.target_failed(error.message)
+        self.log.warning("secondary unavailable: will retry", table=table, reason=error.message, attempt=attempt,
+                         retry_in_s=round(retry_in, 3))
+
+    def secondary_recovered(self, after_failures: int) -> None:
+        """The secondary answered again after `after_failures` failed tries in a row."""
+        self.log.info("secondary recovered", after_failures=after_failures)
+
+    def secondary_checked(self, table: str, error: TargetError | None) -> None:
+        """An idle daemon's check of the secondary (a read of no rows): `error` None when it answered."""
+        if error is None:
+            self.target_answered()
+            return
+        self.target_failed(error.message)
+        self.log.warning("secondary check failed while idle", table=table, reason=error.message)
+
+    def target_answered(self) -> None:
+        """The secondary answered: syncd_target_up is 1 and /readyz ready (unless a table is halted)."""
+        self.metrics.target_up.set(1)
+        self.metrics.health.target_ok, self.metrics.health.reason = True, "ok"
+
+    def target_failed(self, reason: str) -> None:
+        """The secondary did not answer: syncd_target_up is 0 and /readyz not ready, with `reason`."""
+        self.metrics.target_up.set(0)
+        self.metrics.health.target_ok, self.metrics.health.reason = False, reason
+
+    # -- tables ---------------------------------------------------------------------------------------------
+
+    def table_halted(self, table: str, error: TargetError) -> None:
+        """Shipping `table` stopped (bad key, RLS denial, missing table); capture goes on."""
+        self.metrics.halted.labels(table=table).set(1)
+        self.metrics.health.halted[table] = error.message
+        self.log.error("table halted", table=table, status=error.status, code=error.code, reason=error.message,
+                       hint="fix the key or the policy, then restart syncd (or send SIGHUP)")
+
+    def tables_resumed(self, tables: Sequence[str]) -> None:
+        """These tables ship again."""
+        for table in tables:
+            self.metrics.halted.labels(table=table).set(0)
+            self.metrics.health.halted.pop(table, None)
+
+    def backlog(self, tables: Iterable[str], pending: Mapping[str, Pending], dead: Mapping[str, int],
+                now: float) -> None:
+        """The outbox measured: entries pending and the oldest one's age, dead letters, per table."""
+        m = self.metrics
+        for table in tables:
+            mine = pending.get(table)
+            m.pending.labels(table=table).set(mine.count if mine else 0)
+            age = now - mine.oldest_at if mine and mine.oldest_at else 0.0
+            m.oldest_age.labels(table=table).set(max(0.0, age))
+            m.dead_letters.labels(table=table).set(dead.get(table, 0))
