@@ -14,6 +14,7 @@ shipper re-reads them, finds them gone, and deletes them in the secondary too.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,6 +166,88 @@ def plan_table(conn: apsw.Connection, table_config: TableConfig) -> Capture:
     return Capture(table, list(key), table_config.target_name)
 
 
+# -- health: how each table's capture stands now ---------------------------------------------------------
+
+
+@dataclass
+class TableHealth:
+    """How one configured table's capture stands. `triggers`: ok | missing | outdated | invalid (what `status`
+    shows); `problem`: what is wrong and the fix; `plan`: the capture as the table now is (None when it cannot
+    be captured); `key_changed`: the key is not the one installed (never repaired by guessing)."""
+
+    table: str
+    triggers: str = "ok"
+    problem: str | None = None
+    plan: Capture | None = None
+    key_changed: bool = False
+
+    @property
+    def repairable(self) -> bool:
+        """Triggers missing or outdated while the key is unchanged: reinstalling them for the table as it now is
+        restores capture."""
+        return self.triggers in ("missing", "outdated") and self.plan is not None and not self.key_changed
+
+
+def examine(conn: apsw.Connection, table_config: TableConfig,
+            current: dict[str, tuple[str, str]] | None = None) -> TableHealth:
+    """Compare a configured table's triggers and key with what its schema needs now (`current`: the triggers
+    installed, {name: (table, sql)}, read when not given)."""
+    current = existing_triggers(conn) if current is None else current
+    health = TableHealth(table_config.name)
+    try:
+        health.plan = plan_table(conn, table_config)
+    except CaptureError as exc:
+        health.triggers = "invalid"
+        if table_exists(conn, table_config.name):
+            health.key_changed = True
+            health.problem = (f"{exc} (the key column may have been renamed or dropped); map the key again (key = "
+                              "[...] in its [[table]] section, and the secondary's key), run: syncd install, then "
+                              "send SIGHUP to syncd run")
+        else:
+            health.problem = (f"table {table_config.name!r} no longer exists in SQLite: nothing of it is captured; "
+                              "restore it, or remove its [[table]] section (then SIGHUP)")
+        return health
+    planned = health.plan
+    installed_key = outbox.installed_key(conn, planned.table.name) if outbox.installed(conn) else None
+    expected = planned.triggers()
+    missing = [n for n in expected if n not in current]
+    outdated = [n for n in expected if n in current and current[n][1] != expected[n]]
+    if installed_key is not None and installed_key != planned.key:
+        health.triggers, health.key_changed = "outdated", True
+        health.problem = (f"the key was {', '.join(installed_key)} at install and is now {', '.join(planned.key)} "
+                          "(renamed?); map the new name to the secondary's column (rename in the config), then run: "
+                          "syncd install")
+    elif missing:
+        health.triggers = "missing"
+        health.problem = f"trigger(s) {', '.join(missing)} missing: changes are NOT being captured; run: syncd install"
+    elif outdated:
+        health.triggers = "outdated"
+        health.problem = (f"trigger(s) {', '.join(outdated)} differ from what the config and schema need "
+                          "(key column renamed, key or unique index changed); run: syncd install")
+    return health
+
+
+def table_exists(conn: apsw.Connection, name: str) -> bool:
+    """Whether a table (or view) of that name exists, in any letter case (as SQLite resolves names)."""
+    return conn.execute("SELECT 1 FROM sqlite_schema WHERE name = ? COLLATE NOCASE AND type IN ('table', 'view')",
+                        (name,)).fetchone() is not None
+
+
+def reinstall(conn: apsw.Connection, captures: list[Capture], reason: str) -> InstallReport:
+    """Reinstall these tables' triggers as their schema now is, in one transaction, and mark each for a reconcile
+    (`reason` says why). What the daemon does when a migration lost or outdated them."""
+    report = InstallReport()
+    with immediate(conn):
+        current = existing_triggers(conn)
+        for capture in captures:
+            install_capture(conn, capture, current, report)
+            if capture.table.name not in report.reconcile:
+                outbox.request_reconcile(conn, capture.table.name, reason)
+                report.reconcile.append(capture.table.name)
+            outbox.update_table_state(conn, capture.table.name, last_repair={"at": time.time(), "what": reason})
+    return report
+
+
 # -- install / uninstall --------------------------------------------------------------------------------
 
 
@@ -177,6 +260,7 @@ class InstallReport:
     replaced: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    reconcile: list[str] = field(default_factory=list)  # tables whose lost changes a reconcile must bring over
 
 
 def existing_triggers(conn: apsw.Connection) -> dict[str, tuple[str, str]]:
@@ -189,7 +273,10 @@ def existing_triggers(conn: apsw.Connection) -> dict[str, tuple[str, str]]:
 def install(conn: apsw.Connection, config: Config) -> InstallReport:
     """Create the outbox objects and every configured table's triggers in one transaction.
 
-    Validation happens first and refuses without touching the file. Running it again changes nothing.
+    Validation happens first and refuses without touching the file (CaptureError naming every table that cannot
+    be captured). Running it again changes nothing. A table that was installed before and had lost triggers
+    (a migration rebuilt it) is marked for a reconcile: the changes made meanwhile were not captured, and
+    `syncd run` (or `syncd verify --repair --table T`) brings the secondary back in step.
     """
     report = InstallReport()
     with immediate(conn):
@@ -197,21 +284,34 @@ def install(conn: apsw.Connection, config: Config) -> InstallReport:
         outbox.create(conn)
         current = existing_triggers(conn)
         for capture in captures:
-            for name, sql in capture.triggers().items():
-                install_trigger(conn, name, sql, current, report)
-            for name, (table, _) in current.items():
-                if table == capture.table.name and name not in capture.triggers():
-                    conn.execute(f"DROP TRIGGER {quote_ident(name)}")
-                    report.replaced.append(name)
-            if None in capture.table.unique:
-                report.warnings.append(f"table {capture.table.name!r} has a UNIQUE index on expressions: rows that "
-                                       "INSERT OR REPLACE deletes through it are not seen; avoid REPLACE on it")
-            outbox.record_table(conn, capture.table.name, capture.key, capture.target)
+            install_capture(conn, capture, current, report)
         configured = {c.table.name for c in captures}
         strays = sorted({table for table, _ in current.values()} - configured)
         report.warnings += [f"table {t!r} still has syncd triggers but is not configured; run syncd uninstall "
                             "to remove every trigger, then install again" for t in strays]
     return report
+
+
+def install_capture(conn: apsw.Connection, capture: Capture, current: dict[str, tuple[str, str]],
+                    report: InstallReport) -> None:
+    """Install one table's triggers as its schema now is (inside the caller's transaction), drop those it no
+    longer needs, record its key, and mark it for a reconcile when triggers had been lost since it was installed."""
+    name = capture.table.name
+    lost = outbox.installed_key(conn, name) is not None and any(
+        current.get(trigger, ("", ""))[1] != sql for trigger, sql in capture.triggers().items())
+    for trigger, sql in capture.triggers().items():
+        install_trigger(conn, trigger, sql, current, report)
+    for trigger, (table, _) in current.items():
+        if table == name and trigger not in capture.triggers():
+            conn.execute(f"DROP TRIGGER {quote_ident(trigger)}")
+            report.replaced.append(trigger)
+    if None in capture.table.unique:
+        report.warnings.append(f"table {name!r} has a UNIQUE index on expressions: rows that "
+                               "INSERT OR REPLACE deletes through it are not seen; avoid REPLACE on it")
+    outbox.record_table(conn, name, capture.key, capture.target)
+    if lost:
+        outbox.request_reconcile(conn, name, "its triggers had been lost (a migration rebuilt the table?)")
+        report.reconcile.append(name)
 
 
 def install_trigger(conn: apsw.Connection, name: str, sql: str, current: dict[str, tuple[str, str]],

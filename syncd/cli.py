@@ -74,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
     """`syncd run`: the daemon, until a signal (or, with --once, until the outbox is empty)."""
     from syncd import daemon
 
-    config = load(args, **{f"worker.{k}": getattr(args, k) for k in WORKER_FLAGS})
-    return daemon.run(config, once=args.once, log_format=args.log_format)
+    overrides = {f"worker.{k}": getattr(args, k) for k in WORKER_FLAGS}
+    return daemon.run(load(args, **overrides), once=args.once, log_format=args.log_format,
+                      reload=lambda: load(args, **overrides))
 
 
 WORKER_FLAGS = ("batch_size", "poll_interval", "shutdown_timeout", "metrics_addr")

@@ -45,6 +45,7 @@ __all__ = [
     "TargetConfig",
     "Transform",
     "WorkerConfig",
+    "differences",
     "load_config",
 ]
 
@@ -272,6 +273,11 @@ class WorkerConfig(BaseModel):
     journal_retention_days: float = Field(7.0, ge=0, le=3650, description="how long shipped keys are kept")
     lease_seconds: float = Field(30.0, ge=2, le=3600, description="lease lifetime; a dead holder's expires")
     metrics_addr: str = Field("127.0.0.1:9464", description="host:port of /metrics, /healthz, /readyz")
+    on_source_replaced: Literal["reconcile", "halt"] = Field(
+        "reconcile", description="when the database file is replaced (a restore): reconcile every table with the "
+                                 "secondary, or halt every table until SIGHUP")
+    schema_recheck_interval: float = Field(10.0, gt=0, le=3600, description="seconds between reads of the "
+                                           "secondary's schema while a table is halted for a schema mismatch")
 
     @field_validator("metrics_addr")
     @classmethod
@@ -693,3 +699,23 @@ def load_config(path: Path | None = None, *, env: Mapping[str, str] | None = Non
     _apply_layer(data, origins, environment.layer())
     _apply_layer(data, origins, _override_layer(overrides or {}))
     return _load_secret_files(_validate(data, origins, path), origins, path)
+
+
+def differences(old: Config, new: Config) -> list[str]:
+    """The dotted keys whose values differ between two configurations (`target.service_key`, `table[0].exclude`),
+    secrets compared by value but never shown; tables compared by name."""
+    def flatten(value: object, prefix: str) -> dict[str, object]:
+        if isinstance(value, SecretStr):
+            return {prefix: value.get_secret_value()}
+        if isinstance(value, BaseModel):
+            return {k: v for name in type(value).model_fields
+                    for k, v in flatten(getattr(value, name), f"{prefix}.{name}" if prefix else name).items()}
+        return {prefix: value}
+
+    before = {**flatten(old.source, "source"), **flatten(old.target, "target"), **flatten(old.worker, "worker")}
+    after = {**flatten(new.source, "source"), **flatten(new.target, "target"), **flatten(new.worker, "worker")}
+    changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    old_tables, new_tables = {t.name: t for t in old.tables}, {t.name: t for t in new.tables}
+    changed += [f"table ({name})" for name in sorted(old_tables.keys() | new_tables.keys())
+                if old_tables.get(name) != new_tables.get(name)]
+    return changed

@@ -1,9 +1,15 @@
 """`syncd run`: the wiring. Build the daemon's parts from the configuration (the application's file, the
-secondary, the metrics server, the wake-up sources, the worker) and drive the worker until a signal.
+secondary, the metrics server, the wake-up sources, the reconciler, the worker) and drive the worker until a
+signal.
 
 Signals: SIGTERM/SIGINT stop claiming, let the request in flight finish within the shutdown timeout
 (or abandon it: nothing unacknowledged is ever deleted, so that is safe) and exit 0; a second one exits
-at once. SIGUSR1 wakes the loop; SIGHUP resumes tables halted by a configuration error.
+at once. SIGUSR1 wakes the loop; SIGHUP reloads the configuration and the secret files, rebuilds the
+target and resumes halted tables.
+
+Exit codes a supervisor can trust: 0 only when asked to stop (or `--once` done with every table shipping);
+1 when `--once` ended with a table halted, or the database file is gone for good; 70 when the drain loop died
+of an unexpected error (logged with its traceback; /healthz answers 503 meanwhile).
 
 Only the command line imports this module.
 """
@@ -14,52 +20,70 @@ import os
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
 from types import FrameType
 
-from syncd import capture, logs, outbox, sqlite
+import apsw
+
+from syncd import backoff, capture, logs, outbox
 from syncd.config import Config, ConfigError
 from syncd.logs import get_logger
 from syncd.metrics import Metrics, serve
 from syncd.observer import Observer
-from syncd.target import open_target, token_source
+from syncd.reconcile import Reconciler
+from syncd.source import Source
+from syncd.target import PostgrestTarget, open_target, token_source
 from syncd.wake import Waker
-from syncd.worker import Worker
+from syncd.worker import SourceGone, Worker
+
+EXIT_HALTED = 1
+EXIT_SOURCE_GONE = 1
+EXIT_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: an internal error
 
 
-def run(config: Config, *, once: bool = False, log_format: str = "json") -> int:
-    """Run the daemon until SIGTERM/SIGINT (or, with `once`, until the outbox is empty); the exit code.
-    Raises ConfigError, CaptureError or DatabaseNotFound before anything starts."""
+def run(config: Config, *, once: bool = False, log_format: str = "json",
+        reload: Callable[[], Config] | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT (or, with `once`, until the outbox is empty); the exit code (see the
+    module docstring). `reload` reads the configuration again (SIGHUP). Raises ConfigError, CaptureError or
+    DatabaseNotFound before anything starts."""
     logs.configure(log_format)
     log = get_logger()
-    tokens = token_source(config)
-    conn = sqlite.connect(config.source.path)
-    if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
-        # In WAL mode a lost acknowledgement (power cut before the WAL reaches the disk) only means entries
-        # ship again, so syncd's own commits need no fsync (the app's durability stays the app's setting).
-        # Outside WAL, NORMAL is not corruption-safe: keep SQLite's default there.
-        conn.execute("PRAGMA synchronous = NORMAL")
-    if not outbox.installed(conn):
+    token_source(config)  # no credential: refused before anything starts
+    source = Source(config.source.path)
+    if not wait_while_busy(lambda: outbox.installed(source.conn)):
         raise capture.CaptureError(f"syncd is not installed in {config.source.path}; run: syncd install")
     metrics = Metrics()
     metrics.health.alive_within = max(60.0, 5 * config.worker.poll_interval)
     observer = Observer(metrics, log)
-    source_of = {table.target_name: table.name for table in config.tables}
-    target = open_target(config, tokens, on_renewed=lambda table, error: observer.token_renewed(
-        source_of.get(table, table), error))
+
+    def target_for(settings: Config) -> PostgrestTarget:
+        """The target for these settings; a renewed token is counted under the source table's name."""
+        source_of = {table.target_name: table.name for table in settings.tables}
+        return open_target(settings, on_renewed=lambda table, error: observer.token_renewed(
+            source_of.get(table, table), error))
+
+    target = target_for(config)
     try:
         server = serve(metrics, config.worker.metrics_addr)
     except OSError as exc:
         raise ConfigError("invalid configuration (1 problem):", [
             f"worker.metrics_addr: cannot listen on {config.worker.metrics_addr} ({exc.strerror}); "
             "choose another with --metrics-addr"]) from None
-    worker = Worker(conn, config, target, observer)
-    waker = Waker(conn, config.source.path)
+    worker = Worker(source, config, target, observer,
+                    reload=None if reload is None else lambda: (settings := reload(), target_for(settings)))
+    worker.reconciler = Reconciler(config.source.path, lambda: (worker.config, worker.target), observer)  # type: ignore[arg-type, return-value]
+    waker = Waker(source, config.source.path)
     waker.start()
     stop = threading.Event()
     install_signal_handlers(stop, waker, worker)
     log.info("syncd started", database=str(config.source.path), target=config.target.url,
-             tables=list(worker.mappings), metrics=config.worker.metrics_addr, once=once)
-    thread = threading.Thread(target=worker.run, args=(stop, waker.wait, once), name="syncd-worker", daemon=True)
+             tables=[t.name for t in config.tables], metrics=config.worker.metrics_addr, once=once)
+    if not once:
+        worker.reconciler.start(stop)
+    outcome: list[int] = []
+    thread = threading.Thread(target=drive, args=(worker, stop, waker, once, outcome), name="syncd-worker",
+                              daemon=True)
     thread.start()
     while thread.is_alive() and not stop.is_set():
         thread.join(0.05)
@@ -70,17 +94,51 @@ def run(config: Config, *, once: bool = False, log_format: str = "json") -> int:
         log.warning("request in flight abandoned at shutdown; it will be shipped again at the next start")
         sys.stderr.flush()
         os._exit(0)
+    stop.set()
     waker.stop()
     server.shutdown()
-    target.close()
-    log.info("syncd stopped")
-    return 0
+    worker.target.close()  # type: ignore[attr-defined]
+    code = outcome[0] if outcome else 0
+    if code == 0 and once and worker.halted:
+        log.error("run --once ended with table(s) halted", tables=sorted(worker.halted),
+                  reasons={t: h.reason for t, h in worker.halted.items()})
+        code = EXIT_HALTED
+    log.info("syncd stopped", exit_code=code)
+    return code
+
+
+def drive(worker: Worker, stop: threading.Event, waker: Waker, once: bool, outcome: list[int]) -> None:
+    """The worker thread: run the loop; record the exit code of an end nobody asked for, and stop the process."""
+    try:
+        worker.run(stop, waker.wait, once)
+        outcome.append(0)
+    except SourceGone as exc:
+        worker.observer.log.error("the database file is gone: stopping", reason=str(exc))
+        outcome.append(EXIT_SOURCE_GONE)
+    except BaseException as exc:  # a bug: say so loudly, and let the supervisor restart us
+        worker.observer.died(exc)
+        outcome.append(EXIT_SOFTWARE)
+    finally:
+        stop.set()
+
+
+def wait_while_busy(read: Callable[[], bool]) -> bool:
+    """`read()` retried while the app holds the database locked (rollback-journal mode blocks readers); each
+    wait is logged with how long it has lasted."""
+    started, failures = time.monotonic(), 0
+    while True:
+        try:
+            return read()
+        except apsw.BusyError:
+            failures += 1
+            pause = backoff.delay(failures, base=0.5, cap=10.0, rand=lambda: 1.0)
+            get_logger().warning("the application holds the database locked: waiting to start", attempt=failures,
+                                 lasting_s=round(time.monotonic() - started, 1), retry_in_s=pause)
+            time.sleep(pause)
 
 
 def install_signal_handlers(stop: threading.Event, waker: Waker, worker: Worker) -> None:
-    """SIGTERM and SIGINT set `stop` and wake the loop (a second one exits at once with 128 + the signal number);
-    SIGUSR1 wakes the loop; SIGHUP asks `worker` to resume halted tables. Call it from the main thread: Python's
-    `signal.signal` raises ValueError anywhere else."""
+    """SIGTERM/SIGINT stop (a second one exits at once), SIGUSR1 wakes the loop, SIGHUP reloads."""
     def on_stop(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():
             os._exit(128 + signum)  # second signal: at once (safe: nothing is acknowledged early)
@@ -90,4 +148,4 @@ def install_signal_handlers(stop: threading.Event, waker: Waker, worker: Worker)
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGUSR1, lambda signum, frame: waker.wake())
-    signal.signal(signal.SIGHUP, lambda signum, frame: (worker.resume_requested.set(), waker.wake()))
+    signal.signal(signal.SIGHUP, lambda signum, frame: (worker.reload_requested.set(), waker.wake()))

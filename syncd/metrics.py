@@ -26,21 +26,32 @@ LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 90
 
 @dataclass
 class Health:
-    """What /healthz and /readyz answer from: the loop's heartbeat and its last exchange."""
+    """What /healthz and /readyz answer from: the loop's heartbeat, its last exchange with the secondary, the state
+    of the application's file, halted tables, and whether the loop died."""
 
     heartbeat: float = field(default_factory=time.time)  # unix seconds of the loop's last beat
     target_ok: bool = False
     reason: str = "no exchange with the secondary yet"
     halted: dict[str, str] = field(default_factory=dict)
+    source_problem: str | None = None  # why the application's file cannot be used now (busy, disk fault, gone)
+    standby: str | None = None  # why this daemon does not drain (another one holds the lease)
+    failed: str | None = None  # the loop ended with an error: not alive
     alive_within: float = 60.0  # seconds
 
     def alive(self) -> bool:
-        """Whether the loop beat within the last `alive_within` seconds (/healthz)."""
-        return time.time() - self.heartbeat < self.alive_within
+        """Whether the loop beat within the last `alive_within` seconds and has not died (/healthz)."""
+        return self.failed is None and time.time() - self.heartbeat < self.alive_within
 
     def ready(self) -> tuple[bool, str]:
-        """(ready, reason) for /readyz: not ready while a table is halted (the reason names each) or when the last
-        exchange with the secondary failed."""
+        """(ready, reason) for /readyz: not ready while the loop is dead, this daemon stands by, the application's
+        file cannot be used, a table is halted (the reason names each) or the last exchange with the secondary
+        failed."""
+        if self.failed is not None:
+            return False, f"the drain loop stopped: {self.failed}"
+        if self.standby is not None:
+            return False, self.standby
+        if self.source_problem is not None:
+            return False, self.source_problem
         if self.halted:
             return False, "halted: " + "; ".join(f"{t}: {r}" for t, r in sorted(self.halted.items()))
         return (True, "ok") if self.target_ok else (False, self.reason)
@@ -114,8 +125,20 @@ class Metrics:
         self.last_success = Gauge("syncd_last_success_timestamp_seconds", "Last successful exchange", registry=r)
         self.target_up = Gauge("syncd_target_up", "1 when the last exchange with the secondary succeeded",
                                registry=r)
-        self.halted = Gauge("syncd_table_halted", "1 while shipping a table is halted (bad key, RLS denial)",
-                            ["table"], registry=r)
+        self.halted = Gauge("syncd_table_halted", "1 while shipping a table is halted (bad key, RLS denial, "
+                            "schema mismatch, capture lost its key)", ["table"], registry=r)
+        self.capture_repairs = Counter("syncd_capture_repairs_total", "Triggers reinstalled by the daemon after a "
+                                       "schema change lost or outdated them", ["table"], registry=r)
+        self.reconciles = Counter("syncd_reconciles_total", "Reconciles of a table with the secondary, by outcome "
+                                  "(done, failed)", ["table", "outcome"], registry=r)
+        self.reconciled_keys = Counter("syncd_reconciled_keys_total", "Keys a reconcile found different and enqueued",
+                                       ["table"], registry=r)
+        self.source_ok = Gauge("syncd_source_ok", "1 while the application's SQLite file can be read and written "
+                               "(0: busy past the timeout, disk full, read-only, I/O error, gone)", registry=r)
+        self.source_errors = Counter("syncd_source_errors_total", "Failed steps on the application's file, by kind "
+                                     "(busy, full, readonly, io, gone)", ["kind"], registry=r)
+        self.source_replaced = Counter("syncd_source_replaced_total", "Times the application's file was replaced "
+                                       "under the daemon (a restore) and reopened", registry=r)
         self.build_info = Gauge("syncd_build_info", "syncd version", ["version"], registry=r)
         self.build_info.labels(version=__version__).set(1)
         self.health = Health()

@@ -36,11 +36,75 @@ class Observer:
 
     def standing_by(self, host: str | None, pid: int | None) -> None:
         """Another daemon holds the lease; this one waits."""
+        where = f" ({host} pid {pid})" if host else ""
+        self.metrics.health.standby = f"standing by: another daemon holds the lease{where}"
         self.log.info("another daemon holds the lease: standing by", host=host, pid=pid)
 
-    def database_busy(self) -> None:
-        """The app held the write lock past the busy timeout; what shipped meanwhile ships again."""
-        self.log.warning("database busy: the application holds the write lock; will retry")
+    def holding_lease(self) -> None:
+        """This daemon holds the lease (again)."""
+        if self.metrics.health.standby is not None:
+            self.metrics.health.standby = None
+            self.log.info("lease taken: draining")
+
+    def died(self, error: BaseException) -> None:
+        """The drain loop ended with an unexpected error: /healthz turns 503, the process exits non-zero."""
+        self.metrics.health.failed = f"{type(error).__name__}: {error}"
+        self.log.error("the drain loop stopped on an unexpected error; exiting non-zero so that the supervisor "
+                       "restarts syncd (nothing is lost: unacknowledged changes ship again)", exc_info=error)
+
+    # -- the application's file -----------------------------------------------------------------------------
+
+    def source_fault(self, kind: str, problem: str, since: float, retry_in: float) -> None:
+        """A step on the application's file failed (`kind`: busy, full, readonly, io, gone); retried in `retry_in`
+        seconds. `since`: seconds the fault has lasted."""
+        self.metrics.source_ok.set(0)
+        self.metrics.source_errors.labels(kind=kind).inc()
+        self.metrics.health.source_problem = problem
+        self.log.warning(problem, fault=kind, lasting_s=round(since, 1), retry_in_s=round(retry_in, 3))
+
+    def source_ok(self) -> None:
+        """A step on the application's file succeeded (after a fault: it is over)."""
+        self.metrics.source_ok.set(1)
+        if self.metrics.health.source_problem is not None:
+            self.log.info("the application's file is usable again", was=self.metrics.health.source_problem)
+            self.metrics.health.source_problem = None
+
+    def source_replaced(self, path: str, installed: bool) -> None:
+        """The file was replaced (a restore) and reopened; `installed`: syncd had to install itself in it."""
+        self.metrics.source_replaced.inc()
+        self.log.warning("the database file was replaced (a restore?): reopened it; every table is reconciled with "
+                         "the secondary (the file is the source of truth)", database=path, installed_now=installed)
+
+    def capture_repaired(self, table: str, what: str) -> None:
+        """The daemon reinstalled a table's triggers (`what` says why); a reconcile follows."""
+        self.metrics.capture_repairs.labels(table=table).inc()
+        self.log.warning("capture repaired: triggers reinstalled for the table as it now is; reconciling it with the "
+                         "secondary so changes made meanwhile converge", table=table, what=what)
+
+    def reconciled(self, table: str, keys: int, seconds: float) -> None:
+        """A reconcile of `table` finished: `keys` found different and enqueued, in `seconds`."""
+        self.metrics.reconciles.labels(table=table, outcome="done").inc()
+        self.metrics.reconciled_keys.labels(table=table).inc(keys)
+        self.log.info("reconciled with the secondary", table=table, keys_enqueued=keys, duration_s=round(seconds, 2))
+
+    def reconcile_failed(self, table: str, reason: str, retry_in: float) -> None:
+        """A reconcile of `table` could not finish (`reason`); it is tried again in `retry_in` seconds."""
+        self.metrics.reconciles.labels(table=table, outcome="failed").inc()
+        self.log.warning("reconcile failed: will retry", table=table, reason=reason, retry_in_s=round(retry_in, 1))
+
+    # -- configuration --------------------------------------------------------------------------------------
+
+    def reloaded(self, changed: Sequence[str], restart_needed: Sequence[str]) -> None:
+        """SIGHUP: the configuration and secrets were read again; `changed` names the keys that differ (never
+        their values); `restart_needed` those that take effect only at the next start."""
+        self.log.info("configuration reloaded (SIGHUP): halts cleared", changed=list(changed))
+        if restart_needed:
+            self.log.warning("these keys take effect at the next start of syncd run", keys=list(restart_needed))
+
+    def reload_failed(self, problems: Sequence[str]) -> None:
+        """SIGHUP: the configuration could not be loaded; the old one keeps running."""
+        self.log.error("configuration NOT reloaded (SIGHUP): the old one keeps running; fix these, then send SIGHUP "
+                       "again", problems=list(problems))
 
     # -- batches --------------------------------------------------------------------------------------------
 
@@ -117,18 +181,20 @@ class Observer:
 
     # -- tables ---------------------------------------------------------------------------------------------
 
-    def table_halted(self, table: str, error: TargetError) -> None:
-        """Shipping `table` stopped (bad key, RLS denial, missing table); capture goes on."""
+    def table_halted(self, table: str, reason: str, hint: str, error: TargetError | None = None) -> None:
+        """Shipping `table` stopped (`reason`; `hint`: how it resumes); capture goes on, nothing is lost."""
         self.metrics.halted.labels(table=table).set(1)
-        self.metrics.health.halted[table] = error.message
-        self.log.error("table halted", table=table, status=error.status, code=error.code, reason=error.message,
-                       hint="fix the key or the policy, then restart syncd (or send SIGHUP)")
+        self.metrics.health.halted[table] = reason
+        self.log.error("table halted", table=table, status=error.status if error else None,
+                       code=error.code if error else None, reason=reason, hint=hint)
 
-    def tables_resumed(self, tables: Sequence[str]) -> None:
-        """These tables ship again."""
+    def tables_resumed(self, tables: Sequence[str], why: str | None = None) -> None:
+        """These tables ship again (`why`, when it is worth a log line)."""
         for table in tables:
             self.metrics.halted.labels(table=table).set(0)
             self.metrics.health.halted.pop(table, None)
+        if tables and why:
+            self.log.info("table(s) resumed", tables=list(tables), why=why)
 
     def backlog(self, tables: Iterable[str], pending: Mapping[str, Pending], dead: Mapping[str, int],
                 now: float) -> None:

@@ -169,6 +169,31 @@ def clear_halts(conn: apsw.Connection, tables: Iterable[str]) -> None:
                 update_table_state(conn, table, halted=False)
 
 
+def request_reconcile(conn: apsw.Connection, table: str, reason: str) -> None:
+    """Mark a table whose capture had a gap (`reason` says which): until a reconcile clears the mark, `status`
+    says so and the daemon reconciles it (inside the caller's transaction)."""
+    update_table_state(conn, table, reconcile=reason)
+
+
+def tables_to_reconcile(conn: apsw.Connection) -> dict[str, str]:
+    """{table: why it needs a reconcile} for every table marked by `request_reconcile` and not reconciled since."""
+    rows = conn.execute("SELECT substr(key, 7), json_extract(value, '$.reconcile') FROM _syncd_meta "
+                        "WHERE key LIKE 'state:%' AND json_extract(value, '$.reconcile') IS NOT NULL")
+    return dict(rows.fetchall())
+
+
+def reconciled(conn: apsw.Connection, table: str, keys: int, at: float, marked: str | None) -> None:
+    """Record a finished reconcile (`keys` enqueued, at unix seconds `at`) and clear the mark it answered, unless
+    the mark changed meanwhile (a newer gap needs its own reconcile). One short write transaction."""
+    with immediate(conn):
+        state = table_state(conn, table)
+        if state.get("reconcile") == marked:
+            state["reconcile"] = None
+        state["last_reconcile"] = {"at": at, "keys": keys}
+        conn.execute("INSERT OR REPLACE INTO _syncd_meta (key, value) VALUES (?, ?)",
+                     (f"state:{table}", json.dumps(state)))
+
+
 # -- what is pending ------------------------------------------------------------------------------------
 
 

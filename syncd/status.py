@@ -1,7 +1,9 @@
 """`syncd status`: how far behind the secondary is, and whether anything needs an operator.
 
-Read from the SQLite file alone (outbox, dead letters, meta, the schema), in one read transaction, so
-it works with the secondary unreachable and while the daemon runs.
+Read from the SQLite file (outbox, dead letters, meta, the schema), in one read transaction, so it works with
+the secondary unreachable and while the daemon runs. When a live daemon holds the lease, its `/readyz` (at
+`worker.metrics_addr`) is asked too, so what only the running daemon knows (the app holding the write lock, a
+disk fault, the file gone, a table halted) shows here as well.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import apsw
+import httpx
 
 from syncd import capture, outbox
 from syncd.config import Config
@@ -17,6 +20,7 @@ from syncd.lease import read_lease
 from syncd.timeparse import format_age
 
 DEFAULT_MAX_LAG_SECONDS = 300.0
+READYZ_TIMEOUT_SECONDS = 1.0
 
 
 @dataclass
@@ -33,6 +37,9 @@ class TableStatus:
     last_error: str | None = None
     halted: bool = False
     triggers: str = "ok"  # ok | missing | outdated | not installed | invalid
+    reconcile: str | None = None  # why this table needs a reconcile with the secondary (None: it does not)
+    last_repair: dict[str, object] | None = None  # the daemon's last repair of capture: {"at": unix s, "what": ...}
+    last_reconcile: dict[str, object] | None = None  # {"at": unix seconds, "keys": enqueued}
     problems: list[str] = field(default_factory=list)
 
 
@@ -46,6 +53,7 @@ class Status:
     lease: dict[str, object] | None
     tables: list[TableStatus]
     problems: list[str] = field(default_factory=list)
+    daemon: dict[str, object] | None = None  # the live daemon's /readyz answer: {"ready", "reason"} or {"error"}
 
     @property
     def healthy(self) -> bool:
@@ -78,7 +86,26 @@ def collect(conn: apsw.Connection, config: Config, *, max_lag: float = DEFAULT_M
     strays = sorted({table for table, _ in current.values()} - configured)
     status.problems += [f"table {t!r} has syncd triggers but is not configured (its changes pile up in the outbox); "
                         "configure it, or run syncd uninstall and install again" for t in strays]
+    if live:
+        status.daemon = daemon_readiness(config.worker.metrics_addr)
+        if status.daemon.get("ready") is False:
+            status.problems.append(f"the daemon is not ready: {status.daemon.get('reason')}")
     return status
+
+
+def daemon_readiness(address: str) -> dict[str, object]:
+    """The running daemon's `/readyz` at `address` (host:port; a wildcard host is asked on loopback): {"ready":
+    bool, "reason": str}, or {"error": why it could not be asked} (another host or container, say)."""
+    host, _, port = address.rpartition(":")
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]", "": "127.0.0.1"}.get(host, host)
+    url = f"http://{host}:{port}/readyz"
+    try:
+        answer = httpx.get(url, timeout=READYZ_TIMEOUT_SECONDS).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return {"error": f"{url}: {type(exc).__name__}"}
+    if not isinstance(answer, dict) or "ready" not in answer:
+        return {"error": f"{url}: not syncd's /readyz"}
+    return {"ready": bool(answer["ready"]), "reason": str(answer.get("reason", ""))}
 
 
 def not_installed(config: Config) -> Status:
@@ -96,30 +123,10 @@ def table_status(conn: apsw.Connection, name: str, target: str, config: Config,
     (table, sql)}), its backlog in `pending` ({table: Pending}) and `dead` ({table: count}), and the daemon's
     recorded state; `now` in unix seconds, `max_lag` in seconds."""
     status = TableStatus(name, target)
-    try:
-        planned = capture.plan_table(conn, config.table(name))  # type: ignore[arg-type]
-        expected = planned.triggers()
-    except capture.CaptureError as exc:
-        status.triggers = "invalid"
-        status.problems.append(f"{exc} (the key column may have been renamed or dropped)")
-        expected = {}
-    installed_key = outbox.installed_key(conn, name)
-    if expected and installed_key is not None and installed_key != planned.key:
-        status.triggers = "outdated"
-        status.problems.append(f"the key was {', '.join(installed_key)} at install and is now "
-                               f"{', '.join(planned.key)} (renamed?); map the new name to the secondary's column "
-                               "(rename in the config), then run: syncd install")
-    if expected:
-        missing = [n for n in expected if n not in current]
-        outdated = [n for n in expected if n in current and current[n][1] != expected[n]]
-        if missing:
-            status.triggers = "missing"
-            status.problems.append(f"trigger(s) {', '.join(missing)} missing: changes are NOT being captured; "
-                                   "run: syncd install")
-        elif outdated:
-            status.triggers = "outdated"
-            status.problems.append(f"trigger(s) {', '.join(outdated)} differ from what the config and schema need "
-                                   "(key column renamed, key or unique index changed); run: syncd install")
+    health = capture.examine(conn, config.table(name), current)  # type: ignore[arg-type]
+    status.triggers = health.triggers
+    if health.problem:
+        status.problems.append(health.problem)
     mine = pending.get(name)
     if mine:
         status.pending = mine.count
@@ -137,6 +144,12 @@ def table_status(conn: apsw.Connection, name: str, target: str, config: Config,
     status.halted = bool(state.get("halted"))
     if status.halted:
         status.problems.append(f"shipping is halted: {status.last_error or 'see the daemon log'}")
+    status.reconcile = state.get("reconcile")  # type: ignore[assignment]
+    if status.reconcile:
+        status.problems.append(f"needs a reconcile with the secondary: {status.reconcile}; changes made meanwhile may "
+                               f"be missing there. `syncd run` does it; or run: syncd verify --repair --table {name}")
+    status.last_repair = state.get("last_repair")  # type: ignore[assignment]
+    status.last_reconcile = state.get("last_reconcile")  # type: ignore[assignment]
     return status
 
 
@@ -147,6 +160,8 @@ def render(status: Status, now: float | None = None) -> str:
     lease = status.lease
     if lease and lease["alive"]:
         lines.append(f"daemon:   running on {lease['host']} pid {lease['pid']} (lease held)")
+        if status.daemon and "error" not in status.daemon:
+            lines.append(f"          {'ready' if status.daemon['ready'] else 'NOT READY'}: {status.daemon['reason']}")
     else:
         lines.append("daemon:   no daemon holds the lease")
     header = ("TABLE", "TARGET", "PENDING", "OLDEST", "DEAD", "LAST SHIPPED", "TRIGGERS")
@@ -155,6 +170,13 @@ def render(status: Status, now: float | None = None) -> str:
                        for t in status.tables]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    for t in status.tables:
+        if t.last_repair:
+            lines.append(f"{t.name}: capture repaired {format_age(now - float(t.last_repair['at']), ' ago')}: "  # type: ignore[arg-type]
+                         f"{t.last_repair['what']}")
+        if t.last_reconcile:
+            lines.append(f"{t.name}: reconciled {format_age(now - float(t.last_reconcile['at']), ' ago')}: "  # type: ignore[arg-type]
+                         f"{t.last_reconcile['keys']} key(s) enqueued")
     problems = status.problems + [f"{t.name}: {p}" for t in status.tables for p in t.problems]
     lines.append("healthy" if not problems else "needs attention:")
     lines += [f"  - {p}" for p in problems]

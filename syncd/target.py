@@ -1,9 +1,11 @@
 """The secondary: the PostgREST client (bulk upserts and deletes by key), and the one place that classifies failures.
 
-Every answer and every exception of the secondary becomes a `TargetError` of one of four kinds here;
+Every answer and every exception of the secondary becomes a `TargetError` of one of five kinds here;
 no other module looks at a status code. The worker acts on the kind (DESIGN.md, "Failure model"):
 transient -> retry with backoff (honouring `retry_after`); auth -> refresh the token and retry at once;
-config -> stop shipping that table and report loudly; row -> bisect the batch down to the failing rows.
+config -> stop shipping that table and report loudly; schema -> the secondary lacks the table or a column:
+halt that table (never its rows) until its schema matches again; row -> bisect the batch down to the
+failing rows.
 
     Transport failures (classify_exception)                        kind
     httpx.HTTPError
@@ -31,14 +33,16 @@ config -> stop shipping that table and report loudly; row -> bisect the batch do
     401/403 otherwise: bad signature, gateway's "Invalid API key"  config
         or "No API key found in request" (bodies without a code),
         42501 missing privilege or RLS denial
-    404 (body {}), PGRST205, 42P01: table not in the schema cache  config: run the migrations, reload the cache
+    404 (body {}), PGRST205, 42P01: table not in the schema cache  schema: run the migrations, reload the cache
+    PGRST204, 42703: a column not in the table                     schema: add the column (or exclude it)
+    404 with another body (not PostgREST: a proxy, a wrong path)   config: check the URL
     42P10: no unique constraint matches on_conflict                config: give the key columns one
     405 (read-only transaction, not insertable), 406 (PGRST106     config
         schema not exposed)
     3xx (redirects are not followed: the URL is wrong)             config
     any other 4xx: 23503 FK (.foreign_key, may be only a matter    row
-        of order), 23505, 23502, 23514, 22P02 and 22xxx, 42703,
-        PGRST204 unknown column, PGRST102 bad body, 21000, 413, 414
+        of order), 23505, 23502, 23514, 22P02 and 22xxx,
+        PGRST102 bad body, 21000, 413, 414
     a delete key too long for any URL (raised before sending)      row
     a row that JSON cannot carry (NaN, lone surrogate; raised      row
         before sending)
@@ -68,18 +72,22 @@ from syncd import __version__
 from syncd.auth import MintedTokens, StaticToken, TokenSource
 from syncd.config import Config, ConfigError
 
-Kind = Literal["transient", "auth", "config", "row"]
+Kind = Literal["transient", "auth", "config", "schema", "row"]
 
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 TRANSIENT_CODES = frozenset({"PGRST000", "PGRST001", "PGRST002", "PGRST003", "57014"})
 EXPIRED_CODES = frozenset({"PGRST301", "PGRST303"})
 MISSING_TABLE_CODES = frozenset({"PGRST205", "42P01"})
+MISSING_COLUMN_CODES = frozenset({"PGRST204", "42703"})
 CONFIG_EXCEPTIONS = (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.TooManyRedirects)
 
 HINT_DENIED = ("Try: check the service key or JWT secret (and the apikey on Supabase), "
                "and the role's grants and RLS policies on the table.")
 HINT_MISSING_TABLE = ("The table is not in the schema cache. Try: run the migrations that create it, "
                       "then NOTIFY pgrst, 'reload schema'.")
+HINT_MISSING_COLUMN = ("The secondary lacks a column syncd ships. Try: add it there, then NOTIFY pgrst, "
+                       "'reload schema' (or exclude the column in the config); shipping resumes by itself.")
+HINT_NOT_POSTGREST = "Try: check the target URL (a 404 that is not PostgREST's: the path, or a proxy in front)."
 HINT_NO_UNIQUE = "Try: give the target table's key columns a primary key or unique constraint (on_conflict needs one)."
 HINT_NOT_WRITABLE = "Try: point syncd at a writable primary and a table (not a read-only view)."
 HINT_SCHEMA = "Try: add the schema to PostgREST's db-schemas (Supabase: API settings, exposed schemas)."
@@ -131,7 +139,8 @@ def classify(response: httpx.Response) -> TargetError | None:
         return None
     body = error_body(response)
     code = body.get("code")
-    kind, advice = kind_of(response.status_code, code, body.get("message") or "")
+    kind, advice = kind_of(response.status_code, code, body.get("message") or "", postgrest=not (
+        body.get("message") and code is None and response.status_code == 404))
     message = where(response) + describe(response.status_code, body)
     if advice:
         message = f"{message} {advice}"
@@ -156,16 +165,21 @@ def classify_exception(exc: httpx.HTTPError) -> TargetError:
     return TargetError("transient", message)
 
 
-def kind_of(status: int, code: str | None, text: str) -> tuple[Kind, str | None]:
-    """The kind of an error answer, and what the operator should do about it (config errors)."""
+def kind_of(status: int, code: str | None, text: str, postgrest: bool = True) -> tuple[Kind, str | None]:
+    """The kind of an error answer, and what the operator should do about it (config and schema errors).
+    `postgrest`: the body is PostgREST's (a JSON object with a code, or v12's empty `{}` for a missing table)."""
     if code in TRANSIENT_CODES or status in TRANSIENT_STATUSES or status >= 500:
         return "transient", None
     if status == 401 and code in EXPIRED_CODES and "expired" in text.lower():
         return "auth", None
     if status in (401, 403) or code == "42501":
         return "config", HINT_DENIED
+    if status == 404 and not postgrest:
+        return "config", HINT_NOT_POSTGREST
     if status == 404 or code in MISSING_TABLE_CODES:
-        return "config", HINT_MISSING_TABLE
+        return "schema", HINT_MISSING_TABLE
+    if code in MISSING_COLUMN_CODES:
+        return "schema", HINT_MISSING_COLUMN
     if code == "42P10":
         return "config", HINT_NO_UNIQUE
     if status == 405:

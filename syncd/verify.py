@@ -287,7 +287,9 @@ class TableProblem(Exception):
 def verify(conn: apsw.Connection, config: Config, target: PostgrestTarget, *, tables: Sequence[str] | None = None,
            repair: bool = False, dry_run: bool = False, page: int = PAGE,
            progress: ReporterFactory = Silent) -> Verification:
-    """Compare every configured table (or those named) and, with `repair`, enqueue what differs."""
+    """Compare every configured table (or those named) and, with `repair`, enqueue what differs. A repaired table
+    is recorded as reconciled (the mark `syncd install` or the daemon left after a gap in capture is cleared).
+    Raises CaptureError for a table that is not configured, or a repair where syncd is not installed."""
     chosen = [t for t in config.tables if tables is None or t.name in tables]
     if tables is not None and (unknown := sorted(set(tables) - {t.name for t in chosen})):
         raise capture.CaptureError(f"table(s) {', '.join(map(repr, unknown))} not configured; "
@@ -304,12 +306,15 @@ def verify(conn: apsw.Connection, config: Config, target: PostgrestTarget, *, ta
         report = TableReport(table_config.name, table_config.target_name,
                              pending=pending[table_config.name].count if table_config.name in pending else 0,
                              dead_letters=dead.get(table_config.name, 0))
+        marked = outbox.tables_to_reconcile(conn).get(table_config.name) if installed else None
         try:
             TableVerifier(conn, target, table_config, spec, report, page, progress).run(repair, dry_run)
         except (TableProblem, capture.CaptureError) as exc:
             report.error = str(exc)
         except TargetError as exc:
             report.error = exc.message
+        if repair and not dry_run and report.error is None:
+            outbox.reconciled(conn, table_config.name, report.repair or 0, time.time(), marked)
         reports.append(report)
     return Verification(reports, repair, dry_run)
 

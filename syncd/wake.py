@@ -16,22 +16,25 @@ import apsw
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from syncd.source import Source
+
 DATA_VERSION_EVERY = 0.025
 
 
 class Waker(FileSystemEventHandler):
-    """Wakes the drain loop when the database changes; `wait` is the loop's WaitFn. `conn` is the daemon's own
-    connection: SQLite changes its `PRAGMA data_version` only for commits of other connections."""
+    """Wakes the drain loop when the database changes; `wait` is the loop's WaitFn. It reads `PRAGMA data_version`
+    on the source's own connection (SQLite changes it only for commits of other connections), the new one after
+    the file was replaced; a rename onto the file (a restore) wakes it too."""
 
-    def __init__(self, conn: apsw.Connection, database: Path) -> None:
-        self.conn = conn
+    def __init__(self, source: Source, database: Path) -> None:
+        self.source = source
         self.event = threading.Event()
         path = database.resolve()
         self.watched = {str(path), f"{path}-wal"}
         self.observer = Observer()
         self.observer.schedule(self, str(path.parent), recursive=False)
         self.observer.daemon = True
-        self.data_version = self.current_version()
+        self.data_version: int | None = None
 
     def start(self) -> None:
         """Start watching the database file's directory (on watchdog's thread)."""
@@ -43,16 +46,20 @@ class Waker(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         """A file event (on watchdog's thread): wake the loop when it concerns the database file or its -wal."""
-        if str(event.src_path) in self.watched:
+        if str(event.src_path) in self.watched or str(getattr(event, "dest_path", "")) in self.watched:
             self.event.set()
 
     def wake(self) -> None:
         """Wake the loop now (SIGUSR1, or a stop)."""
         self.event.set()
 
-    def current_version(self) -> int:
-        """SQLite's `PRAGMA data_version` on this connection: it changes when another connection commits."""
-        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+    def current_version(self) -> int | None:
+        """SQLite's `PRAGMA data_version` on the source's connection (it changes when another connection commits);
+        None when the file cannot be read now (the loop finds out why)."""
+        try:
+            return int(self.source.conn.execute("PRAGMA data_version").fetchone()[0])
+        except apsw.Error:
+            return None
 
     def wait(self, timeout: float, stop: threading.Event) -> None:
         """Return when something changed, when woken or stopped, or after `timeout` seconds."""
@@ -61,7 +68,7 @@ class Waker(FileSystemEventHandler):
             if self.event.wait(min(DATA_VERSION_EVERY, max(0.0, deadline - time.monotonic()))):
                 break
             version = self.current_version()
-            if version != self.data_version or time.monotonic() >= deadline:
+            if version is None or version != self.data_version or time.monotonic() >= deadline:
                 break
         self.event.clear()
         self.data_version = self.current_version()

@@ -2,15 +2,21 @@
 observe.
 
 `drain_once` does one batch and returns what it did; `run` repeats it with the lease held, backs off
-when the secondary fails as a whole, and sleeps until the database changes. Row failures are carried by
-the rows (bisected down to the bad ones and dead-lettered); failures of the secondary are carried by the
-loop (no row is blamed). Only claimed entries are ever acknowledged, and only after a 2xx, in one short
-write transaction together with the dead letters and the journal. What happened is announced to the
-`Observer` (metrics, health, logs); failures arrive already classified by `syncd.target`.
+when the secondary fails as a whole, and sleeps until the database changes. Around it, `run` lives with
+a source that changes: a schema change re-plans the tables and heals lost triggers (then a reconcile
+makes the writes made meanwhile converge), a replaced file is reopened and reconciled, a table whose key
+changed halts, and a busy or failing file is waited out (DESIGN.md, "Living with a source that changes").
+
+Row failures are carried by the rows (bisected down to the bad ones and dead-lettered); failures of the
+secondary are carried by the loop (no row is blamed); a schema mismatch halts its table until the secondary
+matches. Only claimed entries are ever acknowledged, and only after a 2xx, in one short write transaction
+together with the dead letters and the journal. What happened is announced to the `Observer` (metrics,
+health, logs); failures arrive already classified by `syncd.target`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import graphlib
 import threading
 import time
@@ -22,15 +28,18 @@ from typing import Protocol
 
 import apsw
 
-from syncd import backoff, capture, outbox
-from syncd.config import Config
+from syncd import backoff, capture, outbox, schema
+from syncd.config import Config, ConfigError, differences
 from syncd.lease import Lease, LeaseHeld
 from syncd.logs import get_logger
 from syncd.mapping import RowError, TableMapping
 from syncd.metrics import Metrics
 from syncd.observer import Observer
 from syncd.outbox import Change, DeadLetter
-from syncd.sqlite import quote_ident
+from syncd.reconcile import Reconciler
+from syncd.source import Event as SourceEvent
+from syncd.source import Source
+from syncd.sqlite import BUSY_TIMEOUT_MS, immediate, quote_ident
 from syncd.target import TargetError
 
 HOUSEKEEPING_EVERY = 2.0
@@ -38,7 +47,7 @@ JOURNAL_EXPIRY_EVERY = 300.0
 REGROW_AFTER = 20  # clean batches before a batch size halved by a statement timeout doubles again
 PROBE_EVERY = 30.0  # seconds without an exchange before an idle daemon checks that the secondary answers
 PROBE_RETRY = 5.0  # ... and while it does not
-BUSY_BACKOFF_FAILURES = 2  # the backoff step used while the app holds the write lock
+SOURCE_GONE_GRACE = 60.0  # seconds the database file may be missing (a restore in progress) before syncd exits
 
 
 class Target(Protocol):
@@ -56,6 +65,10 @@ class Target(Protocol):
 
     def ping(self, table: str) -> None:
         """Read no rows of `table`: returns when the secondary answers, raises TargetError when not."""
+        ...
+
+    def describe(self) -> dict[str, object]:
+        """The secondary's schema (PostgREST's OpenAPI document); raises TargetError."""
         ...
 
 
@@ -108,94 +121,281 @@ class DrainResult:
                            self.requeued + other.requeued, other.more)
 
 
-class Worker:
-    """Drains one database file's outbox to one secondary, announcing what happens to `observer`.
-    Raises CaptureError when a configured table cannot be captured."""
+@dataclass(frozen=True)
+class Halt:
+    """Why a table does not ship: `kind` decides how it resumes (HALT_HINTS), `reason` says what is wrong."""
 
-    def __init__(self, conn: apsw.Connection, config: Config, target: Target, observer: Observer) -> None:
-        self.conn = conn
+    kind: str  # config | auth | schema | capture | replaced
+    reason: str
+
+    @property
+    def hint(self) -> str:
+        return HALT_HINTS[self.kind]
+
+
+HALT_HINTS = {
+    "config": "fix the key or the policy, then send SIGHUP to syncd run (or restart it)",
+    "auth": "put a valid key in place (service_key_file, or the JWT secret), then send SIGHUP to syncd run",
+    "schema": "resumes by itself as soon as the secondary's schema matches (read again every few seconds)",
+    "capture": "fix the mapping or the table (syncd status says how), run syncd install, then send SIGHUP",
+    "replaced": "check the restored file, then send SIGHUP to syncd run: every table is reconciled and ships again",
+}
+RESTART_KEYS = frozenset({"source.path", "worker.metrics_addr"})  # what a SIGHUP cannot change in a running daemon
+
+
+class SourceGone(Exception):
+    """The application's file has been gone longer than SOURCE_GONE_GRACE seconds: nothing left to drain."""
+
+
+class Worker:
+    """Drains one database file's outbox to one secondary, announcing what happens to `observer`; keeps capture
+    in step with the file as it changes (migrations, restores), and waits out locks and disk faults.
+
+    `reconciler` reconciles tables whose capture had a gap (None: only marked, as in unit tests); `reload` (SIGHUP)
+    reads the configuration and builds a target anew, raising ConfigError when the configuration is bad."""
+
+    def __init__(self, source: Source, config: Config, target: Target, observer: Observer, *,
+                 reconciler: Reconciler | None = None,
+                 reload: Callable[[], tuple[Config, Target]] | None = None) -> None:
+        self.source = source
         self.config = config
         self.target = target
         self.observer = observer
-        self.mappings = {}
-        for table_config in config.tables:
-            planned = capture.plan_table(conn, table_config)
-            self.mappings[planned.table.name] = TableMapping.from_config(table_config, planned.key)
-        self.order = ship_order(conn, config, list(self.mappings))
-        self.lease = Lease(conn, config.worker.lease_seconds)
+        self.reconciler = reconciler
+        self.reload = reload
+        self.mappings: dict[str, TableMapping] = {}
+        self.order: list[str] = []
+        self.prepared = False
+        self.started = False
+        self.lease = Lease(source.conn, config.worker.lease_seconds)
         self.batch_size = config.worker.batch_size
-        self.halted: dict[str, str] = {}
+        self.halted: dict[str, Halt] = {}
         self.fk_attempts: Counter[tuple[str, str | bytes]] = Counter()
         self.clean_batches = 0
         self.next_housekeeping = 0.0
         self.next_journal_expiry = 0.0
         self.next_probe = 0.0
-        self.resume_requested = threading.Event()
+        self.next_schema_check = 0.0
+        self.fault_since: float | None = None  # monotonic seconds when the current fault of the file began
+        self.faults = 0
+        self.gone_since: float | None = None  # monotonic seconds since the file is gone
+        self.replaced = False  # the file was replaced and reopened; adopting it (install, reconcile) is due
+        self.reload_requested = threading.Event()
         self.shipper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncd-ship")
 
     @property
+    def conn(self) -> apsw.Connection:
+        """The connection to the application's file (a new one after the file was replaced)."""
+        return self.source.conn
+
+    @property
     def metrics(self) -> Metrics:
-        """The observer's metrics: the registry and the health."""
         return self.observer.metrics
 
     # -- the loop ---------------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, wait: WaitFn | None = None, once: bool = False) -> None:
-        """Drain while holding the lease until `stop` is set (with `once`: until the outbox is empty)."""
-        self.resume()
+        """Drain while holding the lease until `stop` is set (with `once`: until the outbox is empty and every
+        reconcile done). Raises SourceGone when the file is gone for good; any other exception is a bug."""
         failures = 0
         while not stop.is_set():
             self.observer.heartbeat()
-            self.resume_if_requested()
             try:
-                if not self.hold_lease(stop):
+                self.reload_if_requested()
+                if not self.follow_source(stop) or not self.hold_lease(stop):
                     continue
+                self.keep_capture_whole()
                 result = self.drain(stop, between=lambda: self.between_batches(stop))
+                self.source_usable()
             except Interrupted as exc:
                 failures += 1
                 self.back_off(exc, failures, stop)
                 continue
-            except apsw.BusyError:
-                # The app held the write lock past the busy timeout: what shipped was not acknowledged and
-                # ships again (idempotent). Never a reason to stop.
-                self.observer.database_busy()
-                stop.wait(backoff.delay(BUSY_BACKOFF_FAILURES, cap=self.config.worker.max_backoff))
+            except SOURCE_FAULTS as exc:
+                # The app held the write lock past the busy timeout, or the disk refused: nothing shipped since
+                # the last acknowledgement is lost (it ships again). Never a reason to stop.
+                self.wait_out_fault(exc, stop)
                 continue
             if failures:
                 self.observer.secondary_recovered(failures)
                 failures = 0
             self.housekeeping()
             if once and result.claimed == 0:
-                break
+                if self.reconciler is None or not self.reconciler.busy():
+                    break
+                self.reconciler.run_pending(stop)
+                continue
             if once:
                 continue
             if result.claimed == 0:
                 self.probe_when_idle()
             (wait or wait_on(stop))(self.config.worker.poll_interval, stop)
-        self.lease.release()
+        self.release_lease()
 
     def hold_lease(self, stop: threading.Event) -> bool:
         """Keep the lease; while another daemon holds it, stand by (False) for a third of its lifetime."""
         try:
             self.lease.keep()
-            return True
         except LeaseHeld as held:
             self.observer.standing_by(held.holder.host if held.holder else None,
                                       held.holder.pid if held.holder else None)
             stop.wait(self.lease.retry_after)
             return False
+        self.observer.holding_lease()
+        return True
+
+    def release_lease(self) -> None:
+        """Give the lease up at the end; when the file refuses, it expires by itself."""
+        with contextlib.suppress(*SOURCE_FAULTS):
+            self.lease.release()
 
     def between_batches(self, stop: threading.Event) -> bool:
-        """During a long drain: stay alive, keep the lease (or stop draining), refresh the gauges."""
+        """During a long drain: stay alive, refresh the gauges, and stop draining (the loop acts, then drains on)
+        when asked to stop, the file or its schema changed, SIGHUP came, or the lease is lost."""
         self.observer.heartbeat()
         self.housekeeping()
-        return not stop.is_set() and self.hold_lease(stop)
+        return (not stop.is_set() and self.follow_source(stop) and self.prepared and not self.replaced
+                and not self.reload_requested.is_set() and self.hold_lease(stop))
 
     def back_off(self, exc: Interrupted, failures: int, stop: threading.Event) -> None:
         """The secondary failed as a whole: wait (capped exponential backoff, full jitter, Retry-After)."""
         pause = backoff.delay(failures, cap=self.config.worker.max_backoff, retry_after=exc.error.retry_after)
         self.observer.secondary_failed(exc.table, exc.error, failures, pause)
         stop.wait(pause)
+
+    # -- the application's file: faults, migrations, restores ----------------------------------------------
+
+    def wait_out_fault(self, exc: Exception, stop: threading.Event) -> None:
+        """Wait (with backoff) for the app to release the write lock, or the disk to take writes again."""
+        kind = fault_kind(exc)
+        now = time.monotonic()
+        if self.fault_since is None:
+            # BUSY arrives after the busy timeout: the app has held the lock at least that long already.
+            self.fault_since = now - (BUSY_TIMEOUT_MS / 1000 if kind == "busy" else 0.0)
+        self.faults += 1
+        pause = backoff.delay(self.faults, base=0.5, cap=self.config.worker.max_backoff, rand=lambda: 1.0)
+        lasting = now - self.fault_since
+        self.observer.source_fault(kind, fault_problem(kind, exc, lasting), lasting, pause)
+        stop.wait(pause)
+
+    def source_usable(self) -> None:
+        """A turn of the loop used the file without a fault."""
+        self.fault_since, self.faults = None, 0
+        self.observer.source_ok()
+
+    def follow_source(self, stop: threading.Event) -> bool:
+        """Notice what changed in the file since the last turn: replaced -> reopen it (adopting it follows under
+        the lease); schema changed -> plan again. False while there is no file; raises SourceGone when it has been
+        gone for longer than SOURCE_GONE_GRACE seconds."""
+        event = self.source.check()
+        if event is SourceEvent.GONE:
+            now = time.monotonic()
+            self.gone_since = now if self.gone_since is None else self.gone_since
+            if now - self.gone_since > SOURCE_GONE_GRACE:
+                raise SourceGone(f"the database file {self.source.path} has been gone for more than "
+                                 f"{SOURCE_GONE_GRACE:.0f} s; restore it (or fix source.path), then start syncd run")
+            self.observer.source_fault("gone", f"the database file {self.source.path} is gone (a restore in "
+                                       "progress?): waiting for it to come back", now - self.gone_since, 1.0)
+            stop.wait(1.0)
+            return False
+        self.gone_since = None
+        if event is SourceEvent.REPLACED:
+            self.source.reopen()
+            self.lease = Lease(self.conn, self.config.worker.lease_seconds, holder=self.lease.holder)
+            self.replaced, self.prepared = True, False
+        elif event is SourceEvent.SCHEMA:
+            self.prepared = False
+        return True
+
+    def keep_capture_whole(self) -> None:
+        """Under the lease: adopt a replaced file, plan again after a schema change, and resume the tables whose
+        schema mismatch the secondary has fixed."""
+        if self.replaced:
+            self.adopt_replaced_file()
+        elif not self.prepared:
+            self.prepare()
+        self.recheck_schema_halts()
+
+    def adopt_replaced_file(self) -> None:
+        """The file was replaced (a restore) and reopened: install syncd's tables if the copy predates `install`,
+        plan and heal capture, then reconcile every table (the file is the source of truth), or halt them all when
+        the operator asked to (`[worker] on_source_replaced = "halt"`)."""
+        install_now = not outbox.installed(self.conn)
+        if install_now:
+            with immediate(self.conn):
+                outbox.create(self.conn)
+        self.observer.source_replaced(str(self.source.path), install_now)
+        reason = "the database file was replaced (a restore): the secondary may hold rows the file does not"
+        with immediate(self.conn):
+            for table in self.config.tables:
+                outbox.request_reconcile(self.conn, table.name, reason)
+        if self.config.worker.on_source_replaced == "halt":
+            for table in self.config.tables:
+                self.halt(table.name, Halt("replaced", "the database file was replaced (a restore?); halted as "
+                                                       "[worker] on_source_replaced = \"halt\" asks"))
+        self.replaced = False
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Plan every configured table as its schema is now (the key, the columns shipped follow the table), heal
+        capture where triggers were lost or outdated but the key is the same, and halt a table whose key or
+        existence changed (never guess a key)."""
+        self.source.configure()
+        if not outbox.installed(self.conn):
+            raise capture.CaptureError(f"syncd is not installed in {self.source.path}; run: syncd install")
+        if not self.started:  # a restart resumes: what a previous run recorded as halted is tried again
+            outbox.clear_halts(self.conn, [table.name for table in self.config.tables])
+            self.started = True
+        current = capture.existing_triggers(self.conn)
+        health = [capture.examine(self.conn, table, current) for table in self.config.tables]
+        self.mappings = {h.plan.table.name: TableMapping.from_config(table, h.plan.key)
+                         for h, table in zip(health, self.config.tables, strict=True)
+                         if h.plan is not None and not h.key_changed}
+        for h in health:
+            if h.problem and not h.repairable:
+                self.halt(h.table, Halt("capture", h.problem))
+            elif self.halted.get(h.table, Halt("", "")).kind == "capture":
+                self.unhalt([h.table], "its capture is whole again")
+        repair = [h for h in health if h.repairable]
+        if repair:
+            what = "triggers were lost or outdated by a schema change; reinstalled for the table as it now is"
+            capture.reinstall(self.conn, [h.plan for h in repair], what)  # type: ignore[misc]
+            for h in repair:
+                self.observer.capture_repaired(h.table, f"{h.triggers}: {h.problem}")
+        self.order = ship_order(self.conn, self.config, list(self.mappings))
+        self.record_halts()
+        self.prepared = True
+        self.request_reconciles()
+
+    def request_reconciles(self) -> None:
+        """Hand every table marked for a reconcile (and shipping) to the reconciler."""
+        if self.reconciler is None:
+            return
+        for table, reason in outbox.tables_to_reconcile(self.conn).items():
+            if table in self.mappings and self.halted.get(table, Halt("", "")).kind not in ("capture", "replaced"):
+                self.reconciler.request(table, reason)
+
+    def reload_if_requested(self) -> None:
+        """SIGHUP: read the configuration and secrets again, rebuild the target, clear every halt, plan again.
+        A configuration that fails to load keeps the old one (every problem logged); halts are cleared anyway."""
+        if not self.reload_requested.is_set():
+            return
+        self.reload_requested.clear()
+        if self.reload is not None:
+            try:
+                config, target = self.reload()
+            except ConfigError as exc:
+                self.observer.reload_failed(exc.problems or [str(exc)])
+            else:
+                changed = differences(self.config, config)
+                old, self.config, self.target = self.target, config, target
+                close = getattr(old, "close", None)
+                if close is not None:
+                    close()
+                self.batch_size = config.worker.batch_size
+                self.observer.reloaded(changed, [key for key in changed if key in RESTART_KEYS])
+        self.resume()
+        self.prepared = False
 
     # -- the drain step: claim, ship, acknowledge ------------------------------------------------------
 
@@ -234,6 +434,8 @@ class Worker:
 
     def claim(self, in_flight: Sequence[Change] = ()) -> Shipment | None:
         """The next batch of the tables that are not halted, its keys' rows read from one snapshot."""
+        if not self.prepared:
+            self.prepare()
         active = {t: m.key for t, m in self.mappings.items() if t not in self.halted}
         changes = outbox.claim(self.conn, self.batch_size, active, in_flight)
         return Shipment(changes, sum(len(c.entries) for c in changes)) if changes else None
@@ -291,8 +493,8 @@ class Worker:
                 self.ship_deletes(table, gone, batch)
 
     def ship_upserts(self, table: str, changes: list[Change], batch: Batch) -> None:
-        """Map the present rows of `table` and upsert them, one request per set of columns (PostgREST wants the same
-        keys in every object of a request); a row the mapping refuses is dead-lettered."""
+        """Map each present row (a row the mapping refuses is dead-lettered) and send them, grouped by their set
+        of columns."""
         mapping = self.mappings[table]
         groups: dict[tuple[str, ...], list[tuple[Change, dict[str, object]]]] = {}
         for change in changes:
@@ -306,8 +508,7 @@ class Worker:
             self.send(table, "upsert", items, batch)
 
     def ship_deletes(self, table: str, changes: list[Change], batch: Batch) -> None:
-        """Map the keys of the rows gone from `table` and delete them in the secondary; a key the mapping refuses (a
-        NULL in it) is dead-lettered."""
+        """Map each gone row's key (a key the mapping refuses is dead-lettered) and send the deletes."""
         mapping = self.mappings[table]
         items = []
         for change in changes:
@@ -331,8 +532,10 @@ class Worker:
                 self.send(table, op, items[middle:], batch)
             elif error.kind == "row":
                 self.reject(table, items[0][0], error, batch)
-            elif error.kind in ("config", "auth"):  # auth here: the token could not be renewed
-                self.halt(table, error, batch)
+            elif error.kind in ("config", "auth", "schema"):  # auth here: the token could not be renewed
+                self.halt(table, Halt(error.kind, error.message), error)
+                batch.halts.append((table, error.message))
+                self.next_schema_check = time.monotonic() + self.config.worker.schema_recheck_interval
             else:
                 if error.statement_timeout:
                     self.batch_size = max(1, self.batch_size // 2)
@@ -371,23 +574,50 @@ class Worker:
         batch.dead.append(DeadLetter(change, message, error.status, error.code))
         self.observer.row_dead_lettered(table, error)
 
-    def halt(self, table: str, error: TargetError, batch: Batch) -> None:
-        """Stop shipping one table (bad key, RLS denial, missing table): capture goes on, nothing is lost."""
-        self.halted[table] = error.message
-        batch.halts.append((table, error.message))
-        self.observer.table_halted(table, error)
+    # -- halts ----------------------------------------------------------------------------------------------
 
-    def resume_if_requested(self) -> None:
-        """SIGHUP asked for a resume: acted on here, on the thread that owns the connection."""
-        if self.resume_requested.is_set():
-            self.resume_requested.clear()
-            self.resume()
+    def halt(self, table: str, halt: Halt, error: TargetError | None = None) -> None:
+        """Stop shipping one table: capture goes on, nothing is lost; `halt.kind` decides how it resumes."""
+        if self.halted.get(table) == halt:
+            return
+        self.halted[table] = halt
+        self.observer.table_halted(table, halt.reason, halt.hint, error)
+
+    def record_halts(self) -> None:
+        """Write the halts not yet recorded to the file, for `status` (nothing when there are none)."""
+        states = {t: outbox.table_state(self.conn, t) for t in self.halted}
+        new = [(t, h.reason) for t, h in self.halted.items()
+               if not states[t].get("halted") or states[t].get("last_error") != h.reason]
+        if new:
+            outbox.acknowledge(self.conn, [], [], [], new)
+
+    def unhalt(self, tables: Sequence[str], why: str) -> None:
+        """These tables ship again."""
+        for table in tables:
+            self.halted.pop(table, None)
+        self.observer.tables_resumed(list(tables), why)
+        outbox.clear_halts(self.conn, tables)
 
     def resume(self) -> None:
-        """Ship halted tables again (SIGHUP, or a restart, after the operator fixed the cause)."""
-        self.observer.tables_resumed(list(self.halted))
-        self.halted.clear()
-        outbox.clear_halts(self.conn, self.mappings)
+        """Ship every halted table again (SIGHUP, after the operator fixed the cause)."""
+        self.unhalt(list(self.halted), "SIGHUP")
+
+    def recheck_schema_halts(self) -> None:
+        """While a table is halted for a schema mismatch, read the secondary's schema every
+        `schema_recheck_interval` seconds and resume the tables whose columns it now has."""
+        waiting = [t for t, h in self.halted.items() if h.kind == "schema" and t in self.mappings]
+        now = time.monotonic()
+        if not waiting or now < self.next_schema_check:
+            return
+        self.next_schema_check = now + self.config.worker.schema_recheck_interval
+        try:
+            spec = self.target.describe()
+        except TargetError:
+            return  # the secondary is unreachable: the halt stays, the next check comes
+        matching = [t for t in waiting if schema.compare(
+            spec, self.mappings[t], schema.shipped_columns(self.conn, self.mappings[t])) is None]
+        if matching:
+            self.unhalt(matching, "the secondary's schema matches again")
 
     # -- when idle ----------------------------------------------------------------------------------------
 
@@ -395,8 +625,12 @@ class Worker:
         """An idle daemon still tells whether the secondary answers (/readyz, syncd_target_up): a read of
         no rows when nothing was exchanged for PROBE_EVERY seconds (PROBE_RETRY while it fails)."""
         now = time.monotonic()
+        if now < self.next_probe:
+            return
+        if not self.prepared:
+            self.prepare()
         table = next((t for t in self.order if t not in self.halted), None)
-        if now < self.next_probe or table is None:
+        if table is None:
             return
         try:
             self.target.ping(self.mappings[table].target)
@@ -417,6 +651,34 @@ class Worker:
         if now >= self.next_journal_expiry:
             self.next_journal_expiry = now + JOURNAL_EXPIRY_EVERY
             outbox.expire_journal(self.conn, now - self.config.worker.journal_retention_days * 86400)
+
+
+SOURCE_FAULTS = (apsw.BusyError, apsw.FullError, apsw.ReadOnlyError, apsw.IOError, apsw.CantOpenError)
+
+
+def fault_kind(exc: Exception) -> str:
+    """busy | full | readonly | io: the kind of a fault of the application's file."""
+    if isinstance(exc, apsw.BusyError):
+        return "busy"
+    if isinstance(exc, apsw.FullError):
+        return "full"
+    if isinstance(exc, apsw.ReadOnlyError):
+        return "readonly"
+    return "io"
+
+
+def fault_problem(kind: str, exc: Exception, lasting: float) -> str:
+    """The operator message for a fault of the application's file, lasting `lasting` seconds so far."""
+    if kind == "busy":
+        return (f"the application has held the database's write lock for {lasting:.0f} s: syncd waits (nothing is "
+                "lost); a long migration or batch job?")
+    if kind == "full":
+        return (f"the disk holding the database is full ({lasting:.0f} s): syncd cannot record what it shipped and "
+                "retries (nothing is lost); free disk space")
+    if kind == "readonly":
+        return (f"the database file is read-only for syncd ({lasting:.0f} s): give syncd's user write access to "
+                "the file and its directory (syncd retries; nothing is lost)")
+    return f"I/O error on the database file ({lasting:.0f} s): {exc}; check the disk (syncd retries)"
 
 
 class WaitFn(Protocol):

@@ -70,9 +70,10 @@ def test_success_is_not_an_error(status: int):
     (401, {"message": "No API key found in request"}, "config", None),
     (401, pgrst("42501", "permission denied for table items"), "config", "42501"),
     (403, pgrst("42501", 'new row violates row-level security policy for table "items"'), "config", "42501"),
-    (404, {}, "config", None),
-    (404, pgrst("PGRST205", "Could not find the table 'public.items' in the schema cache"), "config", "PGRST205"),
-    (404, pgrst("42P01", 'relation "public.items" does not exist'), "config", "42P01"),
+    (404, {}, "schema", None),
+    (404, pgrst("PGRST205", "Could not find the table 'public.items' in the schema cache"), "schema", "PGRST205"),
+    (404, pgrst("42P01", 'relation "public.items" does not exist'), "schema", "42P01"),
+    (404, {"message": "Not Found"}, "config", None),
     (400, pgrst("42P10", "there is no unique or exclusion constraint matching the ON CONFLICT specification"),
      "config", "42P10"),
     (406, pgrst("PGRST106", "The schema must be one of the following: public"), "config", "PGRST106"),
@@ -84,8 +85,8 @@ def test_success_is_not_an_error(status: int):
     (400, pgrst("23514", 'new row violates check constraint "items_qty_check"'), "row", "23514"),
     (400, pgrst("22P02", 'invalid input syntax for type integer: "abc"'), "row", "22P02"),
     (400, pgrst("22003", "integer out of range"), "row", "22003"),
-    (400, pgrst("42703", 'column "nope" of relation "items" does not exist'), "row", "42703"),
-    (400, pgrst("PGRST204", "Could not find the 'nope' column of 'items' in the schema cache"), "row", "PGRST204"),
+    (400, pgrst("42703", 'column "nope" of relation "items" does not exist'), "schema", "42703"),
+    (400, pgrst("PGRST204", "Could not find the 'nope' column of 'items' in the schema cache"), "schema", "PGRST204"),
     (400, pgrst("PGRST102", "All object keys must match"), "row", "PGRST102"),
     (400, pgrst("21000", "DELETE requires a WHERE clause"), "row", "21000"),
     (413, None, "row", None),
@@ -629,15 +630,15 @@ def test_live_unique_violation_on_another_column(live: PostgrestTarget):
 
 
 def test_live_unknown_column(live: PostgrestTarget):
-    """A column missing from the target: PGRST204, a row error."""
+    """A column missing from the target: PGRST204, the table's schema (not the rows')."""
     error = live_error(lambda: live.upsert("items", ["id"], [{"id": 1, "name": "a", "nope": 1}]))
-    assert (error.kind, error.status, error.code) == ("row", 400, "PGRST204")
+    assert (error.kind, error.status, error.code) == ("schema", 400, "PGRST204")
 
 
 def test_live_unknown_table(live: PostgrestTarget):
-    """A table missing from the schema cache: config, with the reload hint."""
+    """A table missing from the schema cache: the table's schema, with the reload hint."""
     error = live_error(lambda: live.upsert("no_such_table", ["id"], [{"id": 1}]))
-    assert (error.kind, error.status) == ("config", 404)
+    assert (error.kind, error.status) == ("schema", 404)
     assert "reload schema" in error.message
 
 

@@ -15,7 +15,7 @@ from syncd import backoff
 from syncd.config import Config
 from syncd.metrics import Metrics
 from syncd.observer import Observer
-from syncd.sqlite import connect
+from syncd.source import Source
 from syncd.target import TargetError
 from syncd.worker import Interrupted, Worker
 from tests.test_capture import app, installed
@@ -69,7 +69,7 @@ def worker_for(tmp_path: Path, target: FakeTarget, **worker: object) -> tuple[Wo
     path, _ = installed(tmp_path, SCHEMA, {"name": "parent"}, {"name": "child"})
     config = Config.model_validate({"source": {"path": str(path)}, "table": [{"name": "parent"}, {"name": "child"}],
                                     "worker": worker})
-    return Worker(connect(path), config, target, Observer(Metrics())), app(path)
+    return Worker(Source(path), config, target, Observer(Metrics())), app(path)
 
 
 def outbox_size(db: sqlite3.Connection) -> int:
