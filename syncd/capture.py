@@ -240,7 +240,7 @@ def reinstall(conn: apsw.Connection, captures: list[Capture], reason: str) -> In
     with immediate(conn):
         current = existing_triggers(conn)
         for capture in captures:
-            install_capture(conn, capture, current, report)
+            install_capture(conn, capture, current, report, reason)
             if capture.table.name not in report.reconcile:
                 outbox.request_reconcile(conn, capture.table.name, reason)
                 report.reconcile.append(capture.table.name)
@@ -293,9 +293,11 @@ def install(conn: apsw.Connection, config: Config) -> InstallReport:
 
 
 def install_capture(conn: apsw.Connection, capture: Capture, current: dict[str, tuple[str, str]],
-                    report: InstallReport) -> None:
+                    report: InstallReport, reason: str = "its triggers had been lost (a migration rebuilt the table?)"
+                    ) -> None:
     """Install one table's triggers as its schema now is (inside the caller's transaction), drop those it no
-    longer needs, record its key, and mark it for a reconcile when triggers had been lost since it was installed."""
+    longer needs, record its key, and mark it for a reconcile (`reason`) when triggers had been lost or outdated
+    since it was installed."""
     name = capture.table.name
     lost = outbox.installed_key(conn, name) is not None and any(
         current.get(trigger, ("", ""))[1] != sql for trigger, sql in capture.triggers().items())
@@ -310,7 +312,7 @@ def install_capture(conn: apsw.Connection, capture: Capture, current: dict[str, 
                                "INSERT OR REPLACE deletes through it are not seen; avoid REPLACE on it")
     outbox.record_table(conn, name, capture.key, capture.target)
     if lost:
-        outbox.request_reconcile(conn, name, "its triggers had been lost (a migration rebuilt the table?)")
+        outbox.request_reconcile(conn, name, reason)
         report.reconcile.append(name)
 
 

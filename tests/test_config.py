@@ -17,6 +17,7 @@ from syncd.config import (
     SourceConfig,
     TableConfig,
     TargetConfig,
+    WorkerConfig,
     load_config,
 )
 
@@ -348,6 +349,14 @@ def test_secrets_absent_from_errors_and_their_tracebacks(tmp_path: Path) -> None
 
 
 # ---- The shipped files ----------------------------------------------------------------------------
+
+
+def test_example_toml_names_every_worker_key() -> None:
+    """example.toml is the reference of the file's keys: every [worker] key is there with its default."""
+    text = (CONFIG_DIR / "example.toml").read_text(encoding="utf-8")
+    for name, field in WorkerConfig.model_fields.items():
+        default = f'"{field.default}"' if isinstance(field.default, str) else repr(field.default)
+        assert f"# {name} = {default}" in text, name
 
 
 def test_example_toml_loads_as_is() -> None:

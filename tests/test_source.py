@@ -1,0 +1,268 @@
+"""The source as the worker lives with it, unit by unit: the file's identity and schema version, capture's
+health and its repair, the worker's reactions (heal, halt on a changed key, adopt a replaced file, wait out
+busy and disk faults, halt on a schema mismatch and resume by itself, reload on SIGHUP), with a fake target.
+The real process end to end is in tests/test_source_lifecycle.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import apsw
+import pytest
+
+from syncd import capture, outbox
+from syncd.config import Config, ConfigError, differences
+from syncd.metrics import Metrics
+from syncd.observer import Observer
+from syncd.source import Event, Source
+from syncd.target import TargetError
+from syncd.worker import Halt, Worker
+from tests.test_capture import app, installed
+from tests.test_worker import FakeTarget
+
+SCHEMA = "CREATE TABLE parent (id INTEGER PRIMARY KEY, v); CREATE TABLE child (id INTEGER PRIMARY KEY, v);"
+
+
+class DescribedTarget(FakeTarget):
+    """A fake secondary that also describes its schema (PostgREST's OpenAPI `definitions`)."""
+
+    def __init__(self, *rules, columns: dict[str, list[str]] | None = None) -> None:
+        super().__init__(*rules)
+        self.columns = columns or {"parent": ["id", "v"], "child": ["id", "v"]}
+
+    def describe(self) -> dict[str, object]:
+        return {"definitions": {t: {"properties": {c: {} for c in cs}} for t, cs in self.columns.items()}}
+
+
+def make_worker(tmp_path: Path, target: FakeTarget, **worker: object) -> tuple[Worker, sqlite3.Connection, Config]:
+    path, _ = installed(tmp_path, SCHEMA, {"name": "parent"}, {"name": "child"})
+    config = Config.model_validate({"source": {"path": str(path)}, "table": [{"name": "parent"}, {"name": "child"}],
+                                    "worker": worker})
+    return Worker(Source(path), config, target, Observer(Metrics())), app(path), config
+
+
+def triggers(db: sqlite3.Connection, table: str) -> list[str]:
+    return sorted(r[0] for r in db.execute("SELECT name FROM sqlite_schema WHERE type = 'trigger' AND tbl_name = ?",
+                                           (table,)))
+
+
+# -- the source ------------------------------------------------------------------------------------------
+
+
+def test_source_sees_a_schema_change_once_and_a_replacement_until_reopened(tmp_path: Path):
+    path, _ = installed(tmp_path, SCHEMA, {"name": "parent"})
+    source = Source(path)
+    assert source.check() is Event.NONE
+    app(path).execute("ALTER TABLE parent ADD COLUMN w")
+    assert source.check() is Event.SCHEMA and source.check() is Event.NONE
+    shutil.copy(path, tmp_path / "copy.sqlite3")
+    os.replace(tmp_path / "copy.sqlite3", path)
+    assert source.check() is Event.REPLACED and source.check() is Event.REPLACED
+    source.reopen()
+    assert source.check() is Event.NONE
+    os.remove(path)
+    assert source.check() is Event.GONE
+
+
+# -- capture's health ------------------------------------------------------------------------------------
+
+
+def test_a_rebuilt_table_is_repairable_and_reinstall_marks_it_for_a_reconcile(tmp_path: Path):
+    path, config = installed(tmp_path, SCHEMA, {"name": "parent"})
+    db = app(path)
+    db.executescript("BEGIN; CREATE TABLE new_parent (id INTEGER PRIMARY KEY, v, w); INSERT INTO new_parent (id, v) "
+                     "SELECT id, v FROM parent; DROP TABLE parent; ALTER TABLE new_parent RENAME TO parent; COMMIT;")
+    conn = Source(path).conn
+    health = capture.examine(conn, config.tables[0])
+    assert (health.triggers, health.repairable, health.key_changed) == ("missing", True, False)
+    capture.reinstall(conn, [health.plan], "rebuilt")  # type: ignore[list-item]
+    assert triggers(db, "parent") == ["_syncd_parent_del", "_syncd_parent_ins", "_syncd_parent_upd"]
+    assert outbox.tables_to_reconcile(conn) == {"parent": "rebuilt"}
+    assert capture.examine(conn, config.tables[0]).triggers == "ok"
+
+
+def test_a_changed_key_is_never_repaired(tmp_path: Path):
+    path, config = installed(tmp_path, "CREATE TABLE u (code TEXT PRIMARY KEY, v);", {"name": "u"})
+    app(path).execute("ALTER TABLE u RENAME COLUMN code TO ident")
+    health = capture.examine(Source(path).conn, config.tables[0])
+    assert health.key_changed and not health.repairable and "the key was code" in (health.problem or "")
+
+
+def test_install_by_hand_after_a_loss_marks_the_table_and_verify_repair_clears_it(tmp_path: Path):
+    path, config = installed(tmp_path, SCHEMA, {"name": "parent"})
+    app(path).execute("DROP TRIGGER _syncd_parent_ins")
+    report = capture.install(Source(path).conn, config)
+    assert report.reconcile == ["parent"]
+    conn = Source(path).conn
+    assert "lost" in outbox.tables_to_reconcile(conn)["parent"]
+    outbox.reconciled(conn, "parent", 3, 1.0, outbox.tables_to_reconcile(conn)["parent"])
+    assert outbox.tables_to_reconcile(conn) == {}
+    assert outbox.table_state(conn, "parent")["last_reconcile"] == {"at": 1.0, "keys": 3}
+
+
+def test_a_newer_mark_survives_the_end_of_an_older_reconcile(tmp_path: Path):
+    path, _ = installed(tmp_path, SCHEMA, {"name": "parent"})
+    conn = Source(path).conn
+    with conn:
+        outbox.request_reconcile(conn, "parent", "first gap")
+    with conn:
+        outbox.request_reconcile(conn, "parent", "second gap")
+    outbox.reconciled(conn, "parent", 0, 1.0, "first gap")
+    assert outbox.tables_to_reconcile(conn) == {"parent": "second gap"}
+
+
+# -- the worker ------------------------------------------------------------------------------------------
+
+
+def test_the_worker_heals_lost_triggers_and_ships_what_follows(tmp_path: Path):
+    worker, db, _ = make_worker(tmp_path, DescribedTarget())
+    db.execute("INSERT INTO parent VALUES (1, 'a')")
+    worker.drain_once()
+    db.executescript("BEGIN; CREATE TABLE p2 (id INTEGER PRIMARY KEY, v); INSERT INTO p2 SELECT * FROM parent; "
+                     "DROP TABLE parent; ALTER TABLE p2 RENAME TO parent; COMMIT;")
+    db.execute("INSERT INTO parent VALUES (2, 'written while the triggers were gone')")
+    assert worker.follow_source(threading.Event())
+    worker.keep_capture_whole()
+    assert triggers(db, "parent") == ["_syncd_parent_del", "_syncd_parent_ins", "_syncd_parent_upd"]
+    assert worker.metrics.capture_repairs.labels(table="parent")._value.get() == 1
+    assert "schema change" in outbox.tables_to_reconcile(worker.conn)["parent"]  # a reconcile brings row 2 over
+    db.execute("INSERT INTO parent VALUES (3, 'c')")
+    worker.drain_once()
+    assert sorted(worker.target.stored["parent"]) == [1, 3]
+
+
+def test_a_table_whose_key_changed_halts_and_the_others_ship(tmp_path: Path):
+    worker, db, _ = make_worker(tmp_path, DescribedTarget())
+    worker.prepare()
+    for trigger in triggers(db, "child"):  # SQLite refuses to rename a column a trigger uses
+        db.execute(f"DROP TRIGGER {trigger}")
+    db.execute("ALTER TABLE child RENAME COLUMN id TO ident")
+    db.execute("INSERT INTO parent VALUES (1, 'a')")
+    worker.follow_source(threading.Event())
+    worker.keep_capture_whole()
+    assert worker.halted["child"].kind == "capture" and "key" in worker.halted["child"].reason
+    assert worker.drain_once().shipped == 1
+    ready, reason = worker.metrics.health.ready()
+    assert not ready and "child" in reason
+
+
+def test_a_replaced_file_is_reopened_installed_and_marked_for_reconcile(tmp_path: Path):
+    worker, db, config = make_worker(tmp_path, DescribedTarget())
+    worker.prepare()
+    backup = tmp_path / "backup.sqlite3"
+    plain = sqlite3.connect(backup)
+    plain.executescript(SCHEMA + "INSERT INTO parent VALUES (7, 'restored');")
+    plain.close()
+    db.close()
+    os.replace(backup, config.source.path)
+    assert worker.follow_source(threading.Event()) and worker.replaced
+    worker.keep_capture_whole()
+    assert outbox.installed(worker.conn)
+    assert set(outbox.tables_to_reconcile(worker.conn)) == {"parent", "child"}
+    app(config.source.path).execute("INSERT INTO parent VALUES (8, 'after the restore')")
+    worker.drain_once()
+    assert sorted(worker.target.stored["parent"]) == [8]  # 7 comes with the reconcile
+
+
+def test_on_source_replaced_halt_halts_every_table(tmp_path: Path):
+    worker, _db, config = make_worker(tmp_path, DescribedTarget(), on_source_replaced="halt")
+    worker.prepare()
+    shutil.copy(config.source.path, tmp_path / "copy.sqlite3")
+    os.replace(tmp_path / "copy.sqlite3", config.source.path)
+    worker.follow_source(threading.Event())
+    worker.keep_capture_whole()
+    assert {t: h.kind for t, h in worker.halted.items()} == {"parent": "replaced", "child": "replaced"}
+    assert outbox.table_state(worker.conn, "parent")["halted"]
+
+
+def test_a_full_disk_is_waited_out_reported_and_loses_nothing(tmp_path: Path):
+    worker, db, _ = make_worker(tmp_path, DescribedTarget(), batch_size=5000)
+    worker.prepare()
+    db.executemany("INSERT INTO parent VALUES (?, 'a')", [(i,) for i in range(5000)])
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    used = worker.conn.execute("PRAGMA page_count").fetchone()[0]
+    worker.conn.execute(f"PRAGMA max_page_count = {used}")  # the journal rows need pages: SQLITE_FULL
+    with pytest.raises(apsw.FullError) as full:
+        worker.drain_once()
+    stop = threading.Event()
+    stop.set()  # no real waiting in a unit test
+    worker.wait_out_fault(full.value, stop)
+    ready, reason = worker.metrics.health.ready()
+    assert not ready and "disk" in reason and worker.metrics.source_ok._value.get() == 0
+    assert db.execute("SELECT count(*) FROM _syncd_outbox").fetchone() == (5000,)  # nothing acknowledged
+    worker.conn.execute("PRAGMA max_page_count = 1073741823")
+    worker.drain_once()
+    worker.source_usable()
+    assert worker.metrics.health.source_problem is None and worker.metrics.source_ok._value.get() == 1
+    assert db.execute("SELECT count(*) FROM _syncd_outbox").fetchone() == (0,)
+
+
+def test_a_read_only_file_is_waited_out_and_reported(tmp_path: Path):
+    path, _ = installed(tmp_path, SCHEMA, {"name": "parent"}, {"name": "child"})
+    config = Config.model_validate({"source": {"path": str(path)}, "table": [{"name": "parent"}, {"name": "child"}]})
+    readonly = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    worker = Worker(Source(path, readonly), config, DescribedTarget(), Observer(Metrics()))
+    app(path).execute("INSERT INTO parent VALUES (1, 'a')")
+    with pytest.raises(apsw.ReadOnlyError) as refused:
+        worker.drain_once()
+    stop = threading.Event()
+    stop.set()
+    worker.wait_out_fault(refused.value, stop)
+    assert "read-only" in worker.metrics.health.ready()[1]
+    assert app(path).execute("SELECT count(*) FROM _syncd_outbox").fetchone() == (1,)
+
+
+def test_schema_mismatch_halts_without_dead_letters_and_resumes_by_itself(tmp_path: Path):
+    def missing_column(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
+        if table == "parent" and any("w" in item for item in items) and "w" not in target.columns["parent"]:
+            return TargetError("schema", "400 PGRST204 Could not find the 'w' column", status=400, code="PGRST204")
+        return None
+
+    target = DescribedTarget(missing_column)
+    worker, db, _ = make_worker(tmp_path, target, schema_recheck_interval=0.01)
+    worker.prepare()
+    db.execute("ALTER TABLE parent ADD COLUMN w")
+    db.executemany("INSERT INTO parent VALUES (?, 'v', 'w')", [(i,) for i in range(20)])
+    result = worker.drain_once()
+    assert (result.dead, worker.halted["parent"].kind) == (0, "schema")
+    assert len([r for r in target.requests if r[0] == "upsert"]) == 1  # no bisection
+    worker.recheck_schema_halts()
+    assert "parent" in worker.halted  # the secondary still lacks it
+    target.columns["parent"].append("w")
+    worker.next_schema_check = 0.0
+    worker.recheck_schema_halts()
+    assert "parent" not in worker.halted
+    worker.drain_once()
+    assert sorted(target.stored["parent"]) == list(range(20))
+
+
+def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(tmp_path: Path):
+    new_target = DescribedTarget()
+    worker, _db, config = make_worker(tmp_path, DescribedTarget())
+    reloaded = config.model_copy(update={"worker": config.worker.model_copy(update={"batch_size": 7})})
+    worker.reload = lambda: (reloaded, new_target)
+    worker.halted["parent"] = Halt("config", "denied")
+    worker.reload_requested.set()
+    worker.reload_if_requested()
+    assert worker.target is new_target and worker.batch_size == 7 and not worker.halted
+
+    def broken() -> tuple[Config, DescribedTarget]:
+        raise ConfigError("invalid configuration (1 problem):", ["worker.batch_size: 0 is not valid"])
+
+    worker.reload = broken
+    worker.reload_requested.set()
+    worker.reload_if_requested()
+    assert worker.config is reloaded and worker.target is new_target
+
+
+def test_differences_name_keys_never_values():
+    old = Config.model_validate({"target": {"service_key": "old-secret"}, "table": [{"name": "t"}]})
+    new = Config.model_validate({"target": {"service_key": "new-secret"}, "table": [{"name": "t", "exclude": ["a"]}]})
+    changed = differences(old, new)
+    assert changed == ["target.service_key", "table (t)"]
+    assert "secret" not in " ".join(changed).replace("service_key", "")
