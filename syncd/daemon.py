@@ -33,9 +33,10 @@ from syncd.metrics import Metrics, serve
 from syncd.observer import Observer
 from syncd.reconcile import Reconciler
 from syncd.source import Source
+from syncd.sqlite import BUSY_TIMEOUT_MS
 from syncd.target import PostgrestTarget, open_target, token_source
 from syncd.wake import Waker
-from syncd.worker import SourceGone, Worker
+from syncd.worker import SourceGone, Worker, fault_problem
 
 EXIT_HALTED = 1
 EXIT_SOURCE_GONE = 1
@@ -51,11 +52,24 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
     log = get_logger()
     token_source(config)  # no credential: refused before anything starts
     source = Source(config.source.path)
-    if not wait_while_busy(lambda: outbox.installed(source.conn)):
-        raise capture.CaptureError(f"syncd is not installed in {config.source.path}; run: syncd install")
+    stop, reload_requested = threading.Event(), threading.Event()
+    waker = Waker(source, config.source.path)
+    install_signal_handlers(stop, waker, reload_requested)  # before anything answers: a probe may signal soon
     metrics = Metrics()
     metrics.health.alive_within = max(60.0, 5 * config.worker.poll_interval)
     observer = Observer(metrics, log)
+    try:
+        server = serve(metrics, config.worker.metrics_addr)
+    except OSError as exc:
+        raise ConfigError("invalid configuration (1 problem):", [
+            f"worker.metrics_addr: cannot listen on {config.worker.metrics_addr} ({exc.strerror}); "
+            "choose another with --metrics-addr"]) from None
+    installed = wait_while_busy(lambda: outbox.installed(source.conn), observer, stop)
+    if stop.is_set() or not installed:
+        server.shutdown()
+        if stop.is_set():
+            return 0
+        raise capture.CaptureError(f"syncd is not installed in {config.source.path}; run: syncd install")
 
     def target_for(settings: Config) -> PostgrestTarget:
         """The target for these settings; a renewed token is counted under the source table's name."""
@@ -63,20 +77,11 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
         return open_target(settings, on_renewed=lambda table, error: observer.token_renewed(
             source_of.get(table, table), error))
 
-    target = target_for(config)
-    try:
-        server = serve(metrics, config.worker.metrics_addr)
-    except OSError as exc:
-        raise ConfigError("invalid configuration (1 problem):", [
-            f"worker.metrics_addr: cannot listen on {config.worker.metrics_addr} ({exc.strerror}); "
-            "choose another with --metrics-addr"]) from None
-    worker = Worker(source, config, target, observer,
+    worker = Worker(source, config, target_for(config), observer,
                     reload=None if reload is None else lambda: (settings := reload(), target_for(settings)))
+    worker.reload_requested = reload_requested
     worker.reconciler = Reconciler(config.source.path, lambda: (worker.config, worker.target), observer)  # type: ignore[arg-type, return-value]
-    waker = Waker(source, config.source.path)
     waker.start()
-    stop = threading.Event()
-    install_signal_handlers(stop, waker, worker)
     log.info("syncd started", database=str(config.source.path), target=config.target.url,
              tables=[t.name for t in config.tables], metrics=config.worker.metrics_addr, once=once)
     if not once:
@@ -122,23 +127,29 @@ def drive(worker: Worker, stop: threading.Event, waker: Waker, once: bool, outco
         stop.set()
 
 
-def wait_while_busy(read: Callable[[], bool]) -> bool:
-    """`read()` retried while the app holds the database locked (rollback-journal mode blocks readers); each
-    wait is logged with how long it has lasted."""
+def wait_while_busy(read: Callable[[], bool], observer: Observer, stop: threading.Event) -> bool:
+    """`read()` retried while the app holds the database locked (rollback-journal mode blocks readers too), until
+    it answers or `stop` is set (then False); the loop stays alive for /healthz, and each wait shows in /readyz,
+    the metrics and a warning."""
     started, failures = time.monotonic(), 0
-    while True:
+    while not stop.is_set():
+        observer.heartbeat()
         try:
-            return read()
-        except apsw.BusyError:
+            value = read()
+        except apsw.BusyError as exc:
             failures += 1
             pause = backoff.delay(failures, base=0.5, cap=10.0, rand=lambda: 1.0)
-            get_logger().warning("the application holds the database locked: waiting to start", attempt=failures,
-                                 lasting_s=round(time.monotonic() - started, 1), retry_in_s=pause)
-            time.sleep(pause)
+            lasting = time.monotonic() - started + BUSY_TIMEOUT_MS / 1000
+            observer.source_fault("busy", fault_problem("busy", exc, lasting) + " (at start)", lasting, pause)
+            stop.wait(pause)
+            continue
+        observer.source_ok()
+        return value
+    return False
 
 
-def install_signal_handlers(stop: threading.Event, waker: Waker, worker: Worker) -> None:
-    """SIGTERM/SIGINT stop (a second one exits at once), SIGUSR1 wakes the loop, SIGHUP reloads."""
+def install_signal_handlers(stop: threading.Event, waker: Waker, reload_requested: threading.Event) -> None:
+    """SIGTERM/SIGINT stop (a second one exits at once), SIGUSR1 wakes the loop, SIGHUP asks for a reload."""
     def on_stop(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():
             os._exit(128 + signum)  # second signal: at once (safe: nothing is acknowledged early)
@@ -148,4 +159,4 @@ def install_signal_handlers(stop: threading.Event, waker: Waker, worker: Worker)
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGUSR1, lambda signum, frame: waker.wake())
-    signal.signal(signal.SIGHUP, lambda signum, frame: (worker.reload_requested.set(), waker.wake()))
+    signal.signal(signal.SIGHUP, lambda signum, frame: (reload_requested.set(), waker.wake()))

@@ -160,15 +160,6 @@ def update_table_state(conn: apsw.Connection, table: str, **fields: object) -> N
     conn.execute("INSERT OR REPLACE INTO _syncd_meta (key, value) VALUES (?, ?)", (f"state:{table}", json.dumps(state)))
 
 
-def clear_halts(conn: apsw.Connection, tables: Iterable[str]) -> None:
-    """Mark these tables as shipping again (one write transaction, only when one was halted)."""
-    halted = [table for table in tables if table_state(conn, table).get("halted")]
-    if halted:
-        with immediate(conn):
-            for table in halted:
-                update_table_state(conn, table, halted=False)
-
-
 def request_reconcile(conn: apsw.Connection, table: str, reason: str) -> None:
     """Mark a table whose capture had a gap (`reason` says which): until a reconcile clears the mark, `status`
     says so and the daemon reconciles it (inside the caller's transaction)."""
@@ -339,17 +330,16 @@ class DeadLetter:
 
 
 def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence[DeadLetter],
-                requeued: Sequence[Change] = (), halts: Sequence[tuple[str, str]] = (),
-                now: float | None = None) -> None:
+                requeued: Sequence[Change] = (), now: float | None = None) -> None:
     """Delete the entries of shipped and dead-lettered keys, file the dead letters, journal what shipped,
     move requeued keys (a foreign key refused them: their parent may still be queued) to the tail, and
-    record the halts ((table, reason)) and each shipping table's last shipment, in one transaction.
+    record each shipping table's last shipment, in one transaction.
 
     Only the claimed seqs are deleted: an entry the app added for the same key after the claim stays,
     so its newer state ships next (no loss, no regression).
     """
     now = time.time() if now is None else now
-    if not (shipped or dead or requeued or halts):
+    if not (shipped or dead or requeued):
         return
     shipped_seqs = json.dumps([e.seq for change in shipped for e in change.entries])
     seqs = json.dumps([e.seq for change in [*shipped, *(d.change for d in dead), *requeued] for e in change.entries])
@@ -367,8 +357,6 @@ def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence
                          [(c.table, c.key_text, c.entries[-1].op, julian_day(c.oldest_at)) for c in requeued])
         for table in dict.fromkeys(c.table for c in shipped):
             update_table_state(conn, table, last_shipped_at=now)
-        for table, reason in halts:
-            update_table_state(conn, table, halted=True, last_error=reason)
 
 
 # -- enqueue: every operation that puts keys in -----------------------------------------------------------

@@ -117,5 +117,6 @@ class Reconciler:
         pause = backoff.delay(job.failures, base=1.0, cap=RETRY_CAP_SECONDS, rand=lambda: 1.0)
         job.not_before = self.clock() + pause
         with self.lock:
-            self.jobs.setdefault(table, job)
+            newer = self.jobs.setdefault(table, job)  # asked again meanwhile: one job, keeping the backoff
+            newer.failures, newer.not_before = job.failures, max(newer.not_before, job.not_before)
         self.observer.reconcile_failed(table, problem, pause)

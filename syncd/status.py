@@ -146,8 +146,10 @@ def table_status(conn: apsw.Connection, name: str, target: str, config: Config,
         status.problems.append(f"shipping is halted: {status.last_error or 'see the daemon log'}")
     status.reconcile = state.get("reconcile")  # type: ignore[assignment]
     if status.reconcile:
+        when = ("once the table ships again (see the halt above)" if status.halted else
+                f"`syncd run` does it; or run: syncd verify --repair --table {name}")
         status.problems.append(f"needs a reconcile with the secondary: {status.reconcile}; changes made meanwhile may "
-                               f"be missing there. `syncd run` does it; or run: syncd verify --repair --table {name}")
+                               f"be missing there: {when}")
     status.last_repair = state.get("last_repair")  # type: ignore[assignment]
     status.last_reconcile = state.get("last_reconcile")  # type: ignore[assignment]
     return status

@@ -48,6 +48,8 @@ REGROW_AFTER = 20  # clean batches before a batch size halved by a statement tim
 PROBE_EVERY = 30.0  # seconds without an exchange before an idle daemon checks that the secondary answers
 PROBE_RETRY = 5.0  # ... and while it does not
 SOURCE_GONE_GRACE = 60.0  # seconds the database file may be missing (a restore in progress) before syncd exits
+GONE_POLL = 0.1  # seconds between looks for a missing file (a restore renames or copies it back)
+GONE_LOG_EVERY = 5.0  # seconds between warnings while it is missing
 
 
 class Target(Protocol):
@@ -90,7 +92,6 @@ class Batch:
     requeued: list[Change] = field(default_factory=list)
     upserted: Counter[str] = field(default_factory=Counter)
     deleted: Counter[str] = field(default_factory=Counter)
-    halts: list[tuple[str, str]] = field(default_factory=list)  # (table, reason)
 
 
 @dataclass
@@ -130,7 +131,12 @@ class Halt:
 
     @property
     def hint(self) -> str:
+        """How the table resumes."""
         return HALT_HINTS[self.kind]
+
+    def describe(self) -> str:
+        """The reason and how it resumes, as `status` and /readyz show it."""
+        return f"{self.reason} ({self.hint})"
 
 
 HALT_HINTS = {
@@ -166,7 +172,6 @@ class Worker:
         self.mappings: dict[str, TableMapping] = {}
         self.order: list[str] = []
         self.prepared = False
-        self.started = False
         self.lease = Lease(source.conn, config.worker.lease_seconds)
         self.batch_size = config.worker.batch_size
         self.halted: dict[str, Halt] = {}
@@ -179,7 +184,10 @@ class Worker:
         self.fault_since: float | None = None  # monotonic seconds when the current fault of the file began
         self.faults = 0
         self.gone_since: float | None = None  # monotonic seconds since the file is gone
+        self.gone_logged = 0.0
         self.replaced = False  # the file was replaced and reopened; adopting it (install, reconcile) is due
+        self.installed_in_replacement = False
+        self.recorded: dict[str, str] | None = None  # the halts as recorded in the file (None: not read yet)
         self.reload_requested = threading.Event()
         self.shipper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncd-ship")
 
@@ -206,6 +214,10 @@ class Worker:
                     continue
                 self.keep_capture_whole()
                 result = self.drain(stop, between=lambda: self.between_batches(stop))
+                self.record_halts()
+                self.housekeeping()
+                if result.claimed == 0 and not once:
+                    self.probe_when_idle()
                 self.source_usable()
             except Interrupted as exc:
                 failures += 1
@@ -219,7 +231,6 @@ class Worker:
             if failures:
                 self.observer.secondary_recovered(failures)
                 failures = 0
-            self.housekeeping()
             if once and result.claimed == 0:
                 if self.reconciler is None or not self.reconciler.busy():
                     break
@@ -227,8 +238,6 @@ class Worker:
                 continue
             if once:
                 continue
-            if result.claimed == 0:
-                self.probe_when_idle()
             (wait or wait_on(stop))(self.config.worker.poll_interval, stop)
         self.release_lease()
 
@@ -290,19 +299,26 @@ class Worker:
         event = self.source.check()
         if event is SourceEvent.GONE:
             now = time.monotonic()
-            self.gone_since = now if self.gone_since is None else self.gone_since
+            if self.gone_since is None or now - self.gone_logged >= GONE_LOG_EVERY:
+                self.gone_since = now if self.gone_since is None else self.gone_since
+                self.gone_logged = now
+                self.observer.source_fault("gone", f"the database file {self.source.path} is gone (a restore in "
+                                           "progress?): waiting for it to come back", now - self.gone_since,
+                                           GONE_POLL)
             if now - self.gone_since > SOURCE_GONE_GRACE:
                 raise SourceGone(f"the database file {self.source.path} has been gone for more than "
                                  f"{SOURCE_GONE_GRACE:.0f} s; restore it (or fix source.path), then start syncd run")
-            self.observer.source_fault("gone", f"the database file {self.source.path} is gone (a restore in "
-                                       "progress?): waiting for it to come back", now - self.gone_since, 1.0)
-            stop.wait(1.0)
+            stop.wait(GONE_POLL)
             return False
         self.gone_since = None
         if event is SourceEvent.REPLACED:
             self.source.reopen()
+            if not outbox.installed(self.conn):  # a copy older than `syncd install`: the lease needs its tables
+                with immediate(self.conn):
+                    outbox.create(self.conn)
+                self.installed_in_replacement = True
             self.lease = Lease(self.conn, self.config.worker.lease_seconds, holder=self.lease.holder)
-            self.replaced, self.prepared = True, False
+            self.replaced, self.prepared, self.recorded = True, False, None
         elif event is SourceEvent.SCHEMA:
             self.prepared = False
         return True
@@ -320,11 +336,8 @@ class Worker:
         """The file was replaced (a restore) and reopened: install syncd's tables if the copy predates `install`,
         plan and heal capture, then reconcile every table (the file is the source of truth), or halt them all when
         the operator asked to (`[worker] on_source_replaced = "halt"`)."""
-        install_now = not outbox.installed(self.conn)
-        if install_now:
-            with immediate(self.conn):
-                outbox.create(self.conn)
-        self.observer.source_replaced(str(self.source.path), install_now)
+        self.observer.source_replaced(str(self.source.path), self.installed_in_replacement)
+        self.installed_in_replacement = False
         reason = "the database file was replaced (a restore): the secondary may hold rows the file does not"
         with immediate(self.conn):
             for table in self.config.tables:
@@ -343,9 +356,6 @@ class Worker:
         self.source.configure()
         if not outbox.installed(self.conn):
             raise capture.CaptureError(f"syncd is not installed in {self.source.path}; run: syncd install")
-        if not self.started:  # a restart resumes: what a previous run recorded as halted is tried again
-            outbox.clear_halts(self.conn, [table.name for table in self.config.tables])
-            self.started = True
         current = capture.existing_triggers(self.conn)
         health = [capture.examine(self.conn, table, current) for table in self.config.tables]
         self.mappings = {h.plan.table.name: TableMapping.from_config(table, h.plan.key)
@@ -381,6 +391,7 @@ class Worker:
         if not self.reload_requested.is_set():
             return
         self.reload_requested.clear()
+        self.prepared = False
         if self.reload is not None:
             try:
                 config, target = self.reload()
@@ -395,7 +406,6 @@ class Worker:
                 self.batch_size = config.worker.batch_size
                 self.observer.reloaded(changed, [key for key in changed if key in RESTART_KEYS])
         self.resume()
-        self.prepared = False
 
     # -- the drain step: claim, ship, acknowledge ------------------------------------------------------
 
@@ -451,7 +461,7 @@ class Worker:
     def finish(self, shipment: Shipment) -> DrainResult:
         """Acknowledge and observe; then re-raise an interruption of the secondary."""
         batch, now = shipment.batch, time.time()
-        outbox.acknowledge(self.conn, batch.shipped, batch.dead, batch.requeued, batch.halts, now=now)
+        outbox.acknowledge(self.conn, batch.shipped, batch.dead, batch.requeued, now=now)
         if batch.shipped:
             self.next_probe = time.monotonic() + PROBE_EVERY
         self.observer.batch_done(
@@ -534,7 +544,6 @@ class Worker:
                 self.reject(table, items[0][0], error, batch)
             elif error.kind in ("config", "auth", "schema"):  # auth here: the token could not be renewed
                 self.halt(table, Halt(error.kind, error.message), error)
-                batch.halts.append((table, error.message))
                 self.next_schema_check = time.monotonic() + self.config.worker.schema_recheck_interval
             else:
                 if error.statement_timeout:
@@ -581,22 +590,30 @@ class Worker:
         if self.halted.get(table) == halt:
             return
         self.halted[table] = halt
-        self.observer.table_halted(table, halt.reason, halt.hint, error)
+        self.observer.table_halted(table, halt.describe(), halt.hint, error)
 
     def record_halts(self) -> None:
-        """Write the halts not yet recorded to the file, for `status` (nothing when there are none)."""
-        states = {t: outbox.table_state(self.conn, t) for t in self.halted}
-        new = [(t, h.reason) for t, h in self.halted.items()
-               if not states[t].get("halted") or states[t].get("last_error") != h.reason]
-        if new:
-            outbox.acknowledge(self.conn, [], [], [], new)
+        """Make the halts recorded in the file (for `status`) those in force, writing only what differs. At the
+        first turn what a previous run recorded is cleared: a restart resumes every table."""
+        if self.recorded is None:
+            states = {t.name: outbox.table_state(self.conn, t.name) for t in self.config.tables}
+            self.recorded = {t: str(state.get("last_error")) for t, state in states.items() if state.get("halted")}
+        wanted = {table: halt.describe() for table, halt in self.halted.items()}
+        if wanted == self.recorded:
+            return
+        with immediate(self.conn):
+            for table, reason in wanted.items():
+                if self.recorded.get(table) != reason:
+                    outbox.update_table_state(self.conn, table, halted=True, last_error=reason)
+            for table in self.recorded.keys() - wanted.keys():
+                outbox.update_table_state(self.conn, table, halted=False)
+        self.recorded = wanted
 
     def unhalt(self, tables: Sequence[str], why: str) -> None:
-        """These tables ship again."""
+        """These tables ship again (the file's record follows at `record_halts`)."""
         for table in tables:
             self.halted.pop(table, None)
         self.observer.tables_resumed(list(tables), why)
-        outbox.clear_halts(self.conn, tables)
 
     def resume(self) -> None:
         """Ship every halted table again (SIGHUP, after the operator fixed the cause)."""

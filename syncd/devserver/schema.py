@@ -102,15 +102,17 @@ class SchemaCache:
 
 
 async def load(conn: psycopg.AsyncConnection, schemas: list[str]) -> SchemaCache:
-    """Read every table, view and column of the exposed schemas, with keys and foreign keys."""
+    """Read every table, view and column of the exposed schemas, with keys and foreign keys, from one snapshot
+    (a REPEATABLE READ transaction: DDL committed between the two queries must not make them disagree)."""
     cache = SchemaCache(schemas)
-    rows = await (await conn.execute(COLUMNS_SQL, [schemas])).fetchall()
+    async with conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        rows = await (await conn.execute(COLUMNS_SQL, [schemas])).fetchall()
+        constraints = await (await conn.execute(CONSTRAINTS_SQL, [schemas])).fetchall()
     for schema, name, kind, table_doc, col, notnull, default, col_doc, typ, category, max_len in rows:
         table = cache.tables.setdefault((schema, name), Table(schema, name, kind, table_doc))
         table.columns[col] = Column(col, typ, category, not notnull, default, col_doc, max_len)
-    for schema, name, contype, col, ref_table, ref_col in await (
-        await conn.execute(CONSTRAINTS_SQL, [schemas])
-    ).fetchall():
+    for schema, name, contype, col, ref_table, ref_col in constraints:
         column = cache.tables[(schema, name)].columns[col]
         if contype == "p":
             column.primary_key = True

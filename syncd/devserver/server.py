@@ -138,6 +138,9 @@ async def keep_schema_fresh(api: Api, conninfo: str, ready: asyncio.Event) -> No
         except psycopg.OperationalError:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 32)
+        except (psycopg.Error, KeyError) as exc:  # a reload that failed must not end reloading for good
+            print(f"dev-server: schema cache reload failed ({exc!r}); listening again", file=sys.stderr)
+            await asyncio.sleep(0.1)
 
 
 async def load_schema(conninfo: str, schemas: list[str]) -> schema.SchemaCache:
