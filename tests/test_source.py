@@ -266,3 +266,50 @@ def test_differences_name_keys_never_values():
     changed = differences(old, new)
     assert changed == ["target.service_key", "table (t)"]
     assert "secret" not in " ".join(changed).replace("service_key", "")
+
+
+class FailingWrites(apsw.VFS):
+    """A VFS over the default one whose writes fail with SQLITE_IOERR while `failing` is set (a dying disk)."""
+
+    def __init__(self) -> None:
+        self.failing = False
+        super().__init__("failing-writes", "")
+
+    def xOpen(self, name: object, flags: list[int]) -> apsw.VFSFile:
+        vfs = self
+
+        class File(apsw.VFSFile):
+            def xWrite(self, data: bytes, offset: int) -> None:
+                if vfs.failing:
+                    raise apsw.IOError("injected write failure")
+                super().xWrite(data, offset)
+
+        return File("", name, flags)
+
+
+def test_an_io_error_on_syncds_writes_is_waited_out_and_loses_nothing(tmp_path: Path):
+    path, _config = installed(tmp_path, SCHEMA, {"name": "parent"}, {"name": "child"})
+    vfs = FailingWrites()
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READWRITE, vfs="failing-writes")
+    try:
+        target = DescribedTarget()
+        worker = Worker(Source(path, conn), Config.model_validate(
+            {"source": {"path": str(path)}, "table": [{"name": "parent"}, {"name": "child"}]}), target,
+            Observer(Metrics()))
+        app(path).execute("INSERT INTO parent VALUES (1, 'a')")
+        worker.prepare()
+        vfs.failing = True
+        with pytest.raises(apsw.IOError) as failed:
+            worker.drain_once()
+        stop = threading.Event()
+        stop.set()
+        worker.wait_out_fault(failed.value, stop)
+        assert "I/O error" in worker.metrics.health.ready()[1]
+        assert worker.metrics.source_errors.labels(kind="io")._value.get() == 1
+        vfs.failing = False
+        worker.drain_once()
+        assert app(path).execute("SELECT count(*) FROM _syncd_outbox").fetchone() == (0,)
+        assert sorted(target.stored["parent"]) == [1]
+    finally:
+        conn.close()
+        vfs.unregister()
