@@ -22,7 +22,7 @@ from pathlib import Path
 
 from syncd import capture
 from syncd.config import Config
-from syncd.sqlite import connect
+from syncd.state import connect
 
 SCHEMA = "CREATE TABLE item (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, price REAL, note TEXT)"
 BATCH = 1000

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import apsw
 
-from syncd import outbox
+from syncd import outbox, state
 from syncd.config import Config, TableConfig
 from syncd.keys import NOW_SQL, key_sql
 from syncd.sqlite import immediate, quote_ident, quote_text
@@ -279,6 +279,10 @@ def install(conn: apsw.Connection, config: Config) -> InstallReport:
     `syncd run` (or `syncd verify --repair --table T`) brings the secondary back in step.
     """
     report = InstallReport()
+    plan(conn, config)  # refuse before anything is created, the state file included
+    database = Path(conn.db_filename("main"))
+    state.ensure(conn, database)
+    outbox.migrate(conn)
     with immediate(conn):
         captures = plan(conn, config)
         outbox.create(conn)
@@ -364,12 +368,14 @@ def uninstall(conn: apsw.Connection, *, drop_outbox: bool = False, force: bool =
             report.dropped_tables += outbox.drop(conn)
         elif outbox.installed(conn):
             outbox.forget_tables(conn)
+    if drop_outbox:
+        state.remove(conn, Path(conn.db_filename("main")))
     return report
 
 
 def refuse_losing_changes(conn: apsw.Connection, force: bool) -> None:
     """Raise CaptureError when dropping syncd's tables would lose changes that never reached the secondary."""
-    pending, dead = outbox.pending_total(conn), outbox.count_dead_letters(conn)
+    pending, dead = outbox.pending_total(conn), sum(outbox.dead_letters_by_table(conn).values())
     if (pending or dead) and not force:
         raise CaptureError(f"the outbox holds {pending} pending change(s) and {dead} dead letter(s) that never "
                            "reached the secondary; let the daemon drain them, or add --force to drop them anyway")

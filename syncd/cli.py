@@ -15,7 +15,7 @@ from pathlib import Path
 
 import apsw
 
-from syncd import __version__, auth, capture, sqlite, status, timeparse
+from syncd import __version__, auth, capture, sqlite, state, status, timeparse
 from syncd import replay as operations
 from syncd.config import Config, ConfigError, WorkerConfig, load_config
 from syncd.progress import Progress
@@ -39,7 +39,7 @@ def bad_argument(flag: str, problem: str) -> ConfigError:
 def install(args: argparse.Namespace) -> int:
     """`syncd install`: create syncd's tables and the triggers; print what changed."""
     config = load(args)
-    report = capture.install(sqlite.connect(config.source.path), config)
+    report = capture.install(state.connect(config.source.path), config)
     print(f"installed in {config.source.path}: {len(report.created)} trigger(s) created, "
           f"{len(report.replaced)} replaced, {len(report.unchanged)} unchanged")
     for name in report.created + report.replaced:
@@ -52,7 +52,7 @@ def install(args: argparse.Namespace) -> int:
 def uninstall(args: argparse.Namespace) -> int:
     """`syncd uninstall`: remove the triggers (and, as asked, archive or drop syncd's tables)."""
     config = load(args)
-    report = capture.uninstall(sqlite.connect(config.source.path), drop_outbox=args.drop_outbox, force=args.force,
+    report = capture.uninstall(state.connect(config.source.path), drop_outbox=args.drop_outbox, force=args.force,
                                archive=args.archive)
     if args.archive:
         print(f"archived the outbox, dead letters, journal and meta to {args.archive}")
@@ -65,7 +65,7 @@ def uninstall(args: argparse.Namespace) -> int:
 def show_status(args: argparse.Namespace) -> int:
     """`syncd status`: exit 0 when healthy, 1 when something needs an operator."""
     config = load(args)
-    result = status.collect(sqlite.connect(config.source.path), config, max_lag=args.max_lag)
+    result = status.collect(state.connect(config.source.path), config, max_lag=args.max_lag)
     print(json.dumps(result.as_dict(), indent=2) if args.json else status.render(result))
     return 0 if result.healthy else 1
 
@@ -107,7 +107,7 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
 def replay(args: argparse.Namespace) -> int:
     """`syncd replay`: dead letters, or the keys shipped in a time window, back into the outbox."""
     config = load(args)
-    conn = sqlite.connect(config.source.path)
+    conn = state.connect(config.source.path)
     if args.dead_letters:
         with Progress("replay") as progress:
             result = operations.replay_dead_letters(conn, table=args.table, ids=args.id or (), dry_run=args.dry_run,
@@ -130,7 +130,7 @@ def resync(args: argparse.Namespace) -> int:
     """`syncd resync` / `backfill`: every key of a table into the outbox."""
     config = load(args)
     with Progress(f"resync {args.table}") as progress:
-        result = operations.resync_table(sqlite.connect(config.source.path), config, args.table, where=args.where,
+        result = operations.resync_table(state.connect(config.source.path), config, args.table, where=args.where,
                                          dry_run=args.dry_run, progress=progress)
     verb = "would enqueue" if result.dry_run else "enqueued"
     print(f"{verb} {result.keys} key(s) of {args.table}" + ("" if result.dry_run else "; `syncd run` ships them"))
@@ -216,7 +216,7 @@ def run_check(args: argparse.Namespace) -> int:
     from syncd import check
 
     config = load(args)
-    findings = check.run_checks(config, sqlite.connect(config.source.path), pg_url=args.pg_url)
+    findings = check.run_checks(config, state.connect(config.source.path), pg_url=args.pg_url)
     print(check.render(findings))
     return 0 if check.passed(findings) else 1
 
@@ -227,7 +227,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
     config = load(args)
     with open_target(config) as target:
-        result = verify.verify(sqlite.connect(config.source.path), config, target, tables=args.table,
+        result = verify.verify(state.connect(config.source.path), config, target, tables=args.table,
                                repair=args.repair, dry_run=args.dry_run, page=args.page_size, progress=Progress)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.render())
     return 0 if result.equal else 1
@@ -240,7 +240,7 @@ def run_cutover(args: argparse.Namespace) -> int:
     config = load(args)
     timeout = duration("--timeout", args.timeout)
     with open_target(config) as target:
-        readiness = cutover.check_readiness(sqlite.connect(config.source.path), config, target, timeout=timeout,
+        readiness = cutover.check_readiness(state.connect(config.source.path), config, target, timeout=timeout,
                                             progress=Progress)
     print(cutover.render(readiness, config))
     return 0 if readiness.ready else 1

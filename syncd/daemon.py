@@ -65,6 +65,8 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
             f"worker.metrics_addr: cannot listen on {config.worker.metrics_addr} ({exc.strerror}); "
             "choose another with --metrics-addr"]) from None
     installed = wait_while_busy(lambda: outbox.installed(source.conn), observer, stop)
+    if installed and not stop.is_set():
+        wait_while_busy(lambda: source.configure() is None, observer, stop)  # the state file: the lease lives there
     if stop.is_set() or not installed:
         server.shutdown()
         if stop.is_set():

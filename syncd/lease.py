@@ -2,9 +2,10 @@
 invariant 5). Modelled on litestream's leaser: a lease that is acquired, renewed and released, and an error
 that says another holder has it.
 
-The lease is one meta row written in a short IMMEDIATE transaction: one daemon holds it and renews it; a
-holder that died stops renewing, and once `expires_at` has passed another may take it. A daemon that finds it
-held stands by and tries again every third of the lease's lifetime.
+The lease is one meta row of the state file (never the app's file), taken or renewed by one atomic
+compare-and-set statement: one daemon holds it and renews it; a holder that died stops renewing, and once
+`expires_at` has passed another may take it. A daemon that finds it held stands by and tries again every third
+of the lease's lifetime.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 import apsw
 
 from syncd import outbox
-from syncd.sqlite import immediate
 
 __all__ = ["DEFAULT_LEASE_SECONDS", "Lease", "LeaseHeld", "LeaseInfo", "read_lease"]
 
@@ -83,14 +83,9 @@ class Lease:
         free, expired or already ours; False while another live holder has it. Raises apsw.BusyError when the
         app holds the write lock past the busy timeout."""
         now = time.time() if now is None else now
-        with immediate(self.conn):
-            current = read_lease(self.conn)
-            if current is not None and current.holder != self.holder and current.alive(now):
-                return False
-            value = {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
-                     "expires_at": now + self.seconds}
-            outbox.set_meta(self.conn, LEASE_KEY, json.dumps(value))
-        return True
+        value = {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
+                 "expires_at": now + self.seconds}
+        return outbox.take_meta(self.conn, LEASE_KEY, json.dumps(value), unless_held_by_other=(self.holder, now))
 
     renew = acquire
 
@@ -108,5 +103,4 @@ class Lease:
 
     def release(self) -> None:
         """Give the lease up at a clean shutdown so the next daemon need not wait for expiry."""
-        with self.conn:
-            outbox.delete_meta(self.conn, LEASE_KEY, holder=self.holder)
+        outbox.delete_meta(self.conn, LEASE_KEY, holder=self.holder)

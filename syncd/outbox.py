@@ -1,15 +1,16 @@
-"""The outbox and syncd's other tables in the application's file: every read and write of `_syncd_outbox`,
-`_syncd_dead_letter`, `_syncd_journal` and `_syncd_meta` is a function of this module.
+"""The outbox and syncd's other tables: every read and write of them is a function of this module.
 
-- The outbox: what is pending; `claim` (a batch of entries and the current rows of their keys, from one
-  snapshot) and `acknowledge` (one short write transaction: delete what shipped, file dead letters, journal
-  what shipped, move requeued keys to the tail, record halts); `enqueue` for every operation that puts keys in.
-- Dead letters: counted, and moved back into the outbox by a replay.
-- The journal of shipped keys: read by a replay of a time window, expired after its retention.
-- Meta: the installed tables' keys, the daemon's state per table (last shipment, last error, halted) and
-  the lease's row (`syncd.lease` owns what it means).
+In the application's file (`_syncd_outbox`, `_syncd_dead_letter`, `_syncd_meta`): the outbox the triggers
+append to, the dead letters operators read, and what capture needs (the installed tables' keys). In the state
+file beside it (`syncd.state`, attached as `st`): the journal of shipped keys, the daemon's state per table, the
+lease's row (`syncd.lease` owns what it means), reconcile marks, and `acked`: outbox entries settled by the daemon
+(shipped, dead-lettered, requeued) whose deletion from the app's file is still due.
 
-The triggers that append to the outbox are capture's; the tables themselves are created and dropped here.
+The drain writes only the state file: `claim` reads a batch of entries (leaving out the acked ones) and the
+current rows of their keys from one snapshot; `acknowledge` records what was settled, the journal and the table
+state in one state-file transaction. `flush` applies the acked entries to the app's file (delete them, file the
+dead letters, move requeued keys to the tail) in short transactions that never wait for the app's lock: the
+only frequent write syncd makes to the app's file, done when no other connection is in a transaction there.
 """
 
 from __future__ import annotations
@@ -18,17 +19,19 @@ import itertools
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import apsw
 
-from syncd.keys import MAX_PARAMS, NOW_SQL, decode_key, julian_day, key_sql, read_rows, unix_time
-from syncd.sqlite import immediate, quote_ident, quote_text
+from syncd.keys import MAX_PARAMS, NOW_SQL, decode_key, key_sql, read_rows, unix_time
+from syncd.sqlite import BUSY_TIMEOUT_MS, immediate, quote_ident, quote_text
+from syncd.state import writing
 
 __all__ = [
     "SCHEMA_VERSION",
     "Change",
+    "Claim",
     "DeadLetter",
     "Entry",
     "Pending",
@@ -38,11 +41,12 @@ __all__ = [
     "dead_letters_by_table",
     "drop",
     "enqueue",
+    "flush",
     "installed",
     "pending_by_table",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the journal, the daemon's state and the lease live in the state file
 TABLES = {
     "_syncd_outbox": """CREATE TABLE IF NOT EXISTS _syncd_outbox (
         seq INTEGER PRIMARY KEY,
@@ -61,103 +65,161 @@ TABLES = {
         code TEXT,
         message TEXT NOT NULL,
         attempts INTEGER NOT NULL DEFAULT 1)""",  # enqueued_at, failed_at: unix seconds
-    "_syncd_journal": """CREATE TABLE IF NOT EXISTS _syncd_journal (
-        tbl TEXT NOT NULL,
-        key TEXT NOT NULL,
-        shipped_at REAL NOT NULL)""",  # unix seconds
     "_syncd_meta": """CREATE TABLE IF NOT EXISTS _syncd_meta (
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL)""",
 }
-INDEXES = ["CREATE INDEX IF NOT EXISTS _syncd_journal_shipped_at ON _syncd_journal (shipped_at)"]
+LEGACY_TABLES = ("_syncd_journal",)  # schema version 1 kept the journal in the app's file
 CHUNK = 2000  # keys per transaction when enqueueing many: short write locks, the app is never held up long
+FLUSH_CHUNK = 2000  # acked entries deleted from the app's file per transaction (a few ms of its write lock)
+NOT_ACKED = "NOT EXISTS (SELECT 1 FROM st.acked a WHERE a.seq = o.seq AND a.at = o.at)"
 
 
 # -- the tables themselves ------------------------------------------------------------------------------
 
 
 def create(conn: apsw.Connection) -> None:
-    """Create syncd's tables and indexes where missing (inside the caller's transaction)."""
-    for ddl in [*TABLES.values(), *INDEXES]:
+    """Create syncd's tables in the app's file where missing (inside the caller's transaction)."""
+    for ddl in TABLES.values():
         conn.execute(ddl)
-    set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+    set_capture_meta(conn, "schema_version", str(SCHEMA_VERSION))
 
 
 def installed(conn: apsw.Connection) -> bool:
-    """Whether syncd's tables exist in this file (`syncd install` ran)."""
-    return conn.execute("SELECT 1 FROM sqlite_schema WHERE name = '_syncd_outbox'").fetchone() is not None
+    """Whether syncd's tables exist in the app's file (`syncd install` ran)."""
+    return conn.execute("SELECT 1 FROM main.sqlite_schema WHERE name = '_syncd_outbox'").fetchone() is not None
 
 
 def drop(conn: apsw.Connection) -> list[str]:
-    """Drop syncd's tables (inside the caller's transaction); the names dropped."""
-    for table in TABLES:
-        conn.execute(f"DROP TABLE IF EXISTS {table}")
+    """Drop syncd's tables from the app's file and empty the state file (inside the caller's transaction); the
+    names of the app file's tables dropped."""
+    for table in [*TABLES, *LEGACY_TABLES]:
+        conn.execute(f"DROP TABLE IF EXISTS main.{table}")
+    for table in ("journal", "meta", "acked"):
+        conn.execute(f"DELETE FROM st.{table}")
     return list(TABLES)
 
 
 def archive(conn: apsw.Connection, path: Path) -> None:
-    """Copy syncd's tables into a new SQLite file at `path` (created here; committed before the caller drops
-    anything)."""
+    """Copy syncd's tables of both files into a new SQLite file at `path` (created here; committed before the caller
+    drops anything): `_syncd_outbox` and `_syncd_dead_letter` as they are, `_syncd_journal` from the state file,
+    `_syncd_meta` holding the rows of both files' meta, `_syncd_acked` the entries settled but not yet flushed."""
     apsw.Connection(str(path)).close()  # create it: the app's file was opened without CREATE, and ATTACH inherits that
     conn.execute("ATTACH DATABASE ? AS syncd_archive", (str(path),))
     try:
         with immediate(conn):
             for table in TABLES:
                 conn.execute(f"CREATE TABLE syncd_archive.{table} AS SELECT * FROM main.{table}")
+            conn.execute("INSERT INTO syncd_archive._syncd_meta SELECT key, value FROM st.meta WHERE key NOT IN "
+                         "(SELECT key FROM syncd_archive._syncd_meta)")
+            conn.execute("CREATE TABLE syncd_archive._syncd_journal AS SELECT * FROM st.journal")
+            conn.execute("CREATE TABLE syncd_archive._syncd_acked AS SELECT * FROM st.acked")
     finally:
         conn.execute("DETACH DATABASE syncd_archive")
 
 
-# -- meta -----------------------------------------------------------------------------------------------
+def migrate(conn: apsw.Connection) -> bool:
+    """Move what schema version 1 kept in the app's file (the journal, the daemon's state per table, the lease) to
+    the state file, then remove it from the app's file; True when there was something to move. One transaction on
+    both files; the state file must be the real one (`state.ensure`)."""
+    legacy = conn.execute("SELECT 1 FROM main.sqlite_schema WHERE name = '_syncd_journal'").fetchone() is not None
+    moved = conn.execute("SELECT count(*) FROM main._syncd_meta WHERE key = 'lease' OR key LIKE 'state:%'"
+                         ).fetchone()[0] if installed(conn) else 0
+    if not (legacy or moved):
+        return False
+    with immediate(conn):
+        if legacy:
+            conn.execute("INSERT INTO st.journal (tbl, key, shipped_at) SELECT tbl, key, shipped_at "
+                         "FROM main._syncd_journal")
+            conn.execute("DROP TABLE main._syncd_journal")
+        conn.execute("INSERT OR REPLACE INTO st.meta (key, value) SELECT key, value FROM main._syncd_meta "
+                     "WHERE key LIKE 'state:%'")
+        conn.execute("DELETE FROM main._syncd_meta WHERE key = 'lease' OR key LIKE 'state:%'")
+        set_capture_meta(conn, "schema_version", str(SCHEMA_VERSION))
+    return True
 
 
-def get_meta(conn: apsw.Connection, key: str) -> str | None:
-    """The value of one meta entry, None when there is none."""
-    row = conn.execute("SELECT value FROM _syncd_meta WHERE key = ?", (key,)).fetchone()
+# -- capture's meta, in the app's file ------------------------------------------------------------------
+
+
+def get_capture_meta(conn: apsw.Connection, key: str) -> str | None:
+    """A meta entry of the app's file (what capture recorded), None when there is none."""
+    row = conn.execute("SELECT value FROM main._syncd_meta WHERE key = ?", (key,)).fetchone()
     return row[0] if row else None
 
 
-def set_meta(conn: apsw.Connection, key: str, value: str) -> None:
-    """Write a meta entry only when it differs, so a repeated install writes nothing at all."""
-    if get_meta(conn, key) != value:
-        conn.execute("INSERT OR REPLACE INTO _syncd_meta (key, value) VALUES (?, ?)", (key, value))
-
-
-def delete_meta(conn: apsw.Connection, key: str, holder: str | None = None) -> None:
-    """Remove a meta entry; with `holder`, only while its JSON value's `holder` is that one (the lease)."""
-    if holder is None:
-        conn.execute("DELETE FROM _syncd_meta WHERE key = ?", (key,))
-    else:
-        conn.execute("DELETE FROM _syncd_meta WHERE key = ? AND json_extract(value, '$.holder') = ?", (key, holder))
+def set_capture_meta(conn: apsw.Connection, key: str, value: str) -> None:
+    """Write a meta entry of the app's file only when it differs, so a repeated install writes nothing at all."""
+    if get_capture_meta(conn, key) != value:
+        conn.execute("INSERT OR REPLACE INTO main._syncd_meta (key, value) VALUES (?, ?)", (key, value))
 
 
 def record_table(conn: apsw.Connection, table: str, key: Sequence[str], target: str) -> None:
     """Remember a table's key and target as installed (what `status` compares the schema with later)."""
-    set_meta(conn, f"table:{table}", json.dumps({"key": list(key), "target": target}))
+    set_capture_meta(conn, f"table:{table}", json.dumps({"key": list(key), "target": target}))
 
 
 def installed_key(conn: apsw.Connection, table: str) -> list[str] | None:
     """The key columns a table had when it was last installed; None when it was never installed."""
-    value = get_meta(conn, f"table:{table}")
+    value = get_capture_meta(conn, f"table:{table}")
     return json.loads(value)["key"] if value else None
 
 
 def forget_tables(conn: apsw.Connection) -> None:
     """Forget every installed table (uninstall without dropping the outbox)."""
-    conn.execute("DELETE FROM _syncd_meta WHERE key LIKE 'table:%'")
+    conn.execute("DELETE FROM main._syncd_meta WHERE key LIKE 'table:%'")
+
+
+# -- the daemon's meta, in the state file ----------------------------------------------------------------
+
+
+def get_meta(conn: apsw.Connection, key: str) -> str | None:
+    """A meta entry of the state file (the daemon's), None when there is none."""
+    row = conn.execute("SELECT value FROM st.meta WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else None
+
+
+def take_meta(conn: apsw.Connection, key: str, value: str, *, unless_held_by_other: tuple[str, float]) -> bool:
+    """Write a state-file meta entry whose JSON value has a `holder` and an `expires_at`, unless another holder's
+    entry is still alive: `unless_held_by_other` is (this holder, now in unix seconds). One statement, so one
+    atomic compare-and-set under the state file's write lock; True when written (the lease's step)."""
+    holder, now = unless_held_by_other
+    conn.execute("INSERT INTO st.meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = "
+                 "excluded.value WHERE json_extract(meta.value, '$.holder') = ? "
+                 "OR json_extract(meta.value, '$.expires_at') <= ?", (key, value, holder, now))
+    return conn.changes() > 0
+
+
+def delete_meta(conn: apsw.Connection, key: str, holder: str | None = None) -> None:
+    """Remove a state-file meta entry; with `holder`, only while its JSON value's `holder` is that one (the lease)."""
+    if holder is None:
+        conn.execute("DELETE FROM st.meta WHERE key = ?", (key,))
+    else:
+        conn.execute("DELETE FROM st.meta WHERE key = ? AND json_extract(value, '$.holder') = ?", (key, holder))
 
 
 def table_state(conn: apsw.Connection, table: str) -> dict[str, object]:
-    """What the daemon last recorded for a table: last_shipped_at (unix seconds), last_error, halted."""
+    """What the daemon last recorded for a table: last_shipped_at (unix seconds), last_error, halted, reconcile
+    (why one is needed), last_repair, last_reconcile."""
     value = get_meta(conn, f"state:{table}")
     return json.loads(value) if value else {}
 
 
 def update_table_state(conn: apsw.Connection, table: str, **fields: object) -> None:
-    """Merge fields into a table's state (inside the caller's transaction)."""
+    """Merge fields into a table's state (inside the caller's transaction, or in one of its own)."""
     state = table_state(conn, table)
     state.update(fields)
-    conn.execute("INSERT OR REPLACE INTO _syncd_meta (key, value) VALUES (?, ?)", (f"state:{table}", json.dumps(state)))
+    conn.execute("INSERT OR REPLACE INTO st.meta (key, value) VALUES (?, ?)", (f"state:{table}", json.dumps(state)))
+
+
+def record_table_states(conn: apsw.Connection, updates: Mapping[str, Mapping[str, object]]) -> None:
+    """Merge fields into several tables' states ({table: {field: value}}) in one state-file transaction."""
+    if not updates:
+        return
+    states = {table: {**table_state(conn, table), **fields} for table, fields in updates.items()}
+    with writing(conn):
+        conn.executemany("INSERT OR REPLACE INTO st.meta (key, value) VALUES (?, ?)",
+                         [(f"state:{table}", json.dumps(state)) for table, state in states.items()])
 
 
 def request_reconcile(conn: apsw.Connection, table: str, reason: str) -> None:
@@ -168,21 +230,20 @@ def request_reconcile(conn: apsw.Connection, table: str, reason: str) -> None:
 
 def tables_to_reconcile(conn: apsw.Connection) -> dict[str, str]:
     """{table: why it needs a reconcile} for every table marked by `request_reconcile` and not reconciled since."""
-    rows = conn.execute("SELECT substr(key, 7), json_extract(value, '$.reconcile') FROM _syncd_meta "
+    rows = conn.execute("SELECT substr(key, 7), json_extract(value, '$.reconcile') FROM st.meta "
                         "WHERE key LIKE 'state:%' AND json_extract(value, '$.reconcile') IS NOT NULL")
     return dict(rows.fetchall())
 
 
 def reconciled(conn: apsw.Connection, table: str, keys: int, at: float, marked: str | None) -> None:
     """Record a finished reconcile (`keys` enqueued, at unix seconds `at`) and clear the mark it answered, unless
-    the mark changed meanwhile (a newer gap needs its own reconcile). One short write transaction."""
-    with immediate(conn):
-        state = table_state(conn, table)
-        if state.get("reconcile") == marked:
-            state["reconcile"] = None
-        state["last_reconcile"] = {"at": at, "keys": keys}
-        conn.execute("INSERT OR REPLACE INTO _syncd_meta (key, value) VALUES (?, ?)",
-                     (f"state:{table}", json.dumps(state)))
+    the mark changed meanwhile (a newer gap needs its own reconcile). One short state-file transaction."""
+    state = table_state(conn, table)
+    if state.get("reconcile") == marked:
+        state["reconcile"] = None
+    state["last_reconcile"] = {"at": at, "keys": keys}
+    with writing(conn):
+        conn.execute("INSERT OR REPLACE INTO st.meta (key, value) VALUES (?, ?)", (f"state:{table}", json.dumps(state)))
 
 
 # -- what is pending ------------------------------------------------------------------------------------
@@ -190,26 +251,34 @@ def reconciled(conn: apsw.Connection, table: str, keys: int, at: float, marked: 
 
 @dataclass(frozen=True)
 class Pending:
-    """One table's backlog: how many outbox entries wait, and when the oldest of them was written."""
+    """A table's backlog: how many outbox entries wait to ship, and when the oldest was written."""
 
     count: int
     oldest_at: float | None  # unix seconds
 
 
 def pending_by_table(conn: apsw.Connection) -> dict[str, Pending]:
-    """{table: how many outbox entries wait, and the time of the oldest}."""
-    rows = conn.execute("SELECT tbl, count(*), min(at) FROM _syncd_outbox GROUP BY tbl")
+    """{table: how many outbox entries wait (acked ones left out), and the time of the oldest}."""
+    rows = conn.execute(f"SELECT tbl, count(*), min(at) FROM main._syncd_outbox o WHERE {NOT_ACKED} GROUP BY tbl")
     return {table: Pending(count, unix_time(oldest) if oldest is not None else None) for table, count, oldest in rows}
 
 
 def pending_total(conn: apsw.Connection) -> int:
-    """How many outbox entries wait, all tables together."""
-    return conn.execute("SELECT count(*) FROM _syncd_outbox").fetchone()[0]
+    """How many outbox entries wait (acked ones left out), all tables together."""
+    return conn.execute(f"SELECT count(*) FROM main._syncd_outbox o WHERE {NOT_ACKED}").fetchone()[0]
 
 
 def dead_letters_by_table(conn: apsw.Connection) -> dict[str, int]:
-    """{table: how many dead letters}."""
-    return dict(conn.execute("SELECT tbl, count(*) FROM _syncd_dead_letter GROUP BY tbl").fetchall())
+    """{table: how many dead letters}, those the daemon filed and has not yet written to the app's file included."""
+    rows = conn.execute("SELECT tbl, count(*) FROM (SELECT tbl FROM main._syncd_dead_letter UNION ALL "
+                        "SELECT o.tbl FROM st.acked a JOIN main._syncd_outbox o ON o.seq = a.seq AND o.at = a.at "
+                        "WHERE a.fate = 'dead') GROUP BY tbl")
+    return dict(rows.fetchall())
+
+
+def unflushed(conn: apsw.Connection) -> int:
+    """How many acked entries are still in the app's outbox (their deletion is due)."""
+    return conn.execute("SELECT count(*) FROM st.acked").fetchone()[0]
 
 
 # -- claim: one snapshot of keys and their current rows ---------------------------------------------------
@@ -222,6 +291,7 @@ class Entry:
     seq: int
     op: str
     at: float  # unix seconds of the change
+    stored_at: float = 0.0  # the Julian day exactly as stored: with `seq`, the entry's identity in `acked`
 
 
 @dataclass
@@ -246,32 +316,45 @@ class Change:
         return min(e.at for e in self.entries)
 
 
+@dataclass
+class Claim:
+    """What one claim read: the changes to ship, and the seqs it passed over because their key was in flight
+    (they are claimed again later); `last_seq` the highest seq it read (0 when none)."""
+
+    changes: list[Change] = field(default_factory=list)
+    passed_over: list[int] = field(default_factory=list)
+    last_seq: int = 0
+
+
 def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
-          in_flight: Sequence[Change] = ()) -> list[Change]:
-    """The first `limit` outbox entries of the tables in `keys` ({table: key columns}), grouped by key, with
-    the current row of each key, all read in one transaction so that the rows are the state at one instant.
+          in_flight: Sequence[Change] = (), after: int = 0) -> Claim:
+    """The first `limit` outbox entries after seq `after` of the tables in `keys` ({table: key columns}), acked ones
+    left out, grouped by key, with the current row of each key, all read in one transaction so that the rows are
+    the state at one instant.
 
     Entries and keys of `in_flight` (a batch whose request is under way) are left out: the same key is
     never in two requests at once, and its newer entries wait until that request is acknowledged.
     """
     if not keys:
-        return []
+        return Claim()
     tables = list(keys)
     busy_seqs = json.dumps([e.seq for change in in_flight for e in change.entries])
     busy_keys = {(c.table, c.raw_key) for c in in_flight}
     conn.execute("BEGIN")
     try:
         rows = conn.execute(
-            f"SELECT seq, tbl, CAST(key AS BLOB), op, at FROM _syncd_outbox WHERE tbl IN "
-            f"({', '.join('?' * len(tables))}) AND seq NOT IN (SELECT value FROM json_each(?)) "
-            "ORDER BY seq LIMIT ?", (*tables, busy_seqs, limit)).fetchall()
-        changes = [c for c in group_entries(rows) if (c.table, c.raw_key) not in busy_keys]
+            f"SELECT seq, tbl, CAST(key AS BLOB), op, at FROM main._syncd_outbox o WHERE seq > ? AND tbl IN "
+            f"({', '.join('?' * len(tables))}) AND seq NOT IN (SELECT value FROM json_each(?)) AND {NOT_ACKED} "
+            "ORDER BY seq LIMIT ?", (after, *tables, busy_seqs, limit)).fetchall()
+        grouped = group_entries(rows)
+        changes = [c for c in grouped if (c.table, c.raw_key) not in busy_keys]
+        passed_over = [e.seq for c in grouped if (c.table, c.raw_key) in busy_keys for e in c.entries]
         for table in dict.fromkeys(c.table for c in changes):
             readable = [c for c in changes if c.table == table and c.key is not None]
             attach_rows(conn, table, keys[table], readable)
     finally:
         conn.execute("COMMIT")
-    return changes
+    return Claim(changes, passed_over, rows[-1][0] if rows else 0)
 
 
 def group_entries(rows: Sequence[tuple[int, str, bytes, str, float]]) -> list[Change]:
@@ -282,7 +365,7 @@ def group_entries(rows: Sequence[tuple[int, str, bytes, str, float]]) -> list[Ch
         change = by_key.get((table, raw_key))
         if change is None:
             change = by_key[(table, raw_key)] = decode_change(table, raw_key)
-        change.entries.append(Entry(seq, op, unix_time(at)))
+        change.entries.append(Entry(seq, op, unix_time(at), at))
     return list(by_key.values())
 
 
@@ -315,7 +398,7 @@ def attach_rows(conn: apsw.Connection, table: str, key_columns: Sequence[str], c
             change.row = found.get(change.key)  # type: ignore[arg-type]
 
 
-# -- acknowledge: one short write transaction ----------------------------------------------------------
+# -- acknowledge and flush -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -331,32 +414,84 @@ class DeadLetter:
 
 def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence[DeadLetter],
                 requeued: Sequence[Change] = (), now: float | None = None) -> None:
-    """Delete the entries of shipped and dead-lettered keys, file the dead letters, journal what shipped,
-    move requeued keys (a foreign key refused them: their parent may still be queued) to the tail, and
-    record each shipping table's last shipment, in one transaction.
+    """Record what a batch settled, in one state-file transaction (the app's file is not written): every claimed
+    entry of the shipped, dead-lettered and requeued keys joins `acked` (a dead letter and a requeue keep what
+    `flush` needs), the journal gets one row per shipped key, and each shipping table its last shipment.
 
-    Only the claimed seqs are deleted: an entry the app added for the same key after the claim stays,
-    so its newer state ships next (no loss, no regression).
+    Only the claimed entries are settled: an entry the app added for the same key after the claim stays, so
+    its newer state ships next (no loss, no regression). Until `flush`, claims leave the acked entries out.
     """
     now = time.time() if now is None else now
     if not (shipped or dead or requeued):
         return
-    shipped_seqs = json.dumps([e.seq for change in shipped for e in change.entries])
-    seqs = json.dumps([e.seq for change in [*shipped, *(d.change for d in dead), *requeued] for e in change.entries])
-    with immediate(conn):
-        # The journal rows are built in SQL from the very entries being deleted: one row per shipped key.
-        conn.execute("INSERT INTO _syncd_journal (tbl, key, shipped_at) SELECT DISTINCT tbl, key, ? "
-                     "FROM _syncd_outbox WHERE seq IN (SELECT value FROM json_each(?))", (now, shipped_seqs))
-        conn.execute("DELETE FROM _syncd_outbox WHERE seq IN (SELECT value FROM json_each(?))", (seqs,))
-        conn.executemany(
-            "INSERT INTO _syncd_dead_letter (tbl, key, op, enqueued_at, failed_at, status, code, message) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(d.change.table, d.change.key_text, d.change.entries[-1].op, d.change.oldest_at, now, d.status,
-              d.code, d.message) for d in dead])
-        conn.executemany("INSERT INTO _syncd_outbox (tbl, key, op, at) VALUES (?, ?, ?, ?)",
-                         [(c.table, c.key_text, c.entries[-1].op, julian_day(c.oldest_at)) for c in requeued])
+    acked: list[tuple[object, ...]] = []
+    for change in shipped:
+        acked += [(e.seq, e.stored_at, "shipped", None, None, None, None, None) for e in change.entries]
+    for letter in dead:
+        *merged, last = letter.change.entries
+        acked += [(e.seq, e.stored_at, "merged", None, None, None, None, None) for e in merged]
+        acked.append((last.seq, last.stored_at, "dead", letter.change.oldest_at, now, letter.status, letter.code,
+                      letter.message))
+    for change in requeued:
+        *merged, last = change.entries
+        acked += [(e.seq, e.stored_at, "merged", None, None, None, None, None) for e in merged]
+        acked.append((last.seq, last.stored_at, "requeue", min(e.stored_at for e in change.entries), None, None,
+                      None, None))
+    with writing(conn):
+        conn.executemany("INSERT OR REPLACE INTO st.acked (seq, at, fate, since, failed_at, status, code, message) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", acked)
+        conn.executemany("INSERT INTO st.journal (tbl, key, shipped_at) VALUES (?, ?, ?)",
+                         [(c.table, c.key_text, now) for c in shipped])
         for table in dict.fromkeys(c.table for c in shipped):
             update_table_state(conn, table, last_shipped_at=now)
+
+
+def flush(conn: apsw.Connection, *, wait: bool = False, quiet: Callable[[], bool] = lambda: True,
+          limit: int = FLUSH_CHUNK) -> int | None:
+    """Apply up to `limit` acked entries to the app's file in one short transaction: file the dead letters, append
+    the requeued keys at the tail, delete the entries; then forget them in the state file. How many were applied;
+    None when it did not happen: the app held the write lock (never waited for without `wait`; with it, apsw.BusyError
+    after the busy timeout), or `quiet()` said
+    before the commit that another connection had entered a transaction (committing then could make that
+    transaction's later write fail). Entries whose (seq, at) no longer match an outbox entry (a restored file) are
+    only forgotten."""
+    if wait:
+        conn.execute("BEGIN IMMEDIATE")  # raises apsw.BusyError after the busy timeout: the caller reports it
+    else:
+        conn.set_busy_timeout(0)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except apsw.BusyError:
+            return None
+        finally:
+            conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+    try:
+        chosen = "(SELECT seq FROM st.acked ORDER BY seq LIMIT ?)"
+        matched = (f"FROM st.acked a JOIN main._syncd_outbox o ON o.seq = a.seq AND o.at = a.at "
+                   f"WHERE a.seq IN {chosen}")
+        conn.execute("INSERT INTO main._syncd_dead_letter (tbl, key, op, enqueued_at, failed_at, status, code, "
+                     f"message) SELECT o.tbl, o.key, o.op, a.since, a.failed_at, a.status, a.code, a.message {matched} "
+                     "AND a.fate = 'dead' ORDER BY a.seq", (limit,))
+        conn.execute(f"INSERT INTO main._syncd_outbox (tbl, key, op, at) SELECT o.tbl, o.key, o.op, a.since {matched} "
+                     "AND a.fate = 'requeue' ORDER BY a.seq", (limit,))
+        conn.execute(f"DELETE FROM main._syncd_outbox WHERE seq IN (SELECT o.seq {matched})", (limit,))
+        conn.execute(f"DELETE FROM st.acked WHERE seq IN {chosen}", (limit,))
+        applied = conn.changes()
+        if not quiet():
+            conn.execute("ROLLBACK")
+            return None
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return applied
+
+
+def forget_acked(conn: apsw.Connection) -> None:
+    """Forget every acked entry (they belonged to a file that was replaced: its entries ship again)."""
+    with writing(conn):
+        conn.execute("DELETE FROM st.acked")
 
 
 # -- enqueue: every operation that puts keys in -----------------------------------------------------------
@@ -370,7 +505,7 @@ def enqueue(conn: apsw.Connection, keys: Iterable[tuple[str, str]],
     chunks = iter(keys)
     while chunk := list(itertools.islice(chunks, CHUNK)):
         with immediate(conn):
-            conn.executemany(f"INSERT INTO _syncd_outbox (tbl, key, op, at) VALUES (?, ?, 'S', {NOW_SQL})", chunk)
+            conn.executemany(f"INSERT INTO main._syncd_outbox (tbl, key, op, at) VALUES (?, ?, 'S', {NOW_SQL})", chunk)
         total += len(chunk)
         progress(total)
     return total
@@ -380,7 +515,7 @@ def enqueue_rows(conn: apsw.Connection, table: str, key: Sequence[str], conditio
                  params: Sequence[object]) -> int:
     """Enqueue the key of every row of `table` matching `condition` (SQL over the table, with `params`), in
     the caller's transaction; how many."""
-    conn.execute(f"INSERT INTO _syncd_outbox (tbl, key, op, at) SELECT {quote_text(table)}, "
+    conn.execute(f"INSERT INTO main._syncd_outbox (tbl, key, op, at) SELECT {quote_text(table)}, "
                  f"{key_sql(key, quote_ident(table))}, 'S', {NOW_SQL} FROM {quote_ident(table)} WHERE {condition}",
                  params)
     return conn.changes()
@@ -405,7 +540,7 @@ def dead_letter_filter(table: str | None, ids: Sequence[int]) -> tuple[str, tupl
 def count_dead_letters(conn: apsw.Connection, *, table: str | None = None, ids: Sequence[int] = ()) -> int:
     """How many dead letters match (all of them, those of `table`, those with these ids)."""
     where, params = dead_letter_filter(table, ids)
-    return conn.execute(f"SELECT count(*) FROM _syncd_dead_letter WHERE {where}", params).fetchone()[0]
+    return conn.execute(f"SELECT count(*) FROM main._syncd_dead_letter WHERE {where}", params).fetchone()[0]
 
 
 def requeue_dead_letters(conn: apsw.Connection, *, table: str | None = None, ids: Sequence[int] = ()) -> int:
@@ -413,12 +548,12 @@ def requeue_dead_letters(conn: apsw.Connection, *, table: str | None = None, ids
     how many moved (fewer than CHUNK: none are left)."""
     where, params = dead_letter_filter(table, ids)
     with immediate(conn):
-        batch = conn.execute(f"SELECT id FROM _syncd_dead_letter WHERE {where} ORDER BY id LIMIT ?",
+        batch = conn.execute(f"SELECT id FROM main._syncd_dead_letter WHERE {where} ORDER BY id LIMIT ?",
                              (*params, CHUNK)).fetchall()
         chosen = json.dumps([row[0] for row in batch])
-        conn.execute(f"INSERT INTO _syncd_outbox (tbl, key, op, at) SELECT tbl, key, op, {NOW_SQL} "
-                     "FROM _syncd_dead_letter WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id", (chosen,))
-        conn.execute("DELETE FROM _syncd_dead_letter WHERE id IN (SELECT value FROM json_each(?))", (chosen,))
+        conn.execute(f"INSERT INTO main._syncd_outbox (tbl, key, op, at) SELECT tbl, key, op, {NOW_SQL} "
+                     "FROM main._syncd_dead_letter WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id", (chosen,))
+        conn.execute("DELETE FROM main._syncd_dead_letter WHERE id IN (SELECT value FROM json_each(?))", (chosen,))
     return len(batch)
 
 
@@ -432,13 +567,13 @@ def journal_keys(conn: apsw.Connection, since: float, until: float | None = None
     if table is not None:
         conditions.append("tbl = ?")
         params.append(table)
-    return conn.execute(f"SELECT DISTINCT tbl, key FROM _syncd_journal WHERE {' AND '.join(conditions)} "
+    return conn.execute(f"SELECT DISTINCT tbl, key FROM st.journal WHERE {' AND '.join(conditions)} "
                         "ORDER BY tbl, key", params).fetchall()
 
 
 def expire_journal(conn: apsw.Connection, older_than: float, limit: int = 5000) -> int:
-    """Delete at most `limit` journal rows shipped before `older_than` (small steps: short write locks)."""
-    with immediate(conn):
-        conn.execute("DELETE FROM _syncd_journal WHERE rowid IN (SELECT rowid FROM _syncd_journal "
+    """Delete at most `limit` journal rows shipped before `older_than` (unix seconds), in the state file."""
+    with writing(conn):
+        conn.execute("DELETE FROM st.journal WHERE rowid IN (SELECT rowid FROM st.journal "
                      "WHERE shipped_at < ? LIMIT ?)", (older_than, limit))
         return conn.changes()

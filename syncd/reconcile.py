@@ -19,7 +19,7 @@ from pathlib import Path
 
 import apsw
 
-from syncd import backoff, capture, sqlite, verify
+from syncd import backoff, capture, sqlite, state, verify
 from syncd.config import Config
 from syncd.observer import Observer
 from syncd.target import PostgrestTarget, TargetError
@@ -102,7 +102,7 @@ class Reconciler:
         started = time.monotonic()
         config, target = self.settings()
         try:
-            conn = sqlite.connect(self.path)
+            conn = state.connect(self.path)
             try:
                 report = verify.verify(conn, config, target, tables=[table], repair=True).tables[0]
             finally:

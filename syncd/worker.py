@@ -28,7 +28,7 @@ from typing import Protocol
 
 import apsw
 
-from syncd import backoff, capture, outbox, schema
+from syncd import backoff, capture, outbox, schema, state
 from syncd.config import Config, ConfigError, differences
 from syncd.lease import Lease, LeaseHeld
 from syncd.logs import get_logger
@@ -47,6 +47,10 @@ JOURNAL_EXPIRY_EVERY = 300.0
 REGROW_AFTER = 20  # clean batches before a batch size halved by a statement timeout doubles again
 PROBE_EVERY = 30.0  # seconds without an exchange before an idle daemon checks that the secondary answers
 PROBE_RETRY = 5.0  # ... and while it does not
+FLUSH_AFTER = 0.2  # seconds after an acknowledgement before its entries may be deleted from the app's file
+FLUSH_ROWS = 20_000  # ... or once this many wait, whatever their age
+FLUSH_DEADLINE = 2.0  # seconds after which they are deleted even while the app stays inside transactions
+FLUSH_RETRY = 0.01  # seconds between looks for a moment when no other connection is inside a transaction
 SOURCE_GONE_GRACE = 60.0  # seconds the database file may be missing (a restore in progress) before syncd exits
 GONE_POLL = 0.1  # seconds between looks for a missing file (a restore renames or copies it back)
 GONE_LOG_EVERY = 5.0  # seconds between warnings while it is missing
@@ -188,6 +192,12 @@ class Worker:
         self.replaced = False  # the file was replaced and reopened; adopting it (install, reconcile) is due
         self.installed_in_replacement = False
         self.recorded: dict[str, str] | None = None  # the halts as recorded in the file (None: not read yet)
+        self.open_seqs: set[int] = set()  # claimed (or passed over) and not settled: claims start below the lowest
+        self.seen_upto = 0  # the highest seq a claim read since the floor was last reset
+        self.unflushed = -1  # acked entries not yet deleted from the app's file (-1: not counted yet)
+        self.unflushed_since: float | None = None  # monotonic seconds of the oldest of them
+        self.next_flush_try = 0.0
+        self.requeued_keys = 0  # keys requeued (a foreign key refused them) by the last flushes
         self.reload_requested = threading.Event()
         self.shipper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncd-ship")
 
@@ -214,6 +224,7 @@ class Worker:
                     continue
                 self.keep_capture_whole()
                 result = self.drain(stop, between=lambda: self.between_batches(stop))
+                self.flush_when_due(final=once and result.claimed == 0)
                 self.record_halts()
                 self.housekeeping()
                 if result.claimed == 0 and not once:
@@ -232,17 +243,22 @@ class Worker:
                 self.observer.secondary_recovered(failures)
                 failures = 0
             if once and result.claimed == 0:
+                if self.requeued_keys:  # the final flush put them back at the tail: drain on
+                    self.requeued_keys = 0
+                    continue
                 if self.reconciler is None or not self.reconciler.busy():
                     break
                 self.reconciler.run_pending(stop)
                 continue
             if once:
                 continue
-            (wait or wait_on(stop))(self.config.worker.poll_interval, stop)
+            (wait or wait_on(stop))(self.until_next_step(), stop)
+        self.flush_on_the_way_out()
         self.release_lease()
 
     def hold_lease(self, stop: threading.Event) -> bool:
         """Keep the lease; while another daemon holds it, stand by (False) for a third of its lifetime."""
+        self.source.configure()  # the lease lives in the state file
         try:
             self.lease.keep()
         except LeaseHeld as held:
@@ -262,6 +278,7 @@ class Worker:
         """During a long drain: stay alive, refresh the gauges, and stop draining (the loop acts, then drains on)
         when asked to stop, the file or its schema changed, SIGHUP came, or the lease is lost."""
         self.observer.heartbeat()
+        self.flush_when_due()
         self.housekeeping()
         return (not stop.is_set() and self.follow_source(stop) and self.prepared and not self.replaced
                 and not self.reload_requested.is_set() and self.hold_lease(stop))
@@ -319,6 +336,7 @@ class Worker:
                 self.installed_in_replacement = True
             self.lease = Lease(self.conn, self.config.worker.lease_seconds, holder=self.lease.holder)
             self.replaced, self.prepared, self.recorded = True, False, None
+            self.reset_floor()
         elif event is SourceEvent.SCHEMA:
             self.prepared = False
         return True
@@ -326,6 +344,7 @@ class Worker:
     def keep_capture_whole(self) -> None:
         """Under the lease: adopt a replaced file, plan again after a schema change, and resume the tables whose
         schema mismatch the secondary has fixed."""
+        self.source.configure()
         if self.replaced:
             self.adopt_replaced_file()
         elif not self.prepared:
@@ -338,6 +357,8 @@ class Worker:
         the operator asked to (`[worker] on_source_replaced = "halt"`)."""
         self.observer.source_replaced(str(self.source.path), self.installed_in_replacement)
         self.installed_in_replacement = False
+        outbox.forget_acked(self.conn)  # they were the old file's entries; the new file's ship as they are
+        self.unflushed, self.unflushed_since = 0, None
         reason = "the database file was replaced (a restore): the secondary may hold rows the file does not"
         with immediate(self.conn):
             for table in self.config.tables:
@@ -356,6 +377,9 @@ class Worker:
         self.source.configure()
         if not outbox.installed(self.conn):
             raise capture.CaptureError(f"syncd is not installed in {self.source.path}; run: syncd install")
+        if outbox.migrate(self.conn):
+            self.observer.log.info("moved the journal, the lease and the daemon's state from the database file to "
+                                   "the state file", state_file=str(state.path_for(self.source.path)))
         current = capture.existing_triggers(self.conn)
         health = [capture.examine(self.conn, table, current) for table in self.config.tables]
         self.mappings = {h.plan.table.name: TableMapping.from_config(table, h.plan.key)
@@ -410,11 +434,16 @@ class Worker:
     # -- the drain step: claim, ship, acknowledge ------------------------------------------------------
 
     def drain_once(self) -> DrainResult:
-        """Claim, ship and acknowledge one batch (raises Interrupted after acknowledging what shipped)."""
+        """Claim, ship and acknowledge one batch, and apply it to the app's file at once (raises Interrupted after
+        acknowledging what shipped). The loop defers that last step (`flush_when_due`); this is for callers that
+        want one whole step."""
         shipment = self.claim()
         if shipment is None:
             return DrainResult()
-        return self.finish(self.deliver(shipment))
+        try:
+            return self.finish(self.deliver(shipment))
+        finally:
+            self.flush_when_due(final=True)
 
     def drain(self, stop: threading.Event, between: Callable[[], bool] = lambda: True) -> DrainResult:
         """Ship batches until the outbox is empty, `stop` is set or `between` (called after each batch)
@@ -447,7 +476,12 @@ class Worker:
         if not self.prepared:
             self.prepare()
         active = {t: m.key for t, m in self.mappings.items() if t not in self.halted}
-        changes = outbox.claim(self.conn, self.batch_size, active, in_flight)
+        floor = min(self.open_seqs) - 1 if self.open_seqs else self.seen_upto
+        claimed = outbox.claim(self.conn, self.batch_size, active, in_flight, after=floor)
+        self.open_seqs.update(e.seq for c in claimed.changes for e in c.entries)
+        self.open_seqs.update(claimed.passed_over)
+        self.seen_upto = max(self.seen_upto, claimed.last_seq)
+        changes = claimed.changes
         return Shipment(changes, sum(len(c.entries) for c in changes)) if changes else None
 
     def deliver(self, shipment: Shipment) -> Shipment:
@@ -462,6 +496,10 @@ class Worker:
         """Acknowledge and observe; then re-raise an interruption of the secondary."""
         batch, now = shipment.batch, time.time()
         outbox.acknowledge(self.conn, batch.shipped, batch.dead, batch.requeued, now=now)
+        settled = [*batch.shipped, *(d.change for d in batch.dead), *batch.requeued]
+        self.open_seqs.difference_update(e.seq for c in settled for e in c.entries)
+        self.count_unflushed(sum(len(c.entries) for c in settled))
+        self.requeued_keys += len(batch.requeued)
         if batch.shipped:
             self.next_probe = time.monotonic() + PROBE_EVERY
         self.observer.batch_done(
@@ -483,6 +521,68 @@ class Worker:
         if self.clean_batches >= REGROW_AFTER:
             self.clean_batches = 0
             self.batch_size = min(self.config.worker.batch_size, self.batch_size * 2)
+
+    # -- flush: apply what was acknowledged to the app's file, when that cannot make the app fail -------------
+
+    def count_unflushed(self, more: int) -> None:
+        """`more` entries were acked; start the clock of the oldest unflushed one."""
+        if self.unflushed < 0:
+            self.unflushed = outbox.unflushed(self.conn)
+        else:
+            self.unflushed += more
+        if self.unflushed and self.unflushed_since is None:
+            self.unflushed_since = time.monotonic()
+
+    def flush_when_due(self, *, final: bool = False) -> None:
+        """Delete acked entries from the app's file (and file dead letters, requeue keys) once they are FLUSH_AFTER
+        seconds old or FLUSH_ROWS many, at a moment when no other process is inside a transaction on the file, in
+        transactions that never wait for its lock; after FLUSH_DEADLINE seconds, or `final`, whatever the app does.
+        A commit while an app transaction has read but not yet written would make its write fail at once."""
+        if self.unflushed < 0:
+            self.count_unflushed(0)
+        if not self.unflushed:
+            return
+        now = time.monotonic()
+        age = now - (self.unflushed_since or now)
+        must = final or age >= FLUSH_DEADLINE
+        if not must and (now < self.next_flush_try or (age < FLUSH_AFTER and self.unflushed < FLUSH_ROWS)):
+            return
+        quiet = (lambda: True) if must else (lambda: not self.source.others_in_transaction())
+        while self.unflushed:
+            if not quiet():
+                self.next_flush_try = time.monotonic() + FLUSH_RETRY
+                return
+            applied = outbox.flush(self.conn, wait=must, quiet=quiet)
+            if applied is None:
+                self.next_flush_try = time.monotonic() + FLUSH_RETRY
+                return
+            self.reset_floor()  # deleting the highest seqs lets SQLite hand them out again
+            self.unflushed = 0 if applied < outbox.FLUSH_CHUNK else max(0, self.unflushed - applied)
+        self.unflushed_since = None
+
+    def flush_on_the_way_out(self) -> None:
+        """At a clean stop, apply what was acked: at a quiet moment within FLUSH_DEADLINE seconds, else at once
+        (left for the next start only when the file refuses)."""
+        deadline = time.monotonic() + FLUSH_DEADLINE
+        with contextlib.suppress(*SOURCE_FAULTS):
+            while self.unflushed and time.monotonic() < deadline:
+                self.next_flush_try, self.unflushed_since = 0.0, time.monotonic() - FLUSH_AFTER
+                self.flush_when_due()
+                if self.unflushed:
+                    time.sleep(FLUSH_RETRY)
+            self.flush_when_due(final=True)
+
+    def until_next_step(self) -> float:
+        """How long an idle loop may wait: the poll interval, or less when a flush falls due sooner."""
+        if self.unflushed_since is None:
+            return self.config.worker.poll_interval
+        due = max(self.unflushed_since + FLUSH_AFTER, self.next_flush_try) - time.monotonic()
+        return max(0.0, min(self.config.worker.poll_interval, due))
+
+    def reset_floor(self) -> None:
+        """Claims start from the first seq again (tables resumed, entries flushed or requeued, the file replaced)."""
+        self.open_seqs.clear()
+        self.seen_upto = 0
 
     # -- ship: map, send, classify ----------------------------------------------------------------------
 
@@ -601,12 +701,11 @@ class Worker:
         wanted = {table: halt.describe() for table, halt in self.halted.items()}
         if wanted == self.recorded:
             return
-        with immediate(self.conn):
-            for table, reason in wanted.items():
-                if self.recorded.get(table) != reason:
-                    outbox.update_table_state(self.conn, table, halted=True, last_error=reason)
-            for table in self.recorded.keys() - wanted.keys():
-                outbox.update_table_state(self.conn, table, halted=False)
+        updates: dict[str, dict[str, object]] = {
+            table: {"halted": True, "last_error": reason} for table, reason in wanted.items()
+            if self.recorded.get(table) != reason}
+        updates |= {table: {"halted": False} for table in self.recorded.keys() - wanted.keys()}
+        outbox.record_table_states(self.conn, updates)
         self.recorded = wanted
 
     def unhalt(self, tables: Sequence[str], why: str) -> None:
@@ -614,6 +713,8 @@ class Worker:
         for table in tables:
             self.halted.pop(table, None)
         self.observer.tables_resumed(list(tables), why)
+        if tables:
+            self.reset_floor()  # their entries may lie below where the claims start now
 
     def resume(self) -> None:
         """Ship every halted table again (SIGHUP, after the operator fixed the cause)."""

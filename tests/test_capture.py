@@ -14,7 +14,7 @@ from syncd import capture
 from syncd.capture import CaptureError
 from syncd.config import Config
 from syncd.keys import decode_key
-from syncd.sqlite import connect
+from syncd.state import connect
 
 
 def make_db(tmp_path: Path, schema: str) -> Path:
@@ -281,7 +281,7 @@ def test_uninstall_archive_copies_everything_then_removes_syncd(tmp_path: Path):
     path, _ = installed(tmp_path, "CREATE TABLE t (id INTEGER PRIMARY KEY);", {"name": "t"})
     db = app(path)
     db.execute("INSERT INTO t VALUES (1), (2)")
-    db.execute("INSERT INTO _syncd_journal VALUES ('t', '9', 0)")
+    sqlite3.connect(f"{path}-syncd", isolation_level=None).execute("INSERT INTO journal VALUES ('t', '9', 0)")
     db.execute("INSERT INTO _syncd_dead_letter (tbl, key, op, enqueued_at, failed_at, message) "
                "VALUES ('t', '8', 'I', 0, 0, 'refused')")
     archive = tmp_path / "archive.sqlite3"

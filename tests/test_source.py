@@ -20,6 +20,7 @@ from syncd.config import Config, ConfigError, differences
 from syncd.metrics import Metrics
 from syncd.observer import Observer
 from syncd.source import Event, Source
+from syncd.state import connect
 from syncd.target import TargetError
 from syncd.worker import Halt, Worker
 from tests.test_capture import app, installed
@@ -77,7 +78,7 @@ def test_a_rebuilt_table_is_repairable_and_reinstall_marks_it_for_a_reconcile(tm
     db = app(path)
     db.executescript("BEGIN; CREATE TABLE new_parent (id INTEGER PRIMARY KEY, v, w); INSERT INTO new_parent (id, v) "
                      "SELECT id, v FROM parent; DROP TABLE parent; ALTER TABLE new_parent RENAME TO parent; COMMIT;")
-    conn = Source(path).conn
+    conn = connect(path)
     health = capture.examine(conn, config.tables[0])
     assert (health.triggers, health.repairable, health.key_changed) == ("missing", True, False)
     capture.reinstall(conn, [health.plan], "rebuilt")  # type: ignore[list-item]
@@ -89,16 +90,16 @@ def test_a_rebuilt_table_is_repairable_and_reinstall_marks_it_for_a_reconcile(tm
 def test_a_changed_key_is_never_repaired(tmp_path: Path):
     path, config = installed(tmp_path, "CREATE TABLE u (code TEXT PRIMARY KEY, v);", {"name": "u"})
     app(path).execute("ALTER TABLE u RENAME COLUMN code TO ident")
-    health = capture.examine(Source(path).conn, config.tables[0])
+    health = capture.examine(connect(path), config.tables[0])
     assert health.key_changed and not health.repairable and "the key was code" in (health.problem or "")
 
 
 def test_install_by_hand_after_a_loss_marks_the_table_and_verify_repair_clears_it(tmp_path: Path):
     path, config = installed(tmp_path, SCHEMA, {"name": "parent"})
     app(path).execute("DROP TRIGGER _syncd_parent_ins")
-    report = capture.install(Source(path).conn, config)
+    report = capture.install(connect(path), config)
     assert report.reconcile == ["parent"]
-    conn = Source(path).conn
+    conn = connect(path)
     assert "lost" in outbox.tables_to_reconcile(conn)["parent"]
     outbox.reconciled(conn, "parent", 3, 1.0, outbox.tables_to_reconcile(conn)["parent"])
     assert outbox.tables_to_reconcile(conn) == {}
@@ -107,7 +108,7 @@ def test_install_by_hand_after_a_loss_marks_the_table_and_verify_repair_clears_i
 
 def test_a_newer_mark_survives_the_end_of_an_older_reconcile(tmp_path: Path):
     path, _ = installed(tmp_path, SCHEMA, {"name": "parent"})
-    conn = Source(path).conn
+    conn = connect(path)
     with conn:
         outbox.request_reconcile(conn, "parent", "first gap")
     with conn:
@@ -185,8 +186,8 @@ def test_a_full_disk_is_waited_out_reported_and_loses_nothing(tmp_path: Path):
     worker.prepare()
     db.executemany("INSERT INTO parent VALUES (?, 'a')", [(i,) for i in range(5000)])
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    used = worker.conn.execute("PRAGMA page_count").fetchone()[0]
-    worker.conn.execute(f"PRAGMA max_page_count = {used}")  # the journal rows need pages: SQLITE_FULL
+    used = worker.conn.execute("PRAGMA st.page_count").fetchone()[0]
+    worker.conn.execute(f"PRAGMA st.max_page_count = {used}")  # the state file's journal rows need pages: FULL
     with pytest.raises(apsw.FullError) as full:
         worker.drain_once()
     stop = threading.Event()
@@ -195,7 +196,7 @@ def test_a_full_disk_is_waited_out_reported_and_loses_nothing(tmp_path: Path):
     ready, reason = worker.metrics.health.ready()
     assert not ready and "disk" in reason and worker.metrics.source_ok._value.get() == 0
     assert db.execute("SELECT count(*) FROM _syncd_outbox").fetchone() == (5000,)  # nothing acknowledged
-    worker.conn.execute("PRAGMA max_page_count = 1073741823")
+    worker.conn.execute("PRAGMA st.max_page_count = 1073741823")
     worker.drain_once()
     worker.source_usable()
     assert worker.metrics.health.source_problem is None and worker.metrics.source_ok._value.get() == 1

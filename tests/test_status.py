@@ -10,11 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-import apsw
-
 from syncd import capture, outbox, status
 from syncd.lease import Lease, read_lease
-from syncd.sqlite import connect
+from syncd.state import connect
 from tests.test_capture import app, installed
 
 SCHEMA = "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE TABLE u (code TEXT PRIMARY KEY);"
@@ -117,7 +115,7 @@ def test_lease_is_exclusive_under_concurrent_acquires(tmp_path: Path):
     barrier = threading.Barrier(8)
 
     def contend() -> None:
-        lease = Lease(apsw.Connection(str(path)), seconds=60)
+        lease = Lease(connect(path), seconds=60)
         lease.conn.set_busy_timeout(5000)
         barrier.wait()
         wins.append(lease.acquire())

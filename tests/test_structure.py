@@ -70,11 +70,13 @@ def code_strings(module: str) -> list[str]:
 
 
 def test_syncds_tables_are_written_by_their_owner_only():
-    """SQL that reads or writes _syncd_outbox, _syncd_dead_letter, _syncd_journal or _syncd_meta lives in
-    syncd.outbox; capture's trigger bodies are the one exception (they append to the outbox in the app's
-    own transaction)."""
-    tables = ("_syncd_outbox", "_syncd_dead_letter", "_syncd_journal", "_syncd_meta")
-    owners = {"syncd.outbox", "syncd.capture"}
+    """SQL that reads or writes _syncd_outbox, _syncd_dead_letter or _syncd_meta of the app's file, or the state
+    file's tables (st.journal, st.meta, st.acked), lives in syncd.outbox (and syncd.state, which creates the state
+    file); capture's trigger bodies are the one exception (they append to the outbox in the app's own
+    transaction)."""
+    tables = ("_syncd_outbox", "_syncd_dead_letter", "_syncd_journal", "_syncd_meta", "st.journal", "st.meta",
+              "st.acked")
+    owners = {"syncd.outbox", "syncd.capture", "syncd.state"}
     strays = {module for module in MODULES if module not in owners and not module.startswith("syncd.devserver")
               and any(t in text for text in code_strings(module) for t in tables)}
     assert not strays, f"{sorted(strays)} touch syncd's tables; go through syncd.outbox"

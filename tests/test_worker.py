@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import structlog
 
-from syncd import backoff
+from syncd import backoff, outbox
 from syncd.config import Config
 from syncd.metrics import Metrics
 from syncd.observer import Observer
 from syncd.source import Source
+from syncd.state import connect
 from syncd.target import TargetError
 from syncd.worker import Interrupted, Worker
 from tests.test_capture import app, installed
@@ -73,7 +74,14 @@ def worker_for(tmp_path: Path, target: FakeTarget, **worker: object) -> tuple[Wo
 
 
 def outbox_size(db: sqlite3.Connection) -> int:
-    return db.execute("SELECT count(*) FROM _syncd_outbox").fetchone()[0]
+    """Outbox entries still pending: those acknowledged leave `_syncd_outbox` at the next flush (in a second)."""
+    path = Path(db.execute("PRAGMA database_list").fetchone()[2])
+    return outbox.pending_total(connect(path))
+
+
+def journal(tmp_path: Path) -> list[tuple[str, str]]:
+    """The journal of shipped keys, in the state file beside the app's file."""
+    return sqlite3.connect(tmp_path / "app.sqlite3-syncd").execute("SELECT tbl, key FROM journal").fetchall()
 
 
 def dead(db: sqlite3.Connection) -> list[tuple[str, str]]:
@@ -228,7 +236,7 @@ def test_journal_records_shipped_keys(tmp_path: Path):
     worker, db = worker_for(tmp_path, FakeTarget())
     db.execute("INSERT INTO parent VALUES (3, 'p')")
     worker.drain_once()
-    assert db.execute("SELECT tbl, key FROM _syncd_journal").fetchall() == [("parent", "3")]
+    assert journal(tmp_path) == [("parent", "3")]
 
 
 @pytest.mark.parametrize("failures", [1, 2, 5, 10, 40])

@@ -36,7 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Protocol
 
-from syncd import outbox, sqlite
+from syncd import outbox, state
 from syncd.config import ConfigError
 from syncd.timeparse import parse_duration
 
@@ -410,7 +410,7 @@ class Monitor:
     """Takes snapshots: the daemon's /metrics, the outbox and dead letters read straight from SQLite."""
 
     def __init__(self, db: Path, metrics_url: str, writer: Writer, rate: float) -> None:
-        self.db = sqlite.connect(db, readonly=True)
+        self.db = state.connect(db, readonly=True)
         self.metrics_url = metrics_url
         self.writer = writer
         self.caught_up_threshold = max(5.0, rate)  # pending below one second of writes
