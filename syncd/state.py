@@ -17,6 +17,7 @@ deletes by key are idempotent), the journal and the daemon's notes start afresh.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat
 from collections.abc import Iterator
@@ -74,7 +75,16 @@ def attach(conn: apsw.Connection, database: Path) -> None:
             create_schema(conn)
         return
     conn.execute("ATTACH DATABASE ':memory:' AS st")
-    create_schema(conn)
+    conn.deserialize("st", empty_image())  # an attached database inherits read-only: load the tables instead
+
+
+@functools.cache
+def empty_image() -> bytes:
+    """A serialized empty state file (its tables, no rows): the stand-in for a state file that does not exist."""
+    memory = apsw.Connection(":memory:")
+    memory.execute("ATTACH DATABASE ':memory:' AS st")
+    create_schema(memory)
+    return memory.serialize("st")
 
 
 def ensure(conn: apsw.Connection, database: Path) -> None:
@@ -131,5 +141,4 @@ def remove(conn: apsw.Connection, database: Path) -> None:
     conn.execute("DETACH DATABASE st")
     for path in (path_for(database), Path(f"{path_for(database)}-wal"), Path(f"{path_for(database)}-shm")):
         path.unlink(missing_ok=True)
-    conn.execute("ATTACH DATABASE ':memory:' AS st")
-    create_schema(conn)
+    attach(conn, database)

@@ -1,0 +1,311 @@
+"""The state file and the deferred deletion of shipped entries: where syncd's bookkeeping lives, when it writes the
+app's file (never while another process is inside a transaction there, never waiting for its lock), and the
+paths that keep nothing lost: the state file lost, out of step with a restored app file, a crash between
+acknowledgement and deletion, an older installation migrated."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+
+from syncd import capture, outbox, state
+from syncd.config import Config
+from syncd.metrics import Metrics
+from syncd.observer import Observer
+from syncd.source import LockProbe, Source
+from syncd.state import connect
+from syncd.worker import Worker
+from tests.test_capture import config_for, make_db
+from tests.test_source import DescribedTarget
+
+SCHEMA = "CREATE TABLE parent (id INTEGER PRIMARY KEY, v); CREATE TABLE child (id INTEGER PRIMARY KEY, v);"
+TABLES = ({"name": "parent"}, {"name": "child"})
+
+
+def lab(tmp_path: Path) -> tuple[Path, Config]:
+    path = make_db(tmp_path, SCHEMA)
+    config = config_for(path, *TABLES)
+    capture.install(connect(path), config)
+    return path, config
+
+
+def worker_for(path: Path, config: Config, target: DescribedTarget | None = None) -> Worker:
+    return Worker(Source(path), config, target or DescribedTarget(), Observer(Metrics()))
+
+
+PROBES: dict[tuple[Path, bool], LockProbe] = {}
+
+
+def others_in_transaction_probe(path: Path, *, wal: bool = True) -> bool:
+    """The probe syncd uses, kept open for the whole test run: closing it would drop this process's locks."""
+    probe = PROBES.setdefault((path, wal), LockProbe(path, None, wal=wal))
+    return probe.others_in_transaction()
+
+
+def app(path: Path) -> apsw.Connection:
+    """The app writing in this process, through apsw: through another SQLite library (the stdlib's) in the same
+    process, the two would not see each other's locks, and closing one's file drops the other's (SQLite's
+    "multiple copies of SQLite linked into the same application", https://sqlite.org/howtocorrupt.html, 2.2)."""
+    conn = apsw.Connection(str(path))
+    conn.set_busy_timeout(5000)
+    return conn
+
+
+def raw_outbox(path: Path) -> int:
+    return app(path).execute("SELECT count(*) FROM _syncd_outbox").fetchone()[0]
+
+
+def hold_read_transaction(path: Path) -> subprocess.Popen[str]:
+    """Another process (the app) that has begun a DEFERRED transaction and read: it holds a WAL read mark."""
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import sqlite3, sys
+db = sqlite3.connect({str(path)!r}, isolation_level=None)
+db.execute("BEGIN")
+db.execute("SELECT count(*) FROM parent").fetchall()
+print("reading", flush=True)
+sys.stdin.readline()
+db.execute("UPDATE parent SET v = 'written after syncd' WHERE id = 1")
+db.execute("COMMIT")
+print("committed", flush=True)
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline().strip() == "reading"
+    return child
+
+
+# -- where things live ------------------------------------------------------------------------------------
+
+
+def test_install_creates_the_state_file_no_more_readable_than_the_apps_file(tmp_path: Path):
+    path = make_db(tmp_path, SCHEMA)
+    os.chmod(path, 0o600)
+    capture.install(connect(path), config_for(path, *TABLES))
+    state_file = state.path_for(path)
+    assert state_file == tmp_path / "app.sqlite3-syncd"
+    assert stat.S_IMODE(os.stat(state_file).st_mode) == 0o600
+    assert {name for (name,) in sqlite3.connect(state_file).execute("SELECT name FROM sqlite_schema WHERE "
+                                                                    "type = 'table'")} >= {"journal", "meta", "acked"}
+
+
+def test_a_read_only_command_never_creates_the_state_file(tmp_path: Path):
+    path = make_db(tmp_path, SCHEMA)
+    conn = connect(path, readonly=True)
+    assert conn.execute("SELECT count(*) FROM st.acked").fetchone() == (0,)  # an empty stand-in
+    assert not state.path_for(path).exists()
+
+
+def test_acknowledging_writes_only_the_state_file(tmp_path: Path):
+    path, config = lab(tmp_path)
+    worker = worker_for(path, config)
+    app(path).executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(10)])
+    watcher = app(path)
+    version = watcher.execute("PRAGMA data_version").fetchone()[0]
+    worker.finish(worker.deliver(worker.claim()))  # claim, ship, acknowledge: no flush
+    assert watcher.execute("PRAGMA data_version").fetchone()[0] == version  # no commit to the app's file
+    assert raw_outbox(path) == 10 and outbox.pending_total(connect(path)) == 0
+    journal = app(state.path_for(path)).execute("SELECT count(*) FROM journal").fetchone()
+    assert journal == (10,)
+
+
+# -- flushing ---------------------------------------------------------------------------------------------
+
+
+def test_the_probe_sees_another_process_inside_a_transaction(tmp_path: Path):
+    path, _ = lab(tmp_path)
+    app(path).execute("INSERT INTO parent VALUES (1, 'v')")
+    mine = connect(path)
+    mine.execute("SELECT 1").fetchall()
+    assert not others_in_transaction_probe(path)
+    child = hold_read_transaction(path)
+    try:
+        assert others_in_transaction_probe(path)
+    finally:
+        child.communicate("go\n", timeout=10)
+    assert not others_in_transaction_probe(path)
+
+
+def test_no_flush_while_the_app_is_between_its_read_and_its_write(tmp_path: Path):
+    """The app's DEFERRED transaction read before syncd's flush would be refused at its write: the flush waits
+    for a quiet moment, and the app's transaction commits."""
+    path, config = lab(tmp_path)
+    worker = worker_for(path, config)
+    app(path).executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(1, 6)])
+    worker.finish(worker.deliver(worker.claim()))
+    child = hold_read_transaction(path)
+    try:
+        worker.unflushed_since = time.monotonic() - 1.0  # due, not yet forced
+        worker.flush_when_due()
+        assert raw_outbox(path) == 5  # not while the app is inside its transaction
+    finally:
+        out, _ = child.communicate("go\n", timeout=10)
+    assert "committed" in out and child.returncode == 0
+    worker.next_flush_try = 0.0
+    worker.flush_when_due()
+    assert raw_outbox(path) == 1  # the five deleted; the app's UPDATE, captured, waits to ship
+
+
+def test_a_flush_never_waits_for_the_apps_write_lock(tmp_path: Path):
+    path, config = lab(tmp_path)
+    worker = worker_for(path, config)
+    app(path).execute("INSERT INTO parent VALUES (1, 'v')")
+    worker.finish(worker.deliver(worker.claim()))
+    locker = subprocess.Popen([sys.executable, "-c", f"""
+import sqlite3, sys
+db = sqlite3.connect({str(path)!r}, isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("ROLLBACK")
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
+    try:
+        started = time.monotonic()
+        assert outbox.flush(worker.conn) is None
+        assert time.monotonic() - started < 0.5
+    finally:
+        locker.communicate("go\n", timeout=10)
+    assert outbox.flush(worker.conn) == 1 and raw_outbox(path) == 0
+
+
+def test_dead_letters_and_requeues_reach_the_apps_file_at_the_flush(tmp_path: Path):
+    from syncd.target import TargetError
+
+    def refuse(op: str, table: str, items: list[dict[str, object]]) -> TargetError | None:
+        if any(item["id"] == 2 for item in items):
+            return TargetError("row", "23514 refused", status=400, code="23514")
+        if any(item["id"] == 3 for item in items):
+            return TargetError("row", "23503 no parent", status=409, code="23503")
+        return None
+
+    path, config = lab(tmp_path)
+    worker = worker_for(path, config, DescribedTarget(refuse))
+    app(path).executemany("INSERT INTO child VALUES (?, 'v')", [(1,), (2,), (3,)])
+    worker.finish(worker.deliver(worker.claim()))
+    conn = connect(path)
+    assert outbox.dead_letters_by_table(conn) == {"child": 1}  # filed, not yet in the app's file
+    assert app(path).execute("SELECT count(*) FROM _syncd_dead_letter").fetchone() == (0,)
+    assert outbox.flush(conn) == 3
+    db = app(path)
+    assert db.execute("SELECT tbl, key, code FROM _syncd_dead_letter").fetchall() == [("child", "2", "23514")]
+    assert db.execute("SELECT tbl, key FROM _syncd_outbox").fetchall() == [("child", "3")]  # requeued at the tail
+    assert outbox.dead_letters_by_table(conn) == {"child": 1}
+
+
+# -- nothing lost -----------------------------------------------------------------------------------------
+
+
+def test_deletions_deferred_across_a_crash_are_done_at_the_next_start_without_shipping_again(tmp_path: Path):
+    path, config = lab(tmp_path)
+    target = DescribedTarget()
+    first = worker_for(path, config, target)
+    app(path).executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(20)])
+    first.finish(first.deliver(first.claim()))  # acknowledged; then the process dies before the flush
+    requests = len(target.requests)
+    second = worker_for(path, config, target)
+    assert second.drain(threading.Event()).claimed == 0  # nothing ships again
+    second.flush_when_due(final=True)
+    assert len(target.requests) == requests and raw_outbox(path) == 0
+
+
+def test_a_lost_state_file_means_shipping_again_never_losing(tmp_path: Path):
+    path, config = lab(tmp_path)
+    target = DescribedTarget()
+    first = worker_for(path, config, target)
+    app(path).executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(20)])
+    first.finish(first.deliver(first.claim()))
+    first.conn.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{state.path_for(path)}{suffix}").unlink(missing_ok=True)
+    target.stored.clear()
+    second = worker_for(path, config, target)
+    second.drain_once()
+    assert sorted(target.stored["parent"]) == list(range(20)) and raw_outbox(path) == 0
+    assert state.path_for(path).exists()
+
+
+def test_a_state_file_out_of_step_with_a_restored_app_file_loses_nothing(tmp_path: Path):
+    """The app's file restored from a backup while the daemon was down: the state file's acked entries name seqs
+    that the restored outbox hands out again, to other changes. They are told apart by their time."""
+    path, config = lab(tmp_path)
+    db = app(path)
+    db.execute("INSERT INTO parent VALUES (1, 'before the backup')")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    backup = tmp_path / "backup.sqlite3"
+    shutil.copy(path, backup)
+    target = DescribedTarget()
+    first = worker_for(path, config, target)
+    db.execute("INSERT INTO parent VALUES (2, 'after the backup')")
+    first.finish(first.deliver(first.claim()))  # seqs 1 and 2 acked in the state file, not deleted
+    first.conn.close()
+    db.close()
+    time.sleep(0.01)
+    os.replace(backup, path)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    restored = app(path)
+    restored.execute("INSERT INTO parent VALUES (3, 'after the restore')")  # reuses seq 2, at another time
+    target.stored.clear()
+    second = worker_for(path, config, target)
+    second.drain_once()
+    assert sorted(target.stored["parent"]) == [3]  # seq 1 (same entry, acked) skipped; seq 2 reused: shipped
+
+
+def test_an_older_installation_moves_its_bookkeeping_to_the_state_file(tmp_path: Path):
+    path, config = lab(tmp_path)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{state.path_for(path)}{suffix}").unlink(missing_ok=True)
+    db = app(path)
+    db.execute("""
+        CREATE TABLE _syncd_journal (tbl TEXT NOT NULL, key TEXT NOT NULL, shipped_at REAL NOT NULL);
+        INSERT INTO _syncd_journal VALUES ('parent', '7', 1700000000);
+        INSERT INTO _syncd_meta VALUES ('state:parent', '{"last_shipped_at": 1700000000, "halted": false}');
+        INSERT INTO _syncd_meta VALUES ('lease', '{"holder": "x", "host": "h", "pid": 1, "expires_at": 0}');
+        UPDATE _syncd_meta SET value = '1' WHERE key = 'schema_version';
+    """)
+    worker = worker_for(path, config)
+    worker.prepare()
+    tables = {name for (name,) in app(path).execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+    assert "_syncd_journal" not in tables
+    check = app(path)
+    assert check.execute("SELECT key FROM _syncd_meta WHERE key = 'lease' OR key LIKE 'state:%'").fetchall() == []
+    assert check.execute("SELECT value FROM _syncd_meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    conn = connect(path)
+    assert outbox.journal_keys(conn, 0) == [("parent", "7")]
+    assert outbox.table_state(conn, "parent")["last_shipped_at"] == 1700000000
+
+
+def test_uninstall_drop_outbox_removes_the_state_file_and_archive_keeps_it(tmp_path: Path):
+    path, config = lab(tmp_path)
+    worker = worker_for(path, config)
+    app(path).execute("INSERT INTO parent VALUES (1, 'v')")
+    worker.drain_once()
+    archive = tmp_path / "archive.sqlite3"
+    capture.uninstall(connect(path), archive=archive)
+    assert not state.path_for(path).exists()
+    kept = app(archive)
+    assert kept.execute("SELECT tbl, key FROM _syncd_journal").fetchall() == [("parent", "1")]
+    assert kept.execute("SELECT count(*) FROM _syncd_meta WHERE key LIKE 'state:%'").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("mode", ["wal", "delete"])
+def test_the_probe_works_in_both_journal_modes(tmp_path: Path, mode: str):
+    path = tmp_path / "app.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(f"PRAGMA journal_mode={mode}; CREATE TABLE parent (id INTEGER PRIMARY KEY, v);"
+                     "INSERT INTO parent VALUES (1, 'v');")
+    db.close()
+    assert not others_in_transaction_probe(path, wal=mode == "wal")
+    child = hold_read_transaction(path)
+    try:
+        assert others_in_transaction_probe(path, wal=mode == "wal")
+    finally:
+        child.communicate("go\n", timeout=10)
