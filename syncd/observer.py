@@ -9,6 +9,7 @@ metric, in `/readyz` and in a log line with the fix.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 import structlog
@@ -20,6 +21,8 @@ from syncd.target import TargetError
 
 __all__ = ["Observer"]
 
+BATCH_LOG_EVERY = 1.0  # seconds: at most one "batch" line per second for batches that went well
+
 
 class Observer:
     """The one listener of the worker's events; `metrics` holds the registry and the health it updates."""
@@ -27,6 +30,8 @@ class Observer:
     def __init__(self, metrics: Metrics, log: structlog.typing.FilteringBoundLogger | None = None) -> None:
         self.metrics = metrics
         self.log = log or get_logger()
+        self.unlogged: Counter[str] = Counter()  # batches since the last "batch" line, and their counts
+        self.next_batch_log = 0.0
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -124,8 +129,19 @@ class Observer:
             m.last_success.set(time.time())
             self.target_answered()
         outcome = "interrupted" if interrupted else "ok" if not (dead or requeued) else "partial"
+        totals = self.unlogged
+        totals["batches"] += 1
+        for name, value in (("claimed", claimed), ("shipped", shipped), ("dead_lettered", dead),
+                            ("requeued", requeued)):
+            totals[name] += value
+        now = time.monotonic()
+        if outcome == "ok" and now < self.next_batch_log:
+            return  # at most a line a second for batches that went well: a busy daemon ships hundreds a second
+        self.next_batch_log = now + BATCH_LOG_EVERY
+        self.unlogged = Counter()
         self.log.info("batch", claimed=claimed, shipped=shipped, dead_lettered=dead, requeued=requeued,
-                      duration_ms=round(seconds * 1000, 1), outcome=outcome)
+                      duration_ms=round(seconds * 1000, 1), outcome=outcome,
+                      **({"since_last_line": dict(totals)} if totals["batches"] > 1 else {}))
 
     def exchange_failed(self, table: str, error: TargetError) -> None:
         """One request to the secondary failed (before any retry)."""

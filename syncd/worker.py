@@ -47,10 +47,12 @@ JOURNAL_EXPIRY_EVERY = 300.0
 REGROW_AFTER = 20  # clean batches before a batch size halved by a statement timeout doubles again
 PROBE_EVERY = 30.0  # seconds without an exchange before an idle daemon checks that the secondary answers
 PROBE_RETRY = 5.0  # ... and while it does not
-FLUSH_AFTER = 0.2  # seconds after an acknowledgement before its entries may be deleted from the app's file
+FLUSH_AFTER = 0.5  # seconds after an acknowledgement before its entries may be deleted from the app's file
 FLUSH_ROWS = 20_000  # ... or once this many wait, whatever their age
 FLUSH_DEADLINE = 2.0  # seconds after which they are deleted even while the app stays inside transactions
 FLUSH_RETRY = 0.01  # seconds between looks for a moment when no other connection is inside a transaction
+GAP_WAIT = 0.05  # seconds a due flush waits for the app's next commit (right after it, the app is between two)
+GAP_POLL = 0.0002  # seconds between looks at PRAGMA data_version meanwhile
 SOURCE_GONE_GRACE = 60.0  # seconds the database file may be missing (a restore in progress) before syncd exits
 GONE_POLL = 0.1  # seconds between looks for a missing file (a restore renames or copies it back)
 GONE_LOG_EVERY = 5.0  # seconds between warnings while it is missing
@@ -549,6 +551,8 @@ class Worker:
             return
         quiet = (lambda: True) if must else (lambda: not self.source.others_in_transaction())
         while self.unflushed:
+            if not must:
+                self.wait_for_a_gap()
             if not quiet():
                 self.next_flush_try = time.monotonic() + FLUSH_RETRY
                 return
@@ -559,6 +563,18 @@ class Worker:
             self.reset_floor()  # deleting the highest seqs lets SQLite hand them out again
             self.unflushed = 0 if applied < outbox.FLUSH_CHUNK else max(0, self.unflushed - applied)
         self.unflushed_since = None
+
+    def wait_for_a_gap(self) -> None:
+        """Wait (up to GAP_WAIT seconds) for the moment right after the app commits: the app is then between two
+        transactions, where a commit of ours cannot catch one of them between its read and its write. An app that
+        commits nothing meanwhile is idle, which is as good."""
+        conn = self.conn
+        version = conn.execute("PRAGMA main.data_version").fetchone()[0]
+        deadline = time.monotonic() + GAP_WAIT
+        while time.monotonic() < deadline:
+            time.sleep(GAP_POLL)
+            if conn.execute("PRAGMA main.data_version").fetchone()[0] != version:
+                return
 
     def flush_on_the_way_out(self) -> None:
         """At a clean stop, apply what was acked: at a quiet moment within FLUSH_DEADLINE seconds, else at once
