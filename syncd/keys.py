@@ -173,3 +173,25 @@ def decode_safe_row(columns: Sequence[str], values: Sequence[object]) -> dict[st
                 value = InvalidText(value)
         row[column] = value
     return row
+
+
+def read_rendered(conn: apsw.Connection, table: str, key_columns: Sequence[str], keys: Sequence[tuple[object, ...]],
+                  rendering: tuple[str, str]) -> dict[tuple[object, ...], str | None]:
+    """The current rows of `table` for `keys` rendered as JSON objects by SQLite (`rendering`: the JSON expression
+    and the condition under which a row needs Python instead), as {key: JSON text, or None for such a row}. A key
+    with no row is absent. Raises UnicodeDecodeError when a key or the JSON holds text that is not UTF-8."""
+    json_sql, python_when = rendering
+    width = len(key_columns)
+    key_list = ", ".join(quote_ident(c) for c in key_columns)
+    row_value = "(" + ", ".join("?" * width) + ")"
+    matches = (f"{key_list} IN ({', '.join('?' * len(keys))})" if width == 1 else
+               f"({key_list}) IN (VALUES {', '.join([row_value] * len(keys))})")
+    params = [value for key in keys for value in key]
+    sql = (f"SELECT {key_list}, CASE WHEN {python_when} THEN NULL ELSE {json_sql} END "
+           f"FROM {quote_ident(table)} WHERE {matches}")
+    return {tuple(values[:width]): values[width] for values in conn.execute(sql, params)}
+
+
+def table_columns(conn: apsw.Connection, table: str) -> list[str]:
+    """The columns of `table` as SQLite's catalog says now (PRAGMA table_info), in order."""
+    return [r[1] for r in conn.execute(f"PRAGMA table_info({quote_ident(table)})")]

@@ -12,6 +12,7 @@ for columns without a transform, a cheap type test.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -19,8 +20,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import apsw
+
 from syncd.config import TRANSFORMS, TableConfig
 from syncd.keys import InvalidText
+from syncd.sqlite import quote_ident, quote_text
 
 __all__ = ["RowError", "TableMapping"]
 
@@ -315,6 +319,7 @@ class TableMapping:
     transforms: Mapping[str, str] = field(default_factory=dict)
     _steps: dict[str, Step] = field(init=False, repr=False, compare=False)
     _claimed: dict[str, str] = field(init=False, repr=False, compare=False)
+    _rendered: dict[tuple[str, ...], tuple[str, str] | None] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check(self)
@@ -324,6 +329,7 @@ class TableMapping:
         object.__setattr__(self, "_steps", steps)
         # target name -> the configured column shipped under it, to catch an unconfigured column colliding.
         object.__setattr__(self, "_claimed", {step[0]: column for column, step in steps.items() if step})
+        object.__setattr__(self, "_rendered", {})
 
     @classmethod
     def from_config(cls, table: TableConfig, key: Sequence[str]) -> TableMapping:
@@ -385,6 +391,21 @@ class TableMapping:
                 raise self._error(key, column, exc) from None
         return out
 
+    def sql_rendering(self, columns: Sequence[str]) -> tuple[str, str] | None:
+        """The same mapping done by SQLite itself, for a table whose columns are `columns` (as now in SQLite):
+        (the SQL expression of one row's JSON object, the SQL condition under which a row must take `map_row`
+        instead), or None when the table cannot be rendered in SQL (a json, timestamp or vector transform, a
+        name that two columns would ship under). Both give the same JSON (tests/test_rendering.py): SQLite
+        renders a REAL with every digit of its double (https://sqlite.org/json1.html), and the rows it cannot
+        render as `map_row` does (a BLOB, a zero or infinite REAL, a bool text in another spelling) take
+        `map_row`. Text that is not UTF-8 shows when the JSON is read (apsw raises UnicodeDecodeError)."""
+        cached = self._rendered.get(tuple(columns))
+        if cached is not None or tuple(columns) in self._rendered:
+            return cached
+        rendering = _render(self, columns)
+        self._rendered[tuple(columns)] = rendering
+        return rendering
+
     def _make_step(self, column: str) -> Step:
         transform = self.transforms.get(column)
         return self.renames.get(column, column), CONVERTERS[transform] if transform else None
@@ -404,6 +425,61 @@ class TableMapping:
     def _error(self, key: tuple[object, ...], column: str | None, exc: _Unfit) -> RowError:
         problem = exc.problem.replace("{column}", repr(column))
         return _row_error(self.source, key, column, problem, exc.fix.replace("{section}", f"[table.columns.{column}]"))
+
+
+# ---- The same, in SQL ------------------------------------------------------------------------------------
+
+SQL_RENDERED = (None, "bool", "bytea")  # transforms SQLite can do exactly; the others stay in Python
+BOOL_SQL_TEXT = "('0', '1', 'false', 'true', 'f', 't')"
+
+
+def _render(mapping: TableMapping, columns: Sequence[str]) -> tuple[str, str] | None:
+    """(json_object(...) of a row, the condition for map_row) for these columns, or None (see sql_rendering)."""
+    pairs, python_when, targets = [], [], set()
+    for column in columns:
+        if column in mapping.exclude:
+            continue
+        transform = mapping.transforms.get(column)
+        target = mapping.renames.get(column, column)
+        owner = mapping._claimed.get(target)
+        if transform not in SQL_RENDERED or target in targets or (owner is not None and owner != column):
+            return None
+        targets.add(target)
+        value, unfit = _column_sql(quote_ident(column), transform)
+        pairs.append(f"{quote_text(target)}, {value}")
+        python_when.append(unfit)
+    if not pairs:
+        return None
+    return f"json_object({', '.join(pairs)})", " OR ".join(f"({condition})" for condition in python_when)
+
+
+def _column_sql(q: str, transform: str | None) -> tuple[str, str]:
+    """(the SQL value json_object gets for column `q`, the condition under which map_row must do it instead)."""
+    if transform == "bool":
+        value = (f"CASE WHEN {q} IS NULL THEN NULL WHEN typeof({q}) IN ('integer', 'real') THEN "
+                 f"json(CASE WHEN {q} = 1 THEN 'true' ELSE 'false' END) ELSE "
+                 f"json(CASE WHEN lower({q}) IN ('1', 'true', 't') THEN 'true' ELSE 'false' END) END")
+        fits = (f"{q} IS NULL OR (typeof({q}) IN ('integer', 'real') AND {q} IN (0, 1)) "
+                f"OR (typeof({q}) = 'text' AND lower({q}) IN {BOOL_SQL_TEXT})")
+        return value, f"NOT ({fits})"
+    if transform == "bytea":
+        return (f"CASE WHEN {q} IS NULL THEN NULL ELSE '\\x' || lower(hex({q})) END",
+                f"typeof({q}) NOT IN ('blob', 'text', 'null')")
+    # No transform: SQLite renders text, integers and finite reals as Python's json does, but -0.0 as 0.0 (only a
+    # column without affinity keeps a -0.0; atan2 tells it apart); a BLOB or an infinite REAL is map_row's to refuse.
+    negative_zero = f"atan2({q}, -1) < 0" if math_functions() else "1"
+    return q, (f"typeof({q}) = 'blob' OR (typeof({q}) = 'real' AND (({q} = 0 AND {negative_zero}) "
+               f"OR abs({q}) > 1.7976931348623157e308))")
+
+
+@functools.cache
+def math_functions() -> bool:
+    """Whether this SQLite has its math functions (SQLITE_ENABLE_MATH_FUNCTIONS: atan2 and friends)."""
+    try:
+        apsw.Connection(":memory:").execute("SELECT atan2(0, -1)").fetchall()
+    except apsw.SQLError:
+        return False
+    return True
 
 
 def _check(mapping: TableMapping) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import apsw
 
-from syncd.keys import MAX_PARAMS, NOW_SQL, decode_key, key_sql, read_rows, unix_time
+from syncd.keys import MAX_PARAMS, NOW_SQL, decode_key, key_sql, read_rendered, read_rows, table_columns, unix_time
 from syncd.sqlite import BUSY_TIMEOUT_MS, immediate, quote_ident, quote_text
 from syncd.state import writing
 
@@ -284,7 +284,7 @@ def unflushed(conn: apsw.Connection) -> int:
 # -- claim: one snapshot of keys and their current rows ---------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One claimed outbox entry: its seq, its op (I, U, D; R or S as in `_syncd_outbox`) and its time."""
 
@@ -294,7 +294,7 @@ class Entry:
     stored_at: float = 0.0  # the Julian day exactly as stored: with `seq`, the entry's identity in `acked`
 
 
-@dataclass
+@dataclass(slots=True)
 class Change:
     """One key of one table with every outbox entry claimed for it, and the row as it is now."""
 
@@ -305,6 +305,8 @@ class Change:
     row: dict[str, object] | None = None  # None: the row is gone (ship a delete)
     problem: str | None = None  # why it cannot be read at all (goes to the dead letters)
     raw_key: bytes = b""  # the key's bytes as read from the outbox (what claims compare)
+    rendered: str | None = None  # the row's JSON object as SQLite rendered it (then `row` stays None)
+    present: bool = False  # the row is there (ship an upsert); False: it is gone (ship a delete)
 
     def __post_init__(self) -> None:
         if not self.raw_key:
@@ -326,8 +328,11 @@ class Claim:
     last_seq: int = 0
 
 
+Renderer = Callable[[Sequence[str]], "tuple[str, str] | None"]  # a table's columns -> its rows' JSON in SQL
+
+
 def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
-          in_flight: Sequence[Change] = (), after: int = 0) -> Claim:
+          in_flight: Sequence[Change] = (), after: int = 0, renderers: Mapping[str, Renderer] | None = None) -> Claim:
     """The first `limit` outbox entries after seq `after` of the tables in `keys` ({table: key columns}), acked ones
     left out, grouped by key, with the current row of each key, all read in one transaction so that the rows are
     the state at one instant.
@@ -351,7 +356,7 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
         passed_over = [e.seq for c in grouped if (c.table, c.raw_key) in busy_keys for e in c.entries]
         for table in dict.fromkeys(c.table for c in changes):
             readable = [c for c in changes if c.table == table and c.key is not None]
-            attach_rows(conn, table, keys[table], readable)
+            attach_rows(conn, table, keys[table], readable, (renderers or {}).get(table))
     finally:
         conn.execute("COMMIT")
     return Claim(changes, passed_over, rows[-1][0] if rows else 0)
@@ -383,19 +388,37 @@ def decode_change(table: str, raw_key: bytes) -> Change:
         return Change(table, text, [], problem=f"table {table!r}: {exc}", raw_key=raw_key)
 
 
-def attach_rows(conn: apsw.Connection, table: str, key_columns: Sequence[str], changes: list[Change]) -> None:
-    """Set each change's `row` to the current row of its key in `table`, or None when the row is gone; the keys must
-    be decoded. At most MAX_PARAMS key values per statement; a chunk holding text that is not UTF-8 is read again
-    with TEXT as bytes (that text becomes InvalidText)."""
+def attach_rows(conn: apsw.Connection, table: str, key_columns: Sequence[str], changes: list[Change],
+                renderer: Renderer | None = None) -> None:
+    """Set each change's `row` to the current row of its key in `table` ({column: value}, or None when the row is
+    gone), or, when `renderer` renders the table's current columns in SQL, its `rendered` JSON object (`row` then
+    stays None for a row that is there: `present` says so). The keys must be decoded. At most MAX_PARAMS key values
+    per statement; a chunk holding text that is not UTF-8 is read again with TEXT as bytes (InvalidText)."""
+    rendering = renderer(table_columns(conn, table)) if renderer is not None else None
     per_chunk = max(1, MAX_PARAMS // len(key_columns))
     for start in range(0, len(changes), per_chunk):
         chunk = changes[start:start + per_chunk]
-        try:
-            found = read_rows(conn, table, key_columns, [c.key for c in chunk])  # type: ignore[misc]
-        except UnicodeDecodeError:
-            found = read_rows(conn, table, key_columns, [c.key for c in chunk], safe=True)  # type: ignore[misc]
+        keys = [c.key for c in chunk]
+        rendered: dict[tuple[object, ...], str | None] = {}
+        if rendering is not None:
+            try:
+                rendered = read_rendered(conn, table, key_columns, keys, rendering)  # type: ignore[arg-type]
+            except UnicodeDecodeError:
+                rendered = {}
+        python = [c for c in chunk if rendered.get(c.key) is None]  # type: ignore[arg-type]
+        found: dict[tuple[object, ...], dict[str, object]] = {}
+        if python:
+            try:
+                found = read_rows(conn, table, key_columns, [c.key for c in python])  # type: ignore[misc]
+            except UnicodeDecodeError:
+                found = read_rows(conn, table, key_columns, [c.key for c in python], safe=True)  # type: ignore[misc]
         for change in chunk:
-            change.row = found.get(change.key)  # type: ignore[arg-type]
+            text = rendered.get(change.key)  # type: ignore[arg-type]
+            if text is not None:
+                change.rendered, change.present = text, True
+            else:
+                change.row = found.get(change.key)  # type: ignore[arg-type]
+                change.present = change.row is not None
 
 
 # -- acknowledge and flush -----------------------------------------------------------------------------
@@ -424,9 +447,8 @@ def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence
     now = time.time() if now is None else now
     if not (shipped or dead or requeued):
         return
+    shipped_seqs = json.dumps([e.seq for change in shipped for e in change.entries])
     acked: list[tuple[object, ...]] = []
-    for change in shipped:
-        acked += [(e.seq, e.stored_at, "shipped", None, None, None, None, None) for e in change.entries]
     for letter in dead:
         *merged, last = letter.change.entries
         acked += [(e.seq, e.stored_at, "merged", None, None, None, None, None) for e in merged]
@@ -438,6 +460,9 @@ def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence
         acked.append((last.seq, last.stored_at, "requeue", min(e.stored_at for e in change.entries), None, None,
                       None, None))
     with writing(conn):
+        # The shipped entries are copied from the outbox in SQL (their seq and at exactly as stored), one statement.
+        conn.execute("INSERT OR REPLACE INTO st.acked (seq, at, fate) SELECT seq, at, 'shipped' FROM "
+                     "main._syncd_outbox WHERE seq IN (SELECT value FROM json_each(?))", (shipped_seqs,))
         conn.executemany("INSERT OR REPLACE INTO st.acked (seq, at, fate, since, failed_at, status, code, message) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", acked)
         conn.executemany("INSERT INTO st.journal (tbl, key, shipped_at) VALUES (?, ?, ?)",

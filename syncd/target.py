@@ -297,14 +297,20 @@ def keyset_terms(key: Sequence[str], after: Sequence[object]) -> list[str]:
     return terms
 
 
-def encode_rows(table: str, rows: Sequence[Mapping[str, object]]) -> bytes:
-    """The JSON array body of an upsert, as UTF-8 bytes. Raises TargetError of kind row when a row cannot be sent as
-    JSON (NaN or Infinity, a lone surrogate, a value JSON has no type for)."""
+def encode_rows(table: str, rows: Sequence[Mapping[str, object] | str]) -> bytes:
+    """The JSON array body of an upsert, as UTF-8 bytes; a row given as text is a JSON object already (SQLite
+    rendered it) and goes in as it is. Raises TargetError of kind row when a row cannot be sent as JSON (NaN or
+    Infinity, a lone surrogate, a value JSON has no type for)."""
     try:
-        text = json.dumps([dict(row) for row in rows], separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-        return text.encode()
+        if all(isinstance(row, str) for row in rows):
+            return ("[" + ",".join(rows) + "]").encode()  # type: ignore[arg-type]
+        text = ",".join(row if isinstance(row, str) else ENCODE_ROW(dict(row)) for row in rows)
+        return ("[" + text + "]").encode()
     except (TypeError, ValueError) as exc:  # NaN/Infinity, a lone surrogate, a value JSON has no type for
         raise TargetError("row", f"POST {table}: a row cannot be sent as JSON: {exc}") from None
+
+
+ENCODE_ROW = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
 
 
 def show_key(key: Sequence[str], values: Mapping[str, object]) -> str:
@@ -352,8 +358,9 @@ class PostgrestTarget:
         """Close the HTTP client and its connections."""
         self._client.close()
 
-    def upsert(self, table: str, key: Sequence[str], rows: Sequence[Mapping[str, object]]) -> None:
-        """Insert or update `rows` by `key` in one statement (all or none); no request for no rows."""
+    def upsert(self, table: str, key: Sequence[str], rows: Sequence[Mapping[str, object] | str]) -> None:
+        """Insert or update `rows` (dicts, or JSON objects' text) by `key` in one statement (all or none); no
+        request for no rows."""
         if not rows:
             return
         url = self.table_url(table)

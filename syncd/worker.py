@@ -20,8 +20,8 @@ import contextlib
 import graphlib
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -53,6 +53,7 @@ FLUSH_DEADLINE = 2.0  # seconds after which they are deleted even while the app 
 FLUSH_RETRY = 0.01  # seconds between looks for a moment when no other connection is inside a transaction
 GAP_WAIT = 0.05  # seconds a due flush waits for the app's next commit (right after it, the app is between two)
 GAP_POLL = 0.0002  # seconds between looks at PRAGMA data_version meanwhile
+APP_IDLE_AFTER = 0.25  # seconds without an app commit after which the app counts as idle
 SOURCE_GONE_GRACE = 60.0  # seconds the database file may be missing (a restore in progress) before syncd exits
 GONE_POLL = 0.1  # seconds between looks for a missing file (a restore renames or copies it back)
 GONE_LOG_EVERY = 5.0  # seconds between warnings while it is missing
@@ -62,8 +63,9 @@ class Target(Protocol):
     """A secondary that can upsert rows and delete keys (`syncd.target.PostgrestTarget` is the real one).
     Every failure is a TargetError, already classified; an expired token is renewed inside."""
 
-    def upsert(self, table: str, key: Sequence[str], rows: Sequence[dict[str, object]]) -> None:
-        """Insert or update `rows` ({column: value}) of `table` by its `key` columns, all or none."""
+    def upsert(self, table: str, key: Sequence[str], rows: Sequence[dict[str, object] | str]) -> None:
+        """Insert or update `rows` ({column: value}, or a JSON object's text) of `table` by its `key` columns, all
+        or none."""
         ...
 
     def delete(self, table: str, key: Sequence[str], keys: Sequence[dict[str, object]]) -> int:
@@ -200,8 +202,12 @@ class Worker:
         self.unflushed_since: float | None = None  # monotonic seconds of the oldest of them
         self.next_flush_try = 0.0
         self.requeued_keys = 0  # keys requeued (a foreign key refused them) by the last flushes
+        self.app_version: int | None = None  # PRAGMA data_version when last read: it changes when the app commits
+        self.app_committed_at = 0.0  # monotonic seconds when an app commit was last seen
         self.reload_requested = threading.Event()
-        self.shipper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncd-ship")
+        self.shipper = ThreadPoolExecutor(max_workers=config.worker.max_in_flight, thread_name_prefix="syncd-ship")
+        self.relatives: dict[str, set[str]] = {}  # table -> the tables it is a foreign-key ancestor or descendant of
+        self.lock = threading.Lock()  # what the shipping threads change: halts, foreign-key attempts, the batch size
 
     @property
     def conn(self) -> apsw.Connection:
@@ -399,6 +405,7 @@ class Worker:
             for h in repair:
                 self.observer.capture_repaired(h.table, f"{h.triggers}: {h.problem}")
         self.order = ship_order(self.conn, self.config, list(self.mappings))
+        self.relatives = relatives(self.conn, self.config, list(self.mappings))
         self.record_halts()
         self.prepared = True
         self.request_reconciles()
@@ -448,30 +455,39 @@ class Worker:
             self.flush_when_due(final=True)
 
     def drain(self, stop: threading.Event, between: Callable[[], bool] = lambda: True) -> DrainResult:
-        """Ship batches until the outbox is empty, `stop` is set or `between` (called after each batch)
-        says no. The next batch is claimed and its rows read while the previous one is in flight: its
-        keys are excluded, so no key is ever in two requests at once, and the requests themselves still
-        go out one batch after the other (parents-first order holds across batches)."""
+        """Ship batches until the outbox is empty, `stop` is set or `between` (called after each acknowledged
+        batch) says no. Up to `max_in_flight` batches are on their way at once, each claimed while the others are
+        in flight with their keys left out, so no key is ever in two requests at once; a batch holding a table
+        related by a foreign key to a table of a batch in flight waits for that batch, so parents still land
+        before children. Each answer is acknowledged for its own batch, in the order the batches were claimed."""
         total = DrainResult()
-        in_flight: tuple[Shipment, Future[Shipment]] | None = None
+        window: deque[tuple[Shipment, Future[Shipment]]] = deque()
         try:
             while True:
-                busy = in_flight[0].changes if in_flight else []
-                upcoming = None if stop.is_set() else self.claim(busy)
-                finished = in_flight is not None
-                if in_flight is not None:
-                    shipped, in_flight = in_flight[1].result(), None
-                    total = total.plus(self.finish(shipped))  # raises Interrupted: `upcoming` is dropped
-                    if not between():
-                        return total
-                if upcoming is None:
-                    if finished:
-                        continue  # changes may have been committed while that batch was in flight
+                upcoming = None
+                if not stop.is_set() and len(window) < self.config.worker.max_in_flight:
+                    upcoming = self.claim([change for shipment, _ in window for change in shipment.changes])
+                if upcoming is None and not window:
                     return total
-                in_flight = (upcoming, self.shipper.submit(self.deliver, upcoming))
+                while upcoming is not None and window and self.related(upcoming, window):
+                    total = total.plus(self.finish(window.popleft()[1].result()))  # parents first
+                    if not between():
+                        return total  # `upcoming` is dropped: claimed again later
+                if upcoming is not None:
+                    window.append((upcoming, self.shipper.submit(self.deliver, upcoming)))
+                    continue  # claim more while the window has room
+                total = total.plus(self.finish(window.popleft()[1].result()))  # raises Interrupted
+                if not between():
+                    return total
         finally:
-            if in_flight is not None:  # left early (busy database): never leave a request running behind us
-                in_flight[1].result()
+            for _, future in window:  # left early (an interruption, a busy file): no request runs on behind us
+                future.result()
+
+    def related(self, upcoming: Shipment, window: deque[tuple[Shipment, Future[Shipment]]]) -> bool:
+        """Whether a table of `upcoming` is a foreign-key parent or child of a table in a batch in flight."""
+        mine = {change.table for change in upcoming.changes}
+        theirs = {change.table for shipment, _ in window for change in shipment.changes}
+        return any(self.relatives.get(table, set()) & theirs for table in mine)
 
     def claim(self, in_flight: Sequence[Change] = ()) -> Shipment | None:
         """The next batch of the tables that are not halted, its keys' rows read from one snapshot."""
@@ -479,7 +495,8 @@ class Worker:
             self.prepare()
         active = {t: m.key for t, m in self.mappings.items() if t not in self.halted}
         floor = min(self.open_seqs) - 1 if self.open_seqs else self.seen_upto
-        claimed = outbox.claim(self.conn, self.batch_size, active, in_flight, after=floor)
+        renderers = {t: self.mappings[t].sql_rendering for t in active}
+        claimed = outbox.claim(self.conn, self.batch_size, active, in_flight, after=floor, renderers=renderers)
         self.open_seqs.update(e.seq for c in claimed.changes for e in c.entries)
         self.open_seqs.update(claimed.passed_over)
         self.seen_upto = max(self.seen_upto, claimed.last_seq)
@@ -565,15 +582,21 @@ class Worker:
         self.unflushed_since = None
 
     def wait_for_a_gap(self) -> None:
-        """Wait (up to GAP_WAIT seconds) for the moment right after the app commits: the app is then between two
-        transactions, where a commit of ours cannot catch one of them between its read and its write. An app that
-        commits nothing meanwhile is idle, which is as good."""
+        """While the app is writing, wait (up to GAP_WAIT seconds) for the moment right after it commits: it is then
+        between two transactions, where a commit of ours cannot catch one of them between its read and its write.
+        An app that has committed nothing for APP_IDLE_AFTER seconds is idle: no wait."""
         conn = self.conn
         version = conn.execute("PRAGMA main.data_version").fetchone()[0]
-        deadline = time.monotonic() + GAP_WAIT
+        now = time.monotonic()
+        if version != self.app_version:
+            self.app_version, self.app_committed_at = version, now
+        if now - self.app_committed_at >= APP_IDLE_AFTER:
+            return
+        deadline = now + GAP_WAIT
         while time.monotonic() < deadline:
             time.sleep(GAP_POLL)
             if conn.execute("PRAGMA main.data_version").fetchone()[0] != version:
+                self.app_version, self.app_committed_at = None, time.monotonic()
                 return
 
     def flush_on_the_way_out(self) -> None:
@@ -610,11 +633,11 @@ class Worker:
             if not change.problem:
                 by_table.setdefault(change.table, []).append(change)
         for table in self.order:
-            present = [c for c in by_table.get(table, []) if c.row is not None]
+            present = [c for c in by_table.get(table, []) if c.present]
             if present and table not in self.halted:
                 self.ship_upserts(table, present, batch)
         for table in reversed(self.order):
-            gone = [c for c in by_table.get(table, []) if c.row is None]
+            gone = [c for c in by_table.get(table, []) if not c.present]
             if gone and table not in self.halted:
                 self.ship_deletes(table, gone, batch)
 
@@ -622,16 +645,22 @@ class Worker:
         """Map each present row (a row the mapping refuses is dead-lettered) and send them, grouped by their set
         of columns."""
         mapping = self.mappings[table]
-        groups: dict[tuple[str, ...], list[tuple[Change, dict[str, object]]]] = {}
+        groups: dict[tuple[str, ...], list[tuple[Change, dict[str, object] | str]]] = {}
+        rendered = [(change, change.rendered) for change in changes if change.rendered is not None]
         for change in changes:
+            if change.rendered is not None:
+                continue
             try:
                 payload = mapping.map_row(change.row, change.key)  # type: ignore[arg-type]
             except RowError as exc:
                 batch.dead.append(DeadLetter(change, str(exc)))
                 continue
             groups.setdefault(tuple(payload), []).append((change, payload))  # PostgREST: same keys per request
+        if rendered:  # SQLite's JSON of every column: the same keys as map_row's of a row of the same columns
+            groups.setdefault(("(rendered)",), []).extend(rendered)  # type: ignore[arg-type]
         for items in groups.values():
-            self.send(table, "upsert", items, batch)
+            for chunk in by_size(items, self.config.worker.batch_bytes):
+                self.send(table, "upsert", chunk, batch)
 
     def ship_deletes(self, table: str, changes: list[Change], batch: Batch) -> None:
         """Map each gone row's key (a key the mapping refuses is dead-lettered) and send the deletes."""
@@ -645,7 +674,7 @@ class Worker:
         if items:
             self.send(table, "delete", items, batch)
 
-    def send(self, table: str, op: str, items: list[tuple[Change, dict[str, object]]], batch: Batch) -> None:
+    def send(self, table: str, op: str, items: list[tuple[Change, dict[str, object] | str]], batch: Batch) -> None:
         """Ship items; on a row error bisect until the failing rows are alone, and reject only those."""
         if table in self.halted:
             return
@@ -659,21 +688,25 @@ class Worker:
             elif error.kind == "row":
                 self.reject(table, items[0][0], error, batch)
             elif error.kind in ("config", "auth", "schema"):  # auth here: the token could not be renewed
-                self.halt(table, Halt(error.kind, error.message), error)
-                self.next_schema_check = time.monotonic() + self.config.worker.schema_recheck_interval
+                with self.lock:
+                    self.halt(table, Halt(error.kind, error.message), error)
+                    self.next_schema_check = time.monotonic() + self.config.worker.schema_recheck_interval
             else:
                 if error.statement_timeout:
-                    self.batch_size = max(1, self.batch_size // 2)
-                    self.clean_batches = 0
+                    with self.lock:
+                        self.batch_size = max(1, self.batch_size // 2)
+                        self.clean_batches = 0
                     self.observer.batch_size_halved(table, self.batch_size)
                 raise Interrupted(table, error) from None
             return
         batch.shipped += [change for change, _ in items]
         (batch.upserted if op == "upsert" else batch.deleted)[table] += len(items)
-        for change, _ in items:
-            self.fk_attempts.pop((table, change.key_text), None)
+        if self.fk_attempts:
+            with self.lock:
+                for change, _ in items:
+                    self.fk_attempts.pop((table, change.key_text), None)
 
-    def exchange(self, table: str, op: str, payloads: list[dict[str, object]]) -> None:
+    def exchange(self, table: str, op: str, payloads: list[dict[str, object] | str]) -> None:
         """One request; its failure is announced and raised as the TargetError the target classified."""
         mapping = self.mappings[table]
         try:
@@ -688,12 +721,13 @@ class Worker:
     def reject(self, table: str, change: Change, error: TargetError, batch: Batch) -> None:
         """A row the secondary refused: requeue it behind its parent (an FK refusal, a bounded number of
         times), else dead-letter it with the reason."""
-        attempts = self.fk_attempts[(table, change.key_text)]
-        if error.foreign_key and attempts < self.config.worker.fk_retries:
-            self.fk_attempts[(table, change.key_text)] += 1
-            batch.requeued.append(change)  # behind its parent, which may still be queued
-            return
-        self.fk_attempts.pop((table, change.key_text), None)
+        with self.lock:
+            attempts = self.fk_attempts[(table, change.key_text)]
+            if error.foreign_key and attempts < self.config.worker.fk_retries:
+                self.fk_attempts[(table, change.key_text)] += 1
+                batch.requeued.append(change)  # behind its parent, which may still be queued
+                return
+            self.fk_attempts.pop((table, change.key_text), None)
         message = (f"table {table!r} key {change.key!r}: {error.message}; fix the cause, then run: "
                    f"syncd replay --dead-letters --table {table}")
         batch.dead.append(DeadLetter(change, message, error.status, error.code))
@@ -846,3 +880,46 @@ def ship_order(conn: apsw.Connection, config: Config, tables: list[str]) -> list
     except graphlib.CycleError:
         get_logger().warning("foreign keys form a cycle: shipping in configuration order", tables=tables)
         return tables
+
+
+def relatives(conn: apsw.Connection, config: Config, tables: list[str]) -> dict[str, set[str]]:
+    """{table: every table it is a parent or child of, directly or not} by SQLite's declared foreign keys and each
+    table's `after` list: batches holding related tables are not in flight together."""
+    known = {t.lower(): t for t in tables}
+    edges: dict[str, set[str]] = {t: set() for t in tables}
+    for table in tables:
+        parents = {known[r[2].lower()] for r in conn.execute(f"PRAGMA foreign_key_list({quote_ident(table)})")
+                   if r[2].lower() in known and known[r[2].lower()] != table}
+        table_config = config.table(table)
+        parents |= {known[a.lower()] for a in (table_config.after if table_config else []) if a.lower() in known}
+        for parent in parents:
+            edges[table].add(parent)
+            edges[parent].add(table)
+    closure: dict[str, set[str]] = {}
+    for table in tables:
+        seen, todo = set(), [table]
+        while todo:
+            for other in edges[todo.pop()]:
+                if other not in seen and other != table:
+                    seen.add(other)
+                    todo.append(other)
+        closure[table] = seen
+    return closure
+
+
+def by_size(items: list[tuple[Change, dict[str, object] | str]], limit: int
+            ) -> Iterator[list[tuple[Change, dict[str, object] | str]]]:
+    """`items` in consecutive chunks whose JSON stays under about `limit` bytes (a row over it goes alone)."""
+    chunk: list[tuple[Change, dict[str, object] | str]] = []
+    size = 0
+    for item in items:
+        payload = item[1]
+        weight = len(payload) if isinstance(payload, str) else sum(
+            len(name) + (len(value) if isinstance(value, str) else 24) for name, value in payload.items())
+        if chunk and size + weight > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += weight + 1
+    if chunk:
+        yield chunk
