@@ -272,7 +272,7 @@ class WorkerConfig(BaseModel):
                                                             "is dead-lettered (its parent may still be queued)")
     journal_retention_days: float = Field(7.0, ge=0, le=3650, description="how long shipped keys are kept")
     lease_seconds: float = Field(30.0, ge=2, le=3600, description="lease lifetime; a dead holder's expires")
-    max_in_flight: int = Field(4, ge=1, le=64, description="batches on their way to the secondary at once (their "
+    max_in_flight: int = Field(8, ge=1, le=64, description="batches on their way to the secondary at once (their "
                                                            "keys never overlap; parents still land first)")
     batch_bytes: int = Field(4 * 2**20, ge=1024, le=2**30, description="most bytes of JSON in one request; a "
                                                                        "batch is split to stay under it")

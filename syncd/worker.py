@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import graphlib
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -111,6 +112,7 @@ class Shipment:
     started: float = field(default_factory=time.monotonic)
     batch: Batch = field(default_factory=Batch)
     interrupted: Interrupted | None = None
+    shipping_seconds: float = 0.0  # how long its requests took
 
 
 @dataclass
@@ -208,6 +210,8 @@ class Worker:
         self.shipper = ThreadPoolExecutor(max_workers=config.worker.max_in_flight, thread_name_prefix="syncd-ship")
         self.relatives: dict[str, set[str]] = {}  # table -> the tables it is a foreign-key ancestor or descendant of
         self.lock = threading.Lock()  # what the shipping threads change: halts, foreign-key attempts, the batch size
+        self.claim_seconds = 0.0  # moving averages of claiming a batch and of shipping one
+        self.shipping_seconds = 0.0
 
     @property
     def conn(self) -> apsw.Connection:
@@ -465,23 +469,34 @@ class Worker:
         try:
             while True:
                 upcoming = None
-                if not stop.is_set() and len(window) < self.config.worker.max_in_flight:
+                if not stop.is_set() and len(window) < self.window_size():
+                    claiming = time.monotonic()
                     upcoming = self.claim([change for shipment, _ in window for change in shipment.changes])
+                    if upcoming is not None:
+                        self.claim_seconds = moving_average(self.claim_seconds, time.monotonic() - claiming)
                 if upcoming is None and not window:
                     return total
                 while upcoming is not None and window and self.related(upcoming, window):
-                    total = total.plus(self.finish(window.popleft()[1].result()))  # parents first
+                    total = total.plus(self.finish(self.arrived(window.popleft()[1].result())))  # parents first
                     if not between():
                         return total  # `upcoming` is dropped: claimed again later
                 if upcoming is not None:
                     window.append((upcoming, self.shipper.submit(self.deliver, upcoming)))
                     continue  # claim more while the window has room
-                total = total.plus(self.finish(window.popleft()[1].result()))  # raises Interrupted
+                total = total.plus(self.finish(self.arrived(window.popleft()[1].result())))  # raises Interrupted
                 if not between():
                     return total
         finally:
             for _, future in window:  # left early (an interruption, a busy file): no request runs on behind us
                 future.result()
+
+    def window_size(self) -> int:
+        """How many batches to keep in flight: enough that claiming the next one takes as long as a batch's requests
+        (a remote secondary's round trip is hidden), no more (each one more shares the CPU), at most max_in_flight."""
+        if self.claim_seconds <= 0:
+            return 1
+        return max(1, min(self.config.worker.max_in_flight, math.ceil(self.shipping_seconds / self.claim_seconds)
+                          + 1))
 
     def related(self, upcoming: Shipment, window: deque[tuple[Shipment, Future[Shipment]]]) -> bool:
         """Whether a table of `upcoming` is a foreign-key parent or child of a table in a batch in flight."""
@@ -505,10 +520,17 @@ class Worker:
 
     def deliver(self, shipment: Shipment) -> Shipment:
         """Ship a claimed batch (touches no SQLite: it may run beside the next claim)."""
+        started = time.monotonic()
         try:
             self.ship(shipment.changes, shipment.batch)
         except Interrupted as exc:
             shipment.interrupted = exc
+        shipment.shipping_seconds = time.monotonic() - started
+        return shipment
+
+    def arrived(self, shipment: Shipment) -> Shipment:
+        """Note how long a batch's requests took (the window follows it)."""
+        self.shipping_seconds = moving_average(self.shipping_seconds, shipment.shipping_seconds)
         return shipment
 
     def finish(self, shipment: Shipment) -> DrainResult:
@@ -580,6 +602,14 @@ class Worker:
             self.reset_floor()  # deleting the highest seqs lets SQLite hand them out again
             self.unflushed = 0 if applied < outbox.FLUSH_CHUNK else max(0, self.unflushed - applied)
         self.unflushed_since = None
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file ourselves (PASSIVE: never waits for, never blocks, the app), so that
+        the WAL our deletions grew does not make one of the app's commits run the checkpoint (SQLite has the
+        connection whose commit crosses wal_autocheckpoint do it: https://sqlite.org/wal.html#ckpt)."""
+        if self.source.wal:
+            self.conn.execute("PRAGMA main.wal_checkpoint(PASSIVE)").fetchall()
 
     def wait_for_a_gap(self) -> None:
         """While the app is writing, wait (up to GAP_WAIT seconds) for the moment right after it commits: it is then
@@ -810,12 +840,14 @@ class Worker:
         self.observer.secondary_checked(table, None)
 
     def housekeeping(self) -> None:
-        """Measure the backlog and expire old journal rows, now and then (both scan tables)."""
+        """Measure the backlog and expire old journal rows, now and then (both scan tables: a backlog of millions
+        is measured less often, so that counting it never takes more than a tenth of the loop's time)."""
         now = time.time()
         if now >= self.next_housekeeping:
-            self.next_housekeeping = now + HOUSEKEEPING_EVERY
             self.observer.backlog(self.mappings, outbox.pending_by_table(self.conn),
                                   outbox.dead_letters_by_table(self.conn), now)
+            took = time.time() - now
+            self.next_housekeeping = time.time() + max(HOUSEKEEPING_EVERY, 10 * took)
         if now >= self.next_journal_expiry:
             self.next_journal_expiry = now + JOURNAL_EXPIRY_EVERY
             outbox.expire_journal(self.conn, now - self.config.worker.journal_retention_days * 86400)
@@ -905,6 +937,11 @@ def relatives(conn: apsw.Connection, config: Config, tables: list[str]) -> dict[
                     todo.append(other)
         closure[table] = seen
     return closure
+
+
+def moving_average(average: float, sample: float) -> float:
+    """An exponential moving average over about 8 samples; the first sample alone when there is none yet."""
+    return sample if average <= 0 else average + (sample - average) / 8
 
 
 def by_size(items: list[tuple[Change, dict[str, object] | str]], limit: int
