@@ -158,11 +158,12 @@ def lag(server: RunningDevServer, db: Path, config: Path, seconds: float, rate: 
 
     def observe() -> None:
         with psycopg.connect(server.pg_url, autocommit=True) as pg:
-            last = 10_000_000 - 1
+            low = 10_000_000  # the lowest id not seen yet: batches in flight together may land out of order
             while not done.is_set() or len(seen) < len(committed):
-                for (i,) in pg.execute("SELECT id FROM public.bench_items WHERE id > %s ORDER BY id", [last]):
+                for (i,) in pg.execute("SELECT id FROM public.bench_items WHERE id >= %s ORDER BY id", [low]):
                     seen.setdefault(i, time.time())
-                    last = max(last, i)
+                while low in seen:
+                    low += 1
                 time.sleep(0.002)
                 if done.is_set() and time.time() > deadline:
                     break
