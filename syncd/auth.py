@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import jwt
 
+from syncd import redact
 from syncd.timeparse import format_age
 
 ALGORITHM = "HS256"
@@ -61,6 +62,7 @@ class StaticToken:
         if not key:
             raise ValueError("the service key is empty")
         self._key = key
+        redact.register(key)
 
     def __repr__(self) -> str:
         return "StaticToken(<redacted>)"
@@ -84,6 +86,7 @@ class MintedTokens:
         if not 0 <= renew_before < lifetime:
             raise ValueError(f"renew_before ({renew_before}) must be at least 0 and less than lifetime ({lifetime})")
         self._secret = secret
+        redact.register(secret)
         self.role = role
         self.lifetime = lifetime
         self.renew_before = renew_before
@@ -114,6 +117,7 @@ class MintedTokens:
         # jti makes two tokens minted within the same second differ, so refresh() really yields a new one
         self._current = mint_token(self._secret, self.role, expires_in=self.lifetime, now=now,
                                    jti=secrets.token_hex(8))
+        redact.register(self._current, token=True)
         self._expires_at = int(now) + int(self.lifetime)
 
 

@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from syncd import redact
+
 
 def configure(log_format: str = "json", level: int = logging.INFO) -> None:
     """Set up structlog for the whole process: JSON lines (`log_format` "json") or plain text for people ("console"),
@@ -15,7 +17,7 @@ def configure(log_format: str = "json", level: int = logging.INFO) -> None:
     renderer = structlog.dev.ConsoleRenderer(colors=False) if console else structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True),
-                    structlog.processors.format_exc_info, renderer],
+                    structlog.processors.format_exc_info, redact.processor, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,

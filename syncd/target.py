@@ -71,6 +71,7 @@ import httpx
 from syncd import __version__
 from syncd.auth import MintedTokens, StaticToken, TokenSource
 from syncd.config import Config, ConfigError
+from syncd.redact import MASK, mask_url, redact, register
 
 Kind = Literal["transient", "auth", "config", "schema", "row"]
 
@@ -87,6 +88,8 @@ HINT_MISSING_TABLE = ("The table is not in the schema cache. Try: run the migrat
                       "then NOTIFY pgrst, 'reload schema'.")
 HINT_MISSING_COLUMN = ("The secondary lacks a column syncd ships. Try: add it there, then NOTIFY pgrst, "
                        "'reload schema' (or exclude the column in the config); shipping resumes by itself.")
+HINT_PLAIN_HTTP = ("The server answered plain HTTP on an https:// URL. Try: use http:// for that port, or the port "
+                   "where it speaks TLS.")
 HINT_NOT_POSTGREST = "Try: check the target URL (a 404 that is not PostgREST's: the path, or a proxy in front)."
 HINT_NO_UNIQUE = "Try: give the target table's key columns a primary key or unique constraint (on_conflict needs one)."
 HINT_NOT_WRITABLE = "Try: point syncd at a writable primary and a table (not a read-only view)."
@@ -139,9 +142,10 @@ def classify(response: httpx.Response) -> TargetError | None:
         return None
     body = error_body(response)
     code = body.get("code")
+    # classified on the text as sent; redacted only for the message (a redaction can cut "JWT expired" in two)
     kind, advice = kind_of(response.status_code, code, body.get("message") or "", postgrest=not (
-        body.get("message") and code is None and response.status_code == 404))
-    message = where(response) + describe(response.status_code, body)
+        body.get("message") and code is None and response.status_code == 404) and not asked_root(response))
+    message = where(response) + describe(response.status_code, shown(body))
     if advice:
         message = f"{message} {advice}"
     return TargetError(kind, message, status=response.status_code, code=code,
@@ -156,12 +160,14 @@ def classify_exception(exc: httpx.HTTPError) -> TargetError:
         # h11 quotes the offending header value, which may be the token itself
         detail = "the request was malformed (a header value with a newline or a non-ASCII character?)"
     else:
-        detail = str(exc) or "no detail"
-    message = f"{where(exc)}{type(exc).__name__}: {detail}"
+        detail = redact(str(exc)) or "no detail"
+    message = f"{where(exc, with_url=True)}{type(exc).__name__}: {detail}"
     if isinstance(exc, httpx.TimeoutException):
         message = f"{message} {HINT_TIMEOUT}"
     if isinstance(exc, CONFIG_EXCEPTIONS):
         return TargetError("config", f"{message} {HINT_REDIRECT}")
+    if isinstance(exc, httpx.ConnectError) and "WRONG_VERSION_NUMBER" in str(exc).upper():
+        return TargetError("config", f"{message} {HINT_PLAIN_HTTP}")
     return TargetError("transient", message)
 
 
@@ -192,7 +198,8 @@ def kind_of(status: int, code: str | None, text: str, postgrest: bool = True) ->
 
 
 def error_body(response: httpx.Response) -> dict[str, str]:
-    """PostgREST's code/message/details/hint as text; a body that is not a JSON object gives a message only."""
+    """PostgREST's code/message/details/hint as text, as sent (not redacted: see `shown`); a body that is not a JSON
+    object (a proxy's page) gives a message only: its first TEXT_PREFIX characters, whitespace collapsed."""
     try:
         body = response.json()
     except ValueError:  # also UnicodeDecodeError
@@ -205,6 +212,17 @@ def error_body(response: httpx.Response) -> dict[str, str]:
             for name, value in fields.items() if value not in (None, "")}
 
 
+def excerpt(response: httpx.Response, length: int = 80) -> str:
+    """The start of an answer's text for a message: whitespace collapsed, redacted, then cut to `length`."""
+    return redact(" ".join(response.text.split()))[:length]
+
+
+def shown(body: Mapping[str, str]) -> dict[str, str]:
+    """`body` fit for a message: every field redacted (a cut that left PARTIAL_RUN characters of a key is caught
+    too: `syncd.redact`)."""
+    return {name: redact(value) for name, value in body.items()}
+
+
 def describe(status: int, body: Mapping[str, str]) -> str:
     """`409 23505 duplicate key ... (Key (id)=(1) already exists.) Hint: ...`"""
     parts = [str(status), body.get("code"), body.get("message")]
@@ -215,13 +233,27 @@ def describe(status: int, body: Mapping[str, str]) -> str:
     return " ".join(part for part in parts if part)
 
 
-def where(source: httpx.Response | httpx.HTTPError) -> str:
-    """`POST items: ` from the request behind an answer or exception; empty when there is none."""
+def where(source: httpx.Response | httpx.HTTPError, *, with_url: bool = False) -> str:
+    """`POST items: ` from the request behind an answer or exception (`with_url`: `POST items (http://host/rest/v1):
+    `, for a request that got no answer); empty when there is none."""
     try:
         request = source.request
     except RuntimeError:  # built by hand, never sent
         return ""
-    return f"{request.method} {table_of(request.url)}: "
+    table, url = table_of(request.url), str(request.url.copy_with(query=None, fragment=None))
+    if not table:  # the API's root: its URL is the whole story
+        return f"{request.method} {mask_url(url)}: "
+    if with_url:
+        return f"{request.method} {table} ({mask_url(url.rsplit('/', 1)[0])}): "
+    return f"{request.method} {table}: "
+
+
+def asked_root(response: httpx.Response) -> bool:
+    """Whether the request was for the API's root (the OpenAPI description), where PostgREST never answers 404."""
+    try:
+        return not table_of(response.request.url)
+    except RuntimeError:  # built by hand, never sent
+        return False
 
 
 def table_of(url: httpx.URL | str) -> str:
@@ -427,8 +459,9 @@ class PostgrestTarget:
         try:
             document = response.json()
         except ValueError:
-            raise TargetError("config", f"GET /: not an OpenAPI document ({response.text[:80]!r}); is the URL "
-                                        "the PostgREST root (…/rest/v1)?", status=response.status_code) from None
+            raise TargetError("config", f"GET {mask_url(self.base)}/: not an OpenAPI document "
+                                        f"({excerpt(response)!r}); is the URL the PostgREST root (…/rest/v1)?",
+                              status=response.status_code) from None
         return document if isinstance(document, dict) else {}
 
     def read_page(self, table: str, columns: Sequence[str] | None, key: Sequence[str], *, limit: int,
@@ -456,7 +489,7 @@ class PostgrestTarget:
         except ValueError:
             rows = None
         if not isinstance(rows, list):
-            raise TargetError("config", f"GET {table}: expected a JSON array, got {response.text[:80]!r}",
+            raise TargetError("config", f"GET {table}: expected a JSON array, got {excerpt(response)!r}",
                               status=response.status_code)
         total = response.headers.get("content-range", "").rpartition("/")[2]
         return rows, int(total) if total.isdigit() else None
@@ -513,11 +546,15 @@ class PostgrestTarget:
         return headers
 
     def redacted(self, error: TargetError, token: str) -> TargetError:
-        """The error with any echo of the token or apikey blanked out (no secret in a message, ever)."""
-        for secret in (token, self._apikey):
-            if secret and secret in error.message:
-                error.message = error.message.replace(secret, "<redacted>")
-                error.args = (error.message,)
+        """The error with any echo of the token or apikey, whole or in part, blanked out (no secret in a message,
+        ever)."""
+        register(token, self._apikey)
+        message = redact(error.message)
+        for secret in (token, self._apikey):  # this request's own, even one too short for the registry
+            if secret:
+                message = message.replace(secret, MASK)
+        error.message = message
+        error.args = (error.message,)
         return error
 
 

@@ -212,7 +212,7 @@ def test_transport_failures_are_transient(exc_type: type[httpx.RequestError]):
     exc = exc_type("boom", request=httpx.Request("DELETE", f"{URL}/pairs?a=in.(%22x%22)"))
     error = classify_exception(exc)
     assert (error.kind, error.status, error.code) == ("transient", None, None)
-    assert error.message.startswith(f"DELETE pairs: {exc_type.__name__}: boom")
+    assert error.message.startswith(f"DELETE pairs ({URL}): {exc_type.__name__}: boom")  # where it went
 
 
 @pytest.mark.parametrize("exc_type", [httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout])

@@ -1,0 +1,110 @@
+"""Redaction: no secret leaves syncd in any text it writes (log lines, error messages, `status`, `/readyz`, dead
+letters, check findings), not even in part. The secrets are registered where they enter the process (the
+configuration, every token syncd mints); `redact` replaces each of them, and any run of PARTIAL_RUN or more of
+their characters (a server that echoes a key cut short, a proxy's error page), with `<redacted>`.
+
+Logs go through `processor` (a structlog processor); texts from the secondary are redacted before they are cut
+short (`syncd.target`), so a cut never leaves half a key.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import deque
+from collections.abc import MutableMapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = ["MASK", "mask_url", "processor", "redact", "register"]
+
+MASK = "<redacted>"
+PARTIAL_RUN = 12  # characters of a secret in a row that count as leaking it
+RECENT_TOKENS = 16  # minted tokens remembered (each lives minutes)
+SHORTEST = 8  # a shorter "secret" (a test's "k") would redact ordinary words; config refuses keys this short
+
+_lock = threading.Lock()
+_secrets: set[str] = set()
+_tokens: deque[str] = deque(maxlen=RECENT_TOKENS)
+_windows: set[str] = set()
+USERINFO = re.compile(r"(//)([^/@\s]+)@")
+
+
+def register(*secrets: str | None, token: bool = False) -> None:
+    """Remember secrets to redact from now on (`token`: a minted token: only the most recent are kept)."""
+    with _lock:
+        for secret in secrets:
+            if not secret or len(secret) < SHORTEST:
+                continue
+            if token:
+                _tokens.append(secret)
+            else:
+                _secrets.add(secret)
+        _rebuild()
+
+
+def _rebuild() -> None:
+    _windows.clear()
+    for secret in (*_secrets, *_tokens):
+        for start in range(len(secret) - PARTIAL_RUN + 1):
+            _windows.add(secret[start:start + PARTIAL_RUN])
+
+
+def redact(text: str) -> str:
+    """`text` with every registered secret, every run of PARTIAL_RUN of its characters, and the user and password of
+    any URL in it replaced."""
+    text = USERINFO.sub(lambda m: f"{m.group(1)}{MASK}@", text)
+    with _lock:
+        secrets = sorted((*_secrets, *_tokens), key=len, reverse=True)
+        windows = frozenset(_windows)
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    if not windows or len(text) < PARTIAL_RUN:
+        return text
+    marked = bytearray(len(text))
+    for start in range(len(text) - PARTIAL_RUN + 1):
+        if text[start:start + PARTIAL_RUN] in windows:
+            marked[start:start + PARTIAL_RUN] = b"\x01" * PARTIAL_RUN
+    if not any(marked):
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if marked[i]:
+            while i < len(text) and marked[i]:
+                i += 1
+            out.append(MASK)
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def mask_url(url: str) -> str:
+    """`url` without its user and password (`https://<redacted>@host/...`), for messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return USERINFO.sub(lambda m: f"{m.group(1)}{MASK}@", url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{MASK}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def processor(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A structlog processor: every string in the event (keys' values, nested lists and dicts) redacted."""
+    for key, value in event_dict.items():
+        event_dict[key] = _redact_value(value)
+    return event_dict
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_redact_value(v) for v in value)
+    return value
