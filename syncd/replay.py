@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import apsw
+import apsw.ext
 
 from syncd import capture, outbox
 from syncd.capture import Capture
@@ -39,9 +40,17 @@ class Enqueued:
     dry_run: bool
 
 
+def require_installed(conn: apsw.Connection) -> None:
+    """Raise CaptureError (with the command that fixes it) where syncd is not installed: there is no outbox."""
+    if not outbox.installed(conn):
+        raise capture.CaptureError(f"syncd is not installed in {conn.db_filename('main')}; run: syncd install")
+
+
 def replay_dead_letters(conn: apsw.Connection, *, table: str | None = None, ids: Sequence[int] = (),
                         dry_run: bool = False, progress: Reporter = SILENT) -> Enqueued:
-    """Move the matching dead letters back into the outbox, a chunk per transaction."""
+    """Move the matching dead letters back into the outbox, a chunk per transaction. Raises CaptureError where
+    syncd is not installed."""
+    require_installed(conn)
     count = outbox.count_dead_letters(conn, table=table, ids=ids)
     if dry_run:
         return Enqueued(count, True)
@@ -57,7 +66,11 @@ def replay_dead_letters(conn: apsw.Connection, *, table: str | None = None, ids:
 
 def replay_journal(conn: apsw.Connection, since: float, until: float | None = None, *, table: str | None = None,
                    dry_run: bool = False, progress: Reporter = SILENT) -> Enqueued:
-    """Enqueue again every key the journal says was shipped in [since, until) (unix seconds)."""
+    """Enqueue again every key the journal says was shipped in [since, until) (unix seconds). Raises CaptureError
+    where syncd is not installed, ValueError when `until` is not after `since`."""
+    require_installed(conn)
+    if until is not None and until <= since:
+        raise ValueError("--until must be later than --since (the window is [since, until))")
     keys = outbox.journal_keys(conn, since, until, table)
     if not dry_run:
         progress.set_total(len(keys))
@@ -76,8 +89,9 @@ def replay_window(conn: apsw.Connection, since: str, until: str | None = None, *
 
 def resync_table(conn: apsw.Connection, config: Config, table: str, *, where: str | None = None,
                  dry_run: bool = False, progress: Reporter = SILENT) -> Enqueued:
-    """`resync` of a configured table by name. Raises CaptureError when it is not configured or cannot be
-    captured."""
+    """`resync` of a configured table by name. Raises CaptureError when it is not configured, cannot be captured
+    or syncd is not installed; ValueError when `where` is not one read-only condition on the table."""
+    require_installed(conn)
     table_config = config.table(table)
     if table_config is None:
         raise capture.CaptureError(f"table {table!r} is not configured; add a [[table]] section for it")
@@ -88,9 +102,12 @@ def resync(conn: apsw.Connection, planned: Capture, *, where: str | None = None,
            progress: Reporter = SILENT) -> Enqueued:
     """Enqueue every key of a table in key order, CHUNK keys per short transaction (keyset pagination).
 
-    `where` is the operator's own SQL condition on the table (e.g. "created_at > '2024-01-01'"). Rows
-    whose key holds NULL are skipped: they cannot be shipped (a live change to them is dead-lettered).
+    `where` is the operator's own SQL condition on the table (e.g. "created_at > '2024-01-01'"): exactly one
+    boolean expression, read-only (`check_where`; ValueError otherwise). Rows whose key holds NULL are skipped: they
+    cannot be shipped (a live change to them is dead-lettered).
     """
+    if where is not None:
+        check_where(conn, planned.table.name, where)
     table, key = quote_ident(planned.table.name), planned.key
     columns = ", ".join(f"{table}.{quote_ident(c)}" for c in key)
     filters = [f"({where})"] if where else []
@@ -114,3 +131,63 @@ def resync(conn: apsw.Connection, planned: Capture, *, where: str | None = None,
         total += len(chunk)
         last = tuple(chunk[-1])
         progress(total)
+
+
+# What SQLite's authorizer reports for a query that only reads (https://sqlite.org/c3ref/c_alter_table.html), and the
+# functions a condition may not call although the authorizer calls them reads (extensions are off in apsw anyway).
+READ_ACTIONS = frozenset({"SQLITE_SELECT", "SQLITE_READ", "SQLITE_FUNCTION", "SQLITE_RECURSIVE"})
+REFUSED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer"})
+
+
+def check_where(conn: apsw.Connection, table: str, where: str) -> None:
+    """Accept `where` only as one SQL condition on `table` that reads and writes nothing else: prepared alone as
+    `SELECT 1 FROM table WHERE (where)`, with nothing after it (apsw would run a second statement), read-only (by
+    `sqlite3_stmt_readonly` and by every action SQLite's authorizer reports), without parameters and without
+    load_extension(). Raises ValueError saying which."""
+    if not where.strip():
+        raise ValueError("give an SQL condition on the table, e.g. \"created_at > '2024-01-01'\", or leave it out")
+    if (problem := unbalanced(where)) is not None:
+        raise ValueError(f"{where!r} is not one condition: {problem}")
+    try:
+        info = apsw.ext.query_info(conn, f"SELECT 1 FROM {quote_ident(table)} WHERE ({where})", actions=True)
+    except apsw.Error as exc:
+        raise ValueError(f"{where!r} is not an SQL condition on {table!r}: {exc}") from None
+    if info.query_remaining and info.query_remaining.strip(" \t\r\n;"):
+        raise ValueError(f"{where!r} holds more than one condition (a ';' and more SQL after it): give one "
+                         "boolean expression") from None
+    if not info.is_readonly:
+        raise ValueError(f"{where!r} would write: give a read-only condition") from None
+    if info.bindings_count:
+        raise ValueError(f"{where!r} has parameters (?, :name, $name or @name): write the values into the "
+                         "condition") from None
+    for action in info.actions or ():
+        if action.action_name not in READ_ACTIONS:
+            raise ValueError(f"{where!r} does more than read ({action.action_name}): give a condition") from None
+        if action.function_name and action.function_name.lower() in REFUSED_FUNCTIONS:
+            raise ValueError(f"{where!r} calls {action.function_name}(), which a condition may not") from None
+
+
+def unbalanced(sql: str) -> str | None:
+    """Why `sql` cannot stand alone inside the parentheses syncd puts around a condition (`1) OR (1` would escape
+    them, a comment would swallow what follows), or None: its parentheses pair up outside string literals and quoted
+    names, none closes before it opened, and it holds no comment."""
+    depth, i = 0, 0
+    closers = {"'": "'", '"': '"', "`": "`", "[": "]"}
+    while i < len(sql):
+        char = sql[i]
+        if char in closers:
+            end = sql.find(closers[char], i + 1)
+            if end < 0:
+                return f"a {char} is not closed"
+            i = end + 1
+            continue
+        if sql.startswith("--", i) or sql.startswith("/*", i):
+            return "it holds an SQL comment"
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                return "a ')' closes a parenthesis it did not open"
+        i += 1
+    return None if depth == 0 else "a '(' is not closed"
