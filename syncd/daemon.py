@@ -86,6 +86,8 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
     waker.start()
     log.info("syncd started", database=str(config.source.path), target=config.target.url,
              tables=[t.name for t in config.tables], metrics=config.worker.metrics_addr, once=once)
+    if config.target.in_clear:
+        log.warning(config.target.in_clear)
     if not once:
         worker.reconciler.start(stop)
     outcome: list[int] = []

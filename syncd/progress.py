@@ -100,6 +100,8 @@ class Progress:
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
+        if kind is not None and self.done == 0 and self.bar is None:
+            self.closed = True  # refused before any work (a bad flag): the error alone says it
         self.close()
 
     def line(self) -> str:

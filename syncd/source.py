@@ -19,6 +19,8 @@ import enum
 import fcntl
 import os
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import apsw
 
 from syncd import sqlite, state
 
-__all__ = ["Event", "Identity", "Source", "identity"]
+__all__ = ["Event", "Identity", "LockProbe", "LockWait", "Source", "identity"]
 
 
 @dataclass(frozen=True)
@@ -113,9 +115,12 @@ class Source:
         return Event.NONE
 
     def reopen(self) -> None:
-        """Open the file now at `path` (after a replacement), and close the old connection."""
-        self.identity = identity(self.path)
+        """Open the file now at `path` (after a replacement), and close the old connection. Raises
+        sqlite.SourceFileError (the old connection kept, the replacement still pending) when the new file is not
+        one syncd can use."""
+        now = identity(self.path)
         old, self.conn = self.conn, sqlite.connect(self.path)
+        self.identity = now
         self.schema_version, self.configured = None, False
         old.close()
         if self.probe is not None:  # after the old connection: closing its descriptor drops this process's locks
@@ -158,28 +163,93 @@ class LockProbe:
         """True while another process is inside a transaction on the file (a read transaction holds a read mark of
         the WAL index, a writer the write lock; in rollback-journal mode SHARED or more), and when it cannot tell."""
         try:
-            current = os.stat(self.path).st_ino
-        except FileNotFoundError:
-            return False  # no -shm: no connection has the file open in WAL mode (ours open it lazily)
+            return self.holder(self.start, self.length) is not None
         except OSError:
             return True
+
+    def holder(self, start: int, length: int) -> int | None:
+        """The pid of a process holding a lock on bytes `start`..`start + length` of the probed file, None when
+        none does (or the file does not exist). Raises OSError when it cannot tell."""
+        try:
+            current = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return None  # no -shm: no connection has the file open in WAL mode (ours open it lazily)
         if self.descriptor is not None and os.fstat(self.descriptor).st_ino != current:
             self.stale.append(self.descriptor)  # a new -shm: never close the old one while our connection lives
             self.descriptor = None
         if self.descriptor is None:
-            try:
-                self.descriptor = os.open(self.path, os.O_RDONLY)
-            except OSError:
-                return True
-        try:
-            probe = struct.pack(FLOCK, fcntl.F_WRLCK, os.SEEK_SET, self.start, self.length, 0)
-            answer = fcntl.fcntl(self.descriptor, fcntl.F_GETLK, probe)
-        except OSError:
-            return True
-        return struct.unpack(FLOCK, answer)[0] != fcntl.F_UNLCK
+            self.descriptor = os.open(self.path, os.O_RDONLY)
+        probe = struct.pack(FLOCK, fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+        kind, _, _, _, pid = struct.unpack(FLOCK, fcntl.fcntl(self.descriptor, fcntl.F_GETLK, probe))
+        return None if kind == fcntl.F_UNLCK else pid
 
     def close(self) -> None:
         """Close the descriptor (only once no connection of this process uses that file any more)."""
         for descriptor in [*self.stale, *([self.descriptor] if self.descriptor is not None else [])]:
             os.close(descriptor)
         self.descriptor, self.stale = None, []
+
+
+# The bytes a writer locks (https://sqlite.org/walformat.html; https://sqlite.org/lockingv3.html): WAL mode's
+# write lock in the -shm, rollback mode's RESERVED and PENDING bytes, then its SHARED range (a reader at commit).
+WRITER_LOCKS = ((True, 120, 1), (False, 0x40000000, 2), (False, 0x40000002, 510))
+WAIT_FIRST_REPORT = 1.0  # seconds of waiting before the first "waiting for the lock" line
+WAIT_REPORT_EVERY = 5.0  # seconds between "still waiting" lines
+WAIT_STEP = 0.05  # seconds slept per call of the busy handler
+
+
+class LockWait:
+    """A busy handler for a command's connection (apsw `Connection.set_busy_handler`): while another process holds
+    the lock SQLite needs, wait, and every WAIT_REPORT_EVERY seconds `report` who holds it (pid and process name, as
+    the kernel's F_GETLK tells) and for how long we have waited; after `limit` seconds give up (the statement then
+    raises apsw.BusyError, and `describe` says who held it).
+
+    Its probes keep their descriptors open as long as the process lives (see LockProbe): it belongs to commands,
+    not to the daemon."""
+
+    def __init__(self, database: Path, limit: float, report: Callable[[str], None]) -> None:
+        self.database, self.limit, self.report = database, limit, report
+        self.probes = {wal: LockProbe(database, identity(database), wal=wal) for wal in (True, False)}
+        self.since: float | None = None
+        self.next_report = 0.0
+
+    def __call__(self, calls: int) -> bool:
+        now = time.monotonic()
+        if calls == 0 or self.since is None:
+            self.since, self.next_report = now, now + WAIT_FIRST_REPORT  # not for a blip
+        waited = now - self.since
+        if waited >= self.limit:
+            return False
+        if now >= self.next_report:
+            self.next_report = now + WAIT_REPORT_EVERY
+            self.report(f"waiting for the lock on {self.database}: {self.who()} holds it (a migration or a long "
+                        f"batch?); waited {waited:.0f} s of up to {self.limit:.0f} s (--lock-wait); Ctrl-C stops, "
+                        "nothing is changed until syncd gets the lock")
+        time.sleep(WAIT_STEP)
+        return True
+
+    def who(self) -> str:
+        """`process 4242 (python3)`, or `another process` when the kernel does not tell."""
+        for wal, start, length in WRITER_LOCKS:
+            try:
+                pid = self.probes[wal].holder(start, length)
+            except OSError:
+                continue
+            if pid:
+                return f"process {pid}{process_name(pid)}"
+        return "another process"
+
+    def describe(self) -> str:
+        """The message for giving up: who held the lock, how long we waited, what to do."""
+        waited = 0.0 if self.since is None else time.monotonic() - self.since
+        return (f"{self.who()} held the lock on {self.database} for the {waited:.0f} s syncd waited; nothing was "
+                "changed: run the command again once the application's transaction (a migration? a long batch?) "
+                "is done")
+
+
+def process_name(pid: int) -> str:
+    """` (python3)`: the process's name from /proc, empty where there is none."""
+    try:
+        return f" ({Path(f'/proc/{pid}/comm').read_text().strip()})"
+    except OSError:
+        return ""

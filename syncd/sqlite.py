@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,19 +12,49 @@ import apsw
 BUSY_TIMEOUT_MS = 5000
 
 
-class DatabaseNotFound(Exception):
+HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database (https://sqlite.org/fileformat.html)
+
+
+class SourceFileError(Exception):
+    """The application's file cannot be used as it is: missing, a directory, not SQLite, not readable or not
+    writable. The message names the file, what is wrong and the fix."""
+
+
+class DatabaseNotFound(SourceFileError):
     """The database file does not exist (syncd never creates one)."""
 
 
 def connect(path: Path, *, readonly: bool = False) -> apsw.Connection:
     """Open an existing database (never create one: a typo in source.path must not make an empty file), with a
-    busy timeout of BUSY_TIMEOUT_MS. Raises DatabaseNotFound when `path` does not exist."""
-    if not path.exists():
-        raise DatabaseNotFound(f"database file not found: {path} (check source.path or SYNCD_DB)")
+    busy timeout of BUSY_TIMEOUT_MS. Nothing is read through SQLite yet (no statement: in rollback-journal mode an
+    app's EXCLUSIVE lock makes any wait). Raises DatabaseNotFound when `path` does not exist, SourceFileError when
+    it is a directory, not a SQLite database, or not readable (or, unless `readonly`, not writable) for this user."""
+    check(path, readonly=readonly)
     flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
     conn = apsw.Connection(str(path), flags=flags)
     conn.set_busy_timeout(BUSY_TIMEOUT_MS)
     return conn
+
+
+def check(path: Path, *, readonly: bool = False) -> None:
+    """Refuse, with the fix, an application file syncd cannot use (see `connect`)."""
+    if not path.exists():
+        raise DatabaseNotFound(f"database file not found: {path} (check source.path or SYNCD_DB)")
+    if path.is_dir():
+        raise SourceFileError(f"source.path: {path} is a directory; give the application's SQLite file")
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(len(HEADER))
+    except PermissionError:
+        raise SourceFileError(f"source.path: cannot read {path} (permission denied): give syncd's user read access "
+                              "to the file") from None
+    if header and header != HEADER:  # an empty file is an empty database
+        raise SourceFileError(f"source.path: {path} is not a SQLite database (its first bytes are not SQLite's "
+                              "header); check source.path")
+    if not readonly and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+        what = "the file" if not os.access(path, os.W_OK) else "its directory (SQLite creates -wal and -shm there)"
+        raise SourceFileError(f"source.path: cannot write to {path}: {what} is read-only for this user; syncd "
+                              "records changes in it (check the owner and permissions)")
 
 
 def quote_ident(name: str) -> str:

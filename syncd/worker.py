@@ -40,7 +40,7 @@ from syncd.outbox import Change, DeadLetter
 from syncd.reconcile import Reconciler
 from syncd.source import Event as SourceEvent
 from syncd.source import Source
-from syncd.sqlite import BUSY_TIMEOUT_MS, immediate, quote_ident
+from syncd.sqlite import BUSY_TIMEOUT_MS, SourceFileError, immediate, quote_ident
 from syncd.target import TargetError
 
 HOUSEKEEPING_EVERY = 2.0
@@ -327,21 +327,16 @@ class Worker:
         gone for longer than SOURCE_GONE_GRACE seconds."""
         event = self.source.check()
         if event is SourceEvent.GONE:
-            now = time.monotonic()
-            if self.gone_since is None or now - self.gone_logged >= GONE_LOG_EVERY:
-                self.gone_since = now if self.gone_since is None else self.gone_since
-                self.gone_logged = now
-                self.observer.source_fault("gone", f"the database file {self.source.path} is gone (a restore in "
-                                           "progress?): waiting for it to come back", now - self.gone_since,
-                                           GONE_POLL)
-            if now - self.gone_since > SOURCE_GONE_GRACE:
-                raise SourceGone(f"the database file {self.source.path} has been gone for more than "
-                                 f"{SOURCE_GONE_GRACE:.0f} s; restore it (or fix source.path), then start syncd run")
-            stop.wait(GONE_POLL)
-            return False
+            return self.wait_for_file("gone", f"the database file {self.source.path} is gone (a restore in "
+                                      "progress?)", stop)
+        if event is SourceEvent.REPLACED:
+            try:
+                self.source.reopen()
+            except SourceFileError as exc:  # a directory, a file that is not SQLite (yet?), not ours to write
+                return self.wait_for_file("unusable", f"the database file was replaced by one syncd cannot use: {exc}",
+                                          stop)
         self.gone_since = None
         if event is SourceEvent.REPLACED:
-            self.source.reopen()
             if not outbox.installed(self.conn):  # a copy older than `syncd install`: the lease needs its tables
                 with immediate(self.conn):
                     outbox.create(self.conn)
@@ -362,6 +357,22 @@ class Worker:
         elif not self.prepared:
             self.prepare()
         self.recheck_schema_halts()
+
+    def wait_for_file(self, kind: str, problem: str, stop: threading.Event) -> bool:
+        """No usable file at source.path (`kind`: gone, unusable; `problem` says which): report it every
+        GONE_LOG_EVERY seconds and wait GONE_POLL (False: the turn is over); raises SourceGone once it has lasted
+        SOURCE_GONE_GRACE seconds."""
+        now = time.monotonic()
+        if self.gone_since is None or now - self.gone_logged >= GONE_LOG_EVERY:
+            self.gone_since = now if self.gone_since is None else self.gone_since
+            self.gone_logged = now
+            self.observer.source_fault(kind, f"{problem}: waiting for a usable file", now - self.gone_since,
+                                       GONE_POLL)
+        if now - self.gone_since > SOURCE_GONE_GRACE:
+            raise SourceGone(f"{problem}, for more than {SOURCE_GONE_GRACE:.0f} s; restore the file (or fix "
+                             "source.path), then start syncd run")
+        stop.wait(GONE_POLL)
+        return False
 
     def adopt_replaced_file(self) -> None:
         """The file was replaced (a restore) and reopened: install syncd's tables if the copy predates `install`,

@@ -803,6 +803,36 @@ def test_restore_with_on_source_replaced_halt_waits_for_sighup(app: App, pg: psy
     assert daemon.stop() == 0
 
 
+def test_a_file_replaced_by_one_that_is_not_sqlite_waits_then_adopts_the_real_restore(
+        app: App, pg: psycopg.Connection, tmp_path: Path, run_daemon) -> None:
+    """A restore that puts the wrong file in place first (the backup's .gz): the daemon keeps running, says so in
+    /readyz, status and the log, and adopts the real file when it comes."""
+    daemon = run_daemon(app)
+    copy = tmp_path / "backup.sqlite3"
+    live_and_backup(app, pg, copy)
+    wrong = tmp_path / "backup.sqlite3.gz"
+    wrong.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)) * 8)
+    restore(wrong, app.db, "rename")
+    logged = daemon.wait_for("replaced by one syncd cannot use")
+    assert "not a SQLite database" in str(logged["event"]), logged
+    ready = wait_readyz(app, lambda code, why: code == 503 and "not a SQLite database" in why, timeout=10)
+    assert ready is not None and ready[0] == 503, ready
+    assert metric(app, 'syncd_source_errors_total{kind="unusable"}') >= 1.0  # type: ignore[operator]
+    assert daemon.alive()
+
+    restore(copy, app.db, "rename")
+    daemon.wait_for("the database file was replaced")
+    wait_converged(app, pg, timeout=60)
+    assert_restored_before_new_rows(pg)
+    assert wait_readyz(app, lambda code, _: code == 200) == (200, "ok")
+    assert daemon.stop() == 0
+
+
+def assert_restored_before_new_rows(pg: psycopg.Connection) -> None:
+    assert count(pg, "e2e_parents", "id BETWEEN 21 AND 30") == 0 and count(pg, "e2e_items", "id BETWEEN 21 AND 30") == 0
+    assert count(pg, "e2e_parents", "id = 6") == 1 and count(pg, "e2e_items", "id = 3") == 1
+
+
 def test_restore_of_a_copy_that_predates_install(tmp_path: Path, devserver: DevServer, pg: psycopg.Connection,
                                                  run_daemon) -> None:
     """The restored copy has no _syncd_ tables: the daemon installs itself in it and reconciles every table."""
