@@ -13,6 +13,8 @@ shipper re-reads them, finds them gone, and deletes them in the secondary too.
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -30,6 +32,10 @@ OWNED_PREFIX = "_syncd_"
 
 class CaptureError(Exception):
     """A table cannot be captured; the message says which and what to do."""
+
+
+class MappingError(CaptureError):
+    """A table's mapping names a column the table does not have, or ships one under another column's name."""
 
 
 @dataclass
@@ -163,7 +169,36 @@ def plan_table(conn: apsw.Connection, table_config: TableConfig) -> Capture:
     if missing:
         raise CaptureError(f"table {table.name!r}: key column(s) {', '.join(map(repr, missing))} do not exist; "
                            f"columns are {', '.join(table.columns)}")
+    problems = mapping_problems(table, table_config)
+    if problems:
+        raise MappingError("\n".join(problems))
     return Capture(table, list(key), table_config.target_name)
+
+
+def mapping_problems(table: SourceTable, table_config: TableConfig) -> list[str]:
+    """What the table's mapping names that the table does not have, or ships under a name another column has:
+    each a line with the key, the problem and the fix (a "did you mean" from the table's real columns)."""
+    problems = []
+    for column in [*table_config.columns, *table_config.exclude]:
+        if column not in table.columns:
+            where = f"[table.columns.{column}]" if column in table_config.columns else f"exclude {column!r}"
+            problems.append(f"table {table.name!r}: {where}: no such column in SQLite; {one_of(column, table.columns)}")
+    configured = set(table_config.columns) | set(table_config.exclude)
+    for column, spec in table_config.columns.items():
+        target = spec.rename
+        if target is None or target == column or column in table_config.exclude:
+            continue
+        if target in table.columns and target not in configured:
+            problems.append(f"table {table.name!r}: [table.columns.{column}] rename = {target!r}: {target!r} is "
+                            "already a column of the table, which ships under that name too; choose another name, "
+                            f"or exclude {target!r} (or rename it)")
+    return problems
+
+
+def one_of(name: str, valid: list[str]) -> str:
+    """`did you mean 'x'?` from the close matches, else the list of valid names."""
+    match = difflib.get_close_matches(name, valid, n=1)
+    return f"did you mean {match[0]!r}?" if match else f"the columns are {', '.join(valid)}"
 
 
 # -- health: how each table's capture stands now ---------------------------------------------------------
@@ -198,7 +233,10 @@ def examine(conn: apsw.Connection, table_config: TableConfig,
         health.plan = plan_table(conn, table_config)
     except CaptureError as exc:
         health.triggers = "invalid"
-        if table_exists(conn, table_config.name):
+        if isinstance(exc, MappingError):  # the table is fine; its [[table]] section is not (or no longer)
+            health.problem = (f"{exc} (fix the table's [[table]] section, or the migration that dropped the column, "
+                              "then send SIGHUP to syncd run)")
+        elif table_exists(conn, table_config.name):
             health.key_changed = True
             health.problem = (f"{exc} (the key column may have been renamed or dropped); map the key again (key = "
                               "[...] in its [[table]] section, and the secondary's key), run: syncd install, then "
@@ -280,6 +318,8 @@ def install(conn: apsw.Connection, config: Config) -> InstallReport:
     """
     report = InstallReport()
     plan(conn, config)  # refuse before anything is created, the state file included
+    with immediate(conn):
+        pass  # wait out an app's transaction before creating anything: one that outlasts the wait leaves no trace
     database = Path(conn.db_filename("main"))
     state.ensure(conn, database)
     outbox.migrate(conn)
@@ -337,10 +377,12 @@ def install_trigger(conn: apsw.Connection, name: str, sql: str, current: dict[st
 
 @dataclass
 class UninstallReport:
-    """What `uninstall` dropped: syncd's triggers, and (with drop_outbox) its tables, by name."""
+    """What `uninstall` dropped: syncd's triggers, and (with drop_outbox) its tables, by name; `found`: whether
+    syncd was there at all (its tables or a trigger)."""
 
     dropped_triggers: list[str] = field(default_factory=list)
     dropped_tables: list[str] = field(default_factory=list)
+    found: bool = True
 
 
 def uninstall(conn: apsw.Connection, *, drop_outbox: bool = False, force: bool = False,
@@ -351,10 +393,18 @@ def uninstall(conn: apsw.Connection, *, drop_outbox: bool = False, force: bool =
     so it needs force, unless `archive` names a new file that receives a copy of all four tables first
     (the seed's Phase 4: archive, then clean up).
     """
-    report = UninstallReport()
+    report = UninstallReport(found=outbox.installed(conn) or bool(existing_triggers(conn)))
     if archive is not None:
         if archive.exists():
             raise CaptureError(f"archive {archive} already exists; choose a new file name")
+        if not archive.parent.is_dir():
+            raise CaptureError(f"cannot create the archive {archive}: the directory {archive.parent} does not exist")
+        if not os.access(archive.parent, os.W_OK):
+            raise CaptureError(f"cannot create the archive {archive}: the directory {archive.parent} is not writable "
+                               "for this user")
+    if not report.found:
+        return report
+    if archive is not None:
         if not outbox.installed(conn):
             raise CaptureError("there is nothing to archive: syncd's tables are not in this database")
         outbox.archive(conn, archive)

@@ -19,6 +19,7 @@ from syncd import capture, outbox
 from syncd.auth import TokenSource
 from syncd.config import Config, TableConfig
 from syncd.mapping import TableMapping
+from syncd.redact import mask_url, redact
 from syncd.sqlite import quote_ident
 from syncd.target import PostgrestTarget, TargetError, open_target
 
@@ -166,8 +167,14 @@ def check_policies(pg_url: str) -> list[Finding]:
     raises ImportError without it, psycopg.Error when the database cannot be reached or read."""
     import psycopg
 
-    with psycopg.connect(pg_url) as conn:
-        rows = conn.execute(POLICIES_SQL).fetchall()
+    try:
+        with psycopg.connect(pg_url, connect_timeout=10) as conn:
+            rows = conn.execute(POLICIES_SQL).fetchall()
+    except psycopg.Error as exc:
+        reason = redact(" ".join(str(exc).split()))[:200]
+        return [Finding("error", "policies", f"cannot read the policies through --pg-url {mask_url(pg_url)}: {reason}",
+                        "give a postgresql:// URL of the secondary's database that this machine can reach, with a "
+                        "user that may read pg_policies")]
     return [Finding("warn", f"policy {policy!r} on {schema}.{table}", "reads request.jwt.claim.*, which PostgREST "
                     "v12+ never sets: it never matches", "read current_setting('request.jwt.claims', true)::jsonb "
                     "->> 'role' (or auth.role(), auth.uid()) instead") for schema, table, policy in rows] \
@@ -181,6 +188,8 @@ def run_checks(config: Config, conn: apsw.Connection, tokens: TokenSource | None
     findings = [Finding("ok", "config", "loaded and valid")]
     source, planned = check_source(conn, config)
     findings += source + check_key(config, now)
+    if config.target.in_clear:
+        findings.append(Finding("warn", "secondary", config.target.in_clear))
     with open_target(config, tokens) as target:
         try:
             spec = target.describe()

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,16 +21,38 @@ from syncd import __version__, auth, capture, sqlite, state, status, timeparse
 from syncd import replay as operations
 from syncd.config import Config, ConfigError, WorkerConfig, load_config
 from syncd.progress import Progress
-from syncd.target import TargetError, open_target
+from syncd.redact import redact
+from syncd.source import LockWait
+from syncd.target import PostgrestTarget, TargetError, open_target
 from syncd.verify import PAGE
 
 # Mistakes an operator can fix: printed as one clear message, never as a traceback.
-USER_ERRORS = (ConfigError, capture.CaptureError, sqlite.DatabaseNotFound, apsw.BusyError, apsw.SQLError, TargetError)
+USER_ERRORS = (ConfigError, capture.CaptureError, sqlite.SourceFileError, apsw.SQLError, TargetError)
+EXIT_BUG = 70  # sysexits.h EX_SOFTWARE
+LOCK_WAIT = 300.0  # seconds a command waits for the app's lock by default
+LOCK_WAITS: list[LockWait] = []  # this process's, to say who held the lock when one gives up
 
 
 def load(args: argparse.Namespace, **overrides: object) -> Config:
     """The configuration for a command: its --config and --db, then `overrides` (dotted keys). Raises ConfigError."""
     return load_config(args.config, overrides={"source.path": args.db, **overrides})
+
+
+def open_source(args: argparse.Namespace, config: Config, *, readonly: bool = False) -> apsw.Connection:
+    """The app's file (its state file attached) for a command: while another process holds the lock, wait up to
+    --lock-wait seconds, saying on stderr who holds it (`source.LockWait`)."""
+    conn = state.connect(config.source.path, readonly=readonly)
+    waits = LockWait(config.source.path, args.lock_wait, lambda line: print(line, file=sys.stderr, flush=True))
+    conn.set_busy_handler(waits)
+    LOCK_WAITS.append(waits)
+    return conn
+
+
+def secondary(config: Config) -> PostgrestTarget:
+    """The PostgREST client for a command, after warning on stderr when the key would travel in clear."""
+    if config.target.in_clear:
+        print(f"warning: {config.target.in_clear}", file=sys.stderr)
+    return open_target(config)
 
 
 def bad_argument(flag: str, problem: str) -> ConfigError:
@@ -39,7 +63,7 @@ def bad_argument(flag: str, problem: str) -> ConfigError:
 def install(args: argparse.Namespace) -> int:
     """`syncd install`: create syncd's tables and the triggers; print what changed."""
     config = load(args)
-    report = capture.install(state.connect(config.source.path), config)
+    report = capture.install(open_source(args, config), config)
     print(f"installed in {config.source.path}: {len(report.created)} trigger(s) created, "
           f"{len(report.replaced)} replaced, {len(report.unchanged)} unchanged")
     for name in report.created + report.replaced:
@@ -52,8 +76,11 @@ def install(args: argparse.Namespace) -> int:
 def uninstall(args: argparse.Namespace) -> int:
     """`syncd uninstall`: remove the triggers (and, as asked, archive or drop syncd's tables)."""
     config = load(args)
-    report = capture.uninstall(state.connect(config.source.path), drop_outbox=args.drop_outbox, force=args.force,
+    report = capture.uninstall(open_source(args, config), drop_outbox=args.drop_outbox, force=args.force,
                                archive=args.archive)
+    if not report.found:
+        print(f"syncd is not installed in {config.source.path}: nothing to remove")
+        return 0
     if args.archive:
         print(f"archived the outbox, dead letters, journal and meta to {args.archive}")
     print(f"removed {len(report.dropped_triggers)} trigger(s)"
@@ -65,7 +92,7 @@ def uninstall(args: argparse.Namespace) -> int:
 def show_status(args: argparse.Namespace) -> int:
     """`syncd status`: exit 0 when healthy, 1 when something needs an operator."""
     config = load(args)
-    result = status.collect(state.connect(config.source.path), config, max_lag=args.max_lag)
+    result = status.collect(open_source(args, config, readonly=True), config, max_lag=args.max_lag)
     print(json.dumps(result.as_dict(), indent=2) if args.json else status.render(result))
     return 0 if result.healthy else 1
 
@@ -94,7 +121,7 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
                             description="Ship every captured change to PostgREST: wake on commits, batch, retry "
                                         "transient failures forever, dead-letter rows the secondary refuses, "
                                         "serve /metrics, /healthz and /readyz.")
-    add_config_options(p)
+    add_config_options(p, lock_wait=False)
     p.add_argument("--once", action="store_true", help="drain until the outbox is empty, then exit")
     p.add_argument("--batch-size", dest="batch_size", type=int, help=worker_help("batch_size"))
     p.add_argument("--poll-interval", dest="poll_interval", type=float, help=worker_help("poll_interval"))
@@ -107,7 +134,7 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
 def replay(args: argparse.Namespace) -> int:
     """`syncd replay`: dead letters, or the keys shipped in a time window, back into the outbox."""
     config = load(args)
-    conn = state.connect(config.source.path)
+    conn = open_source(args, config)
     if args.dead_letters:
         with Progress("replay") as progress:
             result = operations.replay_dead_letters(conn, table=args.table, ids=args.id or (), dry_run=args.dry_run,
@@ -130,8 +157,11 @@ def resync(args: argparse.Namespace) -> int:
     """`syncd resync` / `backfill`: every key of a table into the outbox."""
     config = load(args)
     with Progress(f"resync {args.table}") as progress:
-        result = operations.resync_table(state.connect(config.source.path), config, args.table, where=args.where,
-                                         dry_run=args.dry_run, progress=progress)
+        try:
+            result = operations.resync_table(open_source(args, config), config, args.table,
+                                             where=args.where, dry_run=args.dry_run, progress=progress)
+        except ValueError as exc:
+            raise bad_argument("--where", str(exc)) from None
     verb = "would enqueue" if result.dry_run else "enqueued"
     print(f"{verb} {result.keys} key(s) of {args.table}" + ("" if result.dry_run else "; `syncd run` ships them"))
     return 0
@@ -149,7 +179,7 @@ def add_operation_commands(commands: argparse._SubParsersAction) -> None:
     source.add_argument("--since", help="replay keys shipped since TIME (ISO 8601, or 90s, 15m, 2h, 7d ago)")
     p.add_argument("--until", help="with --since: only keys shipped before TIME")
     p.add_argument("--table", help="only this table")
-    p.add_argument("--id", type=int, action="append", help="with --dead-letters: only these dead letter ids")
+    p.add_argument("--id", type=positive_int, action="append", help="with --dead-letters: only these dead letter ids")
     p.add_argument("--dry-run", action="store_true", help="count, change nothing")
     p.set_defaults(run=replay)
     for name in ("resync", "backfill"):
@@ -216,7 +246,7 @@ def run_check(args: argparse.Namespace) -> int:
     from syncd import check
 
     config = load(args)
-    findings = check.run_checks(config, state.connect(config.source.path), pg_url=args.pg_url)
+    findings = check.run_checks(config, open_source(args, config, readonly=True), pg_url=args.pg_url)
     print(check.render(findings))
     return 0 if check.passed(findings) else 1
 
@@ -226,8 +256,9 @@ def run_verify(args: argparse.Namespace) -> int:
     from syncd import verify
 
     config = load(args)
-    with open_target(config) as target:
-        result = verify.verify(state.connect(config.source.path), config, target, tables=args.table,
+    with secondary(config) as target:
+        result = verify.verify(open_source(args, config, readonly=not args.repair), config, target,
+                               tables=args.table,
                                repair=args.repair, dry_run=args.dry_run, page=args.page_size, progress=Progress)
     print(json.dumps(result.as_dict(), indent=2) if args.json else result.render())
     return 0 if result.equal else 1
@@ -239,8 +270,9 @@ def run_cutover(args: argparse.Namespace) -> int:
 
     config = load(args)
     timeout = duration("--timeout", args.timeout)
-    with open_target(config) as target:
-        readiness = cutover.check_readiness(state.connect(config.source.path), config, target, timeout=timeout,
+    with secondary(config) as target:
+        readiness = cutover.check_readiness(open_source(args, config, readonly=True), config, target,
+                                            timeout=timeout,
                                             progress=Progress)
     print(cutover.render(readiness, config))
     return 0 if readiness.ready else 1
@@ -258,7 +290,8 @@ def add_verify_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--repair", action="store_true", help="enqueue every differing key; `syncd run` ships them")
     p.add_argument("--dry-run", action="store_true", help="with --repair: count what would be enqueued")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--page-size", dest="page_size", type=int, default=PAGE, help=f"rows per read (default {PAGE})")
+    p.add_argument("--page-size", dest="page_size", type=positive_int, default=PAGE,
+                   help=f"rows per read (default {PAGE})")
     p.set_defaults(run=run_verify)
     p = commands.add_parser("cutover", help="wait for an empty outbox, verify, and say how to switch the app",
                             description="The seed's Phase 3, checked: wait until the daemon has drained the "
@@ -309,10 +342,37 @@ def add_jwt_commands(commands: argparse._SubParsersAction) -> None:
     verify.set_defaults(run=jwt_verify)
 
 
-def add_config_options(p: argparse.ArgumentParser) -> None:
-    """--config and --db, which every command that reads the app's file takes."""
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small: use 1 or more")
+    return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 up")
+    return value
+
+
+def add_config_options(p: argparse.ArgumentParser, *, lock_wait: bool = True) -> None:
+    """--config and --db, which every command that reads the app's file takes; --lock-wait for a command (not the
+    daemon, which waits as long as it takes)."""
     p.add_argument("--config", type=Path, help="TOML configuration file (default: $SYNCD_CONFIG)")
     p.add_argument("--db", help="the application's SQLite file (overrides source.path and $SYNCD_DB)")
+    if lock_wait:
+        p.add_argument("--lock-wait", type=seconds, default=LOCK_WAIT, metavar="SECONDS",
+                       help="while the application holds the file's lock, wait this long, saying every few seconds "
+                            f"which process holds it (default {LOCK_WAIT:.0f})")
 
 
 def add_capture_commands(commands: argparse._SubParsersAction) -> None:
@@ -337,28 +397,34 @@ def add_capture_commands(commands: argparse._SubParsersAction) -> None:
                                         "when healthy, 1 when something needs an operator.")
     add_config_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--max-lag", type=float, default=status.DEFAULT_MAX_LAG_SECONDS,
+    p.add_argument("--max-lag", type=seconds, default=status.DEFAULT_MAX_LAG_SECONDS,
                    help="pending changes older than this many seconds are a problem "
                         f"(default {status.DEFAULT_MAX_LAG_SECONDS:g})")
     p.set_defaults(run=show_status)
 
 
 def dev_server(args: argparse.Namespace) -> int:
-    """`syncd dev-server`: the PostgREST-compatible server, until SIGTERM/SIGINT (exit 2 without its extra)."""
+    """`syncd dev-server`: the PostgREST-compatible server, until SIGTERM/SIGINT. Exit 2 with one line on stderr
+    (the flag, the problem, the fix) for a flag it cannot work with, or without its extra."""
     try:
+        from syncd.devserver import options as devserver_options
         from syncd.devserver import server
     except ImportError as exc:
         print(f"error: the dev server needs its extra ({exc.name} is missing); try: pip install 'syncd[devserver]'",
               file=sys.stderr)
         return 2
-    options = server.Options(
-        host=args.host, port=args.port, prefix="/" + args.prefix.strip("/") if args.prefix.strip("/") else "",
-        pg_url=args.pg_url, data_dir=args.data_dir, migrations=args.migrations, jwt_secret=args.jwt_secret,
-        require_apikey=args.require_apikey, faults=args.faults,
-        schemas=tuple(s.strip() for s in args.schemas.split(",") if s.strip()), anon_role=args.anon_role,
-        pool_size=args.pool_size, pool_timeout=args.pool_timeout,
-    )
-    return server.run(options)
+    try:
+        options = server.Options(
+            host=args.host, port=args.port, prefix=devserver_options.parse_prefix(args.prefix),
+            pg_url=args.pg_url, data_dir=args.data_dir, migrations=args.migrations, jwt_secret=args.jwt_secret,
+            require_apikey=args.require_apikey, faults=args.faults,
+            schemas=devserver_options.parse_schemas(args.schemas), anon_role=args.anon_role,
+            pool_size=args.pool_size, pool_timeout=args.pool_timeout,
+        )
+        return server.run(options)
+    except server.StartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def add_dev_server(commands: argparse._SubParsersAction) -> None:
@@ -372,7 +438,8 @@ def add_dev_server(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=54321, help="port to listen on, 0 for any free port (default 54321)")
     p.add_argument("--prefix", default="/rest/v1", help="API path prefix (default /rest/v1)")
     p.add_argument("--pg-url", help="use this PostgreSQL instead of starting a throwaway one")
-    p.add_argument("--data-dir", type=Path, help="keep the throwaway PostgreSQL's data in DIR")
+    p.add_argument("--data-dir", type=Path,
+                   help="keep the throwaway PostgreSQL's data in DIR (new, empty or kept before; not with --pg-url)")
     p.add_argument("--migrations", type=Path, help="apply DIR/*.sql in name order (default deploy/supabase/migrations)")
     p.add_argument("--jwt-secret", help="HS256 secret (default: $SUPABASE_JWT_SECRET, else a random one)")
     p.add_argument("--require-apikey", action="store_true", help="demand the apikey header, as Supabase's gateway")
@@ -426,8 +493,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
+    except apsw.BusyError as exc:  # a lock held past --lock-wait: the command ran into it, nothing changed
+        print(f"error: {LOCK_WAITS[-1].describe() if LOCK_WAITS else exc}", file=sys.stderr)
+        return 1
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception:  # not a mistake of the operator's: a bug, said as one
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        print(f"error: internal error in syncd {__version__} (a bug, not something you did wrong): please report it "
+              "with the traceback above", file=sys.stderr)
+        return EXIT_BUG

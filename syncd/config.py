@@ -11,6 +11,7 @@ Secret values (service key, JWT secret, apikey) never appear in a repr, a dump o
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,7 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from syncd.auth import MIN_SECRET_LENGTH
+from syncd.redact import redact, register
 
 __all__ = [
     "TRANSFORMS",
@@ -192,6 +194,16 @@ class SourceConfig(BaseModel):
         return value
 
 
+def is_loopback(host: str) -> bool:
+    """`localhost`, 127.0.0.0/8 or ::1."""
+    if host.lower() in ("localhost", "localhost.") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class TargetConfig(BaseModel):
     """The PostgREST / Supabase endpoint and the credentials syncd uses there."""
 
@@ -211,13 +223,30 @@ class TargetConfig(BaseModel):
         """The `apikey` header's value: apikey when set, else the service key."""
         return self.apikey or self.service_key
 
+    @property
+    def in_clear(self) -> str | None:
+        """The warning when the key would travel unencrypted (`http://` to a host other than loopback), else
+        None."""
+        parts = urlsplit(self.url)
+        if parts.scheme != "http" or is_loopback(parts.hostname or ""):
+            return None
+        return (f"target.url is http:// to {parts.hostname}, not a loopback address: the service key (or the "
+                "tokens syncd mints) and every row travel unencrypted; use https:// (or a tunnel) beyond this host")
+
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
         url = value.rstrip("/")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
+        except ValueError:
+            raise ValueError(f"that is not a URL; use http:// or https:// with a host, e.g. {DEFAULT_URL!r}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"use an http:// or https:// URL with a host, e.g. {DEFAULT_URL!r}")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("remove the user and password (user:...@): syncd authenticates with the service key or "
+                             "the JWT secret, and a password in the URL would be sent instead of them")
         if parts.query or parts.fragment:
             raise ValueError("leave out the query and fragment; syncd appends the table paths itself")
         return url
@@ -227,6 +256,9 @@ class TargetConfig(BaseModel):
     def _check_schema(cls, value: str) -> str:
         if not value:
             raise ValueError("give the exposed schema's name, e.g. 'public'")
+        if not value.isprintable() or not value.isascii():
+            raise ValueError("give the schema's name alone (it travels in the Accept-Profile header: printable ASCII, "
+                             "no newline)")
         return value
 
     @field_validator("service_key", "jwt_secret", "apikey")
@@ -234,6 +266,9 @@ class TargetConfig(BaseModel):
     def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value():
             raise ValueError("it is empty; set a value or leave the key out")
+        if value is not None and any(ord(c) < 32 or c == "\x7f" for c in value.get_secret_value()):
+            raise ValueError("it holds a line break or another control character; a key is one line (check how the "
+                             "variable or file was written)")
         return value
 
     @field_validator("jwt_secret")
@@ -261,7 +296,7 @@ def _jwt_secret_problem(secret: str) -> str | None:
 class WorkerConfig(BaseModel):
     """`[worker]`: how `syncd run` drains (every key has a command-line flag of the same name)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     batch_size: int = Field(500, ge=1, le=100_000, description="outbox entries claimed per batch")
     poll_interval: float = Field(1.0, gt=0, le=3600, description="seconds between checks when nothing wakes us")
@@ -287,8 +322,13 @@ class WorkerConfig(BaseModel):
     @classmethod
     def _check_addr(cls, value: str) -> str:
         host, _, port = value.rpartition(":")
+        if host.startswith("[") != host.endswith("]") or ("[" in host.strip("[]") or "]" in host.strip("[]")):
+            raise PydanticCustomError("addr", "write an IPv6 address in brackets: [::1]:9464")
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise PydanticCustomError("addr", "use host:port, e.g. 127.0.0.1:9464")
+            raise PydanticCustomError("addr", "use host:port with a port from 0 to 65535, e.g. 127.0.0.1:9464 or "
+                                              "[::1]:9464")
+        if ":" in host and not host.startswith("["):
+            raise PydanticCustomError("addr", "write an IPv6 address in brackets: [::1]:9464")
         return value
 
 
@@ -599,7 +639,7 @@ def _detail(error: Mapping[str, Any], loc: tuple[str | int, ...]) -> str:
         return _unknown_key(loc)
     if kind == "missing":
         return "missing; this key is required"
-    value = MASK if SECRET_KEYS.intersection(map(str, loc)) else repr(error.get("input"))
+    value = MASK if SECRET_KEYS.intersection(map(str, loc)) else redact(repr(error.get("input")))
     if kind == "literal_error":
         options = re.findall(r"'([^']*)'", error["ctx"]["expected"])
         return f"{value} is not valid; use one of {', '.join(options)}"
@@ -702,7 +742,14 @@ def load_config(path: Path | None = None, *, env: Mapping[str, str] | None = Non
     origins: dict[str, str] = {}
     _apply_layer(data, origins, environment.layer())
     _apply_layer(data, origins, _override_layer(overrides or {}))
-    return _load_secret_files(_validate(data, origins, path), origins, path)
+    for secret in ("service_key", "jwt_secret", "apikey"):  # whatever happens next, they never appear in output
+        value = (data.get("target") or {}).get(secret) if isinstance(data.get("target"), dict) else None
+        register(value.get_secret_value() if isinstance(value, SecretStr) else value if isinstance(value, str)
+                 else None)
+    config = _load_secret_files(_validate(data, origins, path), origins, path)
+    target = config.target
+    register(*(s.get_secret_value() for s in (target.service_key, target.jwt_secret, target.apikey) if s))
+    return config
 
 
 def differences(old: Config, new: Config) -> list[str]:

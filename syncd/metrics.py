@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -175,7 +176,11 @@ def serve(metrics: Metrics, address: str) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: object) -> None:
             return
 
-    server = ThreadingHTTPServer((host, int(port)), Handler)
+    server_class = ThreadingHTTPServer
+    if host.startswith("["):  # an IPv6 literal: [::1]:9464
+        host = host[1:-1]
+        server_class = type("IPv6Server", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+    server = server_class((host, int(port)), Handler)
     # A short poll interval: shutdown() waits for it, and `syncd run --once` should exit promptly.
     threading.Thread(target=server.serve_forever, args=(0.05,), name="syncd-metrics", daemon=True).start()
     return server

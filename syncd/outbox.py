@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ import apsw
 
 from syncd.keys import MAX_PARAMS, NOW_SQL, decode_key, key_sql, read_rendered, read_rows, table_columns, unix_time
 from syncd.sqlite import BUSY_TIMEOUT_MS, immediate, quote_ident, quote_text
-from syncd.state import writing
+from syncd.state import create_private, writing
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -104,7 +106,7 @@ def archive(conn: apsw.Connection, path: Path) -> None:
     """Copy syncd's tables of both files into a new SQLite file at `path` (created here; committed before the caller
     drops anything): `_syncd_outbox` and `_syncd_dead_letter` as they are, `_syncd_journal` from the state file,
     `_syncd_meta` holding the rows of both files' meta, `_syncd_acked` the entries settled but not yet flushed."""
-    apsw.Connection(str(path)).close()  # create it: the app's file was opened without CREATE, and ATTACH inherits that
+    create_private(path, stat.S_IMODE(os.stat(conn.db_filename("main")).st_mode))  # no more readable than the app's
     conn.execute("ATTACH DATABASE ? AS syncd_archive", (str(path),))
     try:
         with immediate(conn):

@@ -99,15 +99,23 @@ def ensure(conn: apsw.Connection, database: Path) -> None:
     attach(conn, database)
 
 
-def create(path: Path, mode: int) -> None:
-    """Create an empty state file at `path` with permissions `mode` (its -wal and -shm follow them: SQLite gives
-    its journal files the permissions of their database file)."""
+def create_private(path: Path, mode: int) -> bool:
+    """Create an empty file at `path` with permissions `mode` (a file syncd writes is never more readable than the
+    app's file it comes from; SQLite gives -wal and -shm the permissions of their database file). False when it
+    exists already. Raises OSError (a missing directory, no permission)."""
     try:
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & 0o666)
     except FileExistsError:
-        return  # another process made it first
+        return False
     os.close(descriptor)
     os.chmod(path, mode & 0o666)  # the umask may have taken bits the app's file has
+    return True
+
+
+def create(path: Path, mode: int) -> None:
+    """Create an empty state file at `path` with permissions `mode`, in WAL mode."""
+    if not create_private(path, mode):
+        return  # another process made it first
     conn = apsw.Connection(str(path))
     try:
         conn.execute("PRAGMA journal_mode = WAL").fetchall()  # the daemon writes it often; readers never wait

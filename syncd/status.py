@@ -97,7 +97,7 @@ def daemon_readiness(address: str) -> dict[str, object]:
     """The running daemon's `/readyz` at `address` (host:port; a wildcard host is asked on loopback): {"ready":
     bool, "reason": str}, or {"error": why it could not be asked} (another host or container, say)."""
     host, _, port = address.rpartition(":")
-    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]", "": "127.0.0.1"}.get(host, host)
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)
     url = f"http://{host}:{port}/readyz"
     try:
         answer = httpx.get(url, timeout=READYZ_TIMEOUT_SECONDS).json()

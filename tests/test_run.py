@@ -174,9 +174,11 @@ def test_wrong_key_halts_loses_nothing_and_resumes_after_the_fix(app: App, pg: p
 def test_a_second_daemon_stands_by_and_takes_over(app: App, pg: psycopg.Connection):
     first = app.start()
     time.sleep(1.5)
-    second = app.start("--metrics-addr", f"127.0.0.1:{free_port()}")
+    standby_addr = f"127.0.0.1:{free_port()}"
+    second = app.start("--metrics-addr", standby_addr)
     try:
-        time.sleep(1.5)
+        ready = poll(f"http://{standby_addr}/readyz", lambda r: "standing by" in r.text)
+        assert ready.status_code == 503 and "another daemon holds the lease" in ready.text, ready.text
         app.connect().executemany("INSERT INTO parent VALUES (?, 'p')", [(i,) for i in range(50)])
         wait_converged(app, pg)
         first.kill()
