@@ -111,3 +111,10 @@ def jwt_error(description: str) -> ApiError:
     """PGRST301 (401) with PostgREST's `description` of the JWT failure and its WWW-Authenticate header."""
     header = f'Bearer error="invalid_token", error_description="{description}"'
     return ApiError(401, "PGRST301", description, headers={"WWW-Authenticate": header})
+
+
+def not_embedded(name: str) -> ApiError:
+    """PGRST108 (400): a filter or order addresses `name.column` or `name(column)`, but `name` is not embedded in the
+    request (the dev server embeds nothing)."""
+    return ApiError(400, "PGRST108", f"'{name}' is not an embedded resource in this request", None,
+                    f"Verify that '{name}' is included in the 'select' query parameter.")

@@ -3,6 +3,12 @@
 Only what a writing client and the seed's queries use is supported; anything else is a PGRST100
 parse error, as PostgREST answers for syntax it does not understand. Values always travel as
 untyped query parameters so PostgreSQL casts them to the column's type (and a bad value is 22P02).
+
+Column names are read as PostgREST 12's parser (ApiRequest/QueryParams.hs, `pFieldName`) reads them, the same
+in filters, logic trees, select, order, on_conflict and columns: either a double-quoted name, inside which a
+backslash takes the next character as it is (`"i\\"d"` is `i"d`), or words of letters, digits, `_`, `$` and
+spaces (trimmed) joined by `-`. Like PostgREST, on_conflict, columns and a filter's key end at the first
+character that cannot continue them. JSON paths (`->`, `->>`) and resource embedding are not supported.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ TEXT_SEARCH = {"fts": "to_tsquery", "plfts": "plainto_tsquery", "phfts": "phrase
 IS_VALUES = {"null": "NULL", "not_null": "NOT NULL", "true": "TRUE", "false": "FALSE", "unknown": "UNKNOWN"}
 OPERATOR = re.compile(r"(?P<op>[a-z]+)(?:\((?P<mod>[A-Za-z0-9_]+)\))?\.(?P<value>.*)", re.S)
 LOGIC_ITEM = re.compile(r"(?P<not>not\.)?(?P<op>and|or)(?P<body>\(.*\))", re.S)
-CAST = re.compile(r"[A-Za-z_][A-Za-z0-9_ ]*(\[\])?")
+NAME_CHARS = set("0123456789_ $")  # besides letters: the characters of an unquoted name
+SPACES = " \t"
 
 
 @dataclass
@@ -89,14 +96,156 @@ def parse(query_string: str) -> Query:
             query.order = parse_order(value)
         elif key in ("limit", "offset"):
             setattr(query, key, parse_count(key, value))
-        elif key in ("on_conflict", "columns"):
-            setattr(query, key, [unquote(c.strip()) for c in split_top_level(value) if c.strip()])
+        elif key == "on_conflict":
+            query.on_conflict = parse_columns(key, value)
+        elif key == "columns":
+            query.columns = list(dict.fromkeys(parse_columns(key, value)))  # a set in PostgREST
         elif key in LOGIC_KEYS:
             negated, conjunction = key.startswith("not."), key.removeprefix("not.")
             query.where.append(parse_logic(conjunction, value, negated))
         else:
-            query.where.append(parse_filter(key, value))
+            query.where.append(parse_filter(parse_key(key), value))
     return query
+
+
+class Scanner:
+    """One query parameter's text, read left to right as PostgREST's parser reads it. Its errors are PGRST100
+    `failed to parse <what> (<whole>)`, saying where and what was expected; `whole` is the parameter's text when
+    `text` is only a part of it (one condition of a logic tree)."""
+
+    def __init__(self, text: str, what: str, whole: str | None = None) -> None:
+        self.text = text
+        self.what = what
+        self.whole = whole
+        self.pos = 0
+
+    def error(self, expecting: str) -> errors.ApiError:
+        """The PGRST100 for what stands at the current position."""
+        found = repr(self.text[self.pos]) if self.pos < len(self.text) else "end of input"
+        part = f" of {self.text!r}" if self.whole is not None else ""
+        return self.fail(f"unexpected {found} at column {self.pos + 1}{part}, expecting {expecting}")
+
+    def fail(self, details: str) -> errors.ApiError:
+        """A PGRST100 with these details."""
+        return errors.parse_error(f"failed to parse {self.what} ({self.text if self.whole is None else self.whole})",
+                                  details)
+
+    def at_end(self) -> bool:
+        return self.pos >= len(self.text)
+
+    def peek(self, token: str) -> bool:
+        return self.text.startswith(token, self.pos)
+
+    def take(self, token: str) -> bool:
+        """Step over `token` when it comes next; whether it did."""
+        if self.peek(token):
+            self.pos += len(token)
+            return True
+        return False
+
+    def skip_spaces(self) -> bool:
+        """Step over spaces and tabs; whether there were any."""
+        start = self.pos
+        while self.pos < len(self.text) and self.text[self.pos] in SPACES:
+            self.pos += 1
+        return self.pos > start
+
+    def rest(self) -> str:
+        return self.text[self.pos:]
+
+    def name(self) -> str:
+        """PostgREST's `pFieldName`: a double-quoted name (a backslash takes the next character as it is), or words
+        joined by `-` (not by `->`). Raises ApiError PGRST100 when neither comes next."""
+        if self.peek('"'):
+            return self.quoted()
+        words = [self.word()]
+        while self.peek("-") and not self.peek("->"):
+            self.pos += 1
+            words.append(self.word())
+        return "-".join(words)
+
+    def quoted(self) -> str:
+        """`"a \\"b\\" c"` -> `a "b" c`. Raises ApiError PGRST100 without the closing quote."""
+        chars = []
+        self.pos += 1
+        while self.pos < len(self.text):
+            char = self.text[self.pos]
+            self.pos += 1
+            if char == '"':
+                return "".join(chars)
+            if char == "\\" and self.pos < len(self.text):
+                char = self.text[self.pos]
+                self.pos += 1
+            chars.append(char)
+        raise self.error("a closing '\"'")
+
+    def word(self) -> str:
+        """PostgREST's `pIdentifier`: letters, digits, `_`, `$` and spaces, trimmed (so possibly empty). Raises
+        ApiError PGRST100 when none comes next."""
+        start = self.pos
+        while self.pos < len(self.text) and (self.text[self.pos].isalpha() or self.text[self.pos] in NAME_CHARS):
+            self.pos += 1
+        if self.pos == start:
+            raise self.error('a column name (letters, digits, "_ $", or in double quotes)')
+        return self.text[start:self.pos].strip()
+
+    def field(self) -> str:
+        """PostgREST's `pField` without JSON paths: spaces, a name, spaces. Raises ApiError PGRST100 for a JSON path
+        (`->`, `->>`), which the dev server does not support."""
+        self.skip_spaces()
+        name = self.name()
+        self.no_json_path()
+        self.skip_spaces()
+        return name
+
+    def no_json_path(self) -> None:
+        """Raises ApiError PGRST100 when a JSON path (`->`, `->>`) comes next."""
+        if self.peek("->"):
+            raise self.fail("JSON paths (-> and ->>) are not supported by the syncd dev server")
+
+    def alias(self) -> str | None:
+        """`name:` (a single colon) before a select item -> name, else None and nothing read."""
+        start = self.pos
+        try:
+            name = self.name()
+        except errors.ApiError:
+            name = None
+        if name is not None and self.peek(":") and not self.peek("::"):
+            self.pos += 1
+            return name
+        self.pos = start
+        return None
+
+
+def parse_key(key: str) -> str:
+    """A filter's key -> its column: `name` or `"quoted name"`. As in PostgREST, reading stops at the first character
+    that cannot continue the key (`"a"x` is a). Raises ApiError PGRST100 when it does not start with a name or has a
+    JSON path, PGRST108 for `resource.column` (the dev server embeds nothing)."""
+    scan = Scanner(key, "tree path")
+    path = [scan.name()]
+    while scan.take("."):
+        path.append(scan.name())
+    scan.no_json_path()
+    if len(path) > 1:
+        raise errors.not_embedded(path[0])
+    return path[0]
+
+
+def parse_columns(name: str, text: str) -> list[str]:
+    """`on_conflict=` or `columns=` -> the column names in order. As in PostgREST, reading stops at the first
+    character that cannot continue the list (`a,b;c` is a and b). Raises ApiError PGRST100 when it does not start
+    with a name, or a comma or a name is missing after spaces."""
+    scan = Scanner(text, f"{name} parameter")
+    names = [scan.name()]
+    while True:
+        start = scan.pos
+        scan.skip_spaces()
+        if not scan.take(","):
+            if scan.pos != start:
+                raise scan.error("','")
+            return names
+        scan.skip_spaces()
+        names.append(scan.name())
 
 
 def parse_count(name: str, value: str) -> int:
@@ -132,13 +281,11 @@ def parse_logic(conjunction: str, text: str, negated: bool = False) -> Logic:
         raise errors.parse_error(f"failed to parse logic tree ({text})", 'expecting "("')
     children: list[Filter | Logic] = []
     for item in split_top_level(text[1:-1]):
-        nested = LOGIC_ITEM.fullmatch(item)
+        nested = LOGIC_ITEM.fullmatch(item.strip(SPACES))
         if nested:
             children.append(parse_logic(nested["op"], nested["body"], bool(nested["not"])))
             continue
-        column, rest = split_column(item)
-        if rest is None or not column:
-            raise errors.parse_error(f"failed to parse logic tree ({text})", f"bad condition: {item}")
+        column, rest = split_column(item, text)
         leaf = parse_filter(column, rest)
         leaf.value = unquote(leaf.value) if leaf.operator != "in" else leaf.value
         children.append(leaf)
@@ -147,13 +294,14 @@ def parse_logic(conjunction: str, text: str, negated: bool = False) -> Logic:
     return Logic(conjunction, children, negated)
 
 
-def split_column(item: str) -> tuple[str, str | None]:
-    """`col.op.value` or `"col.with.dots".op.value` -> (column, "op.value"); rest None when malformed."""
-    if item.startswith('"'):
-        end = re.match(r'"((?:[^"\\]|\\.)*)"\.', item)
-        return (unquote(item[:end.end() - 1]), item[end.end():]) if end else ("", None)
-    column, dot, rest = item.partition(".")
-    return column, rest if dot else None
+def split_column(item: str, text: str) -> tuple[str, str]:
+    """One condition of the logic tree `text`, `col.op.value` or `"col.with.dots".op.value` (spaces around the column
+    allowed) -> (column, "op.value"). Raises ApiError PGRST100 without a column and a `.` after it."""
+    scan = Scanner(item, "logic tree", whole=text)
+    column = scan.field()
+    if not scan.take("."):
+        raise scan.error("'.'")
+    return column, scan.rest()
 
 
 def split_top_level(text: str) -> list[str]:
@@ -200,40 +348,89 @@ def parse_in_list(value: str, text: str) -> list[str]:
 
 
 def parse_select(text: str) -> list[SelectItem]:
-    """`select=` -> SelectItems. Raises ApiError PGRST200 for a resource embedding (not supported), PGRST100 for a
-    malformed item."""
-    items = []
-    for raw_item in split_top_level(text):
-        item = raw_item.strip()
-        if "(" in item:
-            name = item.split("(", 1)[0].split(":")[-1].split("!")[0]
-            raise errors.ApiError(400, "PGRST200", f"Could not find a relationship for '{name}' in the schema cache",
-                                  "resource embedding is not supported by the syncd dev server")
-        head, _, cast = item.partition("::")
-        alias, _, column = head.rpartition(":")
-        if not column or (cast and not CAST.fullmatch(cast)):
-            raise errors.parse_error(f"failed to parse select parameter ({text})", f"bad item: {item}")
-        items.append(SelectItem(column, alias or None, cast or None))
-    return items
+    """`select=` -> SelectItems, `[alias:]column[::cast]` or `*` each. As in PostgREST 12, a text that does not
+    start with an item (empty, `:x`, `*x`) selects every column and the rest is ignored. Raises ApiError PGRST200
+    for a resource embedding (not supported), PGRST100 for a malformed item."""
+    scan = Scanner(text, "select parameter")
+    if not starts_item(text):
+        return [SelectItem("*")]
+    items = [select_item(scan)]
+    while True:
+        scan.skip_spaces()
+        if not scan.take(","):
+            return items
+        items.append(select_item(scan))
+
+
+def starts_item(text: str) -> bool:
+    """Whether PostgREST's select parser reads a first item from `text` (spaces, a name, or a `*` that ends the
+    item) rather than none at all."""
+    head = text[:1]
+    return head == '"' or head.isalpha() or head in NAME_CHARS or (head == "*" and text[1:2] in ("", ",", ")"))
+
+
+def select_item(scan: Scanner) -> SelectItem:
+    """The select item at the scanner, up to (not over) the `,` or `)` after it. Raises ApiError PGRST200 for a
+    resource embedding (`rel(...)`, `rel!hint(...)`, `..rel(...)`), PGRST100 for anything else malformed, a cast
+    with `$` included (dollar quoting)."""
+    scan.skip_spaces()
+    if scan.take(".."):
+        raise embedding_not_supported(scan.name())
+    if scan.take("*"):
+        return end_of_item(scan, SelectItem("*"), "',' or end of input")
+    alias = scan.alias()
+    column = scan.field()
+    if scan.peek("(") or scan.peek("!"):
+        raise embedding_not_supported(column)
+    cast = None
+    if scan.take("::"):
+        cast = scan.word()
+        if not cast or "$" in cast:
+            raise scan.fail(f"bad cast: {cast!r}; a type name of letters, digits, _ and spaces")
+    return end_of_item(scan, SelectItem(column, alias, cast), "'::', ',' or end of input")
+
+
+def end_of_item(scan: Scanner, item: SelectItem, expecting: str) -> SelectItem:
+    """`item` when a `,`, a `)` or the end comes next. Raises ApiError PGRST100 otherwise."""
+    if scan.at_end() or scan.peek(",") or scan.peek(")"):
+        return item
+    raise scan.error(expecting)
+
+
+def embedding_not_supported(name: str) -> errors.ApiError:
+    """PGRST200 for a select item that embeds the resource `name`."""
+    return errors.ApiError(400, "PGRST200", f"Could not find a relationship for '{name}' in the schema cache",
+                           "resource embedding is not supported by the syncd dev server")
 
 
 def parse_order(text: str) -> list[OrderTerm]:
-    """`order=` -> OrderTerms. Raises ApiError PGRST100 for an unknown modifier or a missing column."""
-    terms = []
-    for raw_term in split_top_level(text):
-        column, *modifiers = raw_term.strip().split(".")
-        term = OrderTerm(column)
-        for modifier in modifiers:
-            if modifier in ("asc", "desc"):
-                term.descending = modifier == "desc"
-            elif modifier in ("nullsfirst", "nullslast"):
-                term.nulls = modifier.removeprefix("nulls").upper()
-            else:
-                raise errors.parse_error(f"failed to parse order ({text})", f"unexpected '{modifier}'")
-        if not column:
-            raise errors.parse_error(f"failed to parse order ({text})", "missing column")
-        terms.append(term)
+    """`order=` -> OrderTerms, `column[.asc|.desc][.nullsfirst|.nullslast]` each, in that order. Raises ApiError
+    PGRST100 for a missing column or an unknown or misplaced modifier, PGRST108 for `resource(column)` (the dev
+    server embeds nothing)."""
+    scan = Scanner(text, "order")
+    terms = [order_term(scan)]
+    while scan.take(","):
+        terms.append(order_term(scan))
     return terms
+
+
+def order_term(scan: Scanner) -> OrderTerm:
+    """The order term at the scanner, up to (not over) the `,` after it. Raises ApiError as `parse_order`."""
+    column = scan.field()
+    if scan.peek("("):
+        raise errors.not_embedded(column)
+    term = OrderTerm(column)
+    for direction in ("asc", "desc"):
+        if scan.take(f".{direction}"):
+            term.descending = direction == "desc"
+            break
+    for nulls in ("nullsfirst", "nullslast"):
+        if scan.take(f".{nulls}"):
+            term.nulls = nulls.removeprefix("nulls").upper()
+            break
+    if not (scan.at_end() or scan.peek(",")):
+        raise scan.error("'.asc', '.desc', '.nullsfirst', '.nullslast' (in that order), ',' or end of input")
+    return term
 
 
 # -- SQL ---------------------------------------------------------------------------------------------

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -20,28 +18,10 @@ from syncd.devserver import errors, postgres, schema
 from syncd.devserver.api import JSON, Api, ApiSettings, error_response
 from syncd.devserver.faults import Faults
 from syncd.devserver.http import Abort, HttpServer, Request, Response
+from syncd.devserver.options import Options, StartError, check, listen_error, resolve_secret
 
 RELOAD_PAYLOADS = {"", "reload schema"}
 APPLICATION_NAME = "syncd-devserver"
-
-
-@dataclass
-class Options:
-    """How `syncd dev-server` runs (its command-line options)."""
-
-    host: str = "127.0.0.1"
-    port: int = 54321
-    prefix: str = "/rest/v1"
-    pg_url: str | None = None
-    data_dir: Path | None = None
-    migrations: Path | None = None
-    jwt_secret: str | None = None
-    require_apikey: bool = False
-    faults: bool = False
-    schemas: tuple[str, ...] = ("public",)
-    anon_role: str = "anon"
-    pool_size: int = 10
-    pool_timeout: float = 10.0  # waiting longer for a connection answers 504 PGRST003
 
 
 class DevServer:
@@ -151,39 +131,63 @@ async def load_schema(conninfo: str, schemas: list[str]) -> schema.SchemaCache:
 
 async def serve(options: Options, admin_url: str, secret: str) -> None:
     """Serve the API on options.host:port through a pool acting as `authenticator`, announce it on stdout once
-    listening, and run until SIGTERM or SIGINT."""
+    listening, and run until SIGTERM or SIGINT. Raises StartError when the pool cannot open, the address cannot be
+    bound after all (taken since the check) or the schema cache does not load within 30 s."""
     pool = psycopg_pool.AsyncConnectionPool(admin_url, min_size=1, max_size=options.pool_size,
                                             timeout=options.pool_timeout,
                                             kwargs={"application_name": APPLICATION_NAME},
                                             configure=postgres.configure_api_connection, open=False)
-    await pool.open(wait=True)
+    try:
+        await pool.open(wait=True)
+    except psycopg_pool.PoolTimeout:
+        await pool.close()
+        raise StartError("the API's database connections did not open within 30 s (see the messages above); check "
+                         "that the login role can act as 'authenticator'") from None
     public_url = f"http://{options.host}:{options.port}{options.prefix}"
     settings = ApiSettings(secret, list(options.schemas), options.anon_role, options.require_apikey, public_url)
     api = Api(pool, settings)
     ready = asyncio.Event()
     listener = asyncio.create_task(keep_schema_fresh(api, admin_url, ready))
-    await asyncio.wait_for(ready.wait(), timeout=30)
-    front = DevServer(api, options.prefix, Faults() if options.faults else None)
-    http = HttpServer(front.handle)
-    server = await http.start(options.host, options.port)
-    port = server.sockets[0].getsockname()[1]
-    public_url = f"http://{options.host}:{port}{options.prefix}"
-    settings.public_url = public_url
-    announce(public_url, admin_url, secret)
+    try:
+        await wait_until_loaded(ready)
+        front = DevServer(api, options.prefix, Faults() if options.faults else None)
+        http = HttpServer(front.handle)
+        try:
+            server = await http.start(options.host, options.port)
+        except OSError as exc:
+            raise listen_error(options.host, options.port, exc) from None
+        port = server.sockets[0].getsockname()[1]
+        settings.public_url = f"http://{options.host}:{port}{options.prefix}"
+        announce(settings.public_url, admin_url, secret)
+        await until_stopped()
+        server.close()
+        connections = list(http.connections)
+        for task in connections:
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)  # reaped here, not reported as never retrieved
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        await pool.close()
+
+
+async def wait_until_loaded(ready: asyncio.Event, timeout: float = 30) -> None:
+    """Wait for the first schema cache. Raises StartError after `timeout` seconds."""
+    try:
+        await asyncio.wait_for(ready.wait(), timeout=timeout)
+    except TimeoutError:
+        raise StartError(f"the schema cache did not load within {timeout:g} s (see the messages above); check "
+                         "--schemas and the migrations") from None
+
+
+async def until_stopped() -> None:
+    """Return on the first SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    server.close()
-    connections = list(http.connections)
-    for task in connections:
-        task.cancel()
-    await asyncio.gather(*connections, return_exceptions=True)  # reaped here, not reported as never retrieved
-    listener.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await listener
-    await pool.close()
 
 
 def announce(url: str, pg_url: str, secret: str) -> None:
@@ -200,24 +204,28 @@ def announce(url: str, pg_url: str, secret: str) -> None:
 
 
 def run(options: Options) -> int:
-    """Run the dev server until SIGTERM or SIGINT; exit code 0. The JWT secret is the option's, SUPABASE_JWT_SECRET
-    or a random one; PostgreSQL is started here unless `pg_url` is given; the migrations run first. Raises SystemExit
-    with the message for a secret under 32 characters or no migrations directory."""
-    secret = options.jwt_secret or os.environ.get("SUPABASE_JWT_SECRET") or auth.generate_secret()
-    if len(secret) < auth.MIN_SECRET_LENGTH:
-        raise SystemExit(f"error: the JWT secret must have at least {auth.MIN_SECRET_LENGTH} characters "
-                         "(PostgREST refuses shorter ones); leave it unset to get a random one")
+    """Run the dev server until SIGTERM or SIGINT; exit code 0. Checks every option before starting anything, then
+    starts PostgreSQL unless `pg_url` is given (a throwaway one is removed again whatever happens), runs the
+    migrations and serves. Raises StartError (one line: the flag, the problem, the fix) for anything that keeps it
+    from serving."""
+    check(options)
+    secret = resolve_secret(options.jwt_secret)
     migrations = options.migrations or default_migrations()
     with postgres.database(options.pg_url, options.data_dir) as db:
-        postgres.apply_migrations(db.admin_url, migrations)
+        with postgres.connect(db.admin_url, db.throwaway) as conn:
+            postgres.apply_migrations(conn, migrations)
+            for warning in postgres.check_roles(conn, options.anon_role, options.schemas):
+                print(f"dev-server: warning: {warning}", file=sys.stderr)
         asyncio.run(serve(options, db.admin_url, secret))
     return 0
 
 
 def default_migrations() -> Path:
-    """deploy/supabase/migrations of the source tree (or of the current directory)."""
+    """deploy/supabase/migrations of the source tree (or of the current directory). Raises StartError when neither
+    has one."""
     for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
         candidate = base / "deploy" / "supabase" / "migrations"
         if candidate.is_dir():
             return candidate
-    raise SystemExit("error: no migrations directory found; pass --migrations DIR")
+    raise StartError("--migrations: no deploy/supabase/migrations here or in syncd's source tree; pass "
+                     "--migrations DIR")
