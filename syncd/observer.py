@@ -160,6 +160,18 @@ class Observer:
         self.log.error("row dead-lettered", table=table, status=error.status, code=error.code,
                        reason=error.message, hint=f"syncd replay --dead-letters --table {table}")
 
+    def keys_collapsed(self, table: str, count: int, examples: list[tuple[object, object]]) -> None:
+        """`count` changes of a batch had a target key that a newer change of the batch has too (two SQLite keys that
+        are one key in the secondary): only the newest was sent. `examples`: (older key, newer key) pairs."""
+        self.log.warning("two keys of SQLite are one key in the secondary: the newest row was sent for both",
+                         table=table, count=count, examples=[f"{old!r} -> {new!r}" for old, new in examples[:3]],
+                         hint="make the key column's values one spelling in SQLite (a type, a transform, a CHECK)")
+
+    def unique_cycle(self, table: str, count: int) -> None:
+        """`count` rows swapping unique values were deleted and inserted again in the secondary (no order of
+        upserts could apply the swap)."""
+        self.log.info("rows swapping unique values were deleted and inserted again", table=table, count=count)
+
     def batch_size_halved(self, table: str, batch_size: int) -> None:
         """A statement timeout in the secondary halved the batch to `batch_size` outbox entries."""
         self.log.warning("statement timeout in the secondary: smaller batches", table=table, batch_size=batch_size)

@@ -28,6 +28,8 @@ failing rows.
     408, 429, 500, 502, 503, 504                                   transient, with Retry-After
     PGRST000/001/002 (503), PGRST003 (504), any status             transient, with Retry-After
     57014 statement timeout (500)                                  transient, .statement_timeout: halve the batch
+    a class 21/22/23/42 code with any status, 5xx included         row (the codes of the next lines excepted)
+        (PostgREST 12 answers 21000, one key twice, with 500)
     any other 5xx (40001, 40P01, 53xxx, XX000, ...)                transient
     401 PGRST301/PGRST303 whose message says "expired"             auth: renewed once and resent here
     401/403 otherwise: bad signature, gateway's "Invalid API key"  config
@@ -78,8 +80,10 @@ Kind = Literal["transient", "auth", "config", "schema", "row"]
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 TRANSIENT_CODES = frozenset({"PGRST000", "PGRST001", "PGRST002", "PGRST003", "57014"})
 EXPIRED_CODES = frozenset({"PGRST301", "PGRST303"})
+ROW_CLASSES = frozenset({"21", "22", "23", "42"})
 MISSING_TABLE_CODES = frozenset({"PGRST205", "42P01"})
 MISSING_COLUMN_CODES = frozenset({"PGRST204", "42703"})
+NOT_ROW_CODES = MISSING_TABLE_CODES | MISSING_COLUMN_CODES | {"42501", "42P10"}  # the table, the role, the key
 CONFIG_EXCEPTIONS = (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.TooManyRedirects)
 
 HINT_DENIED = ("Try: check the service key or JWT secret (and the apikey on Supabase), "
@@ -128,6 +132,13 @@ class TargetError(Exception):
         return self.code == "23503"
 
     @property
+    def unique_violation(self) -> bool:
+        """A unique constraint other than the conflict key refused the row (an upsert resolves the key's own
+        conflicts): perhaps only a matter of order (the row that holds the value gives it up later in the batch,
+        or in a later one)."""
+        return self.code == "23505"
+
+    @property
     def statement_timeout(self) -> bool:
         """The statement hit PostgreSQL's statement_timeout: the batch was too big."""
         return self.code == "57014"
@@ -174,7 +185,11 @@ def classify_exception(exc: httpx.HTTPError) -> TargetError:
 def kind_of(status: int, code: str | None, text: str, postgrest: bool = True) -> tuple[Kind, str | None]:
     """The kind of an error answer, and what the operator should do about it (config and schema errors).
     `postgrest`: the body is PostgREST's (a JSON object with a code, or v12's empty `{}` for a missing table)."""
-    if code in TRANSIENT_CODES or status in TRANSIENT_STATUSES or status >= 500:
+    if code in TRANSIENT_CODES:
+        return "transient", None
+    if about_the_rows(code):  # before the status: PostgREST 12 answers 21000 (one key twice) with HTTP 500
+        return "row", None
+    if (status in TRANSIENT_STATUSES or status >= 500) and code not in NOT_ROW_CODES:
         return "transient", None
     if status == 401 and code in EXPIRED_CODES and "expired" in text.lower():
         return "auth", None
@@ -195,6 +210,17 @@ def kind_of(status: int, code: str | None, text: str, postgrest: bool = True) ->
     if status < 400:
         return "config", HINT_REDIRECT
     return "row", None
+
+
+def about_the_rows(code: str | None) -> bool:
+    """Whether a PostgreSQL SQLSTATE is about the rows sent, whatever HTTP status carried it: class 21 (cardinality:
+    21000, one conflict key twice in an upsert), 22 (data exception), 23 (integrity constraint), 42 (syntax or
+    access) but for the 42 codes that are about the table, the columns, the key or the role (classified apart).
+    Source: PostgreSQL's errcodes table (Appendix A); PostgREST 12 maps codes it does not know, 21000 among them,
+    to 500 (measured on 12.2.12)."""
+    if not code or len(code) != 5 or code in NOT_ROW_CODES:
+        return False
+    return code[:2] in ROW_CLASSES
 
 
 def error_body(response: httpx.Response) -> dict[str, str]:

@@ -29,7 +29,7 @@ from typing import Protocol
 
 import apsw
 
-from syncd import backoff, capture, outbox, schema, state
+from syncd import backoff, capture, conflicts, outbox, schema, state
 from syncd.config import Config, ConfigError, differences
 from syncd.lease import Lease, LeaseHeld
 from syncd.logs import get_logger
@@ -58,6 +58,10 @@ APP_IDLE_AFTER = 0.25  # seconds without an app commit after which the app count
 SOURCE_GONE_GRACE = 60.0  # seconds the database file may be missing (a restore in progress) before syncd exits
 GONE_POLL = 0.1  # seconds between looks for a missing file (a restore renames or copies it back)
 GONE_LOG_EVERY = 5.0  # seconds between warnings while it is missing
+HINT_UNIQUE_HANDOFF = (
+    "if another row of SQLite gave this value up in the same transaction, the secondary refuses the hand-over "
+    "because it checks the unique constraint row by row: declare it DEFERRABLE INITIALLY DEFERRED there (ALTER TABLE "
+    "... DROP CONSTRAINT c, ADD CONSTRAINT c UNIQUE (...) DEFERRABLE INITIALLY DEFERRED), or fix the clash")
 
 
 class Target(Protocol):
@@ -81,6 +85,9 @@ class Target(Protocol):
     def describe(self) -> dict[str, object]:
         """The secondary's schema (PostgREST's OpenAPI document); raises TargetError."""
         ...
+
+
+Held = tuple[Change, "dict[str, object] | str", TargetError]  # a row refused for a unique value, to send again
 
 
 class Interrupted(Exception):
@@ -667,24 +674,40 @@ class Worker:
     # -- ship: map, send, classify ----------------------------------------------------------------------
 
     def ship(self, changes: list[Change], batch: Batch) -> None:
-        """Upserts parents first, then deletes children first, one table at a time."""
+        """Upserts parents first, then deletes children first, one table at a time; then the rows refused for a
+        unique value another row held (it may have given it up meanwhile: `hand_off`)."""
         batch.dead += [DeadLetter(c, c.problem) for c in changes if c.problem]
         by_table: dict[str, list[Change]] = {}
         for change in changes:
             if not change.problem:
                 by_table.setdefault(change.table, []).append(change)
+        plans = {table: self.collapse(table, table_changes, batch) for table, table_changes in by_table.items()}
+        held: dict[str, list[Held]] = {}
         for table in self.order:
-            present = [c for c in by_table.get(table, []) if c.present]
-            if present and table not in self.halted:
-                self.ship_upserts(table, present, batch)
+            plan = plans.get(table)
+            if plan and plan.present and table not in self.halted:
+                self.ship_upserts(table, plan.present, batch, held.setdefault(table, []))
         for table in reversed(self.order):
-            gone = [c for c in by_table.get(table, []) if not c.present]
-            if gone and table not in self.halted:
-                self.ship_deletes(table, gone, batch)
+            plan = plans.get(table)
+            if plan and plan.gone and table not in self.halted:
+                self.ship_deletes(table, plan.gone, batch)
+        for table in self.order:
+            if held.get(table) and table not in self.halted:
+                self.hand_off(table, held[table], batch)
 
-    def ship_upserts(self, table: str, changes: list[Change], batch: Batch) -> None:
+    def collapse(self, table: str, changes: list[Change], batch: Batch) -> conflicts.Collapsed:
+        """One change per key of the secondary (see `conflicts`); the superseded ones are acknowledged."""
+        mapping = self.mappings[table]
+        plan = conflicts.collapse([c for c in changes if c.present], [c for c in changes if not c.present],
+                                  lambda change: target_key(mapping, change))
+        if plan.superseded:
+            batch.shipped += plan.superseded
+            self.observer.keys_collapsed(table, len(plan.superseded), plan.examples)
+        return plan
+
+    def ship_upserts(self, table: str, changes: list[Change], batch: Batch, held: list[Held] | None = None) -> None:
         """Map each present row (a row the mapping refuses is dead-lettered) and send them, grouped by their set
-        of columns."""
+        of columns; rows refused for a unique value go to `held` when given."""
         mapping = self.mappings[table]
         groups: dict[tuple[str, ...], list[tuple[Change, dict[str, object] | str]]] = {}
         rendered = [(change, change.rendered) for change in changes if change.rendered is not None]
@@ -701,7 +724,7 @@ class Worker:
             groups.setdefault(("(rendered)",), []).extend(rendered)  # type: ignore[arg-type]
         for items in groups.values():
             for chunk in by_size(items, self.config.worker.batch_bytes):
-                self.send(table, "upsert", chunk, batch)
+                self.send(table, "upsert", chunk, batch, held)
 
     def ship_deletes(self, table: str, changes: list[Change], batch: Batch) -> None:
         """Map each gone row's key (a key the mapping refuses is dead-lettered) and send the deletes."""
@@ -715,8 +738,49 @@ class Worker:
         if items:
             self.send(table, "delete", items, batch)
 
-    def send(self, table: str, op: str, items: list[tuple[Change, dict[str, object] | str]], batch: Batch) -> None:
-        """Ship items; on a row error bisect until the failing rows are alone, and reject only those."""
+    def hand_off(self, table: str, items: list[Held], batch: Batch) -> None:
+        """Send again the rows refused for a unique value, now that the rest of the batch is in. Those refused
+        again while two or more remain may be a cycle (rows swapping a value: PostgreSQL checks a non-deferrable
+        unique constraint row by row, so no order works): they are deleted and inserted again, when no foreign key
+        of the secondary points at the table. What is still refused is rejected (requeued a few times, like a
+        foreign-key refusal, then dead-lettered)."""
+        still: list[Held] = []
+        self.send(table, "upsert", [(change, payload) for change, payload, _ in items], batch, still)
+        if len(still) > 1 and self.may_reinsert(table):
+            self.reinsert(table, still, batch)
+            return
+        for change, _, error in still:
+            self.reject(table, change, error, batch)
+
+    def may_reinsert(self, table: str) -> bool:
+        """Whether deleting rows of `table` in the secondary touches nothing else: no foreign key points at it (a
+        delete would cascade, set null or be refused). Unknown (the description cannot be read): no."""
+        try:
+            spec = self.target.describe()
+        except TargetError:
+            return False
+        return self.mappings[table].target not in conflicts.referenced_tables(spec)
+
+    def reinsert(self, table: str, items: list[Held], batch: Batch) -> None:
+        """Delete these rows in the secondary, then upsert them: a cycle of unique values applied through a
+        moment without them (readers of the secondary may see them missing for that long)."""
+        mapping = self.mappings[table]
+        removal, kept = Batch(), []
+        keys = [(change, mapping.map_key(change.key)) for change, _, _ in items]  # type: ignore[arg-type]
+        self.send(table, "delete", keys, removal, kept, holds=lambda error: True)  # type: ignore[arg-type]
+        removed = {id(change) for change in removal.shipped}
+        refused: list[Held] = []
+        self.send(table, "upsert", [(c, p) for c, p, _ in items if id(c) in removed], batch, refused)
+        for change, _, error in [*refused, *(held for held in items if id(held[0]) not in removed)]:
+            self.reject(table, change, error, batch)  # not deleted (a trigger refused?): the values stay put
+        if removed:
+            self.observer.unique_cycle(table, len(removed))
+
+    def send(self, table: str, op: str, items: list[tuple[Change, dict[str, object] | str]], batch: Batch,
+             held: list[Held] | None = None,
+             holds: Callable[[TargetError], bool] = lambda error: error.unique_violation) -> None:
+        """Ship items; on a row error bisect until the failing rows are alone, and reject only those (a row refused
+        for a reason `holds` goes to `held` when given, to be sent again later)."""
         if table in self.halted:
             return
         try:
@@ -724,8 +788,10 @@ class Worker:
         except TargetError as error:
             if error.kind == "row" and len(items) > 1:
                 middle = len(items) // 2
-                self.send(table, op, items[:middle], batch)
-                self.send(table, op, items[middle:], batch)
+                self.send(table, op, items[:middle], batch, held, holds)
+                self.send(table, op, items[middle:], batch, held, holds)
+            elif error.kind == "row" and held is not None and holds(error):
+                held.append((items[0][0], items[0][1], error))
             elif error.kind == "row":
                 self.reject(table, items[0][0], error, batch)
             elif error.kind in ("config", "auth", "schema"):  # auth here: the token could not be renewed
@@ -760,16 +826,17 @@ class Worker:
             raise
 
     def reject(self, table: str, change: Change, error: TargetError, batch: Batch) -> None:
-        """A row the secondary refused: requeue it behind its parent (an FK refusal, a bounded number of
-        times), else dead-letter it with the reason."""
+        """A row the secondary refused: requeue it behind its parent or behind the row that holds its unique value
+        (an FK or unique refusal, a bounded number of times), else dead-letter it with the reason."""
         with self.lock:
             attempts = self.fk_attempts[(table, change.key_text)]
-            if error.foreign_key and attempts < self.config.worker.fk_retries:
+            if (error.foreign_key or error.unique_violation) and attempts < self.config.worker.fk_retries:
                 self.fk_attempts[(table, change.key_text)] += 1
                 batch.requeued.append(change)  # behind its parent, which may still be queued
                 return
             self.fk_attempts.pop((table, change.key_text), None)
-        message = (f"table {table!r} key {change.key!r}: {error.message}; fix the cause, then run: "
+        fix = HINT_UNIQUE_HANDOFF if error.unique_violation else "fix the cause"
+        message = (f"table {table!r} key {change.key!r}: {error.message}; {fix}, then run: "
                    f"syncd replay --dead-letters --table {table}")
         batch.dead.append(DeadLetter(change, message, error.status, error.code))
         self.observer.row_dead_lettered(table, error)
@@ -971,3 +1038,15 @@ def by_size(items: list[tuple[Change, dict[str, object] | str]], limit: int
         size += weight + 1
     if chunk:
         yield chunk
+
+
+def target_key(mapping: TableMapping, change: Change) -> tuple[object, ...] | None:
+    """The key `change` has in the secondary, as it will be sent (None when it cannot be mapped)."""
+    if change.key is None:
+        return None
+    if not any(column in mapping.transforms for column in mapping.key):
+        return change.key
+    try:
+        return tuple(mapping.map_key(change.key).values())
+    except (RowError, ValueError):
+        return None

@@ -91,6 +91,14 @@ def test_success_is_not_an_error(status: int):
     (400, pgrst("21000", "DELETE requires a WHERE clause"), "row", "21000"),
     (413, None, "row", None),
     (414, None, "row", None),
+    # the PostgreSQL code decides before the HTTP status: PostgREST 12.2.12 answers 21000 with 500 (measured)
+    (500, pgrst("21000", "ON CONFLICT DO UPDATE command cannot affect row a second time"), "row", "21000"),
+    (500, pgrst("22008", "date/time field value out of range"), "row", "22008"),
+    (502, pgrst("23505", "duplicate key value violates unique constraint"), "row", "23505"),
+    (500, pgrst("42883", "operator does not exist: text = integer"), "row", "42883"),
+    (500, pgrst("42P01", 'relation "public.items" does not exist'), "schema", "42P01"),
+    (500, pgrst("42501", "permission denied for table items"), "config", "42501"),
+    (500, pgrst("0A000", "feature not supported"), "transient", "0A000"),
 ])
 def test_answers_are_classified_per_the_failure_model(status: int, body: object, kind: str, code: str | None):
     """Each status/code combination of POSTGREST.md lands in the failure model's class."""
