@@ -1,13 +1,17 @@
 """Fixtures: a real `syncd dev-server` process over real PostgreSQL, and clients for it.
 
 One dev server (with --faults) is shared by the session; its PostgreSQL is the throwaway one from the
-pgserver wheel unless SYNCD_TEST_PG_URL names a superuser URL to use instead.
+pgserver wheel unless SYNCD_TEST_PG_URL names a superuser URL to use instead. When SYNCD_TEST_POSTGREST names the
+real PostgREST 12.2.12 binary, one real PostgREST is started over the same PostgreSQL (same JWT secret and keys),
+and a test that asks for `secondary` runs once against each server (the "postgrest" run is skipped with the reason
+when the binary is not set).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import psycopg
 import pytest
 
 from syncd.devserver.launcher import RunningDevServer, launch
+from tests.postgrest import SKIP_REASON, RunningPostgrest, Secondary, binary, start_postgrest
 
 ROOT = Path(__file__).resolve().parents[1]
 MIGRATIONS = ROOT / "deploy" / "supabase" / "migrations"
@@ -48,6 +53,47 @@ def devserver(migrations_with_tests: Path) -> Iterator[DevServer]:
     server = start_devserver("--faults", "--schemas", "public,syncd_test", migrations=migrations_with_tests)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgrest(devserver: DevServer) -> Iterator[RunningPostgrest]:
+    """The real PostgREST over the session dev server's PostgreSQL; skips the test when the binary is not set. It
+    loads its schema cache at start, after the dev server applied the migrations (tests/sql included)."""
+    if binary() is None:
+        pytest.skip(SKIP_REASON)
+    server = start_postgrest(devserver)
+    yield server
+    server.stop()
+
+
+SECONDARIES = [pytest.param("dev-server"),
+               pytest.param("postgrest", marks=pytest.mark.skipif(binary() is None, reason=SKIP_REASON))]
+
+
+@pytest.fixture(params=SECONDARIES)
+def secondary(request: pytest.FixtureRequest, devserver: DevServer) -> Secondary:
+    """The dev server, then the real PostgREST: the test runs against each. The `app` fixture ships to it when the
+    test asks for it."""
+    if request.param == "postgrest":
+        return request.getfixturevalue("postgrest")
+    return devserver
+
+
+def reload_schema(server: Secondary, table: str, timeout: float = 10) -> None:
+    """NOTIFY the schema cache reload and wait until `server`'s OpenAPI (`GET /`) lists `table`, for a table created
+    after the server started. Both servers answer 404 to a write into such a table until then; the real PostgREST
+    answers GET of it with 200 meanwhile (measured on 12.2.12), so a read is no readiness signal. Raises
+    AssertionError when `table` is not listed within `timeout` seconds."""
+    with psycopg.connect(server.pg_url, autocommit=True) as conn:
+        conn.execute("NOTIFY pgrst, 'reload schema'")
+    deadline = time.monotonic() + timeout
+    with server.client(server.service_key) as client:
+        while time.monotonic() < deadline:
+            answer = client.get("/")
+            if answer.status_code == 200 and table in answer.json().get("definitions", {}):
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"{table} not in the schema cache of {server.url} after {timeout} s")
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """End-to-end helpers: an application's SQLite file with syncd installed, the real `syncd` process, and
-row-by-row comparison with PostgreSQL behind the dev server (after mapping, computed independently)."""
+row-by-row comparison with PostgreSQL behind the dev server or the real PostgREST (after mapping, computed
+independently). The `app` ships to the dev server, or to `secondary` (tests/conftest.py) when the test asks for it:
+then it runs once against each server."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import psycopg
 import pytest
 
 from syncd.devserver.launcher import RunningDevServer as DevServer
+from tests.postgrest import Secondary
 
 APP_SCHEMA = """
 PRAGMA journal_mode=WAL;
@@ -58,15 +61,17 @@ class App:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def write_config(path: Path, db: Path, devserver: DevServer, metrics: str, *, key: str | None = None,
+def write_config(path: Path, db: Path, server: Secondary, metrics: str, *, key: str | None = None,
                  extra: str = "") -> None:
-    secret = f'service_key = "{key}"' if key else f'jwt_secret = "{devserver.jwt_secret}"'
+    """syncd.toml shipping `db`'s four tables to `server` (its API URL; the dev server's ends in /rest/v1, the real
+    PostgREST's is its root), signing with `key` when given, else minting from the server's JWT secret."""
+    secret = f'service_key = "{key}"' if key else f'jwt_secret = "{server.jwt_secret}"'
     path.write_text(f"""
 [source]
 path = "{db}"
 
 [target]
-url = "{devserver.url}"
+url = "{server.url}"
 {secret}
 
 [worker]
@@ -102,14 +107,26 @@ target = "e2e_pairs"
 """)
 
 
+on_both_servers = pytest.mark.usefixtures("secondary")
+"""Marks a test to run once against the dev server and once against the real PostgREST (through `app`)."""
+
+
+def chosen_server(request: pytest.FixtureRequest, devserver: DevServer) -> Secondary:
+    """`secondary` when the test asked for it (parametrized over both servers), else the dev server."""
+    if "secondary" in request.fixturenames:
+        return request.getfixturevalue("secondary")
+    return devserver
+
+
 @pytest.fixture
-def app(tmp_path: Path, devserver: DevServer, pg: psycopg.Connection) -> Iterator[App]:
+def app(request: pytest.FixtureRequest, tmp_path: Path, devserver: DevServer, pg: psycopg.Connection) -> Iterator[App]:
+    server = chosen_server(request, devserver)
     pg.execute(f"TRUNCATE {TARGET_TABLES}")
     db = tmp_path / "app.sqlite3"
     sqlite3.connect(db).executescript(APP_SCHEMA)
     metrics = f"127.0.0.1:{free_port()}"
     config = tmp_path / "syncd.toml"
-    write_config(config, db, devserver, metrics)
+    write_config(config, db, server, metrics)
     the_app = App(db, config, metrics)
     installed = the_app.syncd("install")
     assert installed.returncode == 0, installed.stderr

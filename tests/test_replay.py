@@ -1,4 +1,5 @@
-"""replay and resync: keys go back into the outbox and `syncd run` ships their current rows."""
+"""replay and resync: keys go back into the outbox and `syncd run` ships their current rows, to the dev server and to
+the real PostgREST."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import psycopg
 import pytest
 
 from syncd.timeparse import parse_time
-from tests.e2e import App, assert_converged, dead_letters, pending, target
+from tests.e2e import App, assert_converged, dead_letters, on_both_servers, pending, target
 
 NOW = 1_700_000_000.0
 
 
+@on_both_servers
 def test_dead_letters_replayed_after_the_cause_is_fixed_land(app: App, pg: psycopg.Connection):
     """A row refused by a CHECK is dead-lettered; after the constraint is relaxed, replay lands it."""
     db = app.connect()
@@ -35,6 +37,7 @@ def test_dead_letters_replayed_after_the_cause_is_fixed_land(app: App, pg: psyco
         pg.execute("ALTER TABLE e2e_items ADD CONSTRAINT e2e_items_qty_check CHECK (qty >= 0)")
 
 
+@on_both_servers
 def test_replay_of_chosen_dead_letter_ids_only(app: App):
     db = app.connect()
     db.executemany("INSERT INTO item (id, name, qty) VALUES (?, 'n', -1)", [(i,) for i in range(3)])
@@ -44,6 +47,7 @@ def test_replay_of_chosen_dead_letter_ids_only(app: App):
     assert len(dead_letters(app)) == 2 and pending(app) == 1
 
 
+@on_both_servers
 def test_replay_since_repairs_a_secondary_restored_from_an_older_backup(app: App, pg: psycopg.Connection):
     db = app.connect()
     db.executemany("INSERT INTO parent VALUES (?, 'p')", [(i,) for i in range(50)])
@@ -56,6 +60,7 @@ def test_replay_since_repairs_a_secondary_restored_from_an_older_backup(app: App
     assert_converged(app, pg)
 
 
+@on_both_servers
 def test_resync_during_writes_converges(app: App, pg: psycopg.Connection):
     """Rows that predate install are backfilled in chunks while the app keeps writing."""
     db = app.connect()
@@ -85,6 +90,7 @@ def test_resync_during_writes_converges(app: App, pg: psycopg.Connection):
     assert_converged(app, pg)
 
 
+@on_both_servers
 def test_resync_where_and_dry_run(app: App, pg: psycopg.Connection):
     db = app.connect()
     db.executemany("INSERT INTO parent VALUES (?, ?)", [(i, "a" if i % 2 else "b") for i in range(100)])

@@ -1,5 +1,8 @@
 """`syncd run` end to end: the real process, the app writing through stdlib sqlite3, real PostgreSQL
-behind the dev server; the secondary must end equal to the source, row by row, after mapping."""
+behind the dev server; the secondary must end equal to the source, row by row, after mapping. The tests whose
+outcome depends on the server's answers (201/200, row errors and their codes, 401, 403) run against the real
+PostgREST too; the fault, kill -9, lease and metrics-port tests stay on the dev server (they use its fault API, or
+the server does not decide them)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from tests.e2e import (
     assert_converged,
     dead_letters,
     free_port,
+    on_both_servers,
     pending,
     poll,
     target,
@@ -26,8 +30,10 @@ from tests.e2e import (
     write_config,
     write_mixed_workload,
 )
+from tests.postgrest import Secondary
 
 
+@on_both_servers
 def test_run_once_ships_every_kind_of_change(app: App, pg: psycopg.Connection):
     """Inserts, updates, deletes, key changes, REPLACE, upserts and rollbacks converge exactly."""
     db = app.connect()
@@ -40,6 +46,7 @@ def test_run_once_ships_every_kind_of_change(app: App, pg: psycopg.Connection):
     assert '"event": "batch"' in result.stderr
 
 
+@on_both_servers
 def test_ten_thousand_rows_in_one_transaction(app: App, pg: psycopg.Connection):
     db = app.connect()
     db.execute("BEGIN")
@@ -50,6 +57,7 @@ def test_ten_thousand_rows_in_one_transaction(app: App, pg: psycopg.Connection):
     assert_converged(app, pg)
 
 
+@on_both_servers
 def test_daemon_keeps_up_with_concurrent_writers_and_stops_cleanly(app: App, pg: psycopg.Connection):
     daemon = app.start()
     try:
@@ -134,6 +142,7 @@ def test_kill_9_at_random_moments_loses_nothing(app: App, pg: psycopg.Connection
     assert dead_letters(app) == []
 
 
+@on_both_servers
 def test_poison_rows_are_dead_lettered_and_everything_else_lands(app: App, pg: psycopg.Connection):
     """A check violation, a foreign key to nothing and a wrong type: exactly those three rows fail."""
     db = app.connect()
@@ -153,9 +162,9 @@ def test_poison_rows_are_dead_lettered_and_everything_else_lands(app: App, pg: p
 
 
 def test_wrong_key_halts_loses_nothing_and_resumes_after_the_fix(app: App, pg: psycopg.Connection,
-                                                                  devserver: DevServer):
-    forged = devserver.token("service_role").rsplit(".", 1)[0] + ".forged-signature"
-    write_config(app.config, app.db, devserver, app.metrics, key=forged)
+                                                                  secondary: Secondary):
+    forged = secondary.token("service_role").rsplit(".", 1)[0] + ".forged-signature"
+    write_config(app.config, app.db, secondary, app.metrics, key=forged)
     app.connect().executemany("INSERT INTO parent VALUES (?, ?)", [(i, "p") for i in range(10)])
     result = app.syncd("run", "--once")
     assert result.returncode == 1  # a table ended halted: a supervisor or a script must see it
@@ -165,7 +174,7 @@ def test_wrong_key_halts_loses_nothing_and_resumes_after_the_fix(app: App, pg: p
     parent = next(t for t in json.loads(shown.stdout)["tables"] if t["name"] == "parent")
     assert parent["halted"] and parent["pending"] == 10 and "PGRST301" in parent["last_error"]
     assert forged not in shown.stdout
-    write_config(app.config, app.db, devserver, app.metrics, key=devserver.service_key)
+    write_config(app.config, app.db, secondary, app.metrics, key=secondary.service_key)
     assert app.syncd("run", "--once").returncode == 0
     assert target(pg, "SELECT count(*) FROM e2e_parents") == {(10,)}
     assert app.syncd("status").returncode == 0
@@ -191,6 +200,7 @@ def test_a_second_daemon_stands_by_and_takes_over(app: App, pg: psycopg.Connecti
     assert "standing by" in errors
 
 
+@on_both_servers
 def test_sighup_resumes_a_table_halted_by_a_privilege_error(app: App, pg: psycopg.Connection):
     """403 42501 (privilege revoked) halts the table; after the grant, SIGHUP resumes without a restart."""
     pg.execute("REVOKE ALL ON public.e2e_parents FROM service_role")
