@@ -25,8 +25,9 @@ import apsw
 from syncd.config import TRANSFORMS, TableConfig
 from syncd.keys import InvalidText
 from syncd.sqlite import quote_ident, quote_text
+from syncd.timeparse import pg_timestamp
 
-__all__ = ["RowError", "TableMapping"]
+__all__ = ["JsonText", "RowError", "TableMapping", "encode_row"]
 
 Converter = Callable[[object], object]
 # (target column, converter or None for "no transform"); None instead of the tuple: the column is excluded.
@@ -131,6 +132,37 @@ def _reject_constant(name: str) -> object:
     raise _Unfit(f"JSON cannot carry Infinity or NaN (the text holds {name})", SQLITE_FIX)
 
 
+class JsonText:
+    """JSON text that goes into the request body as written (`encode_row`): the value of a `json` column whose
+    numbers Python's float would change (`12345678901234567.89`, `1.50`, `1e400`). PostgreSQL's jsonb and json
+    read a JSON number as numeric, every digit kept (PostgreSQL docs, 8.14 "JSON Types", Table 8.23)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is JsonText and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return f"JsonText({self.text!r})"
+
+
+class _Inexact(Exception):
+    """A JSON number whose float64 does not give back its text: the value must travel as written."""
+
+
+def _exact_float(text: str) -> float:
+    number = float(text)
+    if repr(number) != text:  # repr is the shortest text giving the same float: equal only when nothing is lost
+        raise _Inexact
+    return number
+
+
 def _finite_float(text: str) -> float:
     number = float(text)
     if not math.isfinite(number):
@@ -138,19 +170,42 @@ def _finite_float(text: str) -> float:
     return number
 
 
+def _invalid_json(text: str, exc: json.JSONDecodeError) -> _Unfit:
+    return _Unfit(f"invalid JSON ({exc}) in {_preview(text)}",
+                  'fix the value in SQLite, or remove transform = "json" from {section} if it is plain text')
+
+
 def _parse_json(text: str) -> object:
+    """JSON text -> its value, every number exact: Python values when each number survives float64 (the common,
+    fast case: one parse), else the text itself as JsonText (after a second parse that validates all of it)."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_exact_float)
+    except _Inexact:
+        pass
+    except json.JSONDecodeError as exc:
+        raise _invalid_json(text, exc) from None
+    except ValueError:  # an integer of more digits than int() converts (4300): jsonb takes it as numeric
+        pass
+    try:
+        json.loads(text, parse_constant=_reject_constant, parse_float=str, parse_int=str)
+    except json.JSONDecodeError as exc:
+        raise _invalid_json(text, exc) from None
+    return JsonText(text.strip())
+
+
+def _parse_floats(text: str) -> object:
+    """JSON text -> its value with numbers as float64 (for `vector`, whose components are float32 anyway)."""
     try:
         return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
-        raise _Unfit(f"invalid JSON ({exc}) in {_preview(text)}",
-                     'fix the value in SQLite, or remove transform = "json" from {section} if it is plain text') \
-            from None
+        raise _invalid_json(text, exc) from None
     except ValueError as exc:  # e.g. an integer of more digits than Python converts
         raise _Unfit(f"JSON that cannot be read: {exc}", SQLITE_FIX) from None
 
 
 def _to_json(value: object) -> object:
-    """`json`: text holding JSON -> its value; empty or whitespace-only text -> None; numbers pass."""
+    """`json`: text holding JSON -> its value, numbers exactly as written (see `_parse_json`); empty or
+    whitespace-only text -> None; numbers pass."""
     if isinstance(value, bytes | bytearray | memoryview):
         value = _decode(value)
     if isinstance(value, str):
@@ -158,6 +213,22 @@ def _to_json(value: object) -> object:
     if value is None or isinstance(value, int | float):
         return _plain(value)
     return _plain_other(value)
+
+
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+
+
+def encode_row(row: Mapping[str, object]) -> str:
+    """A mapped row as the JSON object of a request body: JsonText values go in as written, the rest as
+    `json.dumps` writes them (a row without JsonText costs one C encoder call, as before). Raises TypeError or
+    ValueError as json does (NaN or Infinity, a value JSON has no type for)."""
+    try:
+        return _ENCODE(row if type(row) is dict else dict(row))
+    except TypeError:
+        if not any(type(value) is JsonText for value in row.values()):
+            raise
+    return "{" + ",".join(f"{_ENCODE(name)}:{value.text if type(value) is JsonText else _ENCODE(value)}"
+                          for name, value in row.items()) + "}"
 
 
 # ---- bool -----------------------------------------------------------------------------------------------
@@ -181,10 +252,10 @@ def _to_bool(value: object) -> bool | None:
 
 
 def _to_timestamp(value: object) -> str | None:
-    """`timestamp`: unix seconds or ISO 8601 text -> ISO 8601 in UTC ('2024-01-15T10:30:00+00:00').
-
-    Text without an offset is taken as UTC; text with an offset is converted to UTC (the instant is kept,
-    PostgreSQL's timestamptz keeps no offset anyway). Text of digits only is unix seconds.
+    """`timestamp`: unix seconds or ISO 8601 text -> ISO 8601 in UTC ('2024-01-15T10:30:00.123457+00:00'), the
+    instant PostgreSQL reads from the text (`timeparse.pg_timestamp`: fractions rounded to the microsecond as it
+    rounds them, offsets with seconds, 'infinity'). Text without an offset is taken as UTC; text with an offset is
+    converted to UTC (timestamptz keeps no offset anyway). Text of digits only is unix seconds.
     """
     if value is None:
         return None
@@ -194,7 +265,7 @@ def _to_timestamp(value: object) -> str | None:
         raise _invalid_utf8(value)
     if isinstance(value, str):
         text = value.strip()
-        return _from_digits(text) if text.isascii() and text.isdigit() else _from_iso(text, value)
+        return _from_digits(text) if text.isascii() and text.isdigit() else _from_iso(value)
     raise _Unfit(f"{_preview(value)} is not a time (transform timestamp accepts unix seconds or ISO 8601 text)",
                  'fix the value in SQLite, or remove transform = "timestamp" from {section}')
 
@@ -215,20 +286,14 @@ def _from_unix(seconds: float) -> str:
     return moment.isoformat()
 
 
-def _from_iso(text: str, original: str) -> str:
-    if text.endswith("z"):
-        text = text[:-1] + "Z"
+def _from_iso(original: str) -> str:
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise _Unfit(f"{_preview(original)} is not a time (transform timestamp accepts ISO 8601 text such as "
-                     "'2024-01-15T10:30:00Z' or '2024-01-15 10:30:00', or unix seconds)",
+        return pg_timestamp(original, with_zone=True)
+    except ValueError as exc:
+        raise _Unfit(f"{_preview(original)} is not a time syncd can read as PostgreSQL does ({exc}; transform "
+                     "timestamp accepts ISO 8601 text such as '2024-01-15T10:30:00Z', '2024-01-15 10:30:00.1234567', "
+                     "'2024-01-15T10:30:00+05:30', 'infinity', or unix seconds)",
                      'fix the value in SQLite, or remove transform = "timestamp" from {section}') from None
-    try:
-        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-    except OverflowError:
-        raise _Unfit(f"{_preview(original)} is outside the years 1 to 9999 in UTC", SQLITE_FIX) from None
-    return moment.isoformat()
 
 
 # ---- bytea ----------------------------------------------------------------------------------------------
@@ -274,7 +339,7 @@ def _vector_from_blob(blob: bytes) -> str:
 
 
 def _number_list(text: str) -> list[float]:
-    parsed = _parse_json(text) if text.strip() else None
+    parsed = _parse_floats(text) if text.strip() else None
     if not isinstance(parsed, list) or not parsed:
         raise _Unfit(f"{_preview(text)} is not a non-empty JSON array of numbers (transform vector)", SQLITE_FIX)
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in parsed):

@@ -65,6 +65,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC
+from decimal import Decimal
 from typing import Literal
 from urllib.parse import quote, unquote
 
@@ -73,6 +74,7 @@ import httpx
 from syncd import __version__
 from syncd.auth import MintedTokens, StaticToken, TokenSource
 from syncd.config import Config, ConfigError
+from syncd.mapping import encode_row
 from syncd.redact import MASK, mask_url, redact, register
 
 Kind = Literal["transient", "auth", "config", "schema", "row"]
@@ -362,19 +364,42 @@ def encode_rows(table: str, rows: Sequence[Mapping[str, object] | str]) -> bytes
     try:
         if all(isinstance(row, str) for row in rows):
             return ("[" + ",".join(rows) + "]").encode()  # type: ignore[arg-type]
-        text = ",".join(row if isinstance(row, str) else ENCODE_ROW(dict(row)) for row in rows)
+        text = ",".join(row if isinstance(row, str) else encode_row(row) for row in rows)
         return ("[" + text + "]").encode()
     except (TypeError, ValueError) as exc:  # NaN/Infinity, a lone surrogate, a value JSON has no type for
         raise TargetError("row", f"POST {table}: a row cannot be sent as JSON: {exc}") from None
 
 
-ENCODE_ROW = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
 
 
 def show_key(key: Sequence[str], values: Mapping[str, object]) -> str:
     """`(a, b)=('x', 1)`, cut short: the operator needs to recognise the key, not read all of it."""
     text = f"({', '.join(key)})=({', '.join(repr(values[column]) for column in key)})"
     return text if len(text) <= KEY_PREFIX else text[:KEY_PREFIX] + "..."
+
+
+def content_range(header: str) -> tuple[int | None, int | None, int | None]:
+    """PostgREST's `Content-Range` of a read: '0-999/2500' -> (0, 999, 2500); '0-999/*' (no count asked) ->
+    (0, 999, None); '*/0' (no rows) -> (None, None, 0); anything else -> (None, None, None). Offsets are of the
+    rows matching the request's filters (RFC 9110 14.4 with PostgREST's item unit, docs "Pagination and Count")."""
+    span, _, total = header.strip().partition("/")
+    first, dash, last = span.partition("-")
+    bounds = (int(first), int(last)) if dash and first.isdigit() and last.isdigit() else (None, None)
+    return (*bounds, int(total) if total.isdigit() else None)
+
+
+def exact_json(body: bytes) -> object:
+    """A read's JSON body with every number exact: a number with a fraction or an exponent as Decimal (numeric and
+    jsonb send all their digits, which float64 would round), an integer as int, even one longer than the 4300 digits
+    `int()` takes (then as Decimal). None when the body is not JSON."""
+    try:
+        return json.loads(body, parse_float=Decimal)
+    except ValueError:  # not JSON, or an integer past int()'s digit limit: try once more with Decimal integers
+        pass
+    try:
+        return json.loads(body, parse_float=Decimal, parse_int=Decimal)
+    except ValueError:
+        return None
 
 
 # -- the client ---------------------------------------------------------------------------------------
@@ -495,7 +520,10 @@ class PostgrestTarget:
                   count: bool = False) -> tuple[list[dict[str, object]], int | None]:
         """Up to `limit` rows in key order: those whose key comes after `after` (keyset pagination, in the
         secondary's own collation) or equals `equal`; `columns` None (or a name PostgREST cannot take unquoted)
-        selects all. Returns (rows as {column: value}, the table's row count with `count`, else None)."""
+        selects all. Returns (rows as {column: value}, the count of all rows matching, without `limit`, when
+        `count` and the server gave it, else None). Numbers with a fraction are Decimal (`exact_json`). Fewer rows
+        than `limit` do not mean the end: PostgREST's db-max-rows (Supabase "Max rows") caps every read without an
+        error; the count tells."""
         select = ",".join(columns) if columns is not None and all(map(plain, columns)) else "*"
         query = [f"select={encode(select)}", "order=" + encode(",".join(f"{field(c)}.asc" for c in key)),
                  f"limit={limit}"]
@@ -510,15 +538,11 @@ class PostgrestTarget:
         if self.schema != "public":
             headers["Accept-Profile"] = self.schema
         response = self.send("GET", f"{self.table_url(table)}?{'&'.join(query)}", headers, None)
-        try:
-            rows = response.json()
-        except ValueError:
-            rows = None
+        rows = exact_json(response.content)
         if not isinstance(rows, list):
             raise TargetError("config", f"GET {table}: expected a JSON array, got {excerpt(response)!r}",
                               status=response.status_code)
-        total = response.headers.get("content-range", "").rpartition("/")[2]
-        return rows, int(total) if total.isdigit() else None
+        return rows, content_range(response.headers.get("content-range", ""))[2]
 
     def ping(self, table: str) -> None:
         """The cheapest authenticated read of a table (no rows): reachability, key and grants in one answer."""

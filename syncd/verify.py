@@ -10,23 +10,33 @@ instead, and one join per kind finds what is missing in the secondary, extra the
 Memory stays bounded by a page whatever the size of the table; the scratch file is deleted on close.
 
 Canonical values are what PostgreSQL holds, given the target column's type from PostgREST's OpenAPI
-description: a timestamp is an instant however it is spelt, 1 and 1.0 are one number, jsonb ignores key
-order, a real compares at float32 precision and a vector as its float32 components, a number sent to a
-text column is its JSON text. A source row the mapping refuses (the daemon dead-letters it) is counted
-as unshippable, not compared.
+description: a timestamp is the instant (timestamptz) or wall time (timestamp) PostgreSQL reads from its text,
+rounded to the microsecond as it rounds; numeric and the numbers inside json/jsonb compare exactly, as
+numeric equality does (1.0 = 1, 1e2 = 100, a change in the last of 20 digits is a difference: the secondary's
+numbers are read as Decimal, never through float64); double precision compares as float64, real at float32
+precision and a vector as its float32 components; jsonb ignores key order; a number sent to a text column is
+its JSON text. A source row the mapping refuses (the daemon dead-letters it) is counted as unshippable, not
+compared.
+
+The secondary is paged by what it answers, not by what was asked: Supabase and PostgREST's `db-max-rows` cap
+every read (default 1000 rows) without an error, so a page shorter than asked ends the table only when the
+count says every row was read (or when a page comes back empty).
 """
 
 from __future__ import annotations
 
+import decimal
 import hashlib
 import itertools
 import json
 import math
+import re
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date
+from decimal import Decimal
 from typing import TypeVar
 
 import apsw
@@ -34,10 +44,11 @@ import apsw
 from syncd import backoff, capture, outbox
 from syncd.config import Config, TableConfig
 from syncd.keys import InvalidText, decode_key, decode_safe_row, encode_key, key_sql, read_rows, safe_select
-from syncd.mapping import RowError, TableMapping
+from syncd.mapping import JsonText, RowError, TableMapping
 from syncd.progress import ReporterFactory, Silent
 from syncd.sqlite import quote_ident
 from syncd.target import PostgrestTarget, TargetError
+from syncd.timeparse import pg_timestamp
 
 PAGE = 5000
 EXAMPLES = 5
@@ -45,7 +56,7 @@ READ_ATTEMPTS = 6  # transient failures of one page before verify gives up on a 
 VALUE_PREVIEW = 60
 FORMAT_KINDS = {
     "smallint": "integer", "integer": "integer", "bigint": "integer",
-    "numeric": "number", "double precision": "number", "real": "real",
+    "numeric": "exact", "double precision": "number", "real": "real",
     "boolean": "bool",
     "timestamp with time zone": "instant", "timestamp without time zone": "timestamp", "date": "date",
     "json": "json", "jsonb": "json",
@@ -63,7 +74,7 @@ Canonical = Callable[[object], object]
 def canonicalizer(target_format: str) -> Canonical:
     """The function giving a value as PostgreSQL holds it in a column of that type; a value it could not
     hold stays as it is (so it compares different, which is the truth). Chosen once per column."""
-    kind = FORMAT_KINDS.get(target_format) or ("vector" if target_format.endswith("vector") else "json")
+    kind = format_kind(target_format)
     convert, settled = CANONICAL[kind], SETTLED.get(kind)
 
     def canonical(value: object) -> object:
@@ -71,10 +82,24 @@ def canonicalizer(target_format: str) -> Canonical:
             return value
         try:
             return convert(value)
-        except (ValueError, TypeError, OverflowError, struct.error):
+        except (ValueError, TypeError, ArithmeticError, struct.error):  # decimal's errors are ArithmeticErrors
             return value
 
     return canonical
+
+
+def format_kind(target_format: str) -> str:
+    """The kind of comparison for a column of PostgREST's OpenAPI `format`, without its type modifier or schema:
+    the real PostgREST 12 says 'public.vector(3)' and 'numeric(10,2)' where the dev server says 'public.vector';
+    an unknown type compares as JSON."""
+    base = TYPMOD.sub("", target_format).strip()
+    kind = FORMAT_KINDS.get(base)
+    if kind is None and base.rpartition(".")[2] == "vector":
+        return "vector"
+    return kind or "json"
+
+
+TYPMOD = re.compile(r"\([^)]*\)")
 
 
 def canonical(target_format: str, value: object) -> object:
@@ -82,10 +107,41 @@ def canonical(target_format: str, value: object) -> object:
     return canonicalizer(target_format)(value)
 
 
+# Exact arithmetic on any Decimal: normalize() rounds to the context's precision, this one never rounds.
+EXACT = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
+INT_DIGITS = 4000  # Python refuses to print ints of more than 4300 digits; bigger integral values stay Decimal
+
+
+def exact_number(value: object) -> object:
+    """A number as PostgreSQL's numeric (and jsonb, whose numbers are numeric) holds it, in one canonical form:
+    an int when integral (1.0, 1e2 and 100 are one value, as `'1.0'::jsonb = '1'::jsonb` says), else the Decimal
+    without trailing zeros; every digit kept. A float counts as the text Python sends for it (its repr), which is
+    what PostgreSQL parses; text as numeric input (spaces around allowed). NaN and Infinity (numeric has them;
+    PostgREST sends them as JSON strings) are their text. Raises TypeError for a non-number, decimal's
+    InvalidOperation for text that is not a number."""
+    kind = type(value)
+    if kind is int or kind is bool:
+        return value
+    if kind is float:
+        number = Decimal(repr(value))
+    elif kind is Decimal:
+        number = value
+    elif kind is str:
+        number = Decimal(value.strip())  # type: ignore[union-attr]
+    else:
+        raise TypeError(kind.__name__)
+    if not number.is_finite():
+        return str(number)
+    if number == number.to_integral_value() and number.adjusted() < INT_DIGITS:
+        return int(number)
+    return number.normalize(EXACT)
+
+
 def _number(value: object) -> object:
+    """double precision: compared as float64 (integral values as int)."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str):
+    if isinstance(value, str | Decimal):
         value = float(value)
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
         return int(value)
@@ -95,6 +151,8 @@ def _number(value: object) -> object:
 
 
 def _integer(value: object) -> object:
+    if isinstance(value, Decimal):
+        return exact_number(value)
     return int(value.strip()) if isinstance(value, str) else _number(value)
 
 
@@ -119,19 +177,16 @@ def _bool(value: object) -> object:
     return flag
 
 
-def _moment(value: object) -> datetime:
+def _instant(value: object) -> str:
     if not isinstance(value, str):
         raise TypeError(type(value).__name__)
-    return datetime.fromisoformat(value.strip())
-
-
-def _instant(value: object) -> str:
-    moment = _moment(value)
-    return (moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)).isoformat()
+    return pg_timestamp(value, with_zone=True)
 
 
 def _timestamp(value: object) -> str:
-    return _moment(value).replace(tzinfo=None).isoformat()  # PostgreSQL ignores an offset here
+    if not isinstance(value, str):
+        raise TypeError(type(value).__name__)
+    return pg_timestamp(value, with_zone=False)  # PostgreSQL ignores an offset here
 
 
 def _date(value: object) -> str:
@@ -147,8 +202,10 @@ def _json(value: object) -> object:
                 for k in sorted(value)}  # type: ignore[call-overload]
     if kind is list:
         return [v if type(v) in JSON_SETTLED else _json(v) for v in value]  # type: ignore[union-attr]
-    if kind is float:
-        return _number(value) if math.isfinite(value) else value  # type: ignore[arg-type]
+    if kind is float or kind is Decimal:
+        return exact_number(value) if kind is Decimal or math.isfinite(value) else value  # type: ignore[arg-type]
+    if kind is JsonText:  # numbers float64 would change: read them as Decimal, as the secondary's are read
+        return _json(json.loads(value.text, parse_float=Decimal))  # type: ignore[union-attr]
     return value
 
 
@@ -159,6 +216,8 @@ def _lower(value: object) -> object:
 def _text(value: object) -> object:
     if isinstance(value, str):
         return value
+    if isinstance(value, JsonText):
+        return value.text
     # PostgreSQL stores the JSON text of a number, boolean or object sent to a text column
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
@@ -171,11 +230,11 @@ def _vector(value: object) -> list[object]:
 
 
 CANONICAL: dict[str, Canonical] = {
-    "integer": _integer, "number": _number, "real": _real, "bool": _bool, "instant": _instant,
+    "integer": _integer, "number": _number, "exact": exact_number, "real": _real, "bool": _bool, "instant": _instant,
     "timestamp": _timestamp, "date": _date, "json": _json, "lower": _lower, "text": _text, "vector": _vector,
 }
 # The type whose values each kind already holds canonically (the fast path of most values).
-SETTLED: dict[str, type] = {"integer": int, "number": int, "json": str, "text": str, "bool": bool}
+SETTLED: dict[str, type] = {"integer": int, "number": int, "exact": int, "json": str, "text": str, "bool": bool}
 JSON_SETTLED = frozenset({str, int, bool, type(None)})
 # Built once: json.dumps with options builds a new encoder per call.
 KEY_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
@@ -466,22 +525,24 @@ class TableVerifier:
 
     def read_target(self) -> None:
         """Read every row of the target table, page by page in key order, into the scratch file as (canonical key,
-        hash, key values as JSON)."""
+        hash, key values as JSON). Pages by what the secondary answers (`last_page`), not by what was asked."""
         report = self.progress(f"verify {self.plan.table.name}: secondary", None, "rows")
         after: list[object] | None = None
         done = 0
+        total: int | None = None
         while True:
-            rows, total = read_with_retries(self.target.read_page, self.mapping.target, self.compared,
+            rows, count = read_with_retries(self.target.read_page, self.mapping.target, self.compared,
                                             self.target_key, limit=self.page, after=after, count=after is None)
             if after is None:
+                total = count
                 report.set_total(total)
             self.scratch.add_target([(*self.canonical_row(r), KEY_JSON([r[c] for c in self.target_key]))
                                      for r in rows])
             done += len(rows)
             report(done)
-            if len(rows) < self.page:
+            if last_page(len(rows), self.page, done, total):
                 break
-            after = [rows[-1][c] for c in self.target_key]
+            after = [keyset_value(rows[-1][c]) for c in self.target_key]
         self.report.target_rows = done
         report.close()
 
@@ -550,6 +611,23 @@ class TableVerifier:
             yield self.plan.table.name, okey
 
 
+def last_page(answered: int, asked: int, done: int, total: int | None) -> bool:
+    """Whether a page of `answered` rows (`asked` were asked for; `done` rows read so far, this page included) ends
+    the table, `total` being the count the secondary gave with the first page (None: it gave none). An empty page
+    always ends it; a short one only when the count says every row is read: PostgREST's db-max-rows (Supabase's
+    "Max rows", default 1000) answers fewer rows than asked without an error (PostgREST docs, "Configuration:
+    db-max-rows"; measured on PostgREST 12.2.12: Content-Range 0-999/2500, status 200)."""
+    if answered == 0:
+        return True
+    return answered < asked and total is not None and done >= total
+
+
+def keyset_value(value: object) -> object:
+    """A key value read from the secondary, as a keyset filter takes it: a Decimal (numeric keys are read exactly)
+    goes as its text, which PostgreSQL parses back to the same number."""
+    return str(value) if isinstance(value, Decimal) else value
+
+
 def outbox_key(mapping: TableMapping, values: Sequence[object], canonical_key: Callable[[Sequence[object]], str]
                ) -> str | None:
     """The outbox key (SQLite quote() form) that the daemon maps back to these secondary key values, or
@@ -562,7 +640,9 @@ def outbox_key(mapping: TableMapping, values: Sequence[object], canonical_key: C
             except ValueError:
                 return None
         elif isinstance(value, dict | list):
-            sqlite_values.append(json.dumps(value, ensure_ascii=False))
+            sqlite_values.append(json.dumps(value, ensure_ascii=False, default=str))
+        elif isinstance(value, Decimal):  # a numeric key: SQLite holds it as a REAL (checked below by mapping back)
+            sqlite_values.append(float(value))
         else:
             sqlite_values.append(value)
     if None in sqlite_values:
@@ -590,8 +670,11 @@ def target_formats(spec: dict[str, object], target: str) -> dict[str, str]:
 
 
 def preview(value: object) -> str:
-    """`value` as JSON, cut at VALUE_PREVIEW characters."""
-    text = json.dumps(value, ensure_ascii=False, default=str)
+    """`value` as JSON, cut at VALUE_PREVIEW characters (a Decimal or JsonText as its number's text)."""
+    if isinstance(value, Decimal | JsonText):
+        text = value.text if isinstance(value, JsonText) else str(value)
+    else:
+        text = json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= VALUE_PREVIEW else text[:VALUE_PREVIEW] + "..."
 
 

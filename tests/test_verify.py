@@ -1,5 +1,7 @@
 """`syncd verify` finds every kind of difference and `--repair` fixes them; `syncd cutover` refuses until
-the two sides are equal. Against real PostgreSQL behind the dev server, with the real `syncd` process."""
+the two sides are equal. Against real PostgreSQL behind the dev server, with the real `syncd` process; the tests
+that read the secondary's answers (pages, OpenAPI, row errors) run against the real PostgREST too, the one that
+needs the fault API does not."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from syncd.config import TableConfig
 from syncd.keys import decode_key
 from syncd.mapping import TableMapping
 from syncd.verify import Scratch, canonical, outbox_key
-from tests.e2e import App, assert_converged, dead_letters, pending, write_mixed_workload
+from tests.e2e import App, assert_converged, dead_letters, on_both_servers, pending, write_mixed_workload
+from tests.postgrest import Secondary
 
 WORDS_SCHEMA = """
 CREATE TABLE words (n INTEGER PRIMARY KEY, word TEXT, cnt INTEGER, score REAL, amount REAL, tags TEXT, at INTEGER,
@@ -83,6 +86,7 @@ def words_app(app: App, pg: psycopg.Connection) -> App:
     return app
 
 
+@on_both_servers
 def test_equal_after_shipping_every_type_and_collation(words_app: App):
     """Values PostgreSQL spells differently (timestamps, jsonb key order, real, vector, uuid case, a number in
     a text column) compare equal, and keys ordered differently by the two sides are paged through correctly."""
@@ -96,6 +100,7 @@ def test_equal_after_shipping_every_type_and_collation(words_app: App):
     assert table_report(report, "words")["target_rows"] == len(WORDS)
 
 
+@on_both_servers
 def test_each_kind_of_difference_is_found_and_repaired(words_app: App, pg: psycopg.Connection):
     db = words_app.connect()
     db.executemany("INSERT INTO item (id, name, qty, doc_json) VALUES (?, ?, ?, ?)",
@@ -139,6 +144,7 @@ def test_each_kind_of_difference_is_found_and_repaired(words_app: App, pg: psyco
     assert dead_letters(words_app) == []
 
 
+@on_both_servers
 def test_unshippable_rows_are_reported_not_compared(app: App):
     keyed_by_email = app.config.read_text().replace('target = "e2e_items"', 'target = "e2e_items"\nkey = ["email"]')
     app.config.write_text(keyed_by_email)
@@ -163,6 +169,7 @@ def test_verify_reads_through_transient_failures(app: App, faults):
     assert result.returncode == 0 and "verify: 4 table(s) equal" in result.stdout
 
 
+@on_both_servers
 def test_verify_before_install_compares_and_repair_asks_for_install(app: App):
     db = app.connect()
     db.execute("INSERT INTO parent VALUES (1, 'p')")
@@ -173,6 +180,7 @@ def test_verify_before_install_compares_and_repair_asks_for_install(app: App):
     assert refused.returncode == 2 and "syncd is not installed" in refused.stderr
 
 
+@on_both_servers
 def test_text_that_is_not_utf8_is_unshippable_not_a_crash(app: App):
     db = app.connect()
     db.executemany("INSERT INTO parent VALUES (?, 'p')", [(i,) for i in range(12)])
@@ -184,6 +192,7 @@ def test_text_that_is_not_utf8_is_unshippable_not_a_crash(app: App):
     assert "missing" not in result.stdout and "extra" not in result.stdout
 
 
+@on_both_servers
 def test_missing_target_table_or_column_is_not_verified(app: App):
     app.connect().execute("ALTER TABLE parent ADD COLUMN extra TEXT")
     app.config.write_text(app.config.read_text().replace('target = "e2e_children"', 'target = "nope"'))
@@ -193,7 +202,7 @@ def test_missing_target_table_or_column_is_not_verified(app: App):
     assert "child -> nope: NOT VERIFIED: the table 'nope' is not in the secondary" in result.stdout
 
 
-def test_cutover_refuses_until_equal_then_prints_the_switch(app: App, pg: psycopg.Connection):
+def test_cutover_refuses_until_equal_then_prints_the_switch(app: App, pg: psycopg.Connection, secondary: Secondary):
     db = app.connect()
     db.executemany("INSERT INTO parent VALUES (?, 'p')", [(i,) for i in range(20)])
     refused = app.syncd("cutover", "--timeout", "2s")
@@ -218,7 +227,10 @@ def test_cutover_refuses_until_equal_then_prints_the_switch(app: App, pg: psycop
         daemon.wait(30)
     assert ready.returncode == 0, ready.stdout
     assert "READY to cut over" in ready.stdout and "DB_BACKEND=supabase" in ready.stdout
-    assert "SUPABASE_URL=http://127.0.0.1:" in ready.stdout and "/rest/v1" not in ready.stdout.split("SUPABASE_URL=")[1]
+    if secondary.url.endswith("/rest/v1"):
+        assert f"SUPABASE_URL={secondary.url.removesuffix('/rest/v1')}\n" in ready.stdout
+    else:  # the real PostgREST serves at its root: there is no Supabase URL to derive from it
+        assert f"SUPABASE_URL=<the URL whose /rest/v1 is {secondary.url}>\n" in ready.stdout
     assert "syncd uninstall --archive" in ready.stdout
     assert "eyJ" not in ready.stdout + ready.stderr  # no key or token printed
 
