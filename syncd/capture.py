@@ -9,6 +9,18 @@ one transaction; `uninstall` removes them.
 `INSERT OR REPLACE` and `UPDATE OR REPLACE` delete rows that collide on a UNIQUE index other than the
 key without firing delete triggers; BEFORE triggers record the keys of those would-be victims, so the
 shipper re-reads them, finds them gone, and deletes them in the secondary too.
+
+Every comparison a trigger makes decides as SQLite decided the write. PostgreSQL's keys are compared byte for
+byte, so "did the key change?" and "is this row the one being written?" compare the key `COLLATE BINARY`
+(`'Python'` becoming `'python'` under a NOCASE key is a delete of one key and an upsert of another); "which rows
+does REPLACE evict?" compares each unique set with the collation its index declares (PRAGMA index_xinfo), which
+may differ from the column's, and the key's own index counts as such a set when it is not BINARY (an
+`INSERT OR REPLACE` of `'RUST'` evicts `'Rust'`). A comparison names a collation only where the column's own
+would decide otherwise, so the triggers of tables that compare BINARY throughout are unchanged. A collation the
+application registers itself (not BINARY, NOCASE or RTRIM) is known only to the application's connections: on a
+key column it is refused (syncd's own connection looks rows up by key and cannot evaluate it: "no such collation
+sequence"); on another unique index the eviction trigger names it, and an UPDATE compiles that trigger only when
+it writes the index's columns, which needs the collation anyway, so a connection without it is never broken by syncd.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from syncd.keys import NOW_SQL, key_sql
 from syncd.sqlite import immediate, quote_ident, quote_text
 
 OWNED_PREFIX = "_syncd_"
+BUILTIN_COLLATIONS = frozenset({"BINARY", "NOCASE", "RTRIM"})  # every SQLite connection has these
 
 
 class CaptureError(Exception):
@@ -38,6 +51,24 @@ class MappingError(CaptureError):
     """A table's mapping names a column the table does not have, or ships one under another column's name."""
 
 
+class CollationError(CaptureError):
+    """A key column compares with a collation that only the application registers, so syncd cannot find its rows."""
+
+
+@dataclass
+class UniqueSet:
+    """One uniqueness SQLite enforces (the primary key's or a UNIQUE index's): its columns and the collation each is
+    compared with, as PRAGMA index_xinfo reports it (e.g. `["email"]`, `["NOCASE"]`; BINARY for the rowid)."""
+
+    columns: list[str]
+    collations: list[str]
+
+    @property
+    def binary(self) -> bool:
+        """Whether every column compares byte for byte (then equal means the same key in PostgreSQL too)."""
+        return all(c.upper() == "BINARY" for c in self.collations)
+
+
 @dataclass
 class SourceTable:
     """What capture needs to know about one application table, read from SQLite's catalog."""
@@ -45,8 +76,16 @@ class SourceTable:
     name: str
     columns: list[str]
     primary_key: list[str]
-    # Column sets of other uniqueness constraints (None for an index on expressions).
-    unique: list[list[str] | None] = field(default_factory=list)
+    # Every uniqueness constraint, the primary key's first (None for an index on expressions).
+    unique: list[UniqueSet | None] = field(default_factory=list)
+    # Each column's own collation ({column: name}, as declared by COLLATE in its definition; BINARY by default).
+    collations: dict[str, str] = field(default_factory=dict)
+    # Collations its columns or indexes name that SQLite does not have by itself (the application registers them).
+    app_collations: list[str] = field(default_factory=list)
+
+    def collation(self, column: str) -> str:
+        """The collation SQLite compares `column` with when an expression does not name one."""
+        return self.collations.get(column, "BINARY")
 
 
 @dataclass
@@ -75,9 +114,10 @@ class Capture:
         }
         collisions = self.collision_condition()
         if collisions:
-            for event, suffix, itself in (("INSERT", "rep_ins", "NEW"), ("UPDATE", "rep_upd", "OLD")):
+            for event, suffix, itself in (("INSERT", "rep_ins", "NEW"), (self.update_event(), "rep_upd", "OLD")):
                 trigger = f"_syncd_{name}_{suffix}"
-                same_key = " AND ".join(f"{t}.{quote_ident(c)} IS {itself}.{quote_ident(c)}" for c in self.key)
+                same_key = " AND ".join(f"{t}.{quote_ident(c)} IS {itself}.{quote_ident(c)}{self.binary(c)}"
+                                        for c in self.key)
                 triggers[trigger] = (
                     f"CREATE TRIGGER {quote_ident(trigger)} BEFORE {event} ON {t} FOR EACH ROW BEGIN "
                     f"INSERT INTO _syncd_outbox (tbl, key, op, at) SELECT {literal}, {key_sql(self.key, t)}, 'R', "
@@ -93,20 +133,49 @@ class Capture:
         return f"INSERT INTO _syncd_outbox (tbl, key, op, at) SELECT {values} WHERE {where}"
 
     def key_changed(self) -> str:
-        """SQL that is true when an UPDATE changed a key column (`IS NOT`, so NULLs compare too): the old key is then
-        recorded as deleted."""
-        return " OR ".join(f"OLD.{quote_ident(c)} IS NOT NEW.{quote_ident(c)}" for c in self.key)
+        """SQL that is true when an UPDATE changed a key column byte for byte (`IS NOT`, so NULLs compare too; BINARY,
+        as PostgreSQL compares keys, whatever the column's collation): the old key is then recorded as deleted."""
+        return " OR ".join(f"OLD.{quote_ident(c)} IS NOT NEW.{quote_ident(c)}{self.binary(c)}" for c in self.key)
+
+    def binary(self, column: str) -> str:
+        """` COLLATE BINARY` when `column`'s own collation would compare it otherwise, else nothing."""
+        return self.collate(column, "BINARY")
+
+    def collate(self, column: str, collation: str) -> str:
+        """` COLLATE <collation>` when SQLite would compare `column` with another collation by itself, else nothing
+        (so triggers of tables that need none keep their SQL)."""
+        if collation.upper() == self.table.collation(column).upper():
+            return ""
+        name = collation if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", collation) else quote_ident(collation)
+        return f" COLLATE {name}"
+
+    def eviction_sets(self) -> list[UniqueSet]:
+        """The unique sets through which a REPLACE can delete a row with another key: every one but the key's own when
+        that compares byte for byte (then a collision there is the written key itself) and those on expressions."""
+        return [u for u in self.table.unique
+                if u is not None and u.columns and not (sorted(u.columns) == sorted(self.key) and u.binary)]
 
     def collision_condition(self) -> str:
-        """Rows (other than the one written) that a REPLACE would delete: same values on another unique set."""
-        sets = [self.table.primary_key, *self.table.unique] if self.table.primary_key else list(self.table.unique)
+        """Rows (other than the one written) that a REPLACE would delete: equal to NEW on a unique set, compared with
+        the collation that set's index declares."""
         t = quote_ident(self.table.name)
         conditions = []
-        for columns in sets:
-            if columns is None or not columns or sorted(columns) == sorted(self.key):
-                continue
-            conditions.append("(" + " AND ".join(f"{t}.{quote_ident(c)} = NEW.{quote_ident(c)}" for c in columns) + ")")
+        for unique in self.eviction_sets():
+            equal = [f"{t}.{quote_ident(c)} = NEW.{quote_ident(c)}{self.collate(c, collation)}"
+                     for c, collation in zip(unique.columns, unique.collations, strict=True)]
+            conditions.append("(" + " AND ".join(equal) + ")")
         return " OR ".join(conditions)
+
+    def update_event(self) -> str:
+        """`UPDATE OF <columns of the eviction sets>` when a set compares other than BINARY: an UPDATE can only evict
+        through a set it writes, so only such statements compile the trigger (they cost no lookup otherwise, and a
+        collation the application registers is then needed only where the index needs it anyway). Plain `UPDATE`
+        when every set is BINARY, as those triggers always were, so an upgrade does not reinstall them."""
+        sets = self.eviction_sets()
+        if all(u.binary for u in sets):
+            return "UPDATE"
+        columns = dict.fromkeys(c for u in sets for c in u.columns)
+        return "UPDATE OF " + ", ".join(quote_ident(c) for c in columns)
 
 
 # -- reading the application's schema ------------------------------------------------------------------
@@ -128,19 +197,33 @@ def inspect_table(conn: apsw.Connection, name: str) -> SourceTable:
     info = conn.execute(f"PRAGMA table_info({quote_ident(actual)})").fetchall()
     columns = [r[1] for r in info]
     primary_key = [r[1] for r in sorted((r for r in info if r[5] > 0), key=lambda r: r[5])]
-    return SourceTable(actual, columns, primary_key, unique_sets(conn, actual))
+    collations = {c: conn.column_metadata("main", actual, c)[1] for c in columns}
+    named = {*collations.values(), *index_collations(conn, actual)}
+    return SourceTable(actual, columns, primary_key, unique_sets(conn, actual, primary_key), collations,
+                       sorted(c for c in named if c.upper() not in BUILTIN_COLLATIONS))
 
 
-def unique_sets(conn: apsw.Connection, table: str) -> list[list[str] | None]:
-    """The column sets of `table`'s UNIQUE indexes other than the primary key, read with SQLite's `PRAGMA index_list`
-    and `index_xinfo`; None for an index on expressions (SQLite reports their column number as -2)."""
-    sets: list[list[str] | None] = []
+def index_collations(conn: apsw.Connection, table: str) -> set[str]:
+    """Every collation an index of `table` compares with (PRAGMA index_xinfo, unique or not)."""
+    return {r[4] for (_, index, *_) in conn.execute(f"PRAGMA index_list({quote_ident(table)})")
+            for r in conn.execute(f"PRAGMA index_xinfo({quote_ident(index)})") if r[5]}
+
+
+def unique_sets(conn: apsw.Connection, table: str, primary_key: list[str]) -> list[UniqueSet | None]:
+    """Every uniqueness constraint of `table`, the primary key's first, with the collation of each column as its index
+    declares it (SQLite's `PRAGMA index_list` and `index_xinfo`); None for an index on expressions (SQLite reports
+    their column number as -2). An INTEGER PRIMARY KEY is the rowid and has no index: its set compares BINARY."""
+    primary: list[UniqueSet | None] = []
+    others: list[UniqueSet | None] = []
     for _, index, unique, origin, _partial in conn.execute(f"PRAGMA index_list({quote_ident(table)})"):
-        if not unique or origin == "pk":
+        if not unique:
             continue
         keyed = [r for r in conn.execute(f"PRAGMA index_xinfo({quote_ident(index)})") if r[5]]
-        sets.append(None if any(r[1] == -2 for r in keyed) else [r[2] for r in keyed])
-    return sets
+        found = None if any(r[1] == -2 for r in keyed) else UniqueSet([r[2] for r in keyed], [r[4] for r in keyed])
+        (primary if origin == "pk" else others).append(found)
+    if primary_key and not primary:
+        primary.append(UniqueSet(primary_key, ["BINARY"] * len(primary_key)))
+    return primary + others
 
 
 def plan(conn: apsw.Connection, config: Config) -> list[Capture]:
@@ -169,10 +252,25 @@ def plan_table(conn: apsw.Connection, table_config: TableConfig) -> Capture:
     if missing:
         raise CaptureError(f"table {table.name!r}: key column(s) {', '.join(map(repr, missing))} do not exist; "
                            f"columns are {', '.join(table.columns)}")
+    refuse_foreign_collations(table, key)
     problems = mapping_problems(table, table_config)
     if problems:
         raise MappingError("\n".join(problems))
     return Capture(table, list(key), table_config.target_name)
+
+
+def refuse_foreign_collations(table: SourceTable, key: list[str]) -> None:
+    """Raise CollationError when a key column compares with a collation the application registers itself: syncd's
+    own connection finds rows by key (`WHERE key IN (...)`), and SQLite refuses to prepare that without the
+    collation ("no such collation sequence"); guessing one could miss rows and delete them in the secondary."""
+    for column in key:
+        collation = table.collation(column)
+        if collation.upper() not in BUILTIN_COLLATIONS:
+            raise CollationError(
+                f"table {table.name!r}: key column {column!r} is declared COLLATE {collation}, a collation only the "
+                "application registers; syncd's own connection looks rows up by key and cannot use it. Declare the "
+                "key column with a built-in collation (BINARY, NOCASE or RTRIM; a UNIQUE index may keep "
+                f"COLLATE {collation}), or set key = [...] in its [[table]] section to other columns")
 
 
 def mapping_problems(table: SourceTable, table_config: TableConfig) -> list[str]:
@@ -236,6 +334,8 @@ def examine(conn: apsw.Connection, table_config: TableConfig,
         if isinstance(exc, MappingError):  # the table is fine; its [[table]] section is not (or no longer)
             health.problem = (f"{exc} (fix the table's [[table]] section, or the migration that dropped the column, "
                               "then send SIGHUP to syncd run)")
+        elif isinstance(exc, CollationError):
+            health.problem = f"{exc}; then run: syncd install"
         elif table_exists(conn, table_config.name):
             health.key_changed = True
             health.problem = (f"{exc} (the key column may have been renamed or dropped); map the key again (key = "
@@ -354,6 +454,13 @@ def install_capture(conn: apsw.Connection, capture: Capture, current: dict[str, 
     if None in capture.table.unique:
         report.warnings.append(f"table {name!r} has a UNIQUE index on expressions: rows that "
                                "INSERT OR REPLACE deletes through it are not seen; avoid REPLACE on it")
+    if capture.table.app_collations:
+        report.warnings.append(
+            f"table {name!r} uses COLLATE {', '.join(capture.table.app_collations)}, which only the application "
+            "registers: its triggers compare with it in the application's connections, so REPLACE through such an "
+            "index is captured; syncd's own connection has no such collation, so a read there that needs it (verify "
+            "counting rows through such an index, a --where on such a column) fails with \"no such collation "
+            "sequence\" instead of guessing an order")
     outbox.record_table(conn, name, capture.key, capture.target)
     if lost:
         outbox.request_reconcile(conn, name, reason)
