@@ -35,14 +35,15 @@ RANGE = re.compile(r"\s*(\d+)-(\d*)\s*")
 @dataclass
 class ApiSettings:
     """How the API behaves: the JWT secret it verifies tokens with, the exposed schemas (the first is the default),
-    the role of a request without a token, whether Supabase's gateway apikey check applies, and the URL the OpenAPI
-    description names."""
+    the role of a request without a token, whether Supabase's gateway apikey check applies, the URL the OpenAPI
+    description names, and the cap on the rows of a read (`--max-rows`)."""
 
     jwt_secret: str
     schemas: list[str]
     anon_role: str = "anon"
     require_apikey: bool = False
     public_url: str = "http://127.0.0.1:54321/rest/v1"
+    max_rows: int | None = None  # PostgREST's db-max-rows: every read capped at this many rows, without an error
 
 
 @dataclass
@@ -101,14 +102,16 @@ class Api:
                 raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {request.method}")
             document = openapi.describe(self.cache, schema, self.settings.public_url)
             return Response(200, json.dumps(document).encode(), OPENAPI)
-        table = self.cache.table(schema, request.path.strip("/"))
-        if table is None:
-            raise errors.unknown_table()
         handler = {"GET": self.read, "HEAD": self.read, "POST": self.insert,
                    "PATCH": self.update, "DELETE": self.delete}.get(request.method)
         if handler is None:
             raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {request.method}")
-        return await handler(request, table, identity, query.parse(request.query))
+        q = query.parse(request.query)
+        name = request.path.strip("/")
+        table = self.cache.table(schema, name)
+        if table is None:
+            raise missing_table(request, schema, name, q)
+        return await handler(request, table, identity, q)
 
     def schema_of(self, request: Request) -> str:
         """The schema a request addresses: its Accept-Profile (GET, HEAD) or Content-Profile (writes) header, default
@@ -124,7 +127,7 @@ class Api:
     async def read(self, request: Request, table: Table, identity: Identity, q: query.Query) -> Response:
         """GET, HEAD: the filtered, ordered page as a JSON array, with Content-Range (and the total under Prefer:
         count=exact)."""
-        offset, limit = self.page_bounds(request, q)
+        offset, limit = self.page_bounds(request, q, self.settings.max_rows)
         params: list[object] = []
         page = (f"SELECT {query.select_sql(q.select, table)} FROM {table.qualified}"
                 f" WHERE {query.where_sql(q.where, table, params)}{query.order_sql(q.order, table)}")
@@ -139,23 +142,32 @@ class Api:
         sql = (f"SELECT count(*), NULL, {total_sql}, coalesce(json_agg(_pgrst_t), '[]')::text"
                f" FROM ({page}) AS _pgrst_t")
         outcome = await self.run(request, identity, sql, params)
-        status, content_range = range_status(offset, outcome.affected, outcome.total)
-        headers = {**JSON, "Content-Range": content_range}
-        if prefer(request).get("count") == "exact":
-            headers["Preference-Applied"] = "count=exact"
+        applied = {"Preference-Applied": "count=exact"} if prefer(request).get("count") == "exact" else {}
+        status, content_range = range_status(offset, outcome.affected, outcome.total, applied)
+        headers = {**JSON, "Content-Range": content_range, **applied}
         return Response(status, (outcome.body or "[]").encode(), headers)
 
     @staticmethod
-    def page_bounds(request: Request, q: query.Query) -> tuple[int, int | None]:
-        """(offset, limit or None) from `offset`, `limit` and a `Range: first-last` header in items, whichever is
-        narrower."""
+    def page_bounds(request: Request, q: query.Query, max_rows: int | None = None) -> tuple[int, int | None]:
+        """(offset, limit or None) from `offset`, `limit`, a `Range: first-last` header in items and `max_rows`,
+        whichever is narrowest. Raises ApiError 416 PGRST103 for a negative limit or a Range whose last item comes
+        before its first (PostgREST 12's answers, measured)."""
         offset, limit = q.offset, q.limit
+        if limit is not None and limit < 0:
+            raise ApiError(416, "PGRST103", "Requested range not satisfiable",
+                           "Limit should be greater than or equal to zero.")
         match = RANGE.fullmatch(request.headers.get("range", ""))
         if match and request.headers.get("range-unit", "items") == "items":
             offset = max(offset, int(match[1]))
             if match[2]:
                 span = int(match[2]) - int(match[1]) + 1
+                if span < 1:
+                    raise ApiError(416, "PGRST103", "Requested range not satisfiable",
+                                   "The lower boundary must be lower than or equal to the upper boundary in the "
+                                   "Range header.")
                 limit = span if limit is None else min(limit, span)
+        if max_rows is not None:
+            limit = max_rows if limit is None else min(limit, max_rows)
         return offset, limit
 
     # -- writes -----------------------------------------------------------------------------------
@@ -187,8 +199,9 @@ class Api:
         else:
             outcome = await self.run(request, identity, insert, [body_json])
             outcome.inserted = outcome.affected
-        status = 201 if resolution is None or (outcome.inserted or 0) > 0 else 200
-        return self.write_response(status, outcome, prefs, representation)
+        # PostgREST 12 answers 200 only for a merge that inserted nothing (ignore-duplicates: 201 always; measured).
+        status = 200 if resolution == "merge-duplicates" and not outcome.inserted else 201
+        return self.write_response(status, outcome, prefs, representation, counted=False)
 
     @staticmethod
     def insert_source(table: Table, columns: list[str], missing_default: bool) -> str:
@@ -237,7 +250,7 @@ class Api:
         params: list[object] = []
         sql = f"DELETE FROM {table.qualified} WHERE {query.where_sql(q.where, table, params)}"
         outcome = await self.run(request, identity, self.returning(sql, table, q, representation), params)
-        return self.write_response(200 if representation else 204, outcome, prefs, representation)
+        return self.write_response(200 if representation else 204, outcome, prefs, representation, counted=False)
 
     @staticmethod
     def returning(sql: str, table: Table, q: query.Query, representation: bool) -> str:
@@ -249,11 +262,13 @@ class Api:
                 f" SELECT count(*), NULL, NULL, {representation_sql(q, table)} FROM _pgrst_rows")
 
     @staticmethod
-    def write_response(status: int, outcome: Outcome, prefs: dict[str, str], representation: bool) -> Response:
-        """The answer to a write: `status`, Content-Range of the rows affected, Preference-Applied for the
-        preferences honoured, and with `representation` the rows as the body."""
+    def write_response(status: int, outcome: Outcome, prefs: dict[str, str], representation: bool,
+                       counted: bool = True) -> Response:
+        """The answer to a write: `status`, Content-Range (of the rows affected when `counted`, else `*/*`: PostgREST
+        12 counts them for PATCH only, measured), Preference-Applied for the preferences honoured, and with
+        `representation` the rows as the body."""
         applied = [f"{k}={prefs[k]}" for k in ("resolution", "missing", "return") if k in prefs]
-        headers = {"Content-Range": f"0-{outcome.affected - 1}/*" if outcome.affected else "*/*"}
+        headers = {"Content-Range": f"0-{outcome.affected - 1}/*" if counted and outcome.affected else "*/*"}
         if applied:
             headers["Preference-Applied"] = ", ".join(applied)
         if representation:
@@ -284,6 +299,27 @@ class Api:
             if exc.sqlstate is None:  # refused before sending, e.g. a NUL byte, which PostgreSQL rejects as 22021
                 raise ApiError(400, "22021", str(exc)) from None
             raise errors.from_database(exc, authenticated=not identity.anonymous) from None
+
+
+def missing_table(request: Request, schema: str, name: str, q: query.Query) -> ApiError:
+    """The answer for a table the schema cache lacks, as PostgREST 12 gives it (measured): a write that names columns
+    (a POST's keys or `columns=`, a PATCH's keys) fails while planning, 404 with the body `{}`; everything else (GET,
+    HEAD, DELETE, an empty POST array or PATCH object) reaches PostgreSQL, 404 `42P01` `relation "schema.name" does not
+    exist` (PostgreSQL's text, unquoted). Raises ApiError 400 PGRST102 first for a body that is not JSON or whose
+    objects' keys differ."""
+    columns: list[str] = []
+    if request.method == "POST":
+        payload = parse_body(request.body)
+        rows = payload if isinstance(payload, list) else [payload]
+        if not all(isinstance(row, dict) for row in rows):
+            raise errors.invalid_body("All object keys must match")
+        columns = q.columns if q.columns is not None else keys_of(rows)
+    elif request.method == "PATCH":
+        row = parse_body(request.body)
+        columns = list(row) if isinstance(row, dict) else []
+    if columns:
+        return errors.unknown_table()
+    return ApiError(404, "42P01", f'relation "{schema}.{name}" does not exist')
 
 
 def parse_body(body: bytes) -> Any:
@@ -331,8 +367,9 @@ def representation_sql(q: query.Query, table: Table) -> str:
             f" (SELECT {query.select_sql(q.select, table, '_pgrst_rows')} FROM _pgrst_rows) AS _pgrst_t)")
 
 
-def range_status(offset: int, page: int, total: int | None) -> tuple[int, str]:
-    """PostgREST's Content-Range and its 200 / 206 / 416 choice."""
+def range_status(offset: int, page: int, total: int | None,
+                 headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """PostgREST's Content-Range and its 200 / 206 / 416 choice; the 416 carries `headers` too."""
     shown = f"{offset}-{offset + page - 1}" if page else "*"
     content_range = f"{shown}/{'*' if total is None else total}"
     if total is None:
@@ -340,5 +377,5 @@ def range_status(offset: int, page: int, total: int | None) -> tuple[int, str]:
     if offset > total:
         raise ApiError(416, "PGRST103", "Requested range not satisfiable",
                        f"An offset of {offset} was requested, but there are only {total} rows.",
-                       headers={"Content-Range": f"*/{total}"})
+                       headers={"Content-Range": f"*/{total}", **(headers or {})})
     return (206 if page < total else 200), content_range

@@ -137,8 +137,11 @@ def to_request(head: h11.Request, body: bytes) -> Request:
 
 async def write_response(conn: h11.Connection, writer: asyncio.StreamWriter, response: Response,
                          head_only: bool) -> None:
-    """Send `response` with Date, Server and Content-Length (without the body for HEAD)."""
-    headers = [("Date", formatdate(usegmt=True)), ("Server", "syncd-devserver")]
+    """Send `response` with Content-Length, and Date and Server unless it has them (an upstream's answer), without
+    the body for HEAD."""
+    given = {name.lower() for name in response.headers}
+    headers = [(name, value) for name, value in (("Date", formatdate(usegmt=True)), ("Server", "syncd-devserver"))
+               if name.lower() not in given]
     headers += list(response.headers.items())
     headers.append(("Content-Length", str(len(response.body))))
     writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)) or b"")

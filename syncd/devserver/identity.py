@@ -30,12 +30,12 @@ class Identity:
 
 
 def identify(authorization: str | None, secret: str, anon_role: str) -> Identity:
-    """The role a request runs as: the token's `role` claim, or the anonymous role without a token."""
-    if not authorization:
-        return Identity(anon_role, {"role": anon_role}, anonymous=True)
-    scheme, _, token = authorization.partition(" ")
+    """The role a request runs as: the token's `role` claim, or the anonymous role without a token. Like PostgREST
+    12 (measured), an Authorization header of another scheme (`Basic ...`) or `Bearer` without a token counts as no
+    token at all. Raises ApiError 401 PGRST301 for a token that does not verify."""
+    scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise errors.jwt_error("JWSError (CompactDecodeError Invalid number of parts: Expected 3 parts; got 1)")
+        return Identity(anon_role, {"role": anon_role}, anonymous=True)
     claims = decode(token.strip(), secret)
     role = claims.get("role")
     if not isinstance(role, str) or not role:
@@ -54,7 +54,7 @@ def decode(token: str, secret: str) -> dict[str, Any]:
     except jwt.ExpiredSignatureError:
         raise errors.jwt_error("JWT expired") from None
     except jwt.ImmatureSignatureError as exc:
-        raise errors.jwt_error("JWT issued at future" if "iat" in str(exc) else "JWT not yet valid") from None
+        raise errors.jwt_error("JWTIssuedAtFuture" if "iat" in str(exc) else "JWTNotYetValid") from None
     except jwt.InvalidSignatureError:
         raise errors.jwt_error("JWSError JWSInvalidSignature") from None
     except jwt.InvalidAlgorithmError:

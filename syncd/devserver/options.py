@@ -14,6 +14,7 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from syncd import auth
 
@@ -47,6 +48,8 @@ class Options:
     anon_role: str = "anon"
     pool_size: int = 10
     pool_timeout: float = 10.0  # waiting longer for a connection answers 504 PGRST003
+    max_rows: int | None = None  # PostgREST's db-max-rows
+    upstream: str | None = None  # proxy to this PostgREST API URL instead of serving one over PostgreSQL
 
 
 # -- flag values as typed -> option values --------------------------------------------------------------------------
@@ -89,7 +92,14 @@ def check(options: Options) -> None:
     """Every check that needs no database, cheapest first; a port or host that cannot be bound is found here, before
     a throwaway PostgreSQL is started. Raises StartError."""
     check_port(options.port)
+    if options.upstream is not None:
+        check_upstream(options)
+        check_listen(options.host, options.port)
+        return
     check_pool(options.pool_size, options.pool_timeout)
+    if options.max_rows is not None and options.max_rows < 1:
+        raise StartError(f"--max-rows {options.max_rows}: use 1 or more rows (PostgREST's db-max-rows; leave it out "
+                         "for no cap)")
     if not options.anon_role.strip():
         raise StartError("--anon-role: empty; name the role of requests without a token (default anon)")
     if options.pg_url is not None and not options.pg_url.strip():
@@ -102,6 +112,40 @@ def check(options: Options) -> None:
     if options.migrations is not None:
         check_migrations(options.migrations)
     check_listen(options.host, options.port)
+
+
+# Flags that only mean something when the dev server runs its own API over PostgreSQL: (flag, its option, default).
+DATABASE_FLAGS = (
+    ("--pg-url", "pg_url", None), ("--data-dir", "data_dir", None), ("--migrations", "migrations", None),
+    ("--jwt-secret", "jwt_secret", None), ("--require-apikey", "require_apikey", False),
+    ("--schemas", "schemas", ("public",)), ("--anon-role", "anon_role", "anon"), ("--pool-size", "pool_size", 10),
+    ("--pool-timeout", "pool_timeout", 10.0), ("--max-rows", "max_rows", None),
+)
+
+
+def check_upstream(options: Options) -> None:
+    """`--upstream URL`: an http(s) URL of a PostgREST API (its root, or Supabase's https://x.supabase.co/rest/v1),
+    without credentials, query or fragment, and none of the flags of the dev server's own API (the upstream decides
+    all of that). Raises StartError naming the flag."""
+    url = options.upstream or ""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise StartError(f"--upstream {mask_url(url)}: not a URL ({exc}); give e.g. "
+                         "https://PROJECT.supabase.co/rest/v1 or http://127.0.0.1:3000") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StartError(f"--upstream {mask_url(url)}: give an http:// or https:// URL with a host, e.g. "
+                         "https://PROJECT.supabase.co/rest/v1 or http://127.0.0.1:3000")
+    if parts.username is not None or parts.password is not None:
+        raise StartError(f"--upstream {mask_url(url)}: no credentials in the URL; clients send their own "
+                         "Authorization and apikey headers, which the dev server passes on")
+    if parts.query or parts.fragment:
+        raise StartError(f"--upstream {url}: no ?query or #fragment; give the API's base URL")
+    for flag, name, default in DATABASE_FLAGS:
+        if getattr(options, name) != default:
+            raise StartError(f"{flag}: not with --upstream (the upstream PostgREST has its own database, keys and "
+                             f"settings); leave out {flag}, or --upstream to serve an API over PostgreSQL")
 
 
 def check_port(port: int) -> None:

@@ -1,4 +1,5 @@
-"""Wire the dev server together: database, schema cache and its reload, HTTP, faults, signals."""
+"""Wire the dev server together: database, schema cache and its reload, HTTP, faults, signals; or, with
+`--upstream`, HTTP and faults in front of another PostgREST."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import signal
 import sys
 import traceback
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psycopg
@@ -19,16 +21,20 @@ from syncd.devserver.api import JSON, Api, ApiSettings, error_response
 from syncd.devserver.faults import Faults
 from syncd.devserver.http import Abort, HttpServer, Request, Response
 from syncd.devserver.options import Options, StartError, check, listen_error, resolve_secret
+from syncd.devserver.upstream import Upstream
 
 RELOAD_PAYLOADS = {"", "reload schema"}
 APPLICATION_NAME = "syncd-devserver"
 
+Backend = Callable[[Request], Awaitable[Response]]
+
 
 class DevServer:
-    """The HTTP front: routes API requests through fault injection to the Api, and `/_dev/*` to faults."""
+    """The HTTP front: routes API requests through fault injection to the backend (the Api over PostgreSQL, or the
+    Upstream it passes them on to), and `/_dev/*` to faults."""
 
-    def __init__(self, api: Api, prefix: str, faults: Faults | None) -> None:
-        self.api = api
+    def __init__(self, backend: Backend, prefix: str, faults: Faults | None) -> None:
+        self.backend = backend
         self.prefix = prefix.rstrip("/")
         self.faults = faults
 
@@ -50,7 +56,7 @@ class DevServer:
         api_request = Request(request.method, request.path[len(self.prefix):] or "/", request.query,
                               request.headers, request.body)
         if self.faults is None:
-            return await self.api.handle(api_request)
+            return await self.backend(api_request)
         return await self.with_faults(api_request)
 
     async def with_faults(self, request: Request) -> Response | Abort:
@@ -68,7 +74,7 @@ class DevServer:
                 f"fault injected by syncd dev-server: HTTP {settings.error_status}",
                 hint="set error_rate to 0 with PUT /_dev/faults"))
         else:
-            response = await self.api.handle(request)
+            response = await self.backend(request)
         if settings.delay_ms:
             await asyncio.sleep(settings.delay_ms / 1000)
         if fate == "timeout":
@@ -144,32 +150,55 @@ async def serve(options: Options, admin_url: str, secret: str) -> None:
         raise StartError("the API's database connections did not open within 30 s (see the messages above); check "
                          "that the login role can act as 'authenticator'") from None
     public_url = f"http://{options.host}:{options.port}{options.prefix}"
-    settings = ApiSettings(secret, list(options.schemas), options.anon_role, options.require_apikey, public_url)
+    settings = ApiSettings(secret, list(options.schemas), options.anon_role, options.require_apikey, public_url,
+                           options.max_rows)
     api = Api(pool, settings)
     ready = asyncio.Event()
     listener = asyncio.create_task(keep_schema_fresh(api, admin_url, ready))
     try:
         await wait_until_loaded(ready)
-        front = DevServer(api, options.prefix, Faults() if options.faults else None)
-        http = HttpServer(front.handle)
-        try:
-            server = await http.start(options.host, options.port)
-        except OSError as exc:
-            raise listen_error(options.host, options.port, exc) from None
-        port = server.sockets[0].getsockname()[1]
-        settings.public_url = f"http://{options.host}:{port}{options.prefix}"
-        announce(settings.public_url, admin_url, secret)
-        await until_stopped()
-        server.close()
-        connections = list(http.connections)
-        for task in connections:
-            task.cancel()
-        await asyncio.gather(*connections, return_exceptions=True)  # reaped here, not reported as never retrieved
+        front = DevServer(api.handle, options.prefix, Faults() if options.faults else None)
+
+        def ready(url: str) -> None:
+            settings.public_url = url
+            announce(url, admin_url, secret)
+
+        await listen_until_stopped(front, options, ready)
     finally:
         listener.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await listener
         await pool.close()
+
+
+async def listen_until_stopped(front: DevServer, options: Options, ready: Callable[[str], None]) -> None:
+    """Serve `front` on options.host:port, call `ready` with the API URL once listening, and run until SIGTERM or
+    SIGINT; open connections are closed then. Raises StartError when the address cannot be bound (taken since the
+    check)."""
+    http = HttpServer(front.handle)
+    try:
+        server = await http.start(options.host, options.port)
+    except OSError as exc:
+        raise listen_error(options.host, options.port, exc) from None
+    port = server.sockets[0].getsockname()[1]
+    ready(f"http://{options.host}:{port}{options.prefix}")
+    await until_stopped()
+    server.close()
+    connections = list(http.connections)
+    for task in connections:
+        task.cancel()
+    await asyncio.gather(*connections, return_exceptions=True)  # reaped here, not reported as never retrieved
+
+
+async def serve_upstream(options: Options) -> None:
+    """`--upstream`: serve the fault API (always on) in front of options.upstream until SIGTERM or SIGINT."""
+    assert options.upstream is not None
+    upstream = Upstream(options.upstream)
+    try:
+        front = DevServer(upstream.handle, options.prefix, Faults())
+        await listen_until_stopped(front, options, lambda url: announce_upstream(url, upstream.url))
+    finally:
+        await upstream.close()
 
 
 async def wait_until_loaded(ready: asyncio.Event, timeout: float = 30) -> None:
@@ -190,6 +219,15 @@ async def until_stopped() -> None:
     await stop.wait()
 
 
+def announce_upstream(url: str, upstream: str) -> None:
+    """The JSON line of `--upstream`: the URL to use and the upstream's; the database URL, secret and keys are the
+    upstream's, unknown here, so null."""
+    line = {"url": url, "upstream": upstream, "pg_url": None, "jwt_secret": None, "anon_key": None,
+            "service_key": None}
+    sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
+
+
 def announce(url: str, pg_url: str, secret: str) -> None:
     """The one line on stdout that tells a caller (tests, demo, a person) how to reach the server."""
     line = {
@@ -207,8 +245,11 @@ def run(options: Options) -> int:
     """Run the dev server until SIGTERM or SIGINT; exit code 0. Checks every option before starting anything, then
     starts PostgreSQL unless `pg_url` is given (a throwaway one is removed again whatever happens), runs the
     migrations and serves. Raises StartError (one line: the flag, the problem, the fix) for anything that keeps it
-    from serving."""
+    from serving. With `upstream`, no PostgreSQL: only the proxy with its faults."""
     check(options)
+    if options.upstream is not None:
+        asyncio.run(serve_upstream(options))
+        return 0
     secret = resolve_secret(options.jwt_secret)
     migrations = options.migrations or default_migrations()
     with postgres.database(options.pg_url, options.data_dir) as db:
