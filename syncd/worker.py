@@ -205,6 +205,7 @@ class Worker:
         self.replaced = False  # the file was replaced and reopened; adopting it (install, reconcile) is due
         self.installed_in_replacement = False
         self.recorded: dict[str, str] | None = None  # the halts as recorded in the file (None: not read yet)
+        self.window: deque[tuple[Shipment, Future[Shipment]]] = deque()  # the batches of the drain under way
         self.open_seqs: set[int] = set()  # claimed (or passed over) and not settled: claims start below the lowest
         self.seen_upto = 0  # the highest seq a claim read since the floor was last reset
         self.unflushed = -1  # acked entries not yet deleted from the app's file (-1: not counted yet)
@@ -484,6 +485,7 @@ class Worker:
         before children. Each answer is acknowledged for its own batch, in the order the batches were claimed."""
         total = DrainResult()
         window: deque[tuple[Shipment, Future[Shipment]]] = deque()
+        self.window = window
         try:
             while True:
                 upcoming = None
@@ -527,7 +529,7 @@ class Worker:
         if not self.prepared:
             self.prepare()
         active = {t: m.key for t, m in self.mappings.items() if t not in self.halted}
-        floor = min(self.open_seqs) - 1 if self.open_seqs else self.seen_upto
+        floor = min(min(self.open_seqs) - 1, self.seen_upto) if self.open_seqs else self.seen_upto
         renderers = {t: self.mappings[t].sql_rendering for t in active}
         claimed = outbox.claim(self.conn, self.batch_size, active, in_flight, after=floor, renderers=renderers)
         self.open_seqs.update(e.seq for c in claimed.changes for e in c.entries)
@@ -667,9 +669,12 @@ class Worker:
         return max(0.0, min(self.config.worker.poll_interval, due))
 
     def reset_floor(self) -> None:
-        """Claims start from the first seq again (tables resumed, entries flushed or requeued, the file replaced)."""
-        self.open_seqs.clear()
+        """Claims start from the first seq again (tables resumed, entries flushed or requeued, the file replaced).
+        The seqs of batches still in flight stay open: one of them may yet be interrupted, and its entries must be
+        claimed again (a flush comes between two batches of a drain)."""
         self.seen_upto = 0
+        self.open_seqs.intersection_update(e.seq for shipment, _ in self.window for c in shipment.changes
+                                           for e in c.entries)
 
     # -- ship: map, send, classify ----------------------------------------------------------------------
 
