@@ -3,7 +3,8 @@
 Configuration, the SQLite side (capturable tables, installed triggers), the key (whose role, when it
 expires), connectivity, and per table: the target table and every mapped column exist in the secondary
 with a compatible type (from PostgREST's OpenAPI description), NOT NULL columns are fed, and the key is
-unique there (an empty upsert makes PostgreSQL plan ON CONFLICT without writing anything). With a
+unique there (an empty upsert makes PostgreSQL plan ON CONFLICT without writing anything), and whether the
+secondary caps the rows of a read (PostgREST's db-max-rows, Supabase's "Max rows"). With a
 database URL it also flags RLS policies that read `request.jwt.claim.*`, which PostgREST v12 never sets.
 """
 
@@ -15,13 +16,14 @@ from dataclasses import dataclass
 import apsw
 import jwt
 
-from syncd import capture, outbox
+from syncd import capture, outbox, schema
 from syncd.auth import TokenSource
 from syncd.config import Config, TableConfig
 from syncd.mapping import TableMapping
 from syncd.redact import mask_url, redact
 from syncd.sqlite import quote_ident
 from syncd.target import PostgrestTarget, TargetError, open_target
+from syncd.verify import PAGE, format_kind
 
 EXPIRY_WARNING_DAYS = 30
 NUMERIC = {"smallint", "integer", "bigint", "numeric", "real", "double precision"}
@@ -105,26 +107,34 @@ def check_key(config: Config, now: float) -> list[Finding]:
 
 
 def check_table(target: PostgrestTarget, spec: dict[str, object], table: TableConfig, plan: capture.Capture,
-                columns: list[tuple[str, str]]) -> list[Finding]:
+                columns: list[tuple[str, str]], shipped: schema.Shipped, pg_schema: str = "public") -> list[Finding]:
     """The secondary's side of one table, from PostgREST's OpenAPI description `spec`: the target table and every
-    shipped column exist with a compatible type, NOT NULL columns without default are fed, and the key can be used
-    for upserts (probed with an empty one). `columns`: (SQLite column, declared type) of the source table."""
+    shipped column exist (the comparison `syncd run` makes before its first request, with the same fix: the
+    ALTER TABLE from the casting table of `syncd init`) with a compatible type, NOT NULL columns without default are
+    fed, and the key can be used for upserts (probed with an empty one). `columns`: (SQLite column, declared type)
+    of the source table; `shipped`: what syncd ships of it (schema.shipped_columns)."""
     mapping = TableMapping.from_config(table, plan.key)
     subject = f"{table.name} -> {mapping.target}"
-    definition = (spec.get("definitions") or {}).get(mapping.target)  # type: ignore[union-attr]
-    if not isinstance(definition, dict):
-        return [Finding("error", subject, "the target table is not in the secondary (or not exposed)",
-                        "apply deploy/supabase/migrations, then NOTIFY pgrst, 'reload schema'")]
-    properties: dict[str, dict[str, object]] = definition.get("properties", {})
+    mismatch = schema.compare(spec, mapping, shipped, pg_schema)
+    if mismatch is not None and mismatch.missing_table:
+        return [Finding("error", subject, "the target table is not in the secondary (or not exposed): syncd run "
+                        "halts the table until it is", "create it (the SQL of syncd init, or your migrations), then "
+                        "NOTIFY pgrst, 'reload schema'")]
+    definition: dict[str, object] = (spec.get("definitions") or {}).get(mapping.target)  # type: ignore[union-attr,assignment]
+    properties: dict[str, dict[str, object]] = definition.get("properties", {})  # type: ignore[assignment]
     findings, fed = [], set()
+    if mismatch is not None:
+        excluded = ", ".join(f'"{mismatch.sources[c]}"' for c in mismatch.missing_columns)
+        findings.append(Finding("error", subject, f"column(s) {', '.join(map(repr, mismatch.missing_columns))} do "
+                                "not exist in the secondary: syncd run halts the table until they do (every row "
+                                "would be refused with PGRST204)",
+                                f"{mismatch.ddl()}; NOTIFY pgrst, 'reload schema' -- or exclude = [{excluded}]"))
     for column, declared in columns:
         if column in mapping.exclude:
             continue
         name = mapping.renames.get(column, column)
         fed.add(name)
         if name not in properties:
-            findings.append(Finding("error", subject, f"column {name!r} does not exist in the secondary: every row "
-                                    "would be refused (PGRST204)", f"add it there, or exclude = [\"{column}\"]"))
             continue
         problem = type_problem(mapping.transforms.get(column), declared, str(properties[name].get("format", "")))
         if problem:
@@ -142,10 +152,35 @@ def check_table(target: PostgrestTarget, spec: dict[str, object], table: TableCo
     return findings or [Finding("ok", subject, f"{len(fed)} column(s) match, key unique")]
 
 
+def check_read_cap(target: PostgrestTarget, tables: list[TableMapping], probe: int = PAGE) -> Finding:
+    """Whether the secondary answers fewer rows than a read asks for: PostgREST's db-max-rows (Supabase's "Max rows",
+    default 1000) caps every read without an error (PostgREST docs, "Configuration: db-max-rows"). Seen as a read of
+    `probe` keys (verify's page size) answered with fewer rows while the count (Prefer: count=exact, in the same
+    answer's Content-Range) says more match; measured on PostgREST 12.2.12: `206`, Content-Range 0-999/2500. Only a
+    table holding more rows than the cap shows it: the tables are read in turn until one does. Costs a count of each
+    table read."""
+    largest = 0
+    for mapping in tables:
+        try:
+            rows, total = target.read_page(mapping.target, mapping.target_key, mapping.target_key, limit=probe,
+                                           count=True)
+        except TargetError:
+            continue  # the table's own finding says why it cannot be read
+        if total is not None and len(rows) < min(probe, total):
+            return Finding("ok", "reads", f"the secondary caps every read at {len(rows):,} rows (PostgREST "
+                           "db-max-rows, Supabase Settings > API > Max rows), without an error; verify pages by the "
+                           "rows it answers, so it needs more requests but compares every row")
+        largest = max(largest, total if total is not None else len(rows))
+    return Finding("ok", "reads", f"no cap on the rows of a read seen (the largest table holds {largest:,} rows; "
+                   "a cap shows only on a table holding more rows than it)")
+
+
 def type_problem(transform: str | None, declared: str, target_format: str) -> str | None:
-    """A short reason when a source column of this declared type cannot land in a column of that type."""
+    """A short reason when a source column of this declared type cannot land in a column of that type (`target_format`
+    as PostgREST describes it: the real one says 'public.vector(3)', the dev server 'public.vector')."""
+    is_vector = format_kind(target_format) == "vector"
     if transform == "vector":
-        return None if target_format.endswith("vector") else f"transform vector, but the target is {target_format}"
+        return None if is_vector else f"transform vector, but the target is {target_format}"
     if transform:
         expected = EXPECTED_FOR_TRANSFORM[transform]
         return None if target_format in expected else f"transform {transform}, but the target is {target_format}"
@@ -154,7 +189,7 @@ def type_problem(transform: str | None, declared: str, target_format: str) -> st
         return f"target is {target_format}: text would be stored as a JSON string (transform = \"json\"?)"
     if target_format == "boolean":
         return "target is boolean: SQLite stores 0/1 (transform = \"bool\")"
-    if target_format == "bytea" or target_format.endswith("vector"):
+    if target_format == "bytea" or is_vector:
         return f"target is {target_format}: needs transform = \"bytea\" or \"vector\""
     if "INT" in affinity and target_format not in NUMERIC | TEXTUAL:
         return f"SQLite INTEGER into {target_format}"
@@ -163,7 +198,7 @@ def type_problem(transform: str | None, declared: str, target_format: str) -> st
 
 def check_policies(pg_url: str) -> list[Finding]:
     """Row-level security policies that read `request.jwt.claim.*` (PostgREST v12 sets only `request.jwt.claims`, so
-    they never match), looked up in PostgreSQL's `pg_policies` at `pg_url`. Needs psycopg (the devserver extra):
+    they never match), looked up in PostgreSQL's `pg_policies` at `pg_url`. Needs psycopg (the `postgres` extra):
     raises ImportError without it, psycopg.Error when the database cannot be reached or read."""
     import psycopg
 
@@ -197,11 +232,16 @@ def run_checks(config: Config, conn: apsw.Connection, tokens: TokenSource | None
             return [*findings, Finding("error", "secondary", f"{config.target.url}: {error.message}",
                                        "check target.url, the network and the key")]
         findings.append(Finding("ok", "secondary", f"{config.target.url} answers"))
+        readable = []
         for table in config.tables:
             if table.name in planned:
                 columns = [(r[1], r[2] or "") for r in conn.execute(
                     f"PRAGMA table_info({quote_ident(planned[table.name].table.name)})")]
-                findings += check_table(target, spec, table, planned[table.name], columns)
+                mapping = TableMapping.from_config(table, planned[table.name].key)
+                findings += check_table(target, spec, table, planned[table.name], columns,
+                                        schema.shipped_columns(conn, mapping), config.target.schema_name)
+                readable.append(TableMapping.from_config(table, planned[table.name].key))
+        findings.append(check_read_cap(target, readable))
     if pg_url:
         findings += check_policies(pg_url)
     else:

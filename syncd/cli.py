@@ -419,7 +419,8 @@ def dev_server(args: argparse.Namespace) -> int:
             pg_url=args.pg_url, data_dir=args.data_dir, migrations=args.migrations, jwt_secret=args.jwt_secret,
             require_apikey=args.require_apikey, faults=args.faults,
             schemas=devserver_options.parse_schemas(args.schemas), anon_role=args.anon_role,
-            pool_size=args.pool_size, pool_timeout=args.pool_timeout,
+            pool_size=args.pool_size, pool_timeout=args.pool_timeout, max_rows=args.max_rows,
+            upstream=args.upstream,
         )
         return server.run(options)
     except server.StartError as exc:
@@ -433,7 +434,8 @@ def add_dev_server(commands: argparse._SubParsersAction) -> None:
         "dev-server", help="serve the PostgREST protocol over a real PostgreSQL, for tests and the demo",
         description="Start (or connect to) PostgreSQL, apply the migrations, and serve a PostgREST v12-"
                     "compatible API. Prints one JSON line with url, pg_url, jwt_secret, anon_key and "
-                    "service_key when ready; SIGTERM/SIGINT stop it and remove temporary data.")
+                    "service_key when ready (with --upstream: url and upstream; the others are null); "
+                    "SIGTERM/SIGINT stop it and remove temporary data.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=54321, help="port to listen on, 0 for any free port (default 54321)")
     p.add_argument("--prefix", default="/rest/v1", help="API path prefix (default /rest/v1)")
@@ -449,6 +451,11 @@ def add_dev_server(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--pool-size", type=int, default=10, help="database connections (default 10)")
     p.add_argument("--pool-timeout", type=float, default=10.0,
                    help="seconds to wait for a free connection before answering 504 PGRST003 (default 10)")
+    p.add_argument("--max-rows", type=int, metavar="N",
+                   help="cap every read at N rows without an error, as PostgREST's db-max-rows (Supabase: 1000)")
+    p.add_argument("--upstream", metavar="URL",
+                   help="start no PostgreSQL: pass every API request on to the PostgREST at URL (its root, or "
+                        "https://PROJECT.supabase.co/rest/v1) through the fault API of --faults (always on)")
     p.set_defaults(run=dev_server)
 
 
@@ -467,6 +474,65 @@ def add_demo_command(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=demo.main)
 
 
+def init(args: argparse.Namespace) -> int:
+    """`syncd init`: the config and the secondary's DDL from the SQLite file's catalog; with --apply, run the DDL."""
+    from syncd import onboard
+
+    if args.apply != bool(args.pg_url):
+        raise bad_argument("--pg-url" if args.apply else "--apply",
+                           "--apply runs the SQL on the PostgreSQL that --pg-url names: give both, or neither")
+    if not args.schema or len(args.schema.encode()) > onboard.PG_NAME_BYTES or not args.schema.isprintable():
+        raise bad_argument("--schema", f"{args.schema!r} is not a PostgreSQL schema name (1 to 63 bytes, printable)")
+    for flag, path in (("--out", args.out), ("--sql", args.sql)):
+        if path.exists():
+            raise bad_argument(flag, f"{path} already exists; init never overwrites a file: move it away or give "
+                                     "another path")
+    if args.out.absolute() == args.sql.absolute():
+        raise bad_argument("--sql", "the same file as --out; give two paths")
+    try:
+        conn = sqlite.connect(args.db, readonly=True)
+    except sqlite.SourceFileError as exc:
+        raise bad_argument("--db", str(exc)) from None
+    try:
+        tables = onboard.read_catalog(conn, args.tables or (), args.exclude or ())
+        sql = onboard.render_sql(tables, args.schema, args.db)
+        if args.apply:
+            onboard.apply_sql(sql, args.pg_url)
+    except onboard.OnboardError as exc:
+        raise ConfigError(str(exc)) from None
+    args.sql.write_text(sql, encoding="utf-8")
+    args.out.write_text(onboard.render_config(tables, args.db, args.out, args.schema), encoding="utf-8")
+    synced = sum(t.refused is None for t in tables)
+    print(f"wrote {args.out}: {synced} table(s) synced" + (f", {len(tables) - synced} left out (listed at its end "
+                                                           "with the reason)" if synced < len(tables) else ""))
+    print(f"wrote {args.sql}: the secondary's tables in schema {args.schema!r}")
+    if args.apply:
+        print(f"applied it to {onboard.mask_url(args.pg_url)} in one transaction")
+    print("next: " + ("" if args.apply else f"apply {args.sql} (psql -f, or copy it into supabase/migrations/), then ")
+          + f"syncd install --config {args.out} && syncd run --config {args.out}")
+    return 0
+
+
+def add_init_command(commands: argparse._SubParsersAction) -> None:
+    """Register `init`."""
+    p = commands.add_parser("init", help="write the config and the secondary's SQL from an existing SQLite file",
+                            description="Read the SQLite file's catalog (read-only) and write a commented config "
+                                        "(one [[table]] per table with a key, transforms from the declared types, "
+                                        "the tables left out with the reason) and the secondary's idempotent DDL "
+                                        "(types from the casting table, keys, UNIQUE, foreign keys, their indexes, "
+                                        "row-level security for service_role, grants). Never overwrites a file.")
+    p.add_argument("--db", type=Path, required=True, help="the application's SQLite file")
+    p.add_argument("--out", type=Path, default=Path("syncd.toml"), help="the config to write (default syncd.toml)")
+    p.add_argument("--sql", type=Path, default=Path("schema.sql"),
+                   help="the SQL to write (default schema.sql; drops into supabase/migrations/ as is)")
+    p.add_argument("--tables", nargs="+", metavar="T", help="only these tables (default: every table)")
+    p.add_argument("--exclude", nargs="+", metavar="T", help="leave these tables out")
+    p.add_argument("--schema", default="public", help="the secondary's schema (default public)")
+    p.add_argument("--apply", action="store_true", help="also run the SQL on --pg-url, in one transaction")
+    p.add_argument("--pg-url", help="with --apply: the secondary's PostgreSQL URL (postgresql://...)")
+    p.set_defaults(run=init)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: every command, its flags and help."""
     parser = argparse.ArgumentParser(prog="syncd", description="Keep PostgreSQL (PostgREST / Supabase) in "
@@ -481,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_verify_commands(commands)
     add_dev_server(commands)
     add_demo_command(commands)
+    add_init_command(commands)
     return parser
 
 

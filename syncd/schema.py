@@ -11,46 +11,93 @@ from dataclasses import dataclass, field
 
 import apsw
 
+from syncd import casting
 from syncd.mapping import TableMapping
 from syncd.sqlite import quote_ident
 
-__all__ = ["Mismatch", "compare", "shipped_columns"]
+__all__ = ["Mismatch", "Shipped", "compare", "shipped_columns"]
+
 
 
 @dataclass
 class Mismatch:
-    """What the secondary lacks for one table: the table itself, or these columns (as named in the target)."""
+    """What the secondary lacks for one table: the table itself, or these columns (as named in the target);
+    `types`: the PostgreSQL type of each missing column, from SQLite's declared type and the casting table that
+    `syncd init` uses (syncd.casting)."""
 
     table: str
     target: str
     missing_table: bool = False
     missing_columns: list[str] = field(default_factory=list)
+    types: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # target column -> SQLite column
+    schema: str = "public"  # the secondary's schema the table lives in
 
     def describe(self) -> str:
-        """The operator message: what is missing and the fix."""
+        """The operator message: what is missing and the exact fix."""
         if self.missing_table:
             return (f"the table {self.target!r} does not exist in the secondary (or is not exposed); create it (run "
-                    "the migrations), then NOTIFY pgrst, 'reload schema'; shipping resumes by itself")
+                    "the migrations, or the SQL of syncd init), then NOTIFY pgrst, 'reload schema'")
         columns = ", ".join(map(repr, self.missing_columns))
+        excluded = ", ".join(f'"{self.sources.get(c, c)}"' for c in self.missing_columns)
         return (f"column(s) {columns} of {self.table!r} do not exist in {self.target!r} of the secondary; add them "
-                f"there (ALTER TABLE {quote_ident(self.target)} ADD COLUMN ...), then NOTIFY pgrst, 'reload schema', "
-                f"or leave them out (exclude = [...] in its [[table]] section); shipping resumes by itself")
+                f"there ({self.ddl()}; NOTIFY pgrst, 'reload schema'), or leave them out (exclude = [{excluded}] in "
+                "its [[table]] section, then SIGHUP)")
+
+    def ddl(self) -> str:
+        """`ALTER TABLE "t" ADD COLUMN "c" text, ADD COLUMN ...` for the missing columns."""
+        adds = ", ".join(f"ADD COLUMN {quote_ident(c)} {self.types.get(c, 'text')}" for c in self.missing_columns)
+        return f"ALTER TABLE {quote_ident(self.schema)}.{quote_ident(self.target)} {adds}"
 
 
-def shipped_columns(conn: apsw.Connection, mapping: TableMapping) -> list[str]:
-    """The target column names syncd sends for `mapping`'s table as its SQLite schema is now."""
-    columns = [row[1] for row in conn.execute(f"PRAGMA table_info({quote_ident(mapping.source)})")]
-    return [mapping.renames.get(column, column) for column in columns if column not in mapping.exclude]
+@dataclass
+class Shipped:
+    """The columns syncd sends for a table as its SQLite schema is now: target names in order, and for each its
+    SQLite column and declared type."""
+
+    names: list[str]
+    sources: dict[str, str]
+    declared: dict[str, str]
 
 
-def compare(spec: Mapping[str, object], mapping: TableMapping, shipped: list[str]) -> Mismatch | None:
-    """The mismatch between the columns syncd ships (`shipped`, target names) and the OpenAPI description `spec`
-    of the secondary; None when the secondary has the table and every column."""
+def shipped_columns(conn: apsw.Connection, mapping: TableMapping) -> Shipped:
+    """The target columns syncd sends for `mapping`'s table as its SQLite schema is now."""
+    shipped = Shipped([], {}, {})
+    for row in conn.execute(f"PRAGMA table_info({quote_ident(mapping.source)})"):
+        column, declared = row[1], row[2] or ""
+        if column in mapping.exclude:
+            continue
+        name = mapping.renames.get(column, column)
+        shipped.names.append(name)
+        shipped.sources[name] = column
+        shipped.declared[name] = declared
+    return shipped
+
+
+def compare(spec: Mapping[str, object], mapping: TableMapping, shipped: Shipped,
+            schema: str = "public") -> Mismatch | None:
+    """The mismatch between the columns syncd ships (`shipped`) and the OpenAPI description `spec` of the secondary;
+    None when the secondary has the table and every column."""
     definitions = spec.get("definitions")
     definition = definitions.get(mapping.target) if isinstance(definitions, dict) else None
     if not isinstance(definition, dict):
-        return Mismatch(mapping.source, mapping.target, missing_table=True)
+        return Mismatch(mapping.source, mapping.target, missing_table=True, schema=schema)
     properties = definition.get("properties")
     known = set(properties) if isinstance(properties, dict) else set()
-    missing = [column for column in shipped if column not in known]
-    return Mismatch(mapping.source, mapping.target, missing_columns=missing) if missing else None
+    missing = [column for column in shipped.names if column not in known]
+    if not missing:
+        return None
+    types = {c: column_type(shipped.declared[c], mapping.transforms.get(shipped.sources[c])) for c in missing}
+    return Mismatch(mapping.source, mapping.target, missing_columns=missing, types=types,
+                    sources={c: shipped.sources[c] for c in missing}, schema=schema)
+
+
+
+TRANSFORM_TYPES = {"bool": "boolean", "timestamp": "timestamptz", "json": "jsonb", "bytea": "bytea",
+                   "vector": "vector"}  # what each transform sends lands in these (as `syncd init` writes them)
+
+
+def column_type(declared: str, transform: str | None) -> str:
+    """The PostgreSQL type for a column syncd ships: its transform's, else the casting table's for SQLite's declared
+    type (syncd.casting, the one `syncd init` uses)."""
+    return TRANSFORM_TYPES.get(transform or "") or casting.pg_type(declared)

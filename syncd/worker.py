@@ -187,6 +187,7 @@ class Worker:
         self.reconciler = reconciler
         self.reload = reload
         self.mappings: dict[str, TableMapping] = {}
+        self.shipped: dict[str, schema.Shipped] = {}  # table -> the columns it ships, as planned
         self.order: list[str] = []
         self.prepared = False
         self.lease = Lease(source.conn, config.worker.lease_seconds)
@@ -429,6 +430,8 @@ class Worker:
                 self.observer.capture_repaired(h.table, f"{h.triggers}: {h.problem}")
         self.order = ship_order(self.conn, self.config, list(self.mappings))
         self.relatives = relatives(self.conn, self.config, list(self.mappings))
+        self.shipped = {t: schema.shipped_columns(self.conn, m) for t, m in self.mappings.items()}
+        self.halt_schema_mismatches()
         self.record_halts()
         self.prepared = True
         self.request_reconciles()
@@ -800,8 +803,9 @@ class Worker:
             elif error.kind == "row":
                 self.reject(table, items[0][0], error, batch)
             elif error.kind in ("config", "auth", "schema"):  # auth here: the token could not be renewed
+                halt = self.schema_halt(table, error) if error.kind == "schema" else Halt(error.kind, error.message)
                 with self.lock:
-                    self.halt(table, Halt(error.kind, error.message), error)
+                    self.halt(table, halt, error)
                     self.next_schema_check = time.monotonic() + self.config.worker.schema_recheck_interval
             else:
                 if error.statement_timeout:
@@ -883,6 +887,37 @@ class Worker:
         """Ship every halted table again (SIGHUP, after the operator fixed the cause)."""
         self.unhalt(list(self.halted), "SIGHUP")
 
+    def mismatches(self, tables: Sequence[str]) -> dict[str, schema.Mismatch] | None:
+        """What the secondary's schema (PostgREST's OpenAPI description) lacks for each of `tables` that lacks
+        something; None when the description cannot be read (the secondary is down: the sends will tell)."""
+        try:
+            spec = self.target.describe()
+        except TargetError:
+            return None
+        found = {}
+        for table in tables:
+            mismatch = schema.compare(spec, self.mappings[table], self.shipped[table], self.config.target.schema_name)
+            if mismatch is not None:
+                found[table] = mismatch
+        return found
+
+    def halt_schema_mismatches(self) -> None:
+        """Before the first request (and whenever the tables are planned again): halt each table whose shipped
+        columns the secondary lacks, with the exact fix, so that not one of its rows is sent to be refused."""
+        found = self.mismatches([t for t in self.mappings if t not in self.halted]) or {}
+        for table, mismatch in found.items():
+            self.halt(table, Halt("schema", mismatch.describe()))
+        if found:
+            self.next_schema_check = time.monotonic() + self.config.worker.schema_recheck_interval
+
+    def schema_halt(self, table: str, error: TargetError) -> Halt:
+        """The halt for a schema error the secondary answered: the exact mismatch (columns and DDL) when its
+        description shows one, else what it said."""
+        found = self.mismatches([table])
+        if found and table in found:
+            return Halt("schema", f"{found[table].describe()} [the secondary said: {error.message}]")
+        return Halt("schema", error.message)
+
     def recheck_schema_halts(self) -> None:
         """While a table is halted for a schema mismatch, read the secondary's schema every
         `schema_recheck_interval` seconds and resume the tables whose columns it now has."""
@@ -891,12 +926,10 @@ class Worker:
         if not waiting or now < self.next_schema_check:
             return
         self.next_schema_check = now + self.config.worker.schema_recheck_interval
-        try:
-            spec = self.target.describe()
-        except TargetError:
+        found = self.mismatches(waiting)
+        if found is None:
             return  # the secondary is unreachable: the halt stays, the next check comes
-        matching = [t for t in waiting if schema.compare(
-            spec, self.mappings[t], schema.shipped_columns(self.conn, self.mappings[t])) is None]
+        matching = [t for t in waiting if t not in found]
         if matching:
             self.unhalt(matching, "the secondary's schema matches again")
 

@@ -1,4 +1,5 @@
-"""`syncd check` reports each planted misconfiguration with its fix, and passes a healthy setup."""
+"""`syncd check` reports each planted misconfiguration with its fix, and passes a healthy setup; against the dev
+server and the real PostgREST (check reads their OpenAPI, probes upserts and tries the key)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 
 from syncd import auth
 from tests.conftest import DevServer
-from tests.e2e import App, write_config
+from tests.e2e import App, on_both_servers, write_config
+from tests.postgrest import Secondary
 
 
 def check(app: App, *args: str) -> tuple[int, str]:
@@ -24,31 +26,51 @@ def edit_config(app: App, old: str, new: str) -> None:
     app.config.write_text(text.replace(old, new))
 
 
-def test_healthy_setup_passes(app: App, devserver: DevServer, pg: psycopg.Connection):
-    code, out = check(app, "--pg-url", devserver.pg_url)
+def test_healthy_setup_passes(app: App, secondary: Secondary, pg: psycopg.Connection):
+    code, out = check(app, "--pg-url", secondary.pg_url)
     assert code == 0, out
     assert "0 error(s), 0 warning(s)" in out and "item -> e2e_items: 7 column(s) match, key unique" in out
     assert "no policy reads request.jwt.claim.*" in out
 
 
+@on_both_servers
 def test_column_missing_in_the_secondary(app: App):
     app.connect().execute("ALTER TABLE item ADD COLUMN extra TEXT")
+    app.connect().execute("ALTER TABLE item ADD COLUMN \"when made\" DATETIME")
     code, out = check(app)
-    assert code == 1 and "column 'extra' does not exist in the secondary" in out and 'exclude = ["extra"]' in out
+    assert code == 1 and "column(s) 'extra', 'when made' do not exist in the secondary" in out, out
+    # the same fix as the daemon's halt: the casting table of `syncd init` gives the types
+    assert ('ALTER TABLE "public"."e2e_items" ADD COLUMN "extra" text, ADD COLUMN "when made" timestamptz' in out
+            and 'exclude = ["extra", "when made"]' in out), out
 
 
+@on_both_servers
 def test_missing_transform_for_a_boolean_target(app: App):
     edit_config(app, '[table.columns.flag]\ntransform = "bool"\n', "")
     code, out = check(app)
     assert code == 0 and "WARN" in out and "target is boolean" in out and "transform" in out
 
 
+@on_both_servers
+def test_vector_transform_into_a_vector_column_passes(app: App):
+    """A BLOB shipped with transform vector into a vector(3) column: nothing to warn about (the real PostgREST
+    describes the column as 'public.vector(3)', the dev server as 'public.vector')."""
+    app.connect().execute("CREATE TABLE words (n INTEGER PRIMARY KEY, vec BLOB)")
+    app.config.write_text(app.config.read_text() + '[[table]]\nname = "words"\ntarget = "e2e_words"\n'
+                          '[table.columns.vec]\ntransform = "vector"\n')
+    assert app.syncd("install").returncode == 0
+    code, out = check(app)
+    assert code == 0 and "words -> e2e_words: 2 column(s) match, key unique" in out and "WARN" not in out, out
+
+
+@on_both_servers
 def test_target_table_missing(app: App):
     edit_config(app, 'target = "e2e_parents"', 'target = "no_such_table"')
     code, out = check(app)
     assert code == 1 and "parent -> no_such_table: the target table is not in the secondary" in out
 
 
+@on_both_servers
 def test_key_that_is_not_unique_in_the_secondary(app: App, pg: psycopg.Connection):
     edit_config(app, 'target = "e2e_children"', 'target = "e2e_children"\nkey = ["name"]')
     code, out = check(app)
@@ -56,17 +78,17 @@ def test_key_that_is_not_unique_in_the_secondary(app: App, pg: psycopg.Connectio
     assert pg.execute("SELECT count(*) FROM e2e_children").fetchone() == (0,)  # the probe wrote nothing
 
 
-def test_wrong_key_and_expiring_key(app: App, devserver: DevServer):
+def test_wrong_key_and_expiring_key(app: App, secondary: Secondary):
     forged = auth.mint_token("f" * 40, "service_role")
-    write_config(app.config, app.db, devserver, app.metrics, key=forged)
+    write_config(app.config, app.db, secondary, app.metrics, key=forged)
     code, out = check(app)
     assert code == 1 and "ERROR secondary" in out and forged not in out
-    soon = auth.mint_token(devserver.jwt_secret, "service_role", expires_in=2 * 86400)
-    write_config(app.config, app.db, devserver, app.metrics, key=soon)
+    soon = auth.mint_token(secondary.jwt_secret, "service_role", expires_in=2 * 86400)
+    write_config(app.config, app.db, secondary, app.metrics, key=soon)
     code, out = check(app)
     assert code == 0 and "expires in 2.0 days" in out
-    expired = auth.mint_token(devserver.jwt_secret, "service_role", now=time.time() - 3600, expires_in=60)
-    write_config(app.config, app.db, devserver, app.metrics, key=expired)
+    expired = auth.mint_token(secondary.jwt_secret, "service_role", now=time.time() - 3600, expires_in=60)
+    write_config(app.config, app.db, secondary, app.metrics, key=expired)
     code, out = check(app)
     assert code == 1 and "the service key has expired" in out
 

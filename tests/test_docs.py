@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from syncd.casting import CASTS
 from syncd.cli import build_parser
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
@@ -65,3 +66,10 @@ def test_the_listing_found_the_commands():
     """Guard the walk itself: the commands every operator knows are among those checked."""
     names = {" ".join(path) for path, _, _ in ALL_COMMANDS}
     assert {"install", "run", "status", "replay", "verify", "jwt gen", "dev-server", "demo"} <= names
+
+
+def test_readme_shows_the_casting_table():
+    """README's casting table is syncd/casting.py's CASTS, row for row (declared type, PostgreSQL type, transform)."""
+    for declared, target, transform, why in CASTS:
+        row = f"| {declared} | `{target}` | {f'`{transform}`' if transform else '-'} | {why} |"
+        assert row in README, f"README's casting table lacks or differs in the row of {declared}"

@@ -31,8 +31,9 @@ Rule = Callable[[str, str, Sequence[dict[str, object]]], TargetError | None]
 class FakeTarget:
     """Records every request; `rules` decide which requests fail and how."""
 
-    def __init__(self, *rules: Rule) -> None:
+    def __init__(self, *rules: Rule, columns: dict[str, list[str]] | None = None) -> None:
         self.rules = list(rules)
+        self.columns = columns  # the schema it describes; None: it describes none (PostgREST's openapi-mode off)
         self.requests: list[tuple[str, str, list[dict[str, object]]]] = []
         self.stored: dict[str, dict[object, dict[str, object]]] = {}
 
@@ -59,6 +60,12 @@ class FakeTarget:
 
     def ping(self, table: str) -> None:
         self.answer("ping", table, [])
+
+    def describe(self) -> dict[str, object]:
+        if self.columns is None:
+            raise TargetError("config", "GET /: 404 (openapi-mode = disabled)")
+        return {"definitions": {table: {"properties": {c: {"format": "text"} for c in columns}}
+                                for table, columns in self.columns.items()}}
 
 
 def row_error(bad: set[object], code: str = "23514") -> Rule:
@@ -251,6 +258,28 @@ def test_journal_records_shipped_keys(tmp_path: Path):
 def test_backoff_is_capped_full_jitter(failures: int):
     assert backoff.delay(failures, rand=lambda: 1.0, cap=30) == min(30, 0.1 * 2 ** (failures - 1))
     assert backoff.delay(failures, rand=lambda: 0.0) == 0.0
+
+
+def test_a_column_the_secondary_lacks_halts_its_table_before_the_first_request(tmp_path: Path):
+    """The start check (issue 12): the table whose column the secondary's description lacks is halted with the exact
+    DDL and the exclude to set; not one of its rows is sent; the other table ships."""
+    target = FakeTarget(columns={"parent": ["id", "v"], "child": ["id", "parent_id"]})
+    worker, db = worker_for(tmp_path, target)
+    db.execute("INSERT INTO parent VALUES (1, 'p')")
+    db.execute("INSERT INTO child VALUES (1, 1, 'c')")
+    worker.drain_once()
+    assert [(op, table) for op, table, _ in target.requests] == [("upsert", "parent")]
+    reason = worker.halted["child"].reason
+    assert 'ALTER TABLE "public"."child" ADD COLUMN "v" text' in reason and 'exclude = ["v"]' in reason, reason
+    target.columns["child"].append("v")
+    worker.next_schema_check = 0
+    worker.recheck_schema_halts()
+    assert "child" not in worker.halted
+
+
+def test_backoff_stays_capped_after_thousands_of_failures():
+    """An outage of hours at a small max_backoff counts past 1024 failures, where 2**n no longer fits a float."""
+    assert backoff.delay(5000, rand=lambda: 1.0, cap=1.0) == 1.0
 
 
 def test_backoff_honours_retry_after():
