@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import graphlib
+import json
 import math
 import threading
 import time
@@ -33,7 +34,7 @@ from syncd import backoff, capture, conflicts, outbox, schema, state
 from syncd.config import Config, ConfigError, differences
 from syncd.lease import Lease, LeaseHeld
 from syncd.logs import get_logger
-from syncd.mapping import RowError, TableMapping
+from syncd.mapping import JsonText, RowError, TableMapping
 from syncd.metrics import Metrics
 from syncd.observer import Observer
 from syncd.outbox import Change, DeadLetter
@@ -1068,7 +1069,7 @@ def by_size(items: list[tuple[Change, dict[str, object] | str]], limit: int
     for item in items:
         payload = item[1]
         weight = len(payload) if isinstance(payload, str) else sum(
-            len(name) + (len(value) if isinstance(value, str) else 24) for name, value in payload.items())
+            len(name) + weigh(value) for name, value in payload.items())
         if chunk and size + weight > limit:
             yield chunk
             chunk, size = [], 0
@@ -1076,6 +1077,18 @@ def by_size(items: list[tuple[Change, dict[str, object] | str]], limit: int
         size += weight + 1
     if chunk:
         yield chunk
+
+
+def weigh(value: object) -> int:
+    """About how many bytes of JSON a mapped value takes: exact for text, a JSON document's own length (a `json`
+    column may hold megabytes), 24 for a number, a bool or null."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, JsonText):
+        return len(value.text)
+    if isinstance(value, dict | list):
+        return len(json.dumps(value, default=str))
+    return 24
 
 
 def target_key(mapping: TableMapping, change: Change) -> tuple[object, ...] | None:

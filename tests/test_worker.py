@@ -14,13 +14,14 @@ import structlog
 
 from syncd import backoff, outbox
 from syncd.config import Config
+from syncd.mapping import JsonText
 from syncd.metrics import Metrics
 from syncd.observer import Observer
 from syncd.outbox import Change
 from syncd.source import Source
 from syncd.state import connect
 from syncd.target import TargetError
-from syncd.worker import Interrupted, Worker
+from syncd.worker import Interrupted, Worker, by_size
 from tests.test_capture import app, installed
 
 SCHEMA = "CREATE TABLE parent (id INTEGER PRIMARY KEY, v); CREATE TABLE child (id INTEGER PRIMARY KEY, " \
@@ -275,6 +276,14 @@ def test_a_column_the_secondary_lacks_halts_its_table_before_the_first_request(t
     worker.next_schema_check = 0
     worker.recheck_schema_halts()
     assert "child" not in worker.halted
+
+
+def test_batches_are_bounded_by_the_json_documents_they_carry():
+    """A `json` column's document (a dict, or JsonText kept as written) counts with its length, not as a number."""
+    change = Change("t", "1", [])
+    rows = [(change, {"id": 1, "doc": {"text": "x" * 5000}}),
+            (change, {"id": 2, "doc": JsonText("[" + "1," * 2500 + "1]")}), (change, {"id": 3, "doc": None})]
+    assert [len(chunk) for chunk in by_size(rows, 6000)] == [1, 2]  # type: ignore[arg-type]
 
 
 def test_backoff_stays_capped_after_thousands_of_failures():
