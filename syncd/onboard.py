@@ -40,14 +40,17 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from typing import TYPE_CHECKING
 
 import apsw
 
 from syncd import capture, casting
 from syncd.config import TableConfig
-from syncd.redact import mask_url, redact, register
+from syncd.redact import connection_passwords, mask_url, redact, register
 from syncd.sqlite import quote_ident, quote_text
+
+if TYPE_CHECKING:
+    import psycopg
 
 __all__ = ["Column", "ForeignKey", "Table", "apply_sql", "read_catalog", "render_config", "render_sql"]
 
@@ -426,29 +429,58 @@ def add_foreign_key(table: Table, index: int, schema: str) -> str:
 # ---- applying it -----------------------------------------------------------------------------------------
 
 
-def apply_sql(sql: str, pg_url: str) -> None:
-    """Run `sql` on the PostgreSQL at `pg_url` in one transaction (all of it or nothing). Raises OnboardError when
-    psycopg is not installed (the `postgres` extra), or the database cannot be reached or refuses (the message
-    masks the password)."""
+def apply_sql(sql: str, pg_url: str, tables: Sequence[Table] = (), schema: str = "public") -> None:
+    """Run `sql` on the PostgreSQL at `pg_url` in one transaction (all of it or nothing), after checking that no
+    table of `tables` already exists there with other columns (CREATE TABLE IF NOT EXISTS would leave it as it is,
+    and every row would then be refused). Raises OnboardError when psycopg is not installed (the `postgres` extra),
+    a table is in the way, or the database cannot be reached or refuses (the message masks the password)."""
     try:
         import psycopg
     except ImportError:
         raise OnboardError("--apply needs psycopg: pip install 'syncd[postgres]', or run the SQL file with your own "
                            "migration tool (psql -1 -f schema.sql)") from None
-    register(url_password(pg_url))
+    for password in connection_passwords(pg_url):
+        register(password)
     try:
         with psycopg.connect(pg_url, connect_timeout=10) as conn, conn.transaction():
+            clashes = [clash for table in tables if table.refused is None
+                       for clash in [table_in_the_way(conn, schema, table)] if clash]
+            if clashes:
+                raise OnboardError(f"--apply: {'; '.join(clashes)}; drop or rename those tables, or give another "
+                                   "--schema (nothing was applied)")
             conn.execute(sql.encode())
     except psycopg.Error as exc:
         reason = redact(" ".join(str(exc).split()))[:500]
         raise OnboardError(f"--pg-url {mask_url(pg_url)}: {reason}; nothing was applied (one transaction)") from None
 
 
-def url_password(pg_url: str) -> str | None:
-    """The password a libpq URL carries (`user:PASSWORD@` or `?password=`), to redact it from every message."""
-    parts = urlsplit(pg_url)
+def table_in_the_way(conn: psycopg.Connection, schema: str, table: Table) -> str | None:
+    """Why an existing table of that name in `schema` cannot take the rows (columns it lacks, NOT NULL columns
+    without a default that syncd never fills), or None (absent, or fit)."""
+    rows = conn.execute(
+        "SELECT column_name, is_nullable = 'NO' AND column_default IS NULL AND is_identity = 'NO' "
+        "FROM information_schema.columns WHERE table_schema = %s AND table_name = %s", (schema, table.name)).fetchall()
+    if not rows:
+        return None
+    existing = dict(rows)
+    missing = [c.name for c in table.columns if c.name not in existing]
+    shipped = {c.name for c in table.columns}
+    unfed = [name for name, required in existing.items() if required and name not in shipped]
+    problems = ([f"lacks {', '.join(map(repr, missing))}"] if missing else []) + (
+        [f"has NOT NULL column(s) {', '.join(map(repr, unfed))} that SQLite does not have"] if unfed else [])
+    return f"table {schema}.{table.name} already exists and {' and '.join(problems)}" if problems else None
+
+
+def write_new(files: Sequence[tuple[Path, str]]) -> None:
+    """Write each (path, text) as a new file, all or none: a file that exists already, or one that cannot be
+    written, leaves none of them behind. Raises OSError (FileExistsError included)."""
+    written: list[Path] = []
     try:
-        password = parts.password
-    except ValueError:
-        password = None
-    return password or next(iter(parse_qs(parts.query).get("password", [])), None)
+        for path, text in files:
+            with path.open("x", encoding="utf-8") as out:
+                written.append(path)
+                out.write(text)
+    except OSError:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise

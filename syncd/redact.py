@@ -14,9 +14,9 @@ import threading
 from collections import deque
 from collections.abc import MutableMapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-__all__ = ["MASK", "mask_url", "processor", "redact", "register"]
+__all__ = ["MASK", "connection_passwords", "mask_url", "processor", "redact", "register"]
 
 MASK = "<redacted>"
 PARTIAL_RUN = 12  # characters of a secret in a row that count as leaking it
@@ -28,6 +28,8 @@ _secrets: set[str] = set()
 _tokens: deque[str] = deque(maxlen=RECENT_TOKENS)
 _windows: set[str] = set()
 USERINFO = re.compile(r"(//)([^/@\s]+)@")
+USERINFO_PASSWORD = re.compile(r"//[^:@/?#\s]*:(?P<password>[^@/?#\s]*)@")
+PASSWORD_SETTING = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<password>'(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
 
 
 def register(*secrets: str | None, token: bool = False) -> None:
@@ -81,16 +83,30 @@ def redact(text: str) -> str:
 
 
 def mask_url(url: str) -> str:
-    """`url` without its user and password (`https://<redacted>@host/...`), for messages."""
+    """`url` without its user and password (`https://<redacted>@host/...`), and without a `password=` setting (a
+    libpq keyword string `host=h password=x`, or `?password=x` in a URL's query), for messages. Never raises."""
+    url = PASSWORD_SETTING.sub(lambda m: f"{m['head']}{MASK}", url)
     try:
         parts = urlsplit(url)
-    except ValueError:
+        if parts.username is None and parts.password is None:
+            return url
+        host = parts.hostname or ""
+        netloc = f"{MASK}@{host}" + (f":{parts.port}" if parts.port else "")
+    except ValueError:  # an unbalanced [IPv6 literal, a port that is not a number
         return USERINFO.sub(lambda m: f"{m.group(1)}{MASK}@", url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{MASK}@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def connection_passwords(pg_url: str) -> list[str]:
+    """The passwords a PostgreSQL connection string carries, in any of libpq's forms (`user:PASSWORD@`,
+    `?password=`, the keyword string's `password=`, quoted or not), to register for redaction. Never raises."""
+    found = [text for m in USERINFO_PASSWORD.finditer(pg_url) for text in (m["password"], unquote(m["password"]))]
+    for match in PASSWORD_SETTING.finditer(pg_url):
+        value = match["password"]
+        if value.startswith("'") and value.endswith("'") and len(value) > 1:
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        found.append(unquote(value))
+    return [password for password in found if password]
 
 
 def processor(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -433,6 +433,9 @@ def test_the_key_travelling_in_clear_is_warned_about(lab: Lab, web_server: str) 
 @pytest.mark.parametrize(("pg_url", "words"), [
     ("not a url", ("--pg-url", "policies")),
     ("postgresql://admin:hunter2hunter2@127.0.0.1:9/postgres", ("--pg-url", "127.0.0.1:9", "<redacted>")),
+    ("host=127.0.0.1 port=9 user=admin password=hunter2hunter2 dbname=postgres", ("--pg-url", "port=9", "<redacted>")),
+    ("postgresql://127.0.0.1:9/postgres?password=hunter2hunter2", ("--pg-url", "127.0.0.1:9", "<redacted>")),
+    ("postgresql://admin:hunter2hunter2@[::1", ("--pg-url", "<redacted>")),
 ])
 def test_a_bad_pg_url_is_a_finding_not_a_traceback(lab: Lab, devserver: DevServer, pg_url: str,
                                                   words: tuple[str, ...]) -> None:

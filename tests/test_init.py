@@ -155,20 +155,73 @@ def test_existing_files_are_never_overwritten(tmp_path: Path):
     db = quirks_db(tmp_path / "app.db")
     (tmp_path / "s.sql").write_text("mine")
     result = init("--db", str(db), "--out", str(tmp_path / "c.toml"), "--sql", str(tmp_path / "s.sql"))
-    assert result.returncode == 2 and "--sql" in result.stderr and "already exists" in result.stderr
+    assert result.returncode == 2 and "--sql" in result.stderr and "already exist" in result.stderr
     assert (tmp_path / "s.sql").read_text() == "mine" and not (tmp_path / "c.toml").exists()
+    (tmp_path / "c.toml").write_text("mine too")
+    result = init("--db", str(db), "--out", str(tmp_path / "c.toml"), "--sql", str(tmp_path / "s.sql"))
+    assert "--out" in result.stderr and "--sql" in result.stderr  # both named at once
     (tmp_path / "x.txt").write_text("not a database")
     result = init("--db", str(tmp_path / "x.txt"), "--out", str(tmp_path / "d.toml"), "--sql", str(tmp_path / "d.sql"))
     assert result.returncode == 2 and "--db" in result.stderr and "not a SQLite database" in result.stderr
 
 
-def test_the_pg_url_password_is_never_printed(tmp_path: Path):
-    """A database that cannot be reached: exit 2, nothing written, the URL shown without its password."""
+def test_nothing_is_written_or_applied_when_a_file_cannot_be_written(tmp_path: Path, pg: psycopg.Connection,
+                                                                     devserver: DevServer):
+    """A missing folder for --out or --sql is found before the SQL is applied or a file is written."""
+    db = quirks_db(tmp_path / "app.db")
+    drop_tables(devserver.pg_url, ["user"])
+    for out, sql in (("missing/c.toml", "s.sql"), ("c.toml", "missing/s.sql")):
+        result = init("--db", str(db), "--out", str(tmp_path / out), "--sql", str(tmp_path / sql), "--schema", SCHEMA,
+                      "--apply", "--pg-url", devserver.pg_url)
+        assert result.returncode == 2 and "is not a directory" in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "c.toml").exists() and not (tmp_path / "s.sql").exists()
+    assert pg.execute("SELECT to_regclass(%s)", (f'{SCHEMA}."user"',)).fetchone() == (None,)
+
+
+@pytest.mark.parametrize("schema", ["", "CREATE TABLE log (at TEXT, line TEXT);"], ids=["no-tables", "no-key"])
+def test_a_file_with_nothing_to_sync_is_refused(tmp_path: Path, schema: str):
+    db = tmp_path / "app.db"
+    sqlite3.connect(db).executescript(schema or "PRAGMA user_version = 1;")
+    result = init("--db", str(db), "--out", str(tmp_path / "c.toml"), "--sql", str(tmp_path / "s.sql"))
+    assert result.returncode == 2 and "no table" in result.stderr and "nothing was written" in result.stderr
+    assert not (tmp_path / "c.toml").exists() and not (tmp_path / "s.sql").exists()
+
+
+def test_apply_refuses_a_table_of_that_name_with_other_columns(tmp_path: Path, pg: psycopg.Connection,
+                                                               devserver: DevServer):
+    """CREATE TABLE IF NOT EXISTS would keep a table of another shape and report success; init names it instead,
+    and applies nothing."""
+    db = quirks_db(tmp_path / "app.db")
+    drop_tables(devserver.pg_url, ["user", "order"])
+    pg.execute(f'CREATE TABLE {SCHEMA}."user" (id bigint PRIMARY KEY, tag text NOT NULL)')
+    try:
+        result = init("--db", str(db), "--out", str(tmp_path / "c.toml"), "--sql", str(tmp_path / "s.sql"),
+                      "--schema", SCHEMA, "--apply", "--pg-url", devserver.pg_url)
+        assert result.returncode == 2, result.stderr
+        assert f"table {SCHEMA}.user already exists and lacks 'email'" in result.stderr
+        assert "NOT NULL column(s) 'tag'" in result.stderr and "nothing was applied" in result.stderr
+        assert pg.execute("SELECT to_regclass(%s)", (f'{SCHEMA}."order"',)).fetchone() == (None,)
+    finally:
+        drop_tables(devserver.pg_url, ["user"])
+
+
+PG_URL_FORMS = ["postgresql://app:{secret}@127.0.0.1:{port}/db", "postgresql://127.0.0.1:{port}/db?password={secret}",
+                "host=127.0.0.1 port={port} user=app password={secret} dbname=db",
+                "host=127.0.0.1 port={port} password='{secret}' dbname=db",
+                "postgresql://app:{secret}@[::1"]  # a malformed URL: libpq refuses it
+
+
+@pytest.mark.parametrize("form", PG_URL_FORMS, ids=["userinfo", "query", "keywords", "quoted", "malformed"])
+def test_the_pg_url_password_is_never_printed(tmp_path: Path, form: str):
+    """A database that cannot be reached, in every form libpq takes: exit 2, nothing written, the URL shown without
+    its password, no traceback (`check --pg-url`: tests/test_bad_input.py)."""
     db = quirks_db(tmp_path / "app.db")
     secret = "s3cr3t-pa55word-xyz"
+    url = form.format(secret=secret, port=free_port())
     result = init("--db", str(db), "--out", str(tmp_path / "c.toml"), "--sql", str(tmp_path / "s.sql"), "--apply",
-                  "--pg-url", f"postgresql://app:{secret}@127.0.0.1:{free_port()}/db")
+                  "--pg-url", url)
     assert result.returncode == 2 and "--pg-url" in result.stderr and "nothing was applied" in result.stderr
+    assert "Traceback" not in result.stderr
     assert secret not in result.stderr + result.stdout and not (tmp_path / "s.sql").exists()
 
 
