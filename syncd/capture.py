@@ -399,6 +399,7 @@ class InstallReport:
     unchanged: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     reconcile: list[str] = field(default_factory=list)  # tables whose lost changes a reconcile must bring over
+    unshipped: list[str] = field(default_factory=list)  # tables installed now that hold rows written before
 
 
 def existing_triggers(conn: apsw.Connection) -> dict[str, tuple[str, str]]:
@@ -443,7 +444,10 @@ def install_capture(conn: apsw.Connection, capture: Capture, current: dict[str, 
     longer needs, record its key, and mark it for a reconcile (`reason`) when triggers had been lost or outdated
     since it was installed."""
     name = capture.table.name
-    lost = outbox.installed_key(conn, name) is not None and any(
+    first = outbox.installed_key(conn, name) is None
+    if first and conn.execute(f"SELECT EXISTS (SELECT 1 FROM {quote_ident(name)})").fetchone()[0]:
+        report.unshipped.append(name)  # triggers capture what comes; these rows ship after a resync
+    lost = not first and any(
         current.get(trigger, ("", ""))[1] != sql for trigger, sql in capture.triggers().items())
     for trigger, sql in capture.triggers().items():
         install_trigger(conn, trigger, sql, current, report)

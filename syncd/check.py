@@ -20,7 +20,7 @@ from syncd import capture, outbox, schema
 from syncd.auth import TokenSource
 from syncd.config import Config, TableConfig
 from syncd.mapping import TableMapping
-from syncd.redact import mask_url, redact
+from syncd.redact import connection_passwords, mask_url, redact, register
 from syncd.sqlite import quote_ident
 from syncd.target import PostgrestTarget, TargetError, open_target
 from syncd.verify import PAGE, format_kind
@@ -185,7 +185,7 @@ def type_problem(transform: str | None, declared: str, target_format: str) -> st
         expected = EXPECTED_FOR_TRANSFORM[transform]
         return None if target_format in expected else f"transform {transform}, but the target is {target_format}"
     affinity = declared.upper()
-    if target_format in ("json", "jsonb") and "JSON" not in affinity:
+    if target_format in ("json", "jsonb"):  # whatever the declared type: without the transform the text is a string
         return f"target is {target_format}: text would be stored as a JSON string (transform = \"json\"?)"
     if target_format == "boolean":
         return "target is boolean: SQLite stores 0/1 (transform = \"bool\")"
@@ -202,6 +202,8 @@ def check_policies(pg_url: str) -> list[Finding]:
     raises ImportError without it, psycopg.Error when the database cannot be reached or read."""
     import psycopg
 
+    for password in connection_passwords(pg_url):
+        register(password)
     try:
         with psycopg.connect(pg_url, connect_timeout=10) as conn:
             rows = conn.execute(POLICIES_SQL).fetchall()

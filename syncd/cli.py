@@ -70,6 +70,9 @@ def install(args: argparse.Namespace) -> int:
         print(f"  {name}")
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    for table in report.unshipped:
+        print(f"note: table {table!r} already holds rows, written before syncd was installed: they reach the "
+              f"secondary only after: syncd resync --table {table}", file=sys.stderr)
     return 0
 
 
@@ -483,33 +486,45 @@ def init(args: argparse.Namespace) -> int:
                            "--apply runs the SQL on the PostgreSQL that --pg-url names: give both, or neither")
     if not args.schema or len(args.schema.encode()) > onboard.PG_NAME_BYTES or not args.schema.isprintable():
         raise bad_argument("--schema", f"{args.schema!r} is not a PostgreSQL schema name (1 to 63 bytes, printable)")
-    for flag, path in (("--out", args.out), ("--sql", args.sql)):
-        if path.exists():
-            raise bad_argument(flag, f"{path} already exists; init never overwrites a file: move it away or give "
-                                     "another path")
+    existing = [f"{flag} {path}" for flag, path in (("--out", args.out), ("--sql", args.sql)) if path.exists()]
+    if existing:
+        raise bad_argument(existing[0].split()[0], f"{' and '.join(existing)} already exist(s); init never overwrites "
+                                                   "a file: move them away or give other paths")
     if args.out.absolute() == args.sql.absolute():
         raise bad_argument("--sql", "the same file as --out; give two paths")
+    for flag, path in (("--out", args.out), ("--sql", args.sql)):
+        folder = path.absolute().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise bad_argument(flag, f"cannot write {path}: {folder} is not a directory this user may write to")
     try:
         conn = sqlite.connect(args.db, readonly=True)
     except sqlite.SourceFileError as exc:
         raise bad_argument("--db", str(exc)) from None
     try:
         tables = onboard.read_catalog(conn, args.tables or (), args.exclude or ())
+        synced = sum(t.refused is None for t in tables)
+        if not synced:
+            reasons = "; ".join(f"{t.name}: {t.refused}" for t in tables) or "it has no tables"
+            raise bad_argument("--db", f"no table of {args.db} can be synced ({reasons}); nothing was written")
         sql = onboard.render_sql(tables, args.schema, args.db)
+        config_text = onboard.render_config(tables, args.db, args.out, args.schema)
         if args.apply:
-            onboard.apply_sql(sql, args.pg_url)
+            onboard.apply_sql(sql, args.pg_url, tables, args.schema)
     except onboard.OnboardError as exc:
         raise ConfigError(str(exc)) from None
-    args.sql.write_text(sql, encoding="utf-8")
-    args.out.write_text(onboard.render_config(tables, args.db, args.out, args.schema), encoding="utf-8")
-    synced = sum(t.refused is None for t in tables)
+    try:
+        onboard.write_new(((args.sql, sql), (args.out, config_text)))
+    except OSError as exc:
+        raise ConfigError(f"--out/--sql: cannot write the files ({exc.strerror}: {exc.filename})"
+                          + ("; the SQL was applied already" if args.apply else "")) from None
     print(f"wrote {args.out}: {synced} table(s) synced" + (f", {len(tables) - synced} left out (listed at its end "
                                                            "with the reason)" if synced < len(tables) else ""))
     print(f"wrote {args.sql}: the secondary's tables in schema {args.schema!r}")
     if args.apply:
         print(f"applied it to {onboard.mask_url(args.pg_url)} in one transaction")
     print("next: " + ("" if args.apply else f"apply {args.sql} (psql -f, or copy it into supabase/migrations/), then ")
-          + f"syncd install --config {args.out} && syncd run --config {args.out}")
+          + f"syncd install --config {args.out} (it names the tables whose rows already there need a syncd resync "
+          f"--table T), then syncd run --config {args.out}")
     return 0
 
 

@@ -79,6 +79,16 @@ def test_install_twice_changes_nothing(tmp_path: Path):
     assert sqlite3.connect(path).execute("SELECT type, name, sql FROM sqlite_schema ORDER BY name").fetchall() == before
 
 
+def test_install_names_the_tables_whose_existing_rows_need_a_resync(tmp_path: Path):
+    """Triggers capture what comes after install; rows already there ship only after a resync, and install says so
+    for each table installed now that holds rows (not again at the next install)."""
+    path = make_db(tmp_path, "CREATE TABLE full (id INTEGER PRIMARY KEY); CREATE TABLE empty (id INTEGER PRIMARY KEY);"
+                             "INSERT INTO full VALUES (1);")
+    config = config_for(path, {"name": "full"}, {"name": "empty"})
+    assert capture.install(connect(path), config).unshipped == ["full"]
+    assert capture.install(connect(path), config).unshipped == []
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
