@@ -32,6 +32,7 @@ class Mismatch:
     types: dict[str, str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # target column -> SQLite column
     schema: str = "public"  # the secondary's schema the table lives in
+    transforms: dict[str, str] = field(default_factory=dict)  # SQLite column -> the transform its type wants
 
     def describe(self) -> str:
         """The operator message: what is missing and the exact fix."""
@@ -40,9 +41,11 @@ class Mismatch:
                     "the migrations, or the SQL of syncd init), then NOTIFY pgrst, 'reload schema'")
         columns = ", ".join(map(repr, self.missing_columns))
         excluded = ", ".join(f'"{self.sources.get(c, c)}"' for c in self.missing_columns)
+        transforms = "".join(f"; and set [table.columns.{name}] transform = \"{transform}\" in the config (then "
+                             "SIGHUP), or it ships as text" for name, transform in self.transforms.items())
         return (f"column(s) {columns} of {self.table!r} do not exist in {self.target!r} of the secondary; add them "
-                f"there ({self.ddl()}; NOTIFY pgrst, 'reload schema'), or leave them out (exclude = [{excluded}] in "
-                "its [[table]] section, then SIGHUP)")
+                f"there ({self.ddl()}; NOTIFY pgrst, 'reload schema'{transforms}), or leave them out "
+                f"(exclude = [{excluded}] in its [[table]] section, then SIGHUP)")
 
     def ddl(self) -> str:
         """`ALTER TABLE "t" ADD COLUMN "c" text, ADD COLUMN ...` for the missing columns."""
@@ -88,8 +91,10 @@ def compare(spec: Mapping[str, object], mapping: TableMapping, shipped: Shipped,
     if not missing:
         return None
     types = {c: column_type(shipped.declared[c], mapping.transforms.get(shipped.sources[c])) for c in missing}
+    transforms = {source: wanted for c in missing if not mapping.transforms.get(source := shipped.sources[c])
+                  and (wanted := casting.transform_for(shipped.declared[c]))}
     return Mismatch(mapping.source, mapping.target, missing_columns=missing, types=types,
-                    sources={c: shipped.sources[c] for c in missing}, schema=schema)
+                    sources={c: shipped.sources[c] for c in missing}, schema=schema, transforms=transforms)
 
 
 

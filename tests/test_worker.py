@@ -278,6 +278,26 @@ def test_a_column_the_secondary_lacks_halts_its_table_before_the_first_request(t
     assert "child" not in worker.halted
 
 
+def test_the_fix_for_a_missing_column_names_its_type_and_the_transform_it_needs():
+    """An app's migration added a JSON and a BOOLEAN column: the DDL takes the casting table's types, and the config
+    change that makes syncd send them as such is named too (else PostgreSQL stores the JSON text as a string)."""
+    from syncd import schema
+    from syncd.check import type_problem
+    from syncd.config import TableConfig
+    from syncd.mapping import TableMapping
+
+    mapping = TableMapping.from_config(TableConfig.model_validate({"name": "users"}), ("id",))
+    names = ["id", "settings", "verified"]
+    shipped = schema.Shipped(names, {n: n for n in names}, {"id": "INTEGER", "settings": "JSON", "verified": "BOOLEAN"})
+    mismatch = schema.compare({"definitions": {"users": {"properties": {"id": {}}}}}, mapping, shipped)
+    assert mismatch is not None
+    assert mismatch.ddl() == 'ALTER TABLE "public"."users" ADD COLUMN "settings" jsonb, ADD COLUMN "verified" boolean'
+    text = mismatch.describe()
+    assert '[table.columns.settings] transform = "json"' in text
+    assert '[table.columns.verified] transform = "bool"' in text
+    assert type_problem(None, "JSON", "jsonb") is not None  # check warns whatever the declared type
+
+
 def test_batches_are_bounded_by_the_json_documents_they_carry():
     """A `json` column's document (a dict, or JsonText kept as written) counts with its length, not as a number."""
     change = Change("t", "1", [])
