@@ -36,6 +36,7 @@ class LeaseInfo:
     host: str
     pid: int
     expires_at: float
+    metrics: str | None = None  # the holder's metrics address (host:port), where `syncd status` asks /readyz
 
     def alive(self, now: float) -> bool:
         """Whether the lease is still held at `now` (unix seconds): it has not expired."""
@@ -57,7 +58,7 @@ def read_lease(conn: apsw.Connection) -> LeaseInfo | None:
     if value is None:
         return None
     data = json.loads(value)
-    return LeaseInfo(data["holder"], data["host"], int(data["pid"]), float(data["expires_at"]))
+    return LeaseInfo(data["holder"], data["host"], int(data["pid"]), float(data["expires_at"]), data.get("metrics"))
 
 
 class Lease:
@@ -66,8 +67,9 @@ class Lease:
     third of the lifetime has passed (measured on `clock`)."""
 
     def __init__(self, conn: apsw.Connection, seconds: float = DEFAULT_LEASE_SECONDS, holder: str | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, metrics: str | None = None) -> None:
         self.conn = conn
+        self.metrics = metrics
         self.seconds = seconds
         self.holder = holder or uuid.uuid4().hex
         self._clock = clock
@@ -84,7 +86,7 @@ class Lease:
         app holds the write lock past the busy timeout."""
         now = time.time() if now is None else now
         value = {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
-                 "expires_at": now + self.seconds}
+                 "expires_at": now + self.seconds, "metrics": self.metrics}
         return outbox.take_meta(self.conn, LEASE_KEY, json.dumps(value), unless_held_by_other=(self.holder, now))
 
     renew = acquire

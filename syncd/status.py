@@ -87,7 +87,7 @@ def collect(conn: apsw.Connection, config: Config, *, max_lag: float = DEFAULT_M
     status.problems += [f"table {t!r} has syncd triggers but is not configured (its changes pile up in the outbox); "
                         "configure it, or run syncd uninstall and install again" for t in strays]
     if live:
-        status.daemon = daemon_readiness(config.worker.metrics_addr)
+        status.daemon = daemon_readiness(lease.metrics or config.worker.metrics_addr)  # type: ignore[union-attr]
         if status.daemon.get("ready") is False:
             status.problems.append(f"the daemon is not ready: {status.daemon.get('reason')}")
     return status
@@ -164,6 +164,9 @@ def render(status: Status, now: float | None = None) -> str:
         lines.append(f"daemon:   running on {lease['host']} pid {lease['pid']} (lease held)")
         if status.daemon and "error" not in status.daemon:
             lines.append(f"          {'ready' if status.daemon['ready'] else 'NOT READY'}: {status.daemon['reason']}")
+        elif status.daemon:
+            lines.append(f"          its readiness is unknown: could not ask {status.daemon['error']} (another host "
+                         "or container? ask its /readyz there)")
     else:
         lines.append("daemon:   no daemon holds the lease")
     header = ("TABLE", "TARGET", "PENDING", "OLDEST", "DEAD", "LAST SHIPPED", "TRIGGERS")

@@ -191,7 +191,7 @@ class Worker:
         self.shipped: dict[str, schema.Shipped] = {}  # table -> the columns it ships, as planned
         self.order: list[str] = []
         self.prepared = False
-        self.lease = Lease(source.conn, config.worker.lease_seconds)
+        self.lease = Lease(source.conn, config.worker.lease_seconds, metrics=config.worker.metrics_addr)
         self.batch_size = config.worker.batch_size
         self.halted: dict[str, Halt] = {}
         self.fk_attempts: Counter[tuple[str, str | bytes]] = Counter()
@@ -351,7 +351,8 @@ class Worker:
                 with immediate(self.conn):
                     outbox.create(self.conn)
                 self.installed_in_replacement = True
-            self.lease = Lease(self.conn, self.config.worker.lease_seconds, holder=self.lease.holder)
+            self.lease = Lease(self.conn, self.config.worker.lease_seconds, holder=self.lease.holder,
+                               metrics=self.lease.metrics)
             self.replaced, self.prepared, self.recorded = True, False, None
             self.reset_floor()
         elif event is SourceEvent.SCHEMA:
@@ -431,7 +432,7 @@ class Worker:
                 self.observer.capture_repaired(h.table, f"{h.triggers}: {h.problem}")
         self.order = ship_order(self.conn, self.config, list(self.mappings))
         self.relatives = relatives(self.conn, self.config, list(self.mappings))
-        self.shipped = {t: schema.shipped_columns(self.conn, m) for t, m in self.mappings.items()}
+        self.plan_columns()
         self.halt_schema_mismatches()
         self.record_halts()
         self.prepared = True
@@ -887,6 +888,18 @@ class Worker:
     def resume(self) -> None:
         """Ship every halted table again (SIGHUP, after the operator fixed the cause)."""
         self.unhalt(list(self.halted), "SIGHUP")
+
+    def plan_columns(self) -> None:
+        """The columns each table ships as its schema is now. A table that gained columns since the last plan (an
+        ALTER TABLE ADD COLUMN while syncd runs) is marked for a reconcile: SQLite gives the rows already there the
+        column's DEFAULT, which the secondary, adding the column on its side, may not hold."""
+        previous = self.shipped
+        self.shipped = {t: schema.shipped_columns(self.conn, m) for t, m in self.mappings.items()}
+        grown = {table: added for table, shipped in self.shipped.items() if table in previous
+                 and (added := [c for c in shipped.names if c not in previous[table].names])}
+        outbox.record_table_states(self.conn, {table: {"reconcile": (
+            f"column(s) {', '.join(map(repr, added))} added: the rows already there took their default in SQLite, "
+            "which the secondary may not hold")} for table, added in grown.items()})
 
     def mismatches(self, tables: Sequence[str]) -> dict[str, schema.Mismatch] | None:
         """What the secondary's schema (PostgREST's OpenAPI description) lacks for each of `tables` that lacks

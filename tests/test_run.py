@@ -116,6 +116,21 @@ def test_an_idle_daemon_becomes_ready_when_the_secondary_answers(app: App, fault
         daemon.wait(timeout=30)
 
 
+def test_status_asks_the_readiness_of_the_daemon_where_it_listens(app: App, faults) -> None:
+    """A daemon started with --metrics-addr (another port than the config's): `syncd status` asks that port (the
+    lease records it) and reports the outage, exit 1, instead of 'healthy'."""
+    faults(down=True, retry_after=1)
+    address = f"127.0.0.1:{free_port()}"
+    daemon = app.start("--metrics-addr", address)
+    try:
+        poll(f"http://{address}/readyz", lambda r: "PGRST000" in r.text)
+        shown = app.syncd("status")
+        assert shown.returncode == 1 and "NOT READY" in shown.stdout and "PGRST000" in shown.stdout, shown.stdout
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+
+
 def test_kill_9_at_random_moments_loses_nothing(app: App, pg: psycopg.Connection):
     rng = random.Random(9)
     stop = threading.Event()

@@ -507,6 +507,28 @@ def test_alembic_batch_migration_while_the_app_writes(recreate: str, tmp_path: P
     assert daemon.stop() == 0
 
 
+def test_a_column_added_with_a_default_reaches_the_rows_already_shipped(tmp_path: Path, devserver: DevServer,
+                                                                       pg: psycopg.Connection, pg_tables, run_daemon):
+    """ALTER TABLE ADD COLUMN ... DEFAULT gives every existing row the default in SQLite without any write (no
+    trigger fires); the secondary adds the column empty. The table halts until the secondary has the column, then a
+    reconcile sends the rows whose value differs: the secondary ends equal, with no write by the app."""
+    pg_tables("lc_items", ITEMS_PG)
+    app = make_lab(tmp_path, devserver, ITEMS_SCHEMA, ITEMS_TABLES)
+    with app.connect() as conn:
+        conn.executemany("INSERT INTO items VALUES (?, ?)", [(i, f"v{i}") for i in range(40)])
+    daemon = run_daemon(app)
+    wait_until(lambda: count(pg, "lc_items") == 40, "the rows shipped", daemon=daemon)
+    with app.connect() as conn:
+        conn.execute("ALTER TABLE items ADD COLUMN flag INTEGER NOT NULL DEFAULT 7")
+    daemon.wait_for("table halted", table="items")
+    pg.execute("ALTER TABLE public.lc_items ADD COLUMN flag integer")
+    api_follows(pg, devserver, "lc_items")
+    wait_equal(app.db, pg, ("SELECT id, v, flag FROM items", "SELECT id, v, flag FROM lc_items"), timeout=60,
+               daemon=daemon)
+    assert reconciled_keys(daemon, "items") == 40
+    assert daemon.stop() == 0
+
+
 # == 2. SQLite's 12-step rebuild, ADD / RENAME / DROP COLUMN, a table dropped and re-created ====================
 
 DOC_SCHEMA = ("CREATE TABLE doc (id INTEGER PRIMARY KEY, title TEXT NOT NULL, body TEXT, n INTEGER); "
