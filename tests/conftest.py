@@ -96,6 +96,19 @@ def reload_schema(server: Secondary, table: str, timeout: float = 10) -> None:
     raise AssertionError(f"{table} not in the schema cache of {server.url} after {timeout} s")
 
 
+def create_tables(server: Secondary, tables: dict[str, str]) -> None:
+    """Drop and create tables of the secondary ({name: "CREATE TABLE name ..."}, in order), grant them to
+    service_role, and wait until `server` serves each (reload_schema)."""
+    with psycopg.connect(server.pg_url, autocommit=True) as conn:
+        for name in reversed(tables):
+            conn.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
+        for name, ddl in tables.items():
+            conn.execute(ddl)
+            conn.execute(f"GRANT ALL ON {name} TO service_role")
+    for name in tables:
+        reload_schema(server, name.rpartition(".")[2])
+
+
 @pytest.fixture
 def pg(devserver: DevServer) -> Iterator[psycopg.Connection]:
     with psycopg.connect(devserver.pg_url, autocommit=True) as conn:

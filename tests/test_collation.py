@@ -28,7 +28,7 @@ from syncd.source import Source
 from syncd.state import connect
 from syncd.target import PostgrestTarget
 from syncd.worker import Worker
-from tests.conftest import DevServer, reload_schema
+from tests.conftest import DevServer, create_tables
 
 TARGETS = {
     "collation_tags": "CREATE TABLE collation_tags (name text PRIMARY KEY, uses bigint)",
@@ -139,13 +139,7 @@ CASES = {
 @pytest.fixture(scope="module")
 def targets(devserver: DevServer) -> None:
     """The secondary's tables: text keys compare byte for byte there (PostgreSQL's default collation)."""
-    with psycopg.connect(devserver.pg_url, autocommit=True) as pg:
-        for name, ddl in TARGETS.items():
-            pg.execute(f"DROP TABLE IF EXISTS {name}")
-            pg.execute(ddl)
-            pg.execute(f"GRANT ALL ON {name} TO service_role")
-    for name in TARGETS:
-        reload_schema(devserver, name)
+    create_tables(devserver, TARGETS)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from syncd.mapping import JsonText, RowError, TableMapping, encode_row
 from syncd.target import exact_json
 from syncd.timeparse import pg_timestamp
 from syncd.verify import canonical
-from tests.conftest import reload_schema
+from tests.conftest import create_tables
 from tests.e2e import App, free_port, on_both_servers, write_config
 from tests.postgrest import Secondary
 
@@ -206,12 +206,7 @@ transform = "timestamp"
 @pytest.fixture
 def fidelity_app(tmp_path: Path, secondary: Secondary, pg: psycopg.Connection) -> App:
     """An app with a jsonb, a numeric and a timestamp table, shipping to `secondary`."""
-    for name, ddl in FIDELITY_TABLES.items():
-        pg.execute(f"DROP TABLE IF EXISTS {name}")
-        pg.execute(ddl)
-        pg.execute(f"GRANT ALL ON {name} TO service_role")
-    for name in FIDELITY_TABLES:
-        reload_schema(secondary, name)
+    create_tables(secondary, FIDELITY_TABLES)
     db = tmp_path / "app.sqlite3"
     sqlite3.connect(db).executescript("PRAGMA journal_mode=WAL;" + FIDELITY_SCHEMA)
     config = tmp_path / "syncd.toml"

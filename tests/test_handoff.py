@@ -18,57 +18,22 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import DevServer
+from tests.conftest import create_tables
 from tests.e2e import App, dead_letters, pending
-from tests.postgrest import SKIP_REASON, RunningPostgrest, binary, start_postgrest
+from tests.postgrest import Secondary
 from tests.test_source_lifecycle import make_lab, pg_rows, sqlite_rows
-
-Server = DevServer | RunningPostgrest
-
-
-@pytest.fixture(scope="module")
-def real_postgrest(devserver: DevServer) -> Iterator[RunningPostgrest | None]:
-    if not binary():
-        yield None
-        return
-    server = start_postgrest(devserver)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["dev-server", "postgrest"])
-def server(request: pytest.FixtureRequest, devserver: DevServer,
-           real_postgrest: RunningPostgrest | None) -> Server:
-    if request.param == "dev-server":
-        return devserver
-    if real_postgrest is None:
-        pytest.skip(SKIP_REASON)
-    return real_postgrest
-
-
-def serves(server: Server, table: str) -> bool:
-    with server.client(server.service_key) as client:
-        return client.get(f"/{table}", params={"limit": "0"}).status_code == 200
 
 
 @pytest.fixture
-def tables(pg: psycopg.Connection, server: Server, devserver: DevServer) -> Iterator[Callable[..., None]]:
-    """Create tables of the secondary (granted to service_role) and wait until both APIs serve them; dropped after."""
+def tables(pg: psycopg.Connection, secondary: Secondary) -> Iterator[Callable[..., None]]:
+    """Create tables of the secondary ("CREATE TABLE name ..." each, parents first) served by `secondary`; dropped
+    after."""
     made: list[str] = []
 
     def create(*ddl: str) -> None:
-        for statement in ddl:
-            name = statement.split()[2]
-            pg.execute(f"DROP TABLE IF EXISTS public.{name} CASCADE")
-            pg.execute(statement)
-            pg.execute(f"GRANT ALL ON public.{name} TO service_role")
-            made.append(name)
-        pg.execute("NOTIFY pgrst, 'reload schema'")
-        deadline = time.monotonic() + 20
-        while not all(serves(s, name) for s in {id(server): server, id(devserver): devserver}.values()
-                      for name in made):
-            assert time.monotonic() < deadline, f"the API did not serve {made}"
-            time.sleep(0.1)
+        named = {statement.split()[2]: statement for statement in ddl}
+        made.extend(named)
+        create_tables(secondary, named)
 
     yield create
     for name in reversed(made):
@@ -76,7 +41,7 @@ def tables(pg: psycopg.Connection, server: Server, devserver: DevServer) -> Iter
     pg.execute("NOTIFY pgrst, 'reload schema'")
 
 
-def lab(tmp_path: Path, server: Server, schema: str, tables: str) -> App:
+def lab(tmp_path: Path, server: Secondary, schema: str, tables: str) -> App:
     return make_lab(tmp_path, server, schema, tables)  # type: ignore[arg-type]
 
 
@@ -119,9 +84,9 @@ ITEMS = ("SELECT id, list_id, position, title FROM items", "SELECT id, list_id, 
     # a row takes the position of a row deleted in the same transaction
     ["DELETE FROM items WHERE id = 2", "UPDATE items SET position = 2 WHERE id = 1"],
 ], ids=["swap", "rotation", "chain", "taken-from-deleted"])
-def test_unique_values_handed_over_in_one_transaction_arrive(tmp_path: Path, server: Server, tables, pg, moves):
+def test_unique_values_handed_over_in_one_transaction_arrive(tmp_path: Path, secondary: Secondary, tables, pg, moves):
     tables(ITEMS_PG)
-    app = lab(tmp_path, server, ITEMS_SQLITE, ITEMS_TOML)
+    app = lab(tmp_path, secondary, ITEMS_SQLITE, ITEMS_TOML)
     write(app, "INSERT INTO items VALUES (1, 1, 1, 'a'), (2, 1, 2, 'b'), (3, 1, 3, 'c'), (4, 2, 1, 'other list');")
     run_once(app)
     write(app, "BEGIN;\n" + ";\n".join(moves) + ";\nCOMMIT;")
@@ -136,11 +101,11 @@ USERS_PG = "CREATE TABLE ho_users (id bigint PRIMARY KEY, username text NOT NULL
 USERS_TOML = '[[table]]\nname = "users"\ntarget = "ho_users"\n'
 
 
-def test_a_unique_value_freed_by_a_delete_is_taken_by_a_new_row(tmp_path: Path, server: Server, tables, pg):
+def test_a_unique_value_freed_by_a_delete_is_taken_by_a_new_row(tmp_path: Path, secondary: Secondary, tables, pg):
     """Deletes ship after upserts (children before parents needs it), so the new row is refused first: it is sent
     again once the delete is in, in the same run."""
     tables(USERS_PG)
-    app = lab(tmp_path, server, USERS_SQLITE, USERS_TOML)
+    app = lab(tmp_path, secondary, USERS_SQLITE, USERS_TOML)
     write(app, "INSERT INTO users VALUES (1, 'alice'), (3, 'bob');")
     run_once(app)
     write(app, "DELETE FROM users WHERE id = 1; INSERT INTO users VALUES (2, 'alice');"
@@ -150,13 +115,13 @@ def test_a_unique_value_freed_by_a_delete_is_taken_by_a_new_row(tmp_path: Path, 
     same(app, pg, "SELECT id, username FROM users", "SELECT id, username FROM ho_users")
 
 
-def test_a_value_held_by_a_row_syncd_does_not_know_is_dead_lettered_with_the_fix(tmp_path: Path, server: Server,
+def test_a_value_held_by_a_row_syncd_does_not_know_is_dead_lettered_with_the_fix(tmp_path: Path, secondary: Secondary,
                                                                                  tables, pg):
     """A real clash (the secondary has a row SQLite lacks) is no matter of order: after the retries the row is
     dead-lettered with PostgreSQL's reason and the hint; the other rows ship and run --once returns."""
     tables(USERS_PG)
     pg.execute("INSERT INTO ho_users VALUES (99, 'mallory')")
-    app = lab(tmp_path, server, USERS_SQLITE, USERS_TOML)
+    app = lab(tmp_path, secondary, USERS_SQLITE, USERS_TOML)
     write(app, "INSERT INTO users VALUES (1, 'mallory'), (2, 'dave');")
     for _ in range(4):  # fk_retries (3) requeues, then the dead letter
         run_once(app)
@@ -170,11 +135,12 @@ def test_a_value_held_by_a_row_syncd_does_not_know_is_dead_lettered_with_the_fix
 CHILD_PG = "CREATE TABLE ho_child (id bigint PRIMARY KEY, item_id bigint REFERENCES ho_items (id) ON DELETE CASCADE)"
 
 
-def test_a_swap_is_not_reinserted_when_a_foreign_key_points_at_the_table(tmp_path: Path, server: Server, tables, pg):
+def test_a_swap_is_not_reinserted_when_a_foreign_key_points_at_the_table(tmp_path: Path, secondary: Secondary,
+                                                                         tables, pg):
     """Deleting the rows to apply a swap would cascade to the child table: the rows are dead-lettered with the fix
     (a DEFERRABLE constraint) instead, and the secondary's children are untouched."""
     tables(ITEMS_PG, CHILD_PG)
-    app = lab(tmp_path, server, ITEMS_SQLITE, ITEMS_TOML)
+    app = lab(tmp_path, secondary, ITEMS_SQLITE, ITEMS_TOML)
     write(app, "INSERT INTO items VALUES (1, 1, 1, 'a'), (2, 1, 2, 'b');")
     run_once(app)
     pg.execute("INSERT INTO ho_child VALUES (10, 1), (20, 2)")
@@ -187,12 +153,12 @@ def test_a_swap_is_not_reinserted_when_a_foreign_key_points_at_the_table(tmp_pat
     assert pg_rows(pg, "SELECT id, item_id FROM ho_child") == {(10, 1), (20, 2)}
 
 
-def test_a_deferrable_unique_constraint_takes_a_swap_in_one_request(tmp_path: Path, server: Server, tables, pg):
+def test_a_deferrable_unique_constraint_takes_a_swap_in_one_request(tmp_path: Path, secondary: Secondary, tables, pg):
     """The fix the dead letter names works: with the constraint DEFERRABLE INITIALLY DEFERRED, PostgreSQL checks it
     at commit, the swap arrives in one upsert, and the replay of the dead letters converges."""
     tables(ITEMS_PG.replace("UNIQUE (list_id, position)", "UNIQUE (list_id, position) DEFERRABLE INITIALLY DEFERRED"),
            CHILD_PG)
-    app = lab(tmp_path, server, ITEMS_SQLITE, ITEMS_TOML)
+    app = lab(tmp_path, secondary, ITEMS_SQLITE, ITEMS_TOML)
     write(app, "INSERT INTO items VALUES (1, 1, 1, 'a'), (2, 1, 2, 'b');")
     run_once(app)
     write(app, "BEGIN; UPDATE items SET position = -1 WHERE id = 1; UPDATE items SET position = 1 WHERE id = 2;"
@@ -217,10 +183,10 @@ READINGS_TOML = ('[[table]]\nname = "readings"\ntarget = "ho_readings"\n[table.c
     ("2024-01-15 10:30:00", "2024-01-15T10:30:00Z"),  # field case 09
     ("2024-01-15T12:30:00+02:00", "2024-01-15 10:30:00.000"),
 ])
-def test_one_instant_spelt_two_ways_ships_the_newest_row_and_stalls_nothing(tmp_path: Path, server: Server, tables,
-                                                                           pg, spellings):
+def test_one_instant_spelt_two_ways_ships_the_newest_row_and_stalls_nothing(tmp_path: Path, secondary: Secondary,
+                                                                           tables, pg, spellings):
     tables(*READINGS_PG)
-    app = lab(tmp_path, server, READINGS_SQLITE, READINGS_TOML)
+    app = lab(tmp_path, secondary, READINGS_SQLITE, READINGS_TOML)
     write(app, f"INSERT INTO readings VALUES ('s1', '{spellings[0]}', 1.5);"
                f"INSERT INTO readings VALUES ('s1', '{spellings[1]}', 2.5);"
                "INSERT INTO other VALUES (1, 'queued behind');")
@@ -236,10 +202,10 @@ UNTYPED_PG = "CREATE TABLE ho_tags (id bigint PRIMARY KEY, label text)"
 UNTYPED_TOML = '[[table]]\nname = "tags"\ntarget = "ho_tags"\n'
 
 
-def test_a_number_and_its_text_in_an_untyped_key_are_one_row_of_the_secondary(tmp_path: Path, server: Server,
+def test_a_number_and_its_text_in_an_untyped_key_are_one_row_of_the_secondary(tmp_path: Path, secondary: Secondary,
                                                                               tables, pg):
     tables(UNTYPED_PG)
-    app = lab(tmp_path, server, UNTYPED_SQLITE, UNTYPED_TOML)
+    app = lab(tmp_path, secondary, UNTYPED_SQLITE, UNTYPED_TOML)
     write(app, "INSERT INTO tags VALUES (1, 'number'); INSERT INTO tags VALUES ('1', 'text');"
                "INSERT INTO tags VALUES ('01', 'zero-padded'); INSERT INTO tags VALUES (2, 'two');")
     run_once(app)
@@ -248,9 +214,9 @@ def test_a_number_and_its_text_in_an_untyped_key_are_one_row_of_the_secondary(tm
     assert pg_rows(pg, "SELECT id, label FROM ho_tags") == {(1, "zero-padded"), (2, "two")}
 
 
-def test_a_delete_of_a_key_another_present_row_maps_to_keeps_the_row(tmp_path: Path, server: Server, tables, pg):
+def test_a_delete_of_a_key_another_present_row_maps_to_keeps_the_row(tmp_path: Path, secondary: Secondary, tables, pg):
     tables(UNTYPED_PG)
-    app = lab(tmp_path, server, UNTYPED_SQLITE, UNTYPED_TOML)
+    app = lab(tmp_path, secondary, UNTYPED_SQLITE, UNTYPED_TOML)
     write(app, "INSERT INTO tags VALUES (1, 'number');")
     run_once(app)
     write(app, "INSERT INTO tags VALUES ('1', 'text'); DELETE FROM tags WHERE id = 1 AND typeof(id) = 'integer';")
@@ -260,11 +226,11 @@ def test_a_delete_of_a_key_another_present_row_maps_to_keeps_the_row(tmp_path: P
 
 
 def test_the_real_postgrest_answers_one_key_twice_with_500_21000_and_syncd_calls_it_a_row_error(
-        server: Server, tables) -> None:
+        secondary: Secondary, tables) -> None:
     """The wire fact behind kind 4, on both servers; `target.classify` turns it into a row error (not an outage)."""
     from syncd.target import classify
     tables(UNTYPED_PG)
-    with server.client(server.service_key) as client:
+    with secondary.client(secondary.service_key) as client:
         answer = client.post("/ho_tags", params={"on_conflict": "id"}, json=[{"id": 1, "label": "a"},
                                                                              {"id": 1, "label": "b"}],
                              headers={"Prefer": "resolution=merge-duplicates,return=minimal"})
@@ -273,10 +239,10 @@ def test_the_real_postgrest_answers_one_key_twice_with_500_21000_and_syncd_calls
     assert error is not None and error.kind == "row"
 
 
-def test_collapsing_is_logged_and_metrics_stay_healthy(tmp_path: Path, server: Server, tables, pg) -> None:
+def test_collapsing_is_logged_and_metrics_stay_healthy(tmp_path: Path, secondary: Secondary, tables, pg) -> None:
     """A permanent row problem never flips the secondary's health: syncd_target_up stays 1."""
     tables(UNTYPED_PG)
-    app = lab(tmp_path, server, UNTYPED_SQLITE, UNTYPED_TOML)
+    app = lab(tmp_path, secondary, UNTYPED_SQLITE, UNTYPED_TOML)
     write(app, "INSERT INTO tags VALUES (5, 'number'); INSERT INTO tags VALUES ('05', 'padded');")
     daemon = app.start()
     try:
