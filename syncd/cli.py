@@ -497,9 +497,9 @@ def init(args: argparse.Namespace) -> int:
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
             raise bad_argument(flag, f"cannot write {path}: {folder} is not a directory this user may write to")
     try:
-        conn = sqlite.connect(args.db, readonly=True)
+        conn = sqlite.connect(args.db, readonly=True, setting="--db")
     except sqlite.SourceFileError as exc:
-        raise bad_argument("--db", str(exc)) from None
+        raise bad_argument("--db", str(exc).removeprefix("--db: ")) from None
     try:
         tables = onboard.read_catalog(conn, args.tables or (), args.exclude or ())
         synced = sum(t.refused is None for t in tables)

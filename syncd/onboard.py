@@ -114,6 +114,10 @@ def read_catalog(conn: apsw.Connection, only: Sequence[str] = (), exclude: Seque
     candidates = sorted(n for n, kind in kinds.items() if kind in ("table", "virtual"))
     for flag, names in (("--tables", only), ("--exclude", exclude)):
         unknown = [n for n in names if n.lower() not in {c.lower() for c in candidates}]
+        views = [n for n in unknown if any(k.lower() == n.lower() and v == "view" for k, v in kinds.items())]
+        if views:
+            raise OnboardError(f"{flag}: {', '.join(map(repr, views))} is a view: syncd ships tables (a view's "
+                               f"rows arrive with the tables it reads); its tables are {', '.join(candidates)}")
         if unknown:
             raise OnboardError(f"{flag}: no table {', '.join(map(repr, unknown))} in the database; its tables are "
                                f"{', '.join(candidates) or '(none)'}")

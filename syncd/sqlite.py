@@ -24,36 +24,38 @@ class DatabaseNotFound(SourceFileError):
     """The database file does not exist (syncd never creates one)."""
 
 
-def connect(path: Path, *, readonly: bool = False) -> apsw.Connection:
+def connect(path: Path, *, readonly: bool = False, setting: str = "source.path") -> apsw.Connection:
     """Open an existing database (never create one: a typo in source.path must not make an empty file), with a
     busy timeout of BUSY_TIMEOUT_MS. Nothing is read through SQLite yet (no statement: in rollback-journal mode an
     app's EXCLUSIVE lock makes any wait). Raises DatabaseNotFound when `path` does not exist, SourceFileError when
-    it is a directory, not a SQLite database, or not readable (or, unless `readonly`, not writable) for this user."""
-    check(path, readonly=readonly)
+    it is a directory, not a SQLite database, or not readable (or, unless `readonly`, not writable) for this user;
+    the messages name `setting` (the config key, or the flag of a command that has no config)."""
+    check(path, readonly=readonly, setting=setting)
     flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
     conn = apsw.Connection(str(path), flags=flags)
     conn.set_busy_timeout(BUSY_TIMEOUT_MS)
     return conn
 
 
-def check(path: Path, *, readonly: bool = False) -> None:
+def check(path: Path, *, readonly: bool = False, setting: str = "source.path") -> None:
     """Refuse, with the fix, an application file syncd cannot use (see `connect`)."""
     if not path.exists():
-        raise DatabaseNotFound(f"database file not found: {path} (check source.path or SYNCD_DB)")
+        where = "source.path or SYNCD_DB" if setting == "source.path" else setting
+        raise DatabaseNotFound(f"database file not found: {path} (check {where})")
     if path.is_dir():
-        raise SourceFileError(f"source.path: {path} is a directory; give the application's SQLite file")
+        raise SourceFileError(f"{setting}: {path} is a directory; give the application's SQLite file")
     try:
         with path.open("rb") as handle:
             header = handle.read(len(HEADER))
     except PermissionError:
-        raise SourceFileError(f"source.path: cannot read {path} (permission denied): give syncd's user read access "
+        raise SourceFileError(f"{setting}: cannot read {path} (permission denied): give syncd's user read access "
                               "to the file") from None
     if header and header != HEADER:  # an empty file is an empty database
-        raise SourceFileError(f"source.path: {path} is not a SQLite database (its first bytes are not SQLite's "
-                              "header); check source.path")
+        raise SourceFileError(f"{setting}: {path} is not a SQLite database (its first bytes are not SQLite's "
+                              f"header); check {setting}")
     if not readonly and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
         what = "the file" if not os.access(path, os.W_OK) else "its directory (SQLite creates -wal and -shm there)"
-        raise SourceFileError(f"source.path: cannot write to {path}: {what} is read-only for this user; syncd "
+        raise SourceFileError(f"{setting}: cannot write to {path}: {what} is read-only for this user; syncd "
                               "records changes in it (check the owner and permissions)")
 
 

@@ -141,6 +141,7 @@ def test_only_and_exclude_choose_tables(tmp_path: Path):
     (["--tables", "nope"], "--tables"),
     (["--exclude", "orders"], "--exclude"),
     (["--schema", ""], "--schema"),
+    (["--tables", "q_view"], "is a view"),
 ])
 def test_usage_errors_name_the_flag(tmp_path: Path, args: list[str], flag: str):
     """A usage mistake is exit 2 with one `error:` line naming the flag, and no file written."""
@@ -163,6 +164,7 @@ def test_existing_files_are_never_overwritten(tmp_path: Path):
     (tmp_path / "x.txt").write_text("not a database")
     result = init("--db", str(tmp_path / "x.txt"), "--out", str(tmp_path / "d.toml"), "--sql", str(tmp_path / "d.sql"))
     assert result.returncode == 2 and "--db" in result.stderr and "not a SQLite database" in result.stderr
+    assert "source.path" not in result.stderr  # init has no config: the message names its flag
 
 
 def test_nothing_is_written_or_applied_when_a_file_cannot_be_written(tmp_path: Path, pg: psycopg.Connection,
