@@ -18,10 +18,9 @@ import jwt
 
 from syncd import capture, outbox, schema
 from syncd.auth import TokenSource
-from syncd.config import Config, TableConfig
+from syncd.config import Config
 from syncd.mapping import TableMapping
 from syncd.redact import connection_passwords, mask_url, redact, register
-from syncd.sqlite import quote_ident
 from syncd.target import PostgrestTarget, TargetError, open_target
 from syncd.verify import PAGE, format_kind
 
@@ -106,15 +105,14 @@ def check_key(config: Config, now: float) -> list[Finding]:
     return findings or [Finding("ok", "auth", f"key role {role}")]
 
 
-def check_table(target: PostgrestTarget, spec: dict[str, object], table: TableConfig, plan: capture.Capture,
-                columns: list[tuple[str, str]], shipped: schema.Shipped, pg_schema: str = "public") -> list[Finding]:
+def check_table(target: PostgrestTarget, spec: dict[str, object], mapping: TableMapping, shipped: schema.Shipped,
+                pg_schema: str = "public") -> list[Finding]:
     """The secondary's side of one table, from PostgREST's OpenAPI description `spec`: the target table and every
     shipped column exist (the comparison `syncd run` makes before its first request, with the same fix: the
     ALTER TABLE from the casting table of `syncd init`) with a compatible type, NOT NULL columns without default are
-    fed, and the key can be used for upserts (probed with an empty one). `columns`: (SQLite column, declared type)
-    of the source table; `shipped`: what syncd ships of it (schema.shipped_columns)."""
-    mapping = TableMapping.from_config(table, plan.key)
-    subject = f"{table.name} -> {mapping.target}"
+    fed, and the key can be used for upserts (probed with an empty one). `shipped`: what syncd ships of the table
+    (schema.shipped_columns)."""
+    subject = f"{mapping.source} -> {mapping.target}"
     mismatch = schema.compare(spec, mapping, shipped, pg_schema)
     if mismatch is not None and mismatch.missing_table:
         return [Finding("error", subject, "the target table is not in the secondary (or not exposed): syncd run "
@@ -129,14 +127,13 @@ def check_table(target: PostgrestTarget, spec: dict[str, object], table: TableCo
                                 "not exist in the secondary: syncd run halts the table until they do (every row "
                                 "would be refused with PGRST204)",
                                 f"{mismatch.ddl()}; NOTIFY pgrst, 'reload schema' -- or exclude = [{excluded}]"))
-    for column, declared in columns:
-        if column in mapping.exclude:
-            continue
-        name = mapping.renames.get(column, column)
+    for name in shipped.names:
+        column = shipped.sources[name]
         fed.add(name)
         if name not in properties:
             continue
-        problem = type_problem(mapping.transforms.get(column), declared, str(properties[name].get("format", "")))
+        problem = type_problem(mapping.transforms.get(column), shipped.declared[name],
+                               str(properties[name].get("format", "")))
         if problem:
             findings.append(Finding("warn", subject, f"column {column!r} -> {name!r}: {problem}",
                                     f"set [table.columns.{column}] transform, or change the column type"))
@@ -237,12 +234,10 @@ def run_checks(config: Config, conn: apsw.Connection, tokens: TokenSource | None
         readable = []
         for table in config.tables:
             if table.name in planned:
-                columns = [(r[1], r[2] or "") for r in conn.execute(
-                    f"PRAGMA table_info({quote_ident(planned[table.name].table.name)})")]
                 mapping = TableMapping.from_config(table, planned[table.name].key)
-                findings += check_table(target, spec, table, planned[table.name], columns,
-                                        schema.shipped_columns(conn, mapping), config.target.schema_name)
-                readable.append(TableMapping.from_config(table, planned[table.name].key))
+                findings += check_table(target, spec, mapping, schema.shipped_columns(conn, mapping),
+                                        config.target.schema_name)
+                readable.append(mapping)
         findings.append(check_read_cap(target, readable))
     if pg_url:
         findings += check_policies(pg_url)
