@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["CASTS", "affinity", "json_checked_columns", "pg_type", "transform_for"]
+__all__ = ["CASTS", "affinity", "column_type", "json_checked_columns", "pg_type", "transform_for"]
 
 # (SQLite declaration, PostgreSQL type, transform, why): the documented table, in README's order.
 CASTS: tuple[tuple[str, str, str | None, str], ...] = (
@@ -72,6 +72,9 @@ BY_AFFINITY: dict[str, tuple[str, str | None]] = {
     "REAL": ("double precision", None), "NUMERIC": ("text", None), "": ("text", None),
 }
 JSON_CAST = ("jsonb", "json")
+# The type each transform's output lands in, as `init` writes it (vector: pgvector's, its size unknown here).
+TRANSFORM_TYPES = {"bool": "boolean", "timestamp": "timestamptz", "json": "jsonb", "bytea": "bytea",
+                   "vector": "vector"}
 TYPMOD = re.compile(r"\(.*?\)")
 
 
@@ -117,6 +120,12 @@ def transform_for(declared: str, json_checked: bool = False) -> str | None:
     the column of `pg_type(declared)` takes: 'bool' for BOOLEAN, 'timestamp' for DATETIME/TIMESTAMP, 'json' for
     JSON/JSONB or when `json_checked`, 'bytea' for BLOB affinity; None when the value goes as it is. Never raises."""
     return _cast(declared, json_checked)[1]
+
+
+def column_type(declared: str, transform: str | None) -> str:
+    """The PostgreSQL type for a column syncd ships with `transform` (None: as it is): the transform's, else
+    `pg_type(declared)` (the halt of a table whose column the secondary lacks gives it in its ALTER TABLE)."""
+    return TRANSFORM_TYPES.get(transform or "") or pg_type(declared)
 
 
 def json_checked_columns(create_sql: str, columns: Iterable[str]) -> set[str]:

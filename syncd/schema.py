@@ -90,19 +90,8 @@ def compare(spec: Mapping[str, object], mapping: TableMapping, shipped: Shipped,
     missing = [column for column in shipped.names if column not in known]
     if not missing:
         return None
-    types = {c: column_type(shipped.declared[c], mapping.transforms.get(shipped.sources[c])) for c in missing}
+    types = {c: casting.column_type(shipped.declared[c], mapping.transforms.get(shipped.sources[c])) for c in missing}
     transforms = {source: wanted for c in missing if not mapping.transforms.get(source := shipped.sources[c])
                   and (wanted := casting.transform_for(shipped.declared[c]))}
     return Mismatch(mapping.source, mapping.target, missing_columns=missing, types=types,
                     sources={c: shipped.sources[c] for c in missing}, schema=schema, transforms=transforms)
-
-
-
-TRANSFORM_TYPES = {"bool": "boolean", "timestamp": "timestamptz", "json": "jsonb", "bytea": "bytea",
-                   "vector": "vector"}  # what each transform sends lands in these (as `syncd init` writes them)
-
-
-def column_type(declared: str, transform: str | None) -> str:
-    """The PostgreSQL type for a column syncd ships: its transform's, else the casting table's for SQLite's declared
-    type (syncd.casting, the one `syncd init` uses)."""
-    return TRANSFORM_TYPES.get(transform or "") or casting.pg_type(declared)
