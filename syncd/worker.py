@@ -707,9 +707,8 @@ class Worker:
 
     def collapse(self, table: str, changes: list[Change], batch: Batch) -> conflicts.Collapsed:
         """One change per key of the secondary (see `conflicts`); the superseded ones are acknowledged."""
-        mapping = self.mappings[table]
         plan = conflicts.collapse([c for c in changes if c.present], [c for c in changes if not c.present],
-                                  lambda change: target_key(mapping, change))
+                                  target_keys(self.mappings[table]))
         if plan.superseded:
             batch.shipped += plan.superseded
             self.observer.keys_collapsed(table, len(plan.superseded), plan.examples)
@@ -1104,13 +1103,15 @@ def weigh(value: object) -> int:
     return 24
 
 
-def target_key(mapping: TableMapping, change: Change) -> tuple[object, ...] | None:
-    """The key `change` has in the secondary, as it will be sent (None when it cannot be mapped)."""
-    if change.key is None:
-        return None
-    if not any(column in mapping.transforms for column in mapping.key):
-        return change.key
-    try:
-        return tuple(mapping.map_key(change.key).values())
-    except (RowError, ValueError):
-        return None
+def target_keys(mapping: TableMapping) -> Callable[[Change], tuple[object, ...] | None]:
+    """The function giving the key a change has in the secondary, as it will be sent (None when it cannot be
+    mapped): its SQLite key as it is, unless a key column has a transform (decided once per batch, not per row)."""
+    def transformed(change: Change) -> tuple[object, ...] | None:
+        try:
+            return tuple(mapping.map_key(change.key).values()) if change.key is not None else None
+        except (RowError, ValueError):
+            return None
+
+    if any(column in mapping.transforms for column in mapping.key):
+        return transformed
+    return lambda change: change.key
