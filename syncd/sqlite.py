@@ -69,10 +69,16 @@ def quote_text(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-@contextlib.contextmanager
-def immediate(conn: apsw.Connection) -> Iterator[apsw.Connection]:
+def immediate(conn: apsw.Connection) -> contextlib.AbstractContextManager[apsw.Connection]:
     """A write transaction that takes the write lock up front (waiting up to the busy timeout)."""
-    conn.execute("BEGIN IMMEDIATE")
+    return transaction(conn, "BEGIN IMMEDIATE")
+
+
+@contextlib.contextmanager
+def transaction(conn: apsw.Connection, begin: str = "BEGIN") -> Iterator[apsw.Connection]:
+    """A transaction opened with `begin` (BEGIN, BEGIN IMMEDIATE): committed at the end, rolled back (when still
+    open) on any exception, which goes on."""
+    conn.execute(begin)
     try:
         yield conn
     except BaseException:

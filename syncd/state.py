@@ -20,7 +20,6 @@ import contextlib
 import functools
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import apsw
@@ -129,19 +128,11 @@ def create_schema(conn: apsw.Connection) -> None:
         conn.execute(ddl)
 
 
-@contextlib.contextmanager
-def writing(conn: apsw.Connection) -> Iterator[apsw.Connection]:
+def writing(conn: apsw.Connection) -> contextlib.AbstractContextManager[apsw.Connection]:
     """A transaction that writes the state file only: DEFERRED, so that the write lock is taken on `st` alone
     when its first statement writes there (BEGIN IMMEDIATE would lock the app's file too). The first statement
     inside must be a write to `st`, so that no read snapshot is upgraded."""
-    conn.execute("BEGIN")
-    try:
-        yield conn
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+    return sqlite.transaction(conn, "BEGIN")
 
 
 def remove(conn: apsw.Connection, database: Path) -> None:
