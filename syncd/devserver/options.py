@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from syncd import auth
+from syncd.redact import PASSWORD_SETTING, connection_passwords
 
 PORTS = range(0, 65536)
 PREFIX_EXAMPLE = "/rest/v1"
@@ -24,7 +25,6 @@ PREFIX_EXAMPLE = "/rest/v1"
 # so `%` (and anything that would need it) cannot be part of a prefix.
 PREFIX_CHARS = set("-._~!$&'()*+,;=:@")
 PASSWORD_IN_URL = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*):(?P<password>[^@/?#]*)@")
-PASSWORD_SETTING = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<password>'(?:[^'\\]|\\.)*'|[^\s&]*)", re.IGNORECASE)
 
 
 class StartError(Exception):
@@ -252,8 +252,6 @@ def mask_url(url: str) -> str:
 
 def scrub(text: str, url: str) -> str:
     """`text` (an error message about `url`) with every password that `url` holds replaced by `***`."""
-    secrets = [m["password"] for m in PASSWORD_IN_URL.finditer(url)]
-    secrets += [m["password"].strip("'") for m in PASSWORD_SETTING.finditer(url)]
-    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+    for secret in sorted(connection_passwords(url), key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
