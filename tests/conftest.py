@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
+from psycopg import sql
 
 from syncd.devserver.launcher import RunningDevServer, launch
 from tests.postgrest import SKIP_REASON, RunningPostgrest, Secondary, binary, start_postgrest
@@ -80,20 +82,30 @@ def secondary(request: pytest.FixtureRequest, devserver: DevServer) -> Secondary
 
 
 def reload_schema(server: Secondary, table: str, timeout: float = 10) -> None:
-    """NOTIFY the schema cache reload and wait until `server`'s OpenAPI (`GET /`) lists `table`, for a table created
-    after the server started. Both servers answer 404 to a write into such a table until then; the real PostgREST
-    answers GET of it with 200 meanwhile (measured on 12.2.12), so a read is no readiness signal. Raises
-    AssertionError when `table` is not listed within `timeout` seconds."""
+    """NOTIFY the schema cache reload and wait until `server` serves `table` ("name" in public or "schema.name") as
+    it is now, for a table created or re-created after the server started. Both servers answer 404 to a write into
+    such a table until then; the real PostgREST answers GET of it with 200 meanwhile (measured on 12.2.12), so a read
+    is no readiness signal, and neither is the table's name in the OpenAPI (`GET /`): a reload NOTIFYed by an earlier
+    test's DROP may still be running and finish after the name was seen, serving a cache without the table (a write
+    then answers 404 `{}`). So a fresh comment on the table marks this reload; the cache serves the table once its
+    OpenAPI definition carries that comment. Raises AssertionError when it does not within `timeout` seconds."""
+    schema, _, name = table.rpartition(".")
+    marker = f"schema cache marker {uuid.uuid4()}"
     with psycopg.connect(server.pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(
+            sql.Identifier(schema or "public", name), sql.Literal(marker)))
         conn.execute("NOTIFY pgrst, 'reload schema'")
+    profile = {"Accept-Profile": schema} if schema else {}
     deadline = time.monotonic() + timeout
-    with server.client(server.service_key) as client:
+    with server.client(server.service_key, **profile) as client:
         while time.monotonic() < deadline:
             answer = client.get("/")
-            if answer.status_code == 200 and table in answer.json().get("definitions", {}):
-                return
+            if answer.status_code == 200:
+                definition = answer.json().get("definitions", {}).get(name, {})
+                if definition.get("description") == marker:
+                    return
             time.sleep(0.1)
-    raise AssertionError(f"{table} not in the schema cache of {server.url} after {timeout} s")
+    raise AssertionError(f"{table} as created is not in the schema cache of {server.url} after {timeout} s")
 
 
 def create_tables(server: Secondary, tables: dict[str, str]) -> None:
@@ -106,7 +118,7 @@ def create_tables(server: Secondary, tables: dict[str, str]) -> None:
             conn.execute(ddl)
             conn.execute(f"GRANT ALL ON {name} TO service_role")
     for name in tables:
-        reload_schema(server, name.rpartition(".")[2])
+        reload_schema(server, name)
 
 
 @pytest.fixture

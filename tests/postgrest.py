@@ -69,15 +69,6 @@ class RunningPostgrest:
             headers["Authorization"] = f"Bearer {key}"
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
-    def reload_schema(self, timeout: float = 10) -> None:
-        """NOTIFY the schema cache reload and wait until it is done (PostgREST answers 503 PGRST002 meanwhile, and
-        a write to a table created after its start answers 404 until then)."""
-        import psycopg
-        with psycopg.connect(self.pg_url, autocommit=True) as conn:
-            conn.execute("NOTIFY pgrst, 'reload schema'")
-        time.sleep(0.3)
-        wait_until_ready(self.root, timeout)
-
     def logged(self) -> str:
         self.log.flush()
         self.log.seek(0)

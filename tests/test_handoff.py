@@ -234,7 +234,7 @@ def test_the_real_postgrest_answers_one_key_twice_with_500_21000_and_syncd_calls
         answer = client.post("/ho_tags", params={"on_conflict": "id"}, json=[{"id": 1, "label": "a"},
                                                                              {"id": 1, "label": "b"}],
                              headers={"Prefer": "resolution=merge-duplicates,return=minimal"})
-    assert (answer.status_code, answer.json()["code"]) == (500, "21000")
+    assert (answer.status_code, answer.json().get("code")) == (500, "21000"), answer.text
     error = classify(answer)
     assert error is not None and error.kind == "row"
 

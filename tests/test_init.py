@@ -236,16 +236,31 @@ def drop_tables(pg_url: str, names: list[str]) -> None:
             conn.execute(f'DROP TABLE IF EXISTS {SCHEMA}."{name.replace(chr(34), chr(34) * 2)}" CASCADE')
 
 
-def wait_exposed(server: Secondary, tables: list[str], timeout: float = 20) -> None:
-    """Until the secondary's OpenAPI for SCHEMA lists every table (the SQL ends with NOTIFY pgrst)."""
-    deadline = time.monotonic() + timeout
+def exposed(server: Secondary) -> set[str]:
+    """The tables of SCHEMA the secondary's OpenAPI lists now."""
     with server.client(server.service_key, **{"Accept-Profile": SCHEMA}) as client:
-        while time.monotonic() < deadline:
-            answer = client.get("/")
-            if answer.status_code == 200 and set(tables) <= set(answer.json().get("definitions", {})):
-                return
-            time.sleep(0.1)
-    raise AssertionError(f"{tables} not exposed by {server.url}")
+        answer = client.get("/")
+    return set(answer.json().get("definitions", {})) if answer.status_code == 200 else set()
+
+
+def wait_exposed(server: Secondary, tables: list[str], timeout: float = 20, *, listed: bool = True) -> None:
+    """Until the secondary's OpenAPI for SCHEMA lists every table (the SQL ends with NOTIFY pgrst), or, with
+    `listed=False`, none of them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (set(tables) <= exposed(server)) if listed else not set(tables) & exposed(server):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{tables} {'not' if listed else 'still'} exposed by {server.url}")
+
+
+def forget_tables(server: Secondary, names: list[str]) -> None:
+    """Drop tables of SCHEMA and wait until the secondary's schema cache no longer serves them, so that seeing them
+    listed later proves a reload that came after their creation."""
+    drop_tables(server.pg_url, names)
+    with psycopg.connect(server.pg_url, autocommit=True) as conn:
+        conn.execute("NOTIFY pgrst, 'reload schema'")
+    wait_exposed(server, names, listed=False)
 
 
 def syncd(config: Path, server: Secondary, *args: str) -> subprocess.CompletedProcess[str]:
@@ -256,7 +271,7 @@ def syncd(config: Path, server: Secondary, *args: str) -> subprocess.CompletedPr
 
 def onboard(tmp_path: Path, db: Path, server: Secondary, tables: list[str]) -> Path:
     """init --apply into SCHEMA, then install, with neither file edited; returns the config."""
-    drop_tables(server.pg_url, tables)
+    forget_tables(server, tables)
     out = tmp_path / "syncd.toml"
     result = init("--db", str(db), "--out", str(out), "--sql", str(tmp_path / "schema.sql"), "--schema", SCHEMA,
                   "--apply", "--pg-url", server.pg_url)
