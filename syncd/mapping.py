@@ -460,8 +460,8 @@ class TableMapping:
         """The same mapping done by SQLite itself, for a table whose columns are `columns` (as now in SQLite):
         (the SQL expression of one row's JSON object, the SQL condition under which a row must take `map_row`
         instead), or None when the table cannot be rendered in SQL (a json, timestamp or vector transform, a
-        name that two columns would ship under). Both give the same JSON (tests/test_rendering.py): SQLite
-        renders a REAL with every digit of its double (https://sqlite.org/json1.html), and the rows it cannot
+        name that two columns would ship under). Both give the same JSON, to the digit (tests/test_rendering.py): a REAL
+        goes through `syncd_real_json` (the connection needs `sqlite.register_functions`), and the rows SQLite cannot
         render as `map_row` does (a BLOB, a zero or infinite REAL, a bool text in another spelling) take
         `map_row`. Text that is not UTF-8 shows when the JSON is read (apsw raises UnicodeDecodeError)."""
         cached = self._rendered.get(tuple(columns))
@@ -530,10 +530,13 @@ def _column_sql(q: str, transform: str | None) -> tuple[str, str]:
     if transform == "bytea":
         return (f"CASE WHEN {q} IS NULL THEN NULL ELSE '\\x' || lower(hex({q})) END",
                 f"typeof({q}) NOT IN ('blob', 'text', 'null')")
-    # No transform: SQLite renders text, integers and finite reals as Python's json does, but -0.0 as 0.0 (only a
-    # column without affinity keeps a -0.0; atan2 tells it apart); a BLOB or an infinite REAL is map_row's to refuse.
+    # No transform: SQLite renders text and integers as Python's json does; a REAL with its shortest digits as
+    # Python does by syncd_real_json (sqlite.register_functions; SQLite's own rendering may take 17 digits), but
+    # -0.0 as 0.0 (only a column without affinity keeps a -0.0; atan2 tells it apart); a BLOB or an infinite REAL is
+    # map_row's to refuse.
     negative_zero = f"atan2({q}, -1) < 0" if math_functions() else "1"
-    return q, (f"typeof({q}) = 'blob' OR (typeof({q}) = 'real' AND (({q} = 0 AND {negative_zero}) "
+    value = f"CASE WHEN typeof({q}) = 'real' THEN json(syncd_real_json({q})) ELSE {q} END"
+    return value, (f"typeof({q}) = 'blob' OR (typeof({q}) = 'real' AND (({q} = 0 AND {negative_zero}) "
                f"OR abs({q}) > 1.7976931348623157e308))")
 
 

@@ -34,7 +34,20 @@ def connect(path: Path, *, readonly: bool = False, setting: str = "source.path")
     flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
     conn = apsw.Connection(str(path), flags=flags)
     conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+    register_functions(conn)
     return conn
+
+
+def register_functions(conn: apsw.Connection) -> None:
+    """The SQL functions syncd's own statements use: `syncd_real_json(x)`, a REAL as the shortest text that gives
+    back its double (Python's repr, JSON.stringify's, PostgreSQL's float8 output), to be wrapped in json(). SQLite's
+    own rendering (json_object, quote, printf) uses 15 digits when they give the double back and 17 otherwise, so
+    1.0/3 reads 0.33333333333333332: another decimal for a numeric or text column of the secondary."""
+    conn.create_scalar_function("syncd_real_json", real_json, 1, deterministic=True)
+
+
+def real_json(value: object) -> object:
+    return repr(value) if isinstance(value, float) else value
 
 
 def check(path: Path, *, readonly: bool = False, setting: str = "source.path") -> None:

@@ -176,12 +176,12 @@ def test_timestamp_property_against_postgresql(pg: psycopg.Connection, texts: li
 
 FIDELITY_SCHEMA = """
 CREATE TABLE docs (id INTEGER PRIMARY KEY, body TEXT);
-CREATE TABLE price (id INTEGER PRIMARY KEY, amount TEXT);
+CREATE TABLE price (id INTEGER PRIMARY KEY, amount TEXT, cost DECIMAL(10,2));
 CREATE TABLE ev (id INTEGER PRIMARY KEY, at TEXT, naive TEXT, conv TEXT);
 """
 FIDELITY_TABLES = {
     "fid_docs": "CREATE TABLE fid_docs (id bigint PRIMARY KEY, body jsonb)",
-    "fid_price": "CREATE TABLE fid_price (id bigint PRIMARY KEY, amount numeric)",
+    "fid_price": "CREATE TABLE fid_price (id bigint PRIMARY KEY, amount numeric, cost numeric)",
     "fid_ev": "CREATE TABLE fid_ev (id bigint PRIMARY KEY, at timestamptz, naive timestamp, conv timestamptz)",
 }
 FIDELITY_CONFIG = """
@@ -229,15 +229,18 @@ def test_numbers_ship_and_verify_exactly(fidelity_app: App, pg: psycopg.Connecti
     equal, and a change in PostgreSQL's last digit different."""
     db = fidelity_app.connect()
     db.executemany("INSERT INTO docs VALUES (?, ?)", list(enumerate(JSON_TEXTS[:12], 1)))
-    db.execute("INSERT INTO price VALUES (1, '12345678901234567.89')")
+    db.execute("INSERT INTO price VALUES (1, '12345678901234567.89', NULL)")
+    # a REAL (DECIMAL's affinity stores 1/3 as a double) into numeric: the shortest digits, whichever path renders it
+    db.executemany("INSERT INTO price VALUES (?, NULL, ?)", [(2, 1.0 / 3), (3, 123.456 / 7), (4, 0.1)])
     run_once(fidelity_app)
     kept = pg.execute("SELECT t::jsonb::text FROM unnest(%s::text[]) WITH ORDINALITY AS u(t, n) ORDER BY n",
                       (JSON_TEXTS[:12],)).fetchall()
     assert pg.execute("SELECT body::text FROM fid_docs ORDER BY id").fetchall() == kept
-    assert pg.execute("SELECT amount::text FROM fid_price").fetchall() == [("12345678901234567.89",)]
+    assert pg.execute("SELECT amount::text, cost::text FROM fid_price ORDER BY id").fetchall() == [
+        ("12345678901234567.89", None), (None, "0.3333333333333333"), (None, "17.63657142857143"), (None, "0.1")]
     assert fidelity_app.syncd("verify").returncode == 0
     pg.execute("""UPDATE fid_docs SET body = '{"amount": 12345678901234567.90}' WHERE id = 1""")
-    pg.execute("UPDATE fid_price SET amount = 12345678901234567.00")
+    pg.execute("UPDATE fid_price SET amount = 12345678901234567.00 WHERE id = 1")
     report = json.loads(fidelity_app.syncd("verify", "--json").stdout)
     assert {t["table"]: t["different"] for t in report["tables"]} == {"docs": 1, "price": 1, "ev": 0}
 

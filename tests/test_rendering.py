@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from decimal import Decimal
 
 import apsw
 from hypothesis import HealthCheck, event, given, settings
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from syncd.keys import InvalidText
 from syncd.mapping import RowError, TableMapping
-from syncd.sqlite import quote_ident
+from syncd.sqlite import quote_ident, register_functions
 
 TRANSFORMS = [None, None, "bool", "bytea", "json", "timestamp", "vector"]
 
@@ -47,6 +48,7 @@ def tables(draw: st.DrawFn) -> tuple[list[str], TableMapping, list[list[object]]
 
 def store(columns: list[str], rows: list[list[object]]) -> apsw.Connection:
     db = apsw.Connection(":memory:")
+    register_functions(db)
     names = ", ".join(quote_ident(c) for c in columns)
     db.execute(f"CREATE TABLE t ({names}, PRIMARY KEY ({quote_ident(columns[0])}))")
     for i, row in enumerate(rows):
@@ -124,6 +126,20 @@ def test_sql_and_python_render_the_same_json(table: tuple[list[str], TableMappin
         if text is not None:
             assert exact(json.loads(text)) == exact(json.loads(json.dumps(expected, ensure_ascii=False))), \
                 (reference, text, expected)
+            # and the same decimals: a numeric or text column of the secondary keeps the digits as sent
+            assert json.loads(text, parse_float=Decimal) == json.loads(json.dumps(expected, ensure_ascii=False),
+                                                                       parse_float=Decimal), (reference, text, expected)
+
+
+def test_a_real_is_rendered_with_the_shortest_digits_that_give_its_double_back() -> None:
+    """SQLite's json_object writes 1.0/3 as 0.33333333333333332 (17 digits): the SQL rendering sends what Python,
+    JavaScript and PostgreSQL's float8 print, so a numeric column holds the same decimal whichever path a row takes."""
+    db = store(["id", "price"], [[1.0 / 3], [123.456 / 7], [0.1], [1e16], [2.5e-310]])
+    mapping = TableMapping(source="t", target="t", key=("id",))
+    json_sql, _ = mapping.sql_rendering(["id", "price"])  # type: ignore[misc]
+    texts = [text for (text,) in db.execute(f"SELECT {json_sql} FROM t ORDER BY id")]
+    assert texts == ['{"id":0,"price":0.3333333333333333}', '{"id":1,"price":17.63657142857143}',
+                     '{"id":2,"price":0.1}', '{"id":3,"price":1e+16}', '{"id":4,"price":2.5e-310}']
 
 
 def test_a_negative_zero_and_an_infinite_real_take_the_python_path_and_a_zero_does_not():
