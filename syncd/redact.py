@@ -27,8 +27,10 @@ _lock = threading.Lock()
 _secrets: set[str] = set()
 _tokens: deque[str] = deque(maxlen=RECENT_TOKENS)
 _windows: set[str] = set()
-USERINFO = re.compile(r"(//)([^/@\s]+)@")
-USERINFO_PASSWORD = re.compile(r"//[^:@/?#\s]*:(?P<password>[^@/?#\s]*)@")
+# A URL's user and password run to the authority's last "@" (RFC 3986 has no "@" in a host; a password with an
+# unencoded "@" is still a password, although libpq splits at the first one and names the rest as the host).
+USERINFO = re.compile(r"(//)([^/?#\s]+)@")
+USERINFO_PASSWORD = re.compile(r"//[^:/?#\s]*:(?P<password>[^/?#\s]*)@")
 PASSWORD_SETTING = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<password>'(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
 
 
@@ -101,6 +103,7 @@ def connection_passwords(pg_url: str) -> list[str]:
     """The passwords a PostgreSQL connection string carries, in any of libpq's forms (`user:PASSWORD@`,
     `?password=`, the keyword string's `password=`, quoted or not), to register for redaction. Never raises."""
     found = [text for m in USERINFO_PASSWORD.finditer(pg_url) for text in (m["password"], unquote(m["password"]))]
+    found += [piece for password in found for piece in password.split("@")[1:]]  # what libpq calls the host
     for match in PASSWORD_SETTING.finditer(pg_url):
         value = match["password"]
         if value.startswith("'") and value.endswith("'") and len(value) > 1:

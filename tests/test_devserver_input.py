@@ -204,6 +204,7 @@ def test_prefix_forms_that_are_fine(text: str, prefix: str):
     ("postgresql://u:p%40w@h/db?password=again&sslmode=require",
      "postgresql://u:***@h/db?password=***&sslmode=require"),
     ("host=h password='a b' user=u", "host=h password=*** user=u"),
+    ("postgresql://u:Sec@ret-password@h:5432/db", "postgresql://u:***@h:5432/db"),  # an unencoded "@"
 ])
 def test_passwords_are_masked_in_urls(url: str, shown: str):
     assert options.mask_url(url) == shown

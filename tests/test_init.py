@@ -210,10 +210,11 @@ def test_apply_refuses_a_table_of_that_name_with_other_columns(tmp_path: Path, p
 PG_URL_FORMS = ["postgresql://app:{secret}@127.0.0.1:{port}/db", "postgresql://127.0.0.1:{port}/db?password={secret}",
                 "host=127.0.0.1 port={port} user=app password={secret} dbname=db",
                 "host=127.0.0.1 port={port} password='{secret}' dbname=db",
-                "postgresql://app:{secret}@[::1"]  # a malformed URL: libpq refuses it
+                "postgresql://app:{secret}@[::1",  # a malformed URL: libpq refuses it
+                "postgresql://app:Pa@{secret}@127.0.0.1:{port}/db"]  # an unencoded "@": libpq calls the rest the host
 
 
-@pytest.mark.parametrize("form", PG_URL_FORMS, ids=["userinfo", "query", "keywords", "quoted", "malformed"])
+@pytest.mark.parametrize("form", PG_URL_FORMS, ids=["userinfo", "query", "keywords", "quoted", "malformed", "at-sign"])
 def test_the_pg_url_password_is_never_printed(tmp_path: Path, form: str):
     """A database that cannot be reached, in every form libpq takes: exit 2, nothing written, the URL shown without
     its password, no traceback (`check --pg-url`: tests/test_bad_input.py)."""

@@ -186,8 +186,10 @@ def test_no_command_output_log_metric_or_table_holds_a_secret(app: App, devserve
     assert found == [], found
 
 
-def test_a_password_in_a_url_is_never_printed_or_sent(app: App, devserver, proxy: str) -> None:  # type: ignore[no-untyped-def]
-    password = "pw-" + secrets.token_hex(10)
+@pytest.mark.parametrize("separator", ["-", "@"], ids=["plain", "unencoded-at-sign"])
+def test_a_password_in_a_url_is_never_printed_or_sent(app: App, devserver, proxy: str,  # type: ignore[no-untyped-def]
+                                                      separator: str) -> None:
+    password = "pw" + separator + secrets.token_hex(10)
     user_url = proxy.replace("http://", f"http://admin:{password}@")
     configure(app, user_url, f'jwt_secret = "{devserver.jwt_secret}"')
     outputs = {" ".join(args): syncd(app, *args) for args in (("check",), ("status",), ("verify",),

@@ -24,7 +24,8 @@ PREFIX_EXAMPLE = "/rest/v1"
 # RFC 3986 path characters besides letters and digits; the request path is percent-decoded before it is matched,
 # so `%` (and anything that would need it) cannot be part of a prefix.
 PREFIX_CHARS = set("-._~!$&'()*+,;=:@")
-PASSWORD_IN_URL = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*):(?P<password>[^@/?#]*)@")
+# the password runs to the authority's last "@" (an unencoded "@" in it is still the password: redact.USERINFO)
+PASSWORD_IN_URL = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#\s]*):(?P<password>[^/?#\s]*)@")
 
 
 class StartError(Exception):
