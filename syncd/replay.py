@@ -112,7 +112,10 @@ def resync(conn: apsw.Connection, planned: Capture, *, where: str | None = None,
     columns = ", ".join(f"{table}.{quote_ident(c)}" for c in key)
     filters = [f"({where})"] if where else []
     filters += [f"{table}.{quote_ident(c)} IS NOT NULL" for c in key]
-    (count,) = conn.execute(f"SELECT count(*) FROM {table} WHERE {' AND '.join(filters)}").fetchone()
+    try:
+        (count,) = conn.execute(f"SELECT count(*) FROM {table} WHERE {' AND '.join(filters)}").fetchone()
+    except apsw.SQLError as exc:  # prepared fine, fails when run (a MATCH outside full-text search...)
+        raise ValueError(f"{where!r} fails when SQLite runs it on {planned.table.name!r}: {exc}") from None
     if dry_run:
         return Enqueued(count, True)
     progress.set_total(count)  # live writes may add a few while it runs
@@ -137,13 +140,17 @@ def resync(conn: apsw.Connection, planned: Capture, *, where: str | None = None,
 # functions a condition may not call although the authorizer calls them reads (extensions are off in apsw anyway).
 READ_ACTIONS = frozenset({"SQLITE_SELECT", "SQLITE_READ", "SQLITE_FUNCTION", "SQLITE_RECURSIVE"})
 REFUSED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer"})
+# The pragmas whose table-valued functions only describe the schema (https://sqlite.org/pragma.html#pragfunc);
+# any other may set something (journal_mode('delete')) or write (optimize runs ANALYZE).
+READ_PRAGMAS = frozenset({"pragma_table_info", "pragma_table_xinfo", "pragma_index_list", "pragma_index_info",
+                          "pragma_index_xinfo", "pragma_foreign_key_list", "pragma_collation_list"})
 
 
 def check_where(conn: apsw.Connection, table: str, where: str) -> None:
     """Accept `where` only as one SQL condition on `table` that reads and writes nothing else: prepared alone as
     `SELECT 1 FROM table WHERE (where)`, with nothing after it (apsw would run a second statement), read-only (by
-    `sqlite3_stmt_readonly` and by every action SQLite's authorizer reports), without parameters and without
-    load_extension(). Raises ValueError saying which."""
+    `sqlite3_stmt_readonly` and by every action SQLite's authorizer reports), without parameters, without
+    load_extension() and without a pragma's table-valued function. Raises ValueError saying which."""
     if not where.strip():
         raise ValueError("give an SQL condition on the table, e.g. \"created_at > '2024-01-01'\", or leave it out")
     if (problem := unbalanced(where)) is not None:
@@ -161,6 +168,12 @@ def check_where(conn: apsw.Connection, table: str, where: str) -> None:
         raise ValueError(f"{where!r} has parameters (?, :name, $name or @name): write the values into the "
                          "condition") from None
     for action in info.actions or ():
+        pragma = (action.table_name or "").lower()
+        if pragma.startswith("pragma_") and pragma not in READ_PRAGMAS:
+            # a pragma's table-valued function reads as SQLITE_READ, yet pragma_optimize runs ANALYZE and
+            # pragma_journal_mode('delete') changes the file's journal mode
+            raise ValueError(f"{where!r} calls {action.table_name}, which a condition may not (only the schema's "
+                             f"pragmas that read: {', '.join(sorted(READ_PRAGMAS))})") from None
         if action.action_name not in READ_ACTIONS:
             raise ValueError(f"{where!r} does more than read ({action.action_name}): give a condition") from None
         if action.function_name and action.function_name.lower() in REFUSED_FUNCTIONS:

@@ -331,15 +331,22 @@ INJECTIONS = [
     "",
     "   ",
     "'x'; ATTACH DATABASE '/tmp/evil.db' AS evil",
+    "EXISTS (SELECT * FROM pragma_optimize)",  # reads as SQLITE_READ, runs ANALYZE (sqlite_stat1 in the app's file)
+    "EXISTS (SELECT 1 FROM pragma_journal_mode('delete'))",
+    "(SELECT user_version FROM PRAGMA_user_version) = 0 OR EXISTS (SELECT 1 FROM pragma_wal_checkpoint('TRUNCATE'))",
+    "title MATCH 'x'",  # prepared fine, fails when run: still a usage error naming --where
 ]
 
 
 @pytest.mark.parametrize("where", INJECTIONS)
 def test_where_accepts_one_read_only_condition_and_nothing_else(lab: Lab, where: str) -> None:
     assert_refused(lab, ("resync", "--table", "doc", "--where", where), 2, ("--where",))
-    titles = {row[0] for row in sqlite3.connect(lab.db).execute("SELECT title FROM doc")}
+    app = sqlite3.connect(lab.db)
+    titles = {row[0] for row in app.execute("SELECT title FROM doc")}
     assert titles == {"first", "second"}
     assert not Path("/tmp/evil.db").exists()
+    assert app.execute("SELECT name FROM sqlite_schema WHERE name LIKE 'sqlite_stat%'").fetchall() == []
+    assert app.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 def test_backfill_checks_where_as_resync_does(lab: Lab) -> None:
