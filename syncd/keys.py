@@ -13,6 +13,7 @@ Times in the outbox are Julian days (`julianday('now')` is the cheapest clock a 
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -120,6 +121,34 @@ def decode_key(text: str) -> tuple[object, ...]:
         if match.group(5) == "" and pos < len(text):
             raise ValueError(f"malformed outbox key: {text[:80]!r}")
     return tuple(values)
+
+
+MAX_SPELLINGS = 8  # other spellings of one key looked up (a wide key of numbers would have 2^n)
+INT64 = range(-(2**63), 2**63)
+
+
+def other_spellings(key: Sequence[object]) -> list[tuple[object, ...]]:
+    """The keys of other SQLite types that are the same key in the secondary, as `conflicts.identity` tells: a number
+    and its text (`1` and `'1'`, `2.5` and `'2.5'`), per column and combined (at most MAX_SPELLINGS), `key` itself
+    left out. Only a column without type affinity holds both (https://sqlite.org/datatype3.html)."""
+    options = [[value, *_spellings(value)] for value in key]
+    others = (combo for combo in itertools.product(*options) if combo != tuple(key))
+    return list(itertools.islice(others, MAX_SPELLINGS))
+
+
+def _spellings(value: object) -> list[object]:
+    if isinstance(value, int | float):
+        return [str(value)]
+    if not isinstance(value, str):
+        return []
+    if re.fullmatch(r"-?\d+", value):
+        number = int(value)
+        return [number] if str(number) == value and number in INT64 else []
+    try:
+        real = float(value)
+    except ValueError:
+        return []
+    return [real] if math.isfinite(real) and str(real) == value else []
 
 
 def parse_number(token: str) -> int | float:

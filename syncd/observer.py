@@ -167,6 +167,14 @@ class Observer:
                          table=table, count=count, examples=[f"{old!r} -> {new!r}" for old, new in examples[:3]],
                          hint="make the key column's values one spelling in SQLite (a type, a transform, a CHECK)")
 
+    def deletes_stood_in(self, table: str, examples: list[tuple[object, object]]) -> None:
+        """Keys deleted in SQLite whose key in the secondary another row of the file still has (`'1'` gone, `1`
+        there): that row was sent instead of the delete. `examples`: (deleted key, the row's key) pairs."""
+        self.log.warning("a deleted key of SQLite is one key in the secondary with a row still in the file: that row "
+                         "was sent instead of the delete", table=table, count=len(examples),
+                         examples=[f"{gone!r} -> {kept!r}" for gone, kept in examples[:3]],
+                         hint="make the key column's values one spelling in SQLite (a type, a transform, a CHECK)")
+
     def unique_cycle(self, table: str, count: int) -> None:
         """`count` rows swapping unique values were deleted and inserted again in the secondary (no order of
         upserts could apply the swap)."""

@@ -26,7 +26,17 @@ from pathlib import Path
 
 import apsw
 
-from syncd.keys import MAX_PARAMS, NOW_SQL, decode_key, key_sql, read_rendered, read_rows, table_columns, unix_time
+from syncd.keys import (
+    MAX_PARAMS,
+    NOW_SQL,
+    decode_key,
+    key_sql,
+    other_spellings,
+    read_rendered,
+    read_rows,
+    table_columns,
+    unix_time,
+)
 from syncd.sqlite import BUSY_TIMEOUT_MS, immediate, quote_ident, quote_text
 from syncd.state import create_private, writing
 
@@ -309,6 +319,7 @@ class Change:
     raw_key: bytes = b""  # the key's bytes as read from the outbox (what claims compare)
     rendered: str | None = None  # the row's JSON object as SQLite rendered it (then `row` stays None)
     present: bool = False  # the row is there (ship an upsert); False: it is gone (ship a delete)
+    stand_in: tuple[object, ...] | None = None  # the key whose row is sent for this gone key (attach_stand_ins)
 
     def __post_init__(self) -> None:
         if not self.raw_key:
@@ -359,6 +370,8 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
         for table in dict.fromkeys(c.table for c in changes):
             readable = [c for c in changes if c.table == table and c.key is not None]
             attach_rows(conn, table, keys[table], readable, (renderers or {}).get(table))
+            attach_stand_ins(conn, table, keys[table], [c for c in readable if not c.present],
+                             (renderers or {}).get(table))
     finally:
         conn.execute("COMMIT")
     return Claim(changes, passed_over, rows[-1][0] if rows else 0)
@@ -421,6 +434,21 @@ def attach_rows(conn: apsw.Connection, table: str, key_columns: Sequence[str], c
             else:
                 change.row = found.get(change.key)  # type: ignore[arg-type]
                 change.present = change.row is not None
+
+
+def attach_stand_ins(conn: apsw.Connection, table: str, key_columns: Sequence[str], gone: list[Change],
+                     renderer: Renderer | None = None) -> None:
+    """For each change whose row is gone, a row of `table` under another spelling of its key (`1` for `'1'`:
+    `keys.other_spellings`) is the same row of the secondary, which a delete would remove while the file still
+    holds it: that row is sent instead (the change gets its row or rendering, `present` and `stand_in`, its key)."""
+    pairs = [(change, Change(table, "", [], key=other)) for change in gone if change.key is not None
+             for other in other_spellings(change.key)]
+    if not pairs:
+        return
+    attach_rows(conn, table, key_columns, [probe for _, probe in pairs], renderer)
+    for change, probe in pairs:
+        if probe.present and not change.present:
+            change.row, change.rendered, change.present, change.stand_in = probe.row, probe.rendered, True, probe.key
 
 
 # -- acknowledge and flush -----------------------------------------------------------------------------

@@ -712,6 +712,8 @@ class Worker:
         if plan.superseded:
             batch.shipped += plan.superseded
             self.observer.keys_collapsed(table, len(plan.superseded), plan.examples)
+        if stood_in := [(c.key, c.stand_in) for c in changes if c.stand_in is not None]:
+            self.observer.deletes_stood_in(table, stood_in)
         return plan
 
     def ship_upserts(self, table: str, changes: list[Change], batch: Batch, held: list[Held] | None = None) -> None:

@@ -225,6 +225,25 @@ def test_a_delete_of_a_key_another_present_row_maps_to_keeps_the_row(tmp_path: P
     assert pg_rows(pg, "SELECT id, label FROM ho_tags") == {(1, "text")}
 
 
+@pytest.mark.parametrize("pg_type", ["bigint", "text"])
+def test_a_delete_in_a_later_batch_of_a_key_another_row_still_is_keeps_that_row(tmp_path: Path, secondary: Secondary,
+                                                                              tables, pg, pg_type: str) -> None:
+    """`1` shipped, `'1'` shipped over it later (one key of the secondary), then `'1'` deleted: the secondary must
+    keep row 1 as the file has it, not lose it to the delete."""
+    tables(f"CREATE TABLE ho_tags (id {pg_type} PRIMARY KEY, label text)")
+    app = lab(tmp_path, secondary, UNTYPED_SQLITE, UNTYPED_TOML)
+    write(app, "INSERT INTO tags VALUES (1, 'int one');")
+    run_once(app)
+    write(app, "INSERT INTO tags VALUES ('1', 'text one');")
+    run_once(app)
+    write(app, "DELETE FROM tags WHERE id = '1' AND typeof(id) = 'text';")
+    logged = run_once(app)
+    assert "that row was sent instead of the delete" in logged and "('1',) -> (1,)" in logged, logged
+    assert pending(app) == 0 and dead_letters(app) == []
+    assert sqlite_rows(app.db, "SELECT id, label FROM tags") == {(1, "int one")}
+    assert pg_rows(pg, "SELECT id::text, label FROM ho_tags") == {("1", "int one")}
+
+
 def test_the_real_postgrest_answers_one_key_twice_with_500_21000_and_syncd_calls_it_a_row_error(
         secondary: Secondary, tables) -> None:
     """The wire fact behind kind 4, on both servers; `target.classify` turns it into a row error (not an outage)."""
