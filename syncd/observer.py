@@ -167,6 +167,15 @@ class Observer:
                          table=table, count=count, examples=[f"{old!r} -> {new!r}" for old, new in examples[:3]],
                          hint="make the key column's values one spelling in SQLite (a type, a transform, a CHECK)")
 
+    def keys_collided(self, table: str, pairs: list[tuple[object, object]]) -> None:
+        """PostgreSQL refused a request naming one of its keys twice (21000): keys distinct in SQLite that its casts
+        make one (`'1.0'` and `'1'` into numeric, two spellings of one instant or UUID). The rows were sent apart,
+        in order, so the newest holds the key. `pairs`: the (older, newer) SQLite keys found alone together."""
+        self.log.warning("two keys of SQLite are one key in the secondary (PostgreSQL answered 21000): the rows were "
+                         "sent apart and the newest holds it", table=table,
+                         examples=[f"{old!r} -> {new!r}" for old, new in pairs[:3]],
+                         hint="make the key column's values one spelling in SQLite (a type, a transform, a CHECK)")
+
     def deletes_stood_in(self, table: str, examples: list[tuple[object, object]]) -> None:
         """Keys deleted in SQLite whose key in the secondary another row of the file still has (`'1'` gone, `1`
         there): that row was sent instead of the delete. `examples`: (deleted key, the row's key) pairs."""

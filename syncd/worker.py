@@ -100,6 +100,9 @@ class Interrupted(Exception):
         self.error = error
 
 
+ONE_KEY_TWICE = "21000"  # "ON CONFLICT DO UPDATE command cannot affect row a second time" (PostgreSQL, INSERT)
+
+
 @dataclass
 class Batch:
     """What shipping one batch decided, key by key: acknowledged, dead-lettered, requeued; tables halted."""
@@ -109,6 +112,8 @@ class Batch:
     requeued: list[Change] = field(default_factory=list)
     upserted: Counter[str] = field(default_factory=Counter)
     deleted: Counter[str] = field(default_factory=Counter)
+    # per table, the pairs of keys PostgreSQL found to be one key of the secondary (21000) that syncd had not
+    collided: dict[str, list[tuple[object, object]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -704,6 +709,8 @@ class Worker:
         for table in self.order:
             if held.get(table) and table not in self.halted:
                 self.hand_off(table, held[table], batch)
+        for table, pairs in batch.collided.items():
+            self.observer.keys_collided(table, pairs)
 
     def collapse(self, table: str, changes: list[Change], batch: Batch) -> conflicts.Collapsed:
         """One change per key of the secondary (see `conflicts`); the superseded ones are acknowledged."""
@@ -797,6 +804,10 @@ class Worker:
         try:
             self.exchange(table, op, [payload for _, payload in items])
         except TargetError as error:
+            if error.code == ONE_KEY_TWICE:  # PostgreSQL's casts made two keys one (`'1.0'` and `'1'` in numeric)
+                pairs = batch.collided.setdefault(table, [])
+                if len(items) == 2:
+                    pairs.append((items[0][0].key, items[1][0].key))
             if error.kind == "row" and len(items) > 1:
                 middle = len(items) // 2
                 self.send(table, op, items[:middle], batch, held, holds)

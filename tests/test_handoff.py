@@ -208,7 +208,8 @@ def test_a_number_and_its_text_in_an_untyped_key_are_one_row_of_the_secondary(tm
     app = lab(tmp_path, secondary, UNTYPED_SQLITE, UNTYPED_TOML)
     write(app, "INSERT INTO tags VALUES (1, 'number'); INSERT INTO tags VALUES ('1', 'text');"
                "INSERT INTO tags VALUES ('01', 'zero-padded'); INSERT INTO tags VALUES (2, 'two');")
-    run_once(app)
+    logged = run_once(app)
+    assert "(PostgreSQL answered 21000)" in logged, logged  # what only PostgreSQL's cast found is not silent
     assert pending(app) == 0 and dead_letters(app) == []
     # '01' is also 1 for a bigint: syncd cannot know that, PostgreSQL answers 21000 and the rows go apart, newest last
     assert pg_rows(pg, "SELECT id, label FROM ho_tags") == {(1, "zero-padded"), (2, "two")}
@@ -223,6 +224,19 @@ def test_a_delete_of_a_key_another_present_row_maps_to_keeps_the_row(tmp_path: P
     run_once(app)
     assert sqlite_rows(app.db, "SELECT id, label FROM tags") == {("1", "text")}
     assert pg_rows(pg, "SELECT id, label FROM ho_tags") == {(1, "text")}
+
+
+def test_keys_only_postgresql_finds_equal_are_named_in_a_warning(tmp_path: Path, secondary: Secondary, tables,
+                                                                pg) -> None:
+    """'1.0' and '1' are two TEXT keys in SQLite and one numeric key in PostgreSQL: syncd cannot know that, PostgreSQL
+    answers 21000; the rows go apart, the newest last, and the warning names the two keys."""
+    tables("CREATE TABLE ho_tags (id numeric PRIMARY KEY, label text)")
+    app = lab(tmp_path, secondary, "CREATE TABLE tags (id TEXT PRIMARY KEY, label TEXT);", UNTYPED_TOML)
+    write(app, "INSERT INTO tags VALUES ('1.0', 'older'); INSERT INTO tags VALUES ('1', 'newer');")
+    logged = run_once(app)
+    assert "(PostgreSQL answered 21000)" in logged and "('1.0',) -> ('1',)" in logged, logged
+    assert pending(app) == 0 and dead_letters(app) == []
+    assert pg_rows(pg, "SELECT id::text, label FROM ho_tags") == {("1", "newer")}
 
 
 @pytest.mark.parametrize("pg_type", ["bigint", "text"])
