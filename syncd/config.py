@@ -236,7 +236,10 @@ class TargetConfig(BaseModel):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        url = value.rstrip("/")
+        url = value.strip().rstrip("/")  # a newline or space from how a variable was set is not part of the URL
+        if any(c.isspace() or not c.isprintable() for c in url):
+            raise ValueError(f"it holds a space or a control character; use http:// or https:// with a host, "
+                             f"e.g. {DEFAULT_URL!r}")
         try:
             parts = urlsplit(url)
             parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
@@ -269,6 +272,15 @@ class TargetConfig(BaseModel):
         if value is not None and any(ord(c) < 32 or c == "\x7f" for c in value.get_secret_value()):
             raise ValueError("it holds a line break or another control character; a key is one line (check how the "
                              "variable or file was written)")
+        return value
+
+    @field_validator("service_key", "apikey")
+    @classmethod
+    def _check_header_value(cls, value: SecretStr | None) -> SecretStr | None:
+        text = value.get_secret_value() if value is not None else ""
+        if not all(33 <= ord(c) < 127 for c in text):  # it travels in an HTTP header (RFC 9110: visible ASCII)
+            raise ValueError("it holds a space or a character that is not ASCII; a key is one word of ASCII (a JWT, "
+                             "eyJ..., or sb_secret_...): copy it again from the dashboard")
         return value
 
     @field_validator("jwt_secret")

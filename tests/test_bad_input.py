@@ -170,6 +170,33 @@ def test_a_key_with_a_newline_or_a_control_character_is_refused_without_showing_
         assert "newline" in result.output or "control" in result.output, result.output
 
 
+@pytest.mark.parametrize(("setting", "bad"), [
+    ("service_key", KEY + "\u00f1"), ("service_key", KEY + " "), ("apikey", "anon\u2013key-of-some-length"),
+])
+def test_a_key_that_cannot_travel_in_a_header_is_refused_without_showing_it(lab: Lab, setting: str, bad: str) -> None:
+    """Not ASCII, or a space: httpx could not send it (a traceback before), or the server would not read it."""
+    lab.configure(target=f'service_key = "{KEY}"\n{setting} = "{bad}"' if setting != "service_key" else
+                  f'service_key = "{bad}"')
+    for command in ("status", "check", "run"):
+        result = assert_refused(lab, (command,), 2, (f"target.{setting}", "ASCII"))
+        assert "key-of-some" not in result.output
+
+
+@pytest.mark.parametrize("url", [" http://127.0.0.1:9/rest/v1", "http://127.0.0.1:9/rest/v1\\n",
+                                 "http://127.0.0.1:9/rest/v1\\t"])
+def test_whitespace_around_the_url_is_not_part_of_it(lab: Lab, url: str) -> None:
+    """A newline from how a variable was set: the URL without it (a traceback in check, verify and run before)."""
+    lab.configure(url=url)
+    result = lab.syncd("check")
+    assert "Traceback" not in result.output and "http://127.0.0.1:9/rest/v1" in result.output, result.output
+    assert "%20" not in result.output and "%0A" not in result.output
+
+
+def test_a_space_inside_the_url_is_refused(lab: Lab) -> None:
+    lab.configure(url="http://127.0.0.1:9/rest /v1")
+    assert_refused(lab, ("status",), 2, ("target.url", "space"))
+
+
 # ---- Values of flags ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("args", "words"), [
