@@ -581,6 +581,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except (apsw.NotADBError, apsw.CorruptError) as exc:  # the header looked like SQLite's (sqlite.check), the rest not
+        print(f"error: source.path: the app's SQLite file is damaged or not a database (SQLite: {exc}); syncd changed "
+              "nothing. `sqlite3 FILE 'PRAGMA integrity_check'` tells what is wrong; restore the file from a backup",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except Exception:  # not a mistake of the operator's: a bug, said as one

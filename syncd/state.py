@@ -69,9 +69,16 @@ def attach(conn: apsw.Connection, database: Path) -> None:
     """Attach the state file of `database` to `conn` as `st`; an in-memory stand-in when it does not exist."""
     state = path_for(database)
     if state.exists():
-        conn.execute("ATTACH DATABASE ? AS st", (str(state),))
-        if not conn.readonly("st"):
-            create_schema(conn)
+        try:
+            conn.execute("ATTACH DATABASE ? AS st", (str(state),))
+            if not conn.readonly("st"):
+                create_schema(conn)
+        except (apsw.NotADBError, apsw.CorruptError, apsw.CantOpenError, apsw.IOError) as exc:
+            conn.execute("SELECT count(*) FROM main.sqlite_schema").fetchall()  # raises when the app's file is damaged
+            raise sqlite.SourceFileError(
+                f"the state file {state} cannot be used ({exc}; a directory, or not a state file syncd wrote): move it "
+                "aside and run the command again; syncd writes a new one (losing it is safe: README, 'the state "
+                "file')") from None
         return
     conn.execute("ATTACH DATABASE ':memory:' AS st")
     conn.deserialize("st", empty_image())  # an attached database inherits read-only: load the tables instead

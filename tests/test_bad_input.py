@@ -236,12 +236,31 @@ def missing(lab: Lab) -> None:
     lab.configure(source=str(lab.root / "typo.sqlite3"))
 
 
+def header_then_garbage(lab: Lab) -> None:
+    """SQLite's 16-byte header, then no database (SQLite: NotADBError at the first statement)."""
+    lab.db.write_bytes(b"SQLite format 3\0" + b"garbage" * 600)
+
+
+def truncated_copy(lab: Lab) -> None:
+    """A database cut short by a bad copy (SQLite: CorruptError when a missing page is read)."""
+    conn = sqlite3.connect(lab.db)
+    conn.execute("PRAGMA journal_mode=DELETE")
+    conn.execute("CREATE TABLE filler (id INTEGER PRIMARY KEY, x TEXT)")
+    conn.executemany("INSERT INTO filler (x) VALUES (?)", [("x" * 500,) for _ in range(200)])
+    conn.commit()
+    conn.close()
+    with lab.db.open("r+b") as file:
+        file.truncate(8192)
+
+
 @pytest.mark.parametrize("command", [("install",), ("status",), ("run", "--once"), ("resync", "--table", "doc"),
                                      ("replay", "--dead-letters"), ("verify",), ("check",), ("uninstall",)])
 @pytest.mark.parametrize(("spoil", "words"), [
     (not_sqlite, ("source.path", "not a SQLite database")),
     (a_directory, ("source.path", "is a directory")),
     (missing, ("typo.sqlite3", "not found", "source.path")),
+    (header_then_garbage, ("source.path", "damaged or not a database", "integrity_check")),
+    (truncated_copy, ("source.path", "damaged or not a database", "restore")),
 ])
 def test_an_application_file_syncd_cannot_use_is_named_with_the_fix(lab: Lab, command: tuple[str, ...],
                                                                      spoil: Callable[[Lab], None],
@@ -249,6 +268,20 @@ def test_an_application_file_syncd_cannot_use_is_named_with_the_fix(lab: Lab, co
     spoil(lab)
     assert_refused(lab, command, 2, words)
     assert not (lab.root / "typo.sqlite3").exists()  # syncd never creates the file
+
+
+@pytest.mark.parametrize("command", [("status",), ("run", "--once"), ("resync", "--table", "doc"),
+                                     ("replay", "--dead-letters"), ("uninstall",)])
+@pytest.mark.parametrize("spoil", ["text", "directory"])
+def test_a_state_file_syncd_cannot_use_is_named_with_the_fix(lab: Lab, command: tuple[str, ...], spoil: str) -> None:
+    path = state.path_for(lab.db)
+    if path.exists():
+        path.unlink()
+    if spoil == "text":
+        path.write_text("not a state file\n")
+    else:
+        path.mkdir()
+    assert_refused(lab, command, 2, ("state file", str(path), "move it aside"))
 
 
 @pytest.fixture
