@@ -253,7 +253,9 @@ def plan_table(conn: apsw.Connection, table_config: TableConfig) -> Capture:
         raise CaptureError(f"table {table.name!r}: key column(s) {', '.join(map(repr, missing))} do not exist; "
                            f"columns are {', '.join(table.columns)}")
     refuse_foreign_collations(table, key)
-    problems = mapping_problems(table, table_config)
+    problems = [f"table {table.name!r}: exclude {column!r}: it is a key column (the table's primary key); a key is "
+                "always shipped, remove it from exclude" for column in key if column in table_config.exclude]
+    problems += mapping_problems(table, table_config)
     if problems:
         raise MappingError("\n".join(problems))
     return Capture(table, list(key), table_config.target_name)

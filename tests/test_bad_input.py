@@ -347,6 +347,7 @@ def test_uninstall_of_a_file_without_syncd_says_there_is_nothing_to_remove(bare:
     (DOC + '[table.columns.created_att]\ntransform = "timestamp"\n',
      ("[table.columns.created_att]", "no such column", "did you mean 'created_at'")),
     (DOC + 'exclude = ["titel"]\n', ("exclude 'titel'", "did you mean 'title'")),
+    (DOC + 'exclude = ["id"]\n', ("exclude 'id'", "key column", "remove it from exclude")),  # the implicit key
     (DOC + '[table.columns.title]\nrename = "created_at"\n[table.columns.created_at]\nrename = "title"\n', None),
     (DOC + 'key = ["uid"]\n', ("'uid'", "do not exist", "id, title, path, created_at")),
     ('[[table]]\nname = "docs"\n', ("'docs'",)),
@@ -359,6 +360,14 @@ def test_a_mapping_mistake_is_refused_by_install_and_check(bare: Lab, tables: st
         return
     assert_refused(bare, ("install",), 2, words)
     assert_refused(bare, ("check",), 1, ("ERROR", *words))
+
+
+def test_excluding_the_primary_key_of_an_installed_table_is_no_traceback(lab: Lab) -> None:
+    lab.configure(tables=DOC + 'exclude = ["id"]\n')
+    for command in (("run", "--once"), ("status",)):
+        result = lab.syncd(*command)
+        assert result.code != 0 and "Traceback" not in result.output, result.output
+        assert "exclude 'id'" in result.output and "remove it from exclude" in result.output, result.output
 
 
 def test_a_mapping_mistake_in_a_running_configuration_halts_the_table_with_the_fix(lab: Lab) -> None:
