@@ -23,14 +23,18 @@ from syncd.timeparse import format_age
 
 ALGORITHM = "HS256"
 MIN_SECRET_LENGTH = 32
+MAX_SECRET_LENGTH = 4096  # a secret is one line of a .env file; a billion characters is a typo
 # Supabase's demo keys are valid for ten years; the keys the dev server prints follow suit.
 LONG_LIVED_SECONDS = 10 * 365 * 24 * 3600
 
 
 def generate_secret(length: int = 64) -> str:
-    """A random JWT secret of `length` letters and digits (PostgREST needs at least 32)."""
+    """A random JWT secret of `length` letters and digits (PostgREST needs at least 32; at most MAX_SECRET_LENGTH).
+    Raises ValueError outside those bounds."""
     if length < MIN_SECRET_LENGTH:
         raise ValueError(f"a JWT secret needs at least {MIN_SECRET_LENGTH} characters, not {length}")
+    if length > MAX_SECRET_LENGTH:
+        raise ValueError(f"give at most {MAX_SECRET_LENGTH} characters, not {length} (64 is plenty for HS256)")
     alphabet = string.ascii_letters + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(length))
 

@@ -214,15 +214,24 @@ def duration(flag: str, text: str) -> float:
         raise bad_argument(flag, str(exc)) from None
 
 
+def lifetime(text: str) -> float:
+    """A token's --expires-in in seconds: a duration of at least one second (a token born expired is no use)."""
+    seconds = duration("--expires-in", text)
+    if seconds < 1:
+        raise bad_argument("--expires-in", f"{text!r} would make a token that has expired when it is printed; "
+                                           "give a lifetime such as 15m, 1h or 10y")
+    return seconds
+
+
 def jwt_gen(args: argparse.Namespace) -> int:
     """`syncd jwt gen`: a new secret and its anon and service_role keys."""
     try:
         secret = auth.generate_secret(args.secret_length)
     except ValueError as exc:
         raise bad_argument("--secret-length", str(exc)) from None
-    lifetime = duration("--expires-in", args.expires_in)
-    print(auth.render_keys(secret, auth.mint_token(secret, "anon", expires_in=lifetime),
-                           auth.mint_token(secret, "service_role", expires_in=lifetime)))
+    seconds = lifetime(args.expires_in)
+    print(auth.render_keys(secret, auth.mint_token(secret, "anon", expires_in=seconds),
+                           auth.mint_token(secret, "service_role", expires_in=seconds)))
     return 0
 
 
@@ -233,7 +242,7 @@ def jwt_sign(args: argparse.Namespace) -> int:
     aud = args.aud or ("authenticated" if args.role == "authenticated" else None)
     if aud:
         claims["aud"] = aud
-    print(auth.mint_token(secret, args.role, expires_in=duration("--expires-in", args.expires_in), **claims))  # type: ignore[arg-type]
+    print(auth.mint_token(secret, args.role, expires_in=lifetime(args.expires_in), **claims))  # type: ignore[arg-type]
     return 0
 
 

@@ -68,7 +68,11 @@ def test_signed_token_works_against_the_dev_server(devserver: DevServer):
 
 
 @pytest.mark.parametrize("args", [["gen", "--secret-length", "16"], ["sign", "--role", "anon", "--secret", "short"],
-                                  ["sign", "--role", "anon", "--secret", "z" * 40, "--expires-in", "soon"]])
+                                  ["sign", "--role", "anon", "--secret", "z" * 40, "--expires-in", "soon"],
+                                  ["gen", "--secret-length", "99999999999"],  # ran until killed, 11 MB/s
+                                  ["gen", "--expires-in", "0"],
+                                  ["sign", "--role", "anon", "--secret", "z" * 40, "--expires-in", "0s"]])
 def test_bad_arguments_are_clear_errors(args: list[str]):
     result = syncd(*args)
     assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr
+    assert args[-2] in result.stderr and result.stdout == "", result.stderr
