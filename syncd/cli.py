@@ -136,8 +136,14 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
 
 def replay(args: argparse.Namespace) -> int:
     """`syncd replay`: dead letters, or the keys shipped in a time window, back into the outbox."""
+    if args.id and not args.dead_letters:
+        raise bad_argument("--id", "dead letter ids go with --dead-letters; --since replays by time")
+    if args.until is not None and args.since is None:
+        raise bad_argument("--until", "only with --since (the window's end)")
     config = load(args)
     conn = open_source(args, config)
+    if args.table is not None and (problem := operations.unknown_table(conn, config, args.table, args.dead_letters)):
+        raise bad_argument("--table", problem)
     if args.dead_letters:
         with Progress("replay") as progress:
             result = operations.replay_dead_letters(conn, table=args.table, ids=args.id or (), dry_run=args.dry_run,
@@ -267,6 +273,8 @@ def run_verify(args: argparse.Namespace) -> int:
     """`syncd verify`: compare (and with --repair, enqueue the differences); exit 1 when not equal."""
     from syncd import verify
 
+    if args.dry_run and not args.repair:
+        raise bad_argument("--dry-run", "only with --repair (verify alone changes nothing)")
     config = load(args)
     with secondary(config) as target:
         result = verify.verify(open_source(args, config, readonly=not args.repair), config, target,

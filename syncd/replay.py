@@ -87,6 +87,16 @@ def replay_window(conn: apsw.Connection, since: str, until: str | None = None, *
                           dry_run=dry_run, progress=progress)
 
 
+def unknown_table(conn: apsw.Connection, config: Config, table: str, dead_letters: bool) -> str | None:
+    """Why `table` names nothing to replay (not configured and, for dead letters, holding none: a table dropped
+    from the config may still hold some), or None."""
+    if config.table(table) is not None or (dead_letters and table in outbox.dead_letters_by_table(conn)):
+        return None
+    held = " and holds no dead letters" if dead_letters else ""
+    return (f"table {table!r} is not configured{held}; the configured tables are "
+            f"{', '.join(t.name for t in config.tables)}")
+
+
 def resync_table(conn: apsw.Connection, config: Config, table: str, *, where: str | None = None,
                  dry_run: bool = False, progress: Reporter = SILENT) -> Enqueued:
     """`resync` of a configured table by name. Raises CaptureError when it is not configured, cannot be captured

@@ -215,6 +215,12 @@ def test_a_space_inside_the_url_is_refused(lab: Lab) -> None:
     (("run", "--once", "--poll-interval", "inf"), ("worker.poll_interval", "command line", "finite")),
     (("run", "--once", "--batch-size", "many"), ("--batch-size", "'many'")),
     (("resync", "--table", "nope"), ("'nope' is not configured", "[[table]]")),
+    # flags that did nothing (exit 0) where they do not apply
+    (("replay", "--since", "1h", "--id", "5"), ("--id", "--dead-letters")),
+    (("replay", "--dead-letters", "--until", "2h"), ("--until", "only with --since")),
+    (("replay", "--since", "1h", "--table", "nope"), ("--table", "'nope' is not configured", "doc")),
+    (("replay", "--dead-letters", "--table", "nope"), ("--table", "holds no dead letters", "doc")),
+    (("verify", "--dry-run"), ("--dry-run", "only with --repair")),
 ])
 def test_a_bad_flag_value_names_the_flag_and_what_is_valid(lab: Lab, args: tuple[str, ...],
                                                            words: tuple[str, ...]) -> None:
