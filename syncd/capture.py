@@ -508,7 +508,10 @@ def uninstall(conn: apsw.Connection, *, drop_outbox: bool = False, force: bool =
     """
     report = UninstallReport(found=outbox.installed(conn) or bool(existing_triggers(conn)))
     if archive is not None:
-        if archive.exists():
+        if not archive.name:
+            raise CaptureError(f"the archive {str(archive)!r} names no file; give a new file's path, e.g. "
+                               "syncd-archive.sqlite3")
+        if archive.is_symlink() or archive.exists():  # a dangling symlink exists too: SQLite would not create it
             raise CaptureError(f"archive {archive} already exists; choose a new file name")
         if not archive.parent.is_dir():
             raise CaptureError(f"cannot create the archive {archive}: the directory {archive.parent} does not exist")

@@ -448,10 +448,14 @@ def test_where_takes_a_real_condition_as_written(lab: Lab, where: str, keys: int
     ("missing/archive.sqlite3", ("missing", "does not exist")),
     ("syncd.toml/archive.sqlite3", ("syncd.toml", "does not exist")),
     ("syncd.toml", ("already exists", "new file name")),
+    ("dangling", ("already exists", "new file name")),  # a symlink to nowhere: SQLite cannot open it (a traceback)
+    ("", ("names no file", "new file's path")),
 ])
 def test_an_archive_that_cannot_be_created_is_refused_before_anything_is_removed(lab: Lab, where: str,
                                                                                  words: tuple[str, ...]) -> None:
-    assert_refused(lab, ("uninstall", "--archive", str(lab.root / where)), 2, words)
+    if where == "dangling":
+        (lab.root / where).symlink_to(lab.root / "nowhere" / "x")
+    assert_refused(lab, ("uninstall", "--archive", str(lab.root / where) if where else ""), 2, words)
 
 
 def test_the_archive_is_no_more_readable_than_the_application_file(lab: Lab) -> None:
