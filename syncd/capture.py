@@ -29,6 +29,7 @@ import difflib
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,17 @@ class SourceTable:
     def collation(self, column: str) -> str:
         """The collation SQLite compares `column` with when an expression does not name one."""
         return self.collations.get(column, "BINARY")
+
+    def key_collations(self, key: Sequence[str]) -> list[str]:
+        """The collation of each `key` column under which the keys are distinct: the one its unique index (or the
+        primary key's) declares, which may differ from the column's own (`email TEXT COLLATE NOCASE` with
+        `PRIMARY KEY (email COLLATE BINARY)` holds 'A@x' and 'a@x'); BINARY, the finest, when no unique index
+        covers exactly these columns. An order and a `>` under these visit every key once (keyset pagination)."""
+        for unique in self.unique:
+            if unique is not None and sorted(unique.columns) == sorted(key):
+                by_column = dict(zip(unique.columns, unique.collations, strict=True))
+                return [by_column[column] for column in key]
+        return ["BINARY"] * len(key)
 
 
 @dataclass

@@ -484,7 +484,12 @@ class TableVerifier:
         """Up to `page` rows whose key comes after `after` (None: from the start), in key order, as (outbox key,
         {column: value}); `safe` reads TEXT as bytes (the outbox key too), for a page holding text that is not UTF-8."""
         table, key = quote_ident(self.plan.table.name), self.plan.key
-        keys = ", ".join(quote_ident(c) for c in key)
+        # under the unique index's collations: the column's own may call two keys equal and skip one at a page's end
+        # (named only where they differ: a row value with COLLATE makes SQLite search the index by its first column)
+        source = self.plan.table
+        keys = ", ".join(quote_ident(c) if collation.upper() == source.collation(c).upper() else
+                         f"{quote_ident(c)} COLLATE {quote_ident(collation)}"
+                         for c, collation in zip(key, source.key_collations(key), strict=True))
         conditions = [f"{quote_ident(c)} IS NOT NULL" for c in key]
         params: list[object] = []
         if after is not None:
