@@ -26,6 +26,7 @@ count says every row was read (or when a page comes back empty).
 from __future__ import annotations
 
 import decimal
+import email.utils
 import hashlib
 import itertools
 import json
@@ -107,6 +108,7 @@ def canonical(target_format: str, value: object) -> object:
     return canonicalizer(target_format)(value)
 
 
+NON_DECIMAL_INTEGER = re.compile(r"[+-]?0(?:[xX](?:_?[0-9a-fA-F])+|[oO](?:_?[0-7])+|[bB](?:_?[01])+)")
 # Exact arithmetic on any Decimal: normalize() rounds to the context's precision, this one never rounds.
 EXACT = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
 INT_DIGITS = 4000  # Python refuses to print ints of more than 4300 digits; bigger integral values stay Decimal
@@ -127,7 +129,9 @@ def exact_number(value: object) -> object:
     elif kind is Decimal:
         number = value
     elif kind is str:
-        number = Decimal(value.strip())  # type: ignore[union-attr]
+        text = value.strip()  # type: ignore[union-attr]
+        # PostgreSQL 16 reads 0x1A, 0o17 and 0b101 as integers, and _ between digits, as Python's int() does
+        number = Decimal(int(text, 0)) if NON_DECIMAL_INTEGER.fullmatch(text) else Decimal(text)
     else:
         raise TypeError(kind.__name__)
     if not number.is_finite():
@@ -180,18 +184,38 @@ def _bool(value: object) -> object:
 def _instant(value: object) -> str:
     if not isinstance(value, str):
         raise TypeError(type(value).__name__)
-    return pg_timestamp(value, with_zone=True)
+    try:
+        return pg_timestamp(value, with_zone=True)
+    except ValueError:
+        return pg_timestamp(rfc_2822(value), with_zone=True)
 
 
 def _timestamp(value: object) -> str:
     if not isinstance(value, str):
         raise TypeError(type(value).__name__)
-    return pg_timestamp(value, with_zone=False)  # PostgreSQL ignores an offset here
+    try:
+        return pg_timestamp(value, with_zone=False)  # PostgreSQL ignores an offset here
+    except ValueError:
+        return pg_timestamp(rfc_2822(value), with_zone=False)
 
 
 def _date(value: object) -> str:
+    """A date column keeps the date of what it is given, time and zone dropped ('2024-1-5 9:05' is 2024-01-05)."""
     text = str(value).strip()
-    return date.fromisoformat(text[:10]).isoformat()
+    try:
+        return pg_timestamp(text, with_zone=False)[:10]
+    except ValueError:
+        return date.fromisoformat(text[:10]).isoformat()
+
+
+def rfc_2822(text: str) -> str:
+    """'Mon, 15 Jan 2024 10:30:00 GMT' (RFC 2822/1123: JavaScript's Date.toUTCString(), HTTP dates), which
+    PostgreSQL reads, as ISO 8601 text with its offset. Raises ValueError for anything else."""
+    try:
+        parsed = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"{text!r} is neither ISO 8601 nor RFC 2822 date-time text") from None
+    return parsed.isoformat()
 
 
 def _json(value: object) -> object:

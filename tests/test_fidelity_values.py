@@ -41,6 +41,7 @@ NUMERIC_PAIRS = [  # (text in SQLite, text in PostgreSQL's numeric column)
     ("12345678901234567.89", "12345678901234567.89"), ("12345678901234567.89", "12345678901234567.00"),
     ("1.0", "1"), ("1e2", "100"), (" 2.50 ", "2.5"), ("0.1000000000000000055511151231257827", "0.1"),
     ("-0", "0"), ("99999999999999999999999", "99999999999999999999998"),
+    ("0x1A", "26"), ("0o17", "15"), ("-0b101", "-5"), ("1_000.5", "1000.5"), ("0x1A", "27"),  # PostgreSQL 16 reads them
 ]
 
 
@@ -83,6 +84,23 @@ def test_verify_compares_jsonb_numbers_as_postgresql_does(pg: psycopg.Connection
     for (left, _), (pg_equal, served) in zip(JSONB_PAIRS, rows, strict=True):
         source, secondary = canonical("jsonb", mapped_json(left)), canonical("jsonb", exact_json(served.encode()))
         assert (source == secondary) is pg_equal, (left, served)
+
+
+@pytest.mark.parametrize(("target_format", "texts"), [
+    ("timestamp with time zone", ["Mon, 15 Jan 2024 10:30:00 GMT", "Tue, 16 Jan 2024 08:00:00 +0200"]),
+    ("timestamp without time zone", ["Mon, 15 Jan 2024 10:30:00 GMT"]),
+    ("date", ["2024-1-5", "2024-1-5 9:05", "2024-01-15T23:59:59+05", "2024-01-15"]),
+])
+def test_date_and_time_text_postgresql_reads_compares_as_what_it_stores(pg: psycopg.Connection, target_format: str,
+                                                                        texts: list[str]):
+    """JavaScript's Date.toUTCString() (RFC 2822) and dates without zero padding, which PostgreSQL reads: verify
+    reads them to the value PostgreSQL stores (they were reported different forever, --repair or not)."""
+    pg.execute("SET TimeZone = 'UTC'")
+    pg_type = {"timestamp with time zone": "timestamptz", "timestamp without time zone": "timestamp",
+               "date": "date"}[target_format]
+    for text in texts:
+        (served,) = pg.execute(f"SELECT to_json(%s::text::{pg_type}) #>> '{{}}'", (text,)).fetchone()
+        assert canonical(target_format, text) == canonical(target_format, served), (text, served)
 
 
 def test_verify_compares_numeric_text_exactly(pg: psycopg.Connection):
