@@ -286,6 +286,7 @@ class TableReport:
     extra: int = 0  # in the secondary, not in the source
     different: int = 0
     unshippable: int = 0  # source rows the mapping refuses (the daemon dead-letters them)
+    shared: int = 0  # source rows that are one key of the secondary with another source row (1 and '1')
     examples: dict[str, list[str]] = field(default_factory=dict)
     pending: int = 0
     dead_letters: int = 0
@@ -295,8 +296,8 @@ class TableReport:
 
     @property
     def differences(self) -> int:
-        """Rows that differ in any way: missing + extra + different + unshippable."""
-        return self.missing + self.extra + self.different + self.unshippable
+        """Rows that differ in any way: missing + extra + different + unshippable + shared."""
+        return self.missing + self.extra + self.different + self.unshippable + self.shared
 
     @property
     def equal(self) -> bool:
@@ -313,7 +314,9 @@ class TableReport:
         else:
             lines = [head + f"DIFFERENT: source {self.source_rows:,} rows, secondary {self.target_rows:,} rows"]
         for kind, label in (("missing", "missing in the secondary"), ("extra", "extra in the secondary"),
-                            ("different", "different"), ("unshippable", "unshippable in the source (dead letters)")):
+                            ("different", "different"), ("unshippable", "unshippable in the source (dead letters)"),
+                            ("shared", "one key of the secondary with another row of the source (the secondary holds "
+                                       "one of them; give the key column one spelling in SQLite)")):
             count = getattr(self, kind)
             if count:
                 lines.append(f"  {count:,} {label}:")
@@ -586,6 +589,7 @@ class TableVerifier:
         report.extra = scratch.count(EXTRA)
         report.different = scratch.count(DIFFERENT)
         report.unshippable += scratch.count(UNSHIPPABLE)
+        report.shared, report.examples["shared"] = scratch.shared, scratch.shared_examples
         for kind, sql in (("missing", MISSING), ("extra", EXTRA)):
             report.examples[kind] = [self.show_key(k) for k, _ in scratch.rows(sql, EXAMPLES)]
         report.examples["different"] = [self.show_difference(*row) for row in scratch.rows(DIFFERENT, EXAMPLES)]
@@ -728,11 +732,22 @@ class Scratch:
             self.db.execute(f"PRAGMA {pragma}").fetchall()  # a pragma that answers runs only once read
         self.db.execute("CREATE TABLE source (k TEXT PRIMARY KEY, h BLOB, okey TEXT NOT NULL) WITHOUT ROWID;"
                         "CREATE TABLE target (k TEXT PRIMARY KEY, h BLOB NOT NULL, raw TEXT NOT NULL) WITHOUT ROWID")
+        self.shared = 0  # source rows that another source row's key of the secondary already named
+        self.shared_examples: list[str] = []
 
     def add_source(self, entries: Sequence[tuple[str, bytes | None, str]]) -> None:
         """Store source rows: (canonical key, hash or None when unshippable, outbox key or the reason it cannot
-        ship)."""
+        ship). A row whose canonical key an earlier row has (`1` and `'1'`: one key of the secondary) replaces it
+        and is counted in `shared`, the two outbox keys in `shared_examples`."""
         with self.db:
+            seen = dict(self.db.execute("SELECT k, okey FROM source WHERE k IN (SELECT value FROM json_each(?))",
+                                        (json.dumps([key for key, _, _ in entries]),)))
+            for key, _, okey in entries:
+                if key in seen:
+                    self.shared += 1
+                    if len(self.shared_examples) < EXAMPLES:
+                        self.shared_examples.append(f"{seen[key]} and {okey}")
+                seen[key] = okey
             self.db.executemany("INSERT OR REPLACE INTO source VALUES (?, ?, ?)", entries)
 
     def add_target(self, entries: Sequence[tuple[str, bytes, str]]) -> None:

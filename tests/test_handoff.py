@@ -213,6 +213,10 @@ def test_a_number_and_its_text_in_an_untyped_key_are_one_row_of_the_secondary(tm
     assert pending(app) == 0 and dead_letters(app) == []
     # '01' is also 1 for a bigint: syncd cannot know that, PostgreSQL answers 21000 and the rows go apart, newest last
     assert pg_rows(pg, "SELECT id, label FROM ho_tags") == {(1, "zero-padded"), (2, "two")}
+    # four rows in the file, two in the secondary: verify says so instead of "equal (4 rows)"
+    verified = app.syncd("verify")
+    assert verified.returncode == 1 and "2 one key of the secondary with another row" in verified.stdout, \
+        verified.stdout
 
 
 def test_a_delete_of_a_key_another_present_row_maps_to_keeps_the_row(tmp_path: Path, secondary: Secondary, tables, pg):
