@@ -330,10 +330,22 @@ class WorkerConfig(BaseModel):
     schema_recheck_interval: float = Field(10.0, gt=0, le=3600, description="seconds between reads of the "
                                            "secondary's schema while a table is halted for a schema mismatch")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _refuse_true_as_a_number(cls, value: object) -> object:
+        if isinstance(value, bool):  # pydantic would take true as 1 for an int or float setting
+            raise PydanticCustomError("number", "true and false are not numbers; give a number")
+        return value
+
     @field_validator("metrics_addr")
     @classmethod
     def _check_addr(cls, value: str) -> str:
+        if "://" in value:
+            raise PydanticCustomError("addr", "give host:port without a scheme, e.g. 127.0.0.1:9464")
         host, _, port = value.rpartition(":")
+        if not (port.isascii() and port.isdigit()):  # str.isdigit takes '٣' (3) too
+            raise PydanticCustomError("addr", "use host:port with a port from 0 to 65535, e.g. 127.0.0.1:9464 or "
+                                              "[::1]:9464")
         if host.startswith("[") != host.endswith("]") or ("[" in host.strip("[]") or "]" in host.strip("[]")):
             raise PydanticCustomError("addr", "write an IPv6 address in brackets: [::1]:9464")
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:

@@ -137,6 +137,9 @@ def assert_refused(lab: Lab, args: tuple[str, ...], code: int, words: tuple[str,
     ("worker", 'metrics_addr = "localhost"', ("worker.metrics_addr", "host:port")),
     ("worker", 'metrics_addr = "::1:9464"', ("worker.metrics_addr", "brackets")),
     ("worker", 'on_source_replaced = "ignore"', ("worker.on_source_replaced", "reconcile", "halt")),
+    ("worker", "batch_size = true", ("worker.batch_size", "not numbers")),  # pydantic took it as 1
+    ("worker", 'metrics_addr = "127.0.0.1:\u0663"', ("worker.metrics_addr", "0 to 65535")),  # an Arabic-Indic 3
+    ("worker", 'metrics_addr = "http://127.0.0.1:0"', ("worker.metrics_addr", "without a scheme")),
     ("worker", "pol_interval = 1", ("unknown key 'pol_interval'", "did you mean 'poll_interval'")),
     ("target", 'url = "ftp://example.com"', ("target.url", "http:// or https://")),
     ("target", 'url = "https://example.com/rest/v1?x=1"', ("target.url", "query")),
