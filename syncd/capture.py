@@ -432,6 +432,9 @@ def install(conn: apsw.Connection, config: Config) -> InstallReport:
     `syncd run` (or `syncd verify --repair --table T`) brings the secondary back in step.
     """
     report = InstallReport()
+    if not config.tables:
+        raise CaptureError("the configuration has no [[table]]: there is nothing to capture, so nothing was created; "
+                           "add a [[table]] section per table to sync (`syncd init --db FILE` writes them)")
     plan(conn, config)  # refuse before anything is created, the state file included
     with immediate(conn):
         pass  # wait out an app's transaction before creating anything: one that outlasts the wait leaves no trace

@@ -334,6 +334,12 @@ def test_a_read_only_file_still_answers_the_commands_that_only_read(as_nobody: L
 
 # ---- Commands on a file without syncd --------------------------------------------------------------------------
 
+def test_install_without_any_table_creates_nothing(bare: Lab) -> None:
+    """A configuration with no [[table]] made syncd's tables in the app's file for nothing, with exit 0."""
+    bare.configure(tables="")
+    assert_refused(bare, ("install",), 2, ("no [[table]]", "nothing was created", "syncd init"))
+
+
 @pytest.mark.parametrize(("command", "code"), [
     (("status",), 1), (("run", "--once"), 2), (("resync", "--table", "doc"), 2), (("backfill", "--table", "doc"), 2),
     (("replay", "--dead-letters"), 2), (("replay", "--since", "1h"), 2), (("verify", "--repair"), 2),
