@@ -42,6 +42,19 @@ class LeaseInfo:
         """Whether the lease is still held at `now` (unix seconds): it has not expired."""
         return self.expires_at > now
 
+    def holder_gone(self) -> bool:
+        """Whether the holder is known to have died: it ran on this host and its pid runs no more (a lease outlives a
+        killed daemon until it expires). False when it cannot be told (another host or container)."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # it exists, but is another user's
+            return False
+        return False
+
 
 class LeaseHeld(Exception):
     """Another live daemon holds the lease (litestream: ErrLeaseAlreadyHeld); `holder` says which."""

@@ -81,7 +81,15 @@ def collect(conn: apsw.Connection, config: Config, *, max_lag: float = DEFAULT_M
         tables = [table_status(conn, t.name, t.target_name, config, current, pending, dead, now, max_lag)
                   for t in config.tables]
     live = lease is not None and lease.alive(now)
-    status = Status(str(config.source.path), True, {**asdict(lease), "alive": live} if lease else None, tables)
+    gone = live and lease.holder_gone()  # type: ignore[union-attr]
+    status = Status(str(config.source.path), True,
+                    {**asdict(lease), "alive": live, "holder_gone": gone} if lease else None, tables)
+    if gone:
+        live = False
+        status.problems.append(
+            f"the daemon that holds the lease (pid {lease.pid}) no longer runs; its lease expires in "  # type: ignore[union-attr]
+            f"{max(0, lease.expires_at - now):.0f} s, then a new `syncd run` takes over (start one now: it waits "  # type: ignore[union-attr]
+            "for that)")
     configured = {t.name for t in tables}
     strays = sorted({table for table, _ in current.values()} - configured)
     status.problems += [f"table {t!r} has syncd triggers but is not configured (its changes pile up in the outbox); "
@@ -160,7 +168,9 @@ def render(status: Status, now: float | None = None) -> str:
     now = time.time() if now is None else now
     lines = [f"database: {status.database}"]
     lease = status.lease
-    if lease and lease["alive"]:
+    if lease and lease.get("holder_gone"):
+        lines.append(f"daemon:   NOT RUNNING: pid {lease['pid']} on {lease['host']} died holding the lease")
+    elif lease and lease["alive"]:
         lines.append(f"daemon:   running on {lease['host']} pid {lease['pid']} (lease held)")
         if status.daemon and "error" not in status.daemon:
             lines.append(f"          {'ready' if status.daemon['ready'] else 'NOT READY'}: {status.daemon['reason']}")

@@ -132,8 +132,21 @@ def test_status_shows_the_lease_holder(tmp_path: Path):
     path, config = installed(tmp_path, SCHEMA, *TABLES)
     Lease(connect(path)).acquire()
     result = status.collect(connect(path), config)
-    assert result.lease is not None and result.lease["alive"]
+    assert result.lease is not None and result.lease["alive"] and not result.lease["holder_gone"]
     assert "lease held" in status.render(result)
+
+
+def test_a_lease_whose_holder_died_on_this_host_is_not_shown_as_a_running_daemon(tmp_path: Path):
+    """kill -9 leaves the lease until it expires: status said 'running (lease held)' with exit 0 meanwhile."""
+    path, config = installed(tmp_path, SCHEMA, *TABLES)
+    holder = subprocess.run([sys.executable, "-c", "import os, sys; from syncd.lease import Lease; "
+                             "from syncd.state import connect; from pathlib import Path; "
+                             "assert Lease(connect(Path(sys.argv[1])), seconds=60).acquire(); print(os.getpid())",
+                             str(path)], capture_output=True, text=True, check=True)
+    result = status.collect(connect(path), config)
+    assert result.lease is not None and result.lease["alive"] and result.lease["holder_gone"]
+    assert f"pid {holder.stdout.strip()}" in status.render(result) and "NOT RUNNING" in status.render(result)
+    assert any("no longer runs" in problem for problem in result.problems), result.problems
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
