@@ -51,7 +51,7 @@ class LeaseInfo:
             os.kill(self.pid, 0)
         except ProcessLookupError:
             return True
-        except OSError:  # it exists, but is another user's
+        except PermissionError:  # it exists, but is another user's
             return False
         return False
 

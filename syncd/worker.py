@@ -112,7 +112,7 @@ class Batch:
     requeued: list[Change] = field(default_factory=list)
     upserted: Counter[str] = field(default_factory=Counter)
     deleted: Counter[str] = field(default_factory=Counter)
-    # per table, the pairs of keys PostgreSQL found to be one key of the secondary (21000) that syncd had not
+    # per table, the pairs of keys PostgreSQL found to be one key of the secondary (21000) that the collapse missed
     collided: dict[str, list[tuple[object, object]]] = field(default_factory=dict)
 
 
