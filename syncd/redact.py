@@ -16,7 +16,7 @@ from collections.abc import MutableMapping
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-__all__ = ["MASK", "connection_passwords", "mask_url", "processor", "redact", "register"]
+__all__ = ["MASK", "USERINFO_PASSWORD", "connection_passwords", "mask_url", "processor", "redact", "register"]
 
 MASK = "<redacted>"
 PARTIAL_RUN = 12  # characters of a secret in a row that count as leaking it
@@ -30,7 +30,7 @@ _windows: set[str] = set()
 # A URL's user and password run to the authority's last "@" (RFC 3986 has no "@" in a host; a password with an
 # unencoded "@" is still a password, although libpq splits at the first one and names the rest as the host).
 USERINFO = re.compile(r"(//)([^/?#\s]+)@")
-USERINFO_PASSWORD = re.compile(r"//[^:/?#\s]*:(?P<password>[^/?#\s]*)@")
+USERINFO_PASSWORD = re.compile(r"(?P<head>//[^:/?#\s]*):(?P<password>[^/?#\s]*)@")
 PASSWORD_SETTING = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<password>'(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
 
 

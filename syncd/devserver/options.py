@@ -10,22 +10,19 @@ from __future__ import annotations
 import errno
 import math
 import os
-import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from syncd import auth
-from syncd.redact import PASSWORD_SETTING, connection_passwords
+from syncd.redact import PASSWORD_SETTING, USERINFO_PASSWORD, connection_passwords
 
 PORTS = range(0, 65536)
 PREFIX_EXAMPLE = "/rest/v1"
 # RFC 3986 path characters besides letters and digits; the request path is percent-decoded before it is matched,
 # so `%` (and anything that would need it) cannot be part of a prefix.
 PREFIX_CHARS = set("-._~!$&'()*+,;=:@")
-# the password runs to the authority's last "@" (an unencoded "@" in it is still the password: redact.USERINFO)
-PASSWORD_IN_URL = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#\s]*):(?P<password>[^/?#\s]*)@")
 
 
 class StartError(Exception):
@@ -247,7 +244,7 @@ def resolve_secret(flag: str | None) -> str:
 def mask_url(url: str) -> str:
     """A PostgreSQL URL or key=value string fit to print: `user:password@` -> `user:***@`, `password=x` ->
     `password=***`."""
-    masked = PASSWORD_IN_URL.sub(lambda m: f"{m['head']}:***@", url)
+    masked = USERINFO_PASSWORD.sub(lambda m: f"{m['head']}:***@", url)
     return PASSWORD_SETTING.sub(lambda m: f"{m['head']}***", masked)
 
 
