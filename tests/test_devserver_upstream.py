@@ -75,6 +75,18 @@ def same_answer(direct: httpx.Response, proxied: httpx.Response) -> None:
         assert proxied.headers.get(name) == direct.headers.get(name), name
 
 
+def assert_same_through_proxy(direct_url: str, proxy_url: str, key: str, pg: psycopg.Connection, reset: str,
+                              method: str, path: str, body: object, headers: dict[str, str]) -> None:
+    """The same request from the same state (`reset` run before each) answers the same directly and through the
+    proxy (same_answer)."""
+    answers = []
+    for url in (direct_url, proxy_url):
+        pg.execute(reset)
+        answers.append(httpx.request(method, url + path, json=body, headers={"Authorization": f"Bearer {key}",
+                                                                             **headers}))
+    same_answer(*answers)
+
+
 def test_the_json_line_names_the_url_and_nothing_it_cannot_know(proxy: RunningDevServer, devserver: DevServer):
     """url is the proxy's API URL; upstream is the URL given; pg_url, jwt_secret and the keys are null."""
     assert proxy.url.endswith("/rest/v1") and proxy.url != devserver.url
@@ -93,12 +105,9 @@ def test_the_json_line_names_the_url_and_nothing_it_cannot_know(proxy: RunningDe
 def test_requests_pass_through_unchanged(proxy: RunningDevServer, devserver: DevServer, pg: psycopg.Connection,
                                          method: str, path: str, body: object, headers: dict[str, str]):
     """The same request from the same state answers the same through the proxy as directly."""
-    answers = []
-    for url in (devserver.url, proxy.url):
-        pg.execute("TRUNCATE items, pairs CASCADE; INSERT INTO items (id, name) VALUES (1, 'x'), (3, 'y')")
-        auth = {"Authorization": f"Bearer {devserver.service_key}", **headers}
-        answers.append(httpx.request(method, url + path, json=body, headers=auth))
-    same_answer(*answers)
+    assert_same_through_proxy(devserver.url, proxy.url, devserver.service_key, pg,
+                              "TRUNCATE items, pairs CASCADE; INSERT INTO items (id, name) VALUES (1, 'x'), (3, 'y')",
+                              method, path, body, headers)
 
 
 def test_tokens_and_apikey_reach_the_upstream(proxy: RunningDevServer, devserver: DevServer):
@@ -164,12 +173,8 @@ def test_passes_through_to_the_real_postgrest(real_proxy: RunningDevServer, real
              ("POST", "/items?on_conflict=id", [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}], UPSERT),
              ("GET", "/nosuch", None, {})]
     for method, path, body, headers in cases:
-        answers = []
-        for url in (real.url, real_proxy.url):
-            pg.execute("TRUNCATE items CASCADE")
-            auth = {"Authorization": f"Bearer {real.service_key}", **headers}
-            answers.append(httpx.request(method, url + path, json=body, headers=auth))
-        same_answer(*answers)
+        assert_same_through_proxy(real.url, real_proxy.url, real.service_key, pg, "TRUNCATE items CASCADE",
+                                  method, path, body, headers)
 
 
 @dataclass
