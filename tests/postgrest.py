@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from syncd.devserver.launcher import RunningDevServer
+from syncd.devserver.launcher import RunningDevServer, api_client
 
 BINARY_VARIABLE = "SYNCD_TEST_POSTGREST"
 SKIP_REASON = (f"{BINARY_VARIABLE} is not set: the real PostgREST 12.2.12 is not available here "
@@ -65,9 +65,7 @@ class RunningPostgrest:
         return self.devserver.token(role, **claims)
 
     def client(self, key: str | None = None, **headers: str) -> httpx.Client:
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        return api_client(self.url, key, **headers)
 
     def logged(self) -> str:
         self.log.flush()

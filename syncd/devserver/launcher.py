@@ -40,11 +40,8 @@ class RunningDevServer:
         return auth.mint_token(self.jwt_secret, role, **claims)
 
     def client(self, key: str | None = None, **headers: str) -> httpx.Client:
-        """An httpx client for the API URL that sends `key` as the bearer token when given, and `headers`; 30 s
-        timeout."""
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        """An httpx client for the API URL (`api_client`)."""
+        return api_client(self.url, key, **headers)
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM the server and wait up to `timeout` seconds; its exit code. Raises subprocess.TimeoutExpired when
@@ -53,6 +50,14 @@ class RunningDevServer:
         code = self.process.wait(timeout=timeout)
         self.stderr.close()
         return code
+
+
+def api_client(url: str, key: str | None = None, **headers: str) -> httpx.Client:
+    """An httpx client for the API at `url` that sends `key` as the bearer token when given, and `headers`; 30 s
+    timeout."""
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.Client(base_url=url, headers=headers, timeout=30)
 
 
 def launch(args: Sequence[str], timeout: float = 120, *, stderr: IO[str] | None = None,
