@@ -182,21 +182,21 @@ def _bool(value: object) -> object:
 
 
 def _instant(value: object) -> str:
-    if not isinstance(value, str):
-        raise TypeError(type(value).__name__)
-    try:
-        return pg_timestamp(value, with_zone=True)
-    except ValueError:
-        return pg_timestamp(rfc_2822(value), with_zone=True)
+    return _pg_time(value, with_zone=True)
 
 
 def _timestamp(value: object) -> str:
+    return _pg_time(value, with_zone=False)  # PostgreSQL ignores an offset here
+
+
+def _pg_time(value: object, with_zone: bool) -> str:
+    """Text as PostgreSQL stores it in a timestamptz (`with_zone`) or timestamp column: ISO 8601, else RFC 2822."""
     if not isinstance(value, str):
         raise TypeError(type(value).__name__)
     try:
-        return pg_timestamp(value, with_zone=False)  # PostgreSQL ignores an offset here
+        return pg_timestamp(value, with_zone=with_zone)
     except ValueError:
-        return pg_timestamp(rfc_2822(value), with_zone=False)
+        return pg_timestamp(rfc_2822(value), with_zone=with_zone)
 
 
 def _date(value: object) -> str:
