@@ -22,6 +22,7 @@ from syncd.target import TargetError
 __all__ = ["Observer"]
 
 BATCH_LOG_EVERY = 1.0  # seconds: at most one "batch" line per second for batches that went well
+ONE_SPELLING = "make the key column's values one spelling in SQLite (a type, a transform, a CHECK)"
 
 
 class Observer:
@@ -164,25 +165,22 @@ class Observer:
         """`count` changes of a batch had a target key that a newer change of the batch has too (two SQLite keys that
         are one key in the secondary): only the newest was sent. `examples`: (older key, newer key) pairs."""
         self.log.warning("two keys of SQLite are one key in the secondary: the newest row was sent for both",
-                         table=table, count=count, examples=[f"{old!r} -> {new!r}" for old, new in examples[:3]],
-                         hint="make the key column's values one spelling in SQLite (a type, a transform, a CHECK)")
+                         table=table, count=count, examples=key_pairs(examples), hint=ONE_SPELLING)
 
     def keys_collided(self, table: str, pairs: list[tuple[object, object]]) -> None:
         """PostgreSQL refused a request naming one of its keys twice (21000): keys distinct in SQLite that its casts
         make one (`'1.0'` and `'1'` into numeric, two spellings of one instant or UUID). The rows were sent apart,
         in order, so the newest holds the key. `pairs`: the (older, newer) SQLite keys found alone together."""
         self.log.warning("two keys of SQLite are one key in the secondary (PostgreSQL answered 21000): the rows were "
-                         "sent apart and the newest holds it", table=table,
-                         examples=[f"{old!r} -> {new!r}" for old, new in pairs[:3]],
-                         hint="make the key column's values one spelling in SQLite (a type, a transform, a CHECK)")
+                         "sent apart and the newest holds it", table=table, examples=key_pairs(pairs),
+                         hint=ONE_SPELLING)
 
     def deletes_stood_in(self, table: str, examples: list[tuple[object, object]]) -> None:
         """Keys deleted in SQLite whose key in the secondary another row of the file still has (`'1'` gone, `1`
         there): that row was sent instead of the delete. `examples`: (deleted key, the row's key) pairs."""
         self.log.warning("a deleted key of SQLite is one key in the secondary with a row still in the file: that row "
                          "was sent instead of the delete", table=table, count=len(examples),
-                         examples=[f"{gone!r} -> {kept!r}" for gone, kept in examples[:3]],
-                         hint="make the key column's values one spelling in SQLite (a type, a transform, a CHECK)")
+                         examples=key_pairs(examples), hint=ONE_SPELLING)
 
     def unique_cycle(self, table: str, count: int) -> None:
         """`count` rows swapping unique values were deleted and inserted again in the secondary (no order of
@@ -251,3 +249,8 @@ class Observer:
             age = now - mine.oldest_at if mine and mine.oldest_at else 0.0
             m.oldest_age.labels(table=table).set(max(0.0, age))
             m.dead_letters.labels(table=table).set(dead.get(table, 0))
+
+
+def key_pairs(pairs: list[tuple[object, object]]) -> list[str]:
+    """The first three pairs of SQLite keys that are one key of the secondary, as a log line shows them."""
+    return [f"{first!r} -> {second!r}" for first, second in pairs[:3]]
