@@ -69,8 +69,9 @@ class Source:
         self.identity = identity(path)
         # No SQL yet, not even the state file's ATTACH: in rollback-journal mode an app's EXCLUSIVE lock makes any
         # statement wait; `configure` does it later, where waiting is handled.
+        if conn is not None:  # a connection given (a test's VFS) needs syncd's SQL functions, as connect adds them
+            sqlite.register_functions(conn)
         self.conn = conn if conn is not None else sqlite.connect(path)
-        sqlite.register_functions(self.conn)  # a connection given (a test's VFS) needs syncd's SQL functions too
         self.schema_version: int | None = None
         self.configured = False
         self.wal = True
