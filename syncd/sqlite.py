@@ -57,12 +57,10 @@ def check(path: Path, *, readonly: bool = False, setting: str = "source.path") -
         raise DatabaseNotFound(f"database file not found: {path} (check {where})")
     if path.is_dir():
         raise SourceFileError(f"{setting}: {path} is a directory; give the application's SQLite file")
-    try:
-        with path.open("rb") as handle:
-            header = handle.read(len(HEADER))
-    except PermissionError:
+    if not os.access(path, os.R_OK):
         raise SourceFileError(f"{setting}: cannot read {path} (permission denied): give syncd's user read access "
-                              "to the file") from None
+                              "to the file")
+    header = read_header(path)
     if header and header != HEADER:  # an empty file is an empty database
         raise SourceFileError(f"{setting}: {path} is not a SQLite database (its first bytes are not SQLite's "
                               f"header); check {setting}")
@@ -70,6 +68,25 @@ def check(path: Path, *, readonly: bool = False, setting: str = "source.path") -
         what = "the file" if not os.access(path, os.W_OK) else "its directory (SQLite creates -wal and -shm there)"
         raise SourceFileError(f"{setting}: cannot write to {path}: {what} is read-only for this user; syncd "
                               "records changes in it (check the owner and permissions)")
+
+
+def read_header(path: Path) -> bytes:
+    """The first bytes of the file at `path` (up to the length of SQLite's header), read through SQLite's own VFS.
+
+    Never with `open()`: closing any descriptor of a file drops every POSIX lock this process holds on it, SQLite's
+    included, and then another process's connection may delete the -wal this process still reads
+    (https://sqlite.org/howtocorrupt.html, 2.1). SQLite's unix VFS shares one record of each file among all of a
+    process's opens and keeps a descriptor open while the process holds locks on that file, so a file it opens and
+    closes drops nothing. Raises SourceFileError when the file cannot be opened."""
+    flags = apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_MAIN_DB
+    try:
+        handle = apsw.VFSFile("", str(path), [flags, 0])
+    except apsw.CantOpenError:
+        raise SourceFileError(f"cannot open {path}: check that it is a file syncd's user may read") from None
+    try:
+        return bytes(handle.xRead(len(HEADER), 0))
+    finally:
+        handle.xClose()
 
 
 def quote_ident(name: str) -> str:

@@ -43,13 +43,17 @@ def worker_for(path: Path, config: Config, target: DescribedTarget | None = None
     return Worker(Source(path), config, target or DescribedTarget(), Observer(Metrics()))
 
 
-PROBES: dict[tuple[Path, bool], LockProbe] = {}
+PROBES: dict[tuple[Path, bool], tuple[apsw.Connection, LockProbe]] = {}
 
 
 def others_in_transaction_probe(path: Path, *, wal: bool = True) -> bool:
-    """The probe syncd uses, kept open for the whole test run: closing it would drop this process's locks."""
-    probe = PROBES.setdefault((path, wal), LockProbe(path, None, wal=wal))
-    return probe.others_in_transaction()
+    """The probe syncd uses, beside the connection of this process whose descriptor it borrows (as the daemon's
+    connection is), both kept for the whole test run."""
+    if (path, wal) not in PROBES:
+        conn = apsw.Connection(str(path))
+        conn.execute("SELECT count(*) FROM sqlite_schema").fetchall()  # opens the -shm in WAL mode
+        PROBES[(path, wal)] = (conn, LockProbe(path, None, wal=wal))
+    return PROBES[(path, wal)][1].others_in_transaction()
 
 
 def app(path: Path) -> apsw.Connection:

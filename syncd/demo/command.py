@@ -23,6 +23,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -406,11 +407,21 @@ def quantile(q: float, cumulative: list[tuple[float, float]]) -> float | None:
     return lower
 
 
+def read_only(db: Path) -> sqlite3.Connection:
+    """A read-only connection to the app's file, its state file attached as `st` (what outbox's counts read), through
+    the same SQLite as the writer thread's (stdlib sqlite3): two copies of SQLite in one process do not see each
+    other's POSIX locks, so closing one's descriptor would drop the other's (https://sqlite.org/howtocorrupt.html,
+    2.2.1) and let a checkpoint reset the WAL under the writer."""
+    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+    conn.execute("ATTACH DATABASE ? AS st", (f"{state.path_for(db).resolve().as_uri()}?mode=ro",))
+    return conn
+
+
 class Monitor:
     """Takes snapshots: the daemon's /metrics, the outbox and dead letters read straight from SQLite."""
 
     def __init__(self, db: Path, metrics_url: str, writer: Writer, rate: float) -> None:
-        self.db = state.connect(db, readonly=True)
+        self.db = read_only(db)
         self.metrics_url = metrics_url
         self.writer = writer
         self.caught_up_threshold = max(5.0, rate)  # pending below one second of writes
@@ -425,9 +436,9 @@ class Monitor:
         """One Snapshot at `elapsed` seconds in `phase`: the writer's counts, the outbox and dead letters from SQLite,
         and, when /metrics answers, shipped rows, failures, target state and lag (else those stay None or empty).
         Updates the peaks and the outage's recovery."""
-        by_table = outbox.pending_by_table(self.db).values()
+        by_table = outbox.pending_by_table(self.db).values()  # type: ignore[arg-type] - the same DB-API calls
         pending = sum(p.count for p in by_table)
-        dead = sum(outbox.dead_letters_by_table(self.db).values())
+        dead = sum(outbox.dead_letters_by_table(self.db).values())  # type: ignore[arg-type]
         snap = Snapshot(elapsed, phase, self.writer.calls, self.writer.rows, pending=pending, dead_letters=dead,
                         outage=outage)
         if oldest_at := min((p.oldest_at for p in by_table if p.oldest_at is not None), default=None):
