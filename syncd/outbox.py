@@ -91,10 +91,12 @@ NOT_ACKED = "NOT EXISTS (SELECT 1 FROM st.acked a WHERE a.seq = o.seq AND a.at =
 
 
 def create(conn: apsw.Connection) -> None:
-    """Create syncd's tables in the app's file where missing (inside the caller's transaction)."""
+    """Create syncd's tables in the app's file where missing, and its position (inside the caller's transaction)."""
     for ddl in TABLES.values():
         conn.execute(ddl)
     set_capture_meta(conn, "schema_version", str(SCHEMA_VERSION))
+    if get_capture_meta(conn, POSITION_KEY) is None:
+        set_capture_meta(conn, POSITION_KEY, Position.new().text)
 
 
 def installed(conn: apsw.Connection) -> bool:
@@ -180,6 +182,139 @@ def installed_key(conn: apsw.Connection, table: str) -> list[str] | None:
 def forget_tables(conn: apsw.Connection) -> None:
     """Forget every installed table (uninstall without dropping the outbox)."""
     conn.execute("DELETE FROM main._syncd_meta WHERE key LIKE 'table:%'")
+
+
+# -- the file's position: what tells a restored copy from the file syncd last shipped from ----------------
+
+
+POSITION_KEY = "position"  # in the app's `_syncd_meta`
+SOURCE_KEY = "source"  # in the state file's meta: the position and inode of the file syncd last shipped from
+
+
+class Discontinuity(Exception):
+    """The app's file is not the one syncd last shipped from (a restore, a copy): nothing may be flushed into it
+    before it is adopted (every table reconciled)."""
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the app's file is in syncd's history of it: a `generation` drawn at install and the number of `flushes`
+    syncd committed to it since (litestream's generation and position, for an outbox). Every flush advances it in
+    the app's file and in the state file, in the same transaction; a copy restored from a backup carries an older
+    one (or none)."""
+
+    generation: str
+    flushes: int
+
+    @classmethod
+    def new(cls) -> Position:
+        return cls(os.urandom(8).hex(), 0)
+
+    @classmethod
+    def parse(cls, text: str | None) -> Position | None:
+        if text is None:
+            return None
+        try:
+            data = json.loads(text)
+            return cls(str(data["generation"]), int(data["flushes"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    @property
+    def text(self) -> str:
+        return json.dumps({"generation": self.generation, "flushes": self.flushes})
+
+    def advanced(self) -> Position:
+        return Position(self.generation, self.flushes + 1)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What the state file says of the file syncd last shipped from: its position and its inode."""
+
+    position: Position
+    inode: int | None
+
+
+def file_position(conn: apsw.Connection) -> Position | None:
+    """The position recorded in the app's file; None when it has none (a copy from before install or from before
+    positions existed)."""
+    return Position.parse(get_capture_meta(conn, POSITION_KEY))
+
+
+def recorded_source(conn: apsw.Connection) -> Recorded | None:
+    """What the state file recorded of the file syncd last shipped from; None when nothing (a new state file)."""
+    value = get_meta(conn, SOURCE_KEY)
+    if value is None:
+        return None
+    position = Position.parse(value)
+    if position is None:
+        return None
+    inode = json.loads(value).get("inode")
+    return Recorded(position, int(inode) if inode is not None else None)
+
+
+def record_source(conn: apsw.Connection, position: Position, inode: int | None) -> None:
+    """Remember `position` and `inode` as the file's that syncd ships from now (one state-file transaction)."""
+    value = json.dumps({"generation": position.generation, "flushes": position.flushes, "inode": inode})
+    with writing(conn):
+        conn.execute("INSERT OR REPLACE INTO st.meta (key, value) VALUES (?, ?)", (SOURCE_KEY, value))
+
+
+def position_for_new_file(conn: apsw.Connection) -> Position:
+    """Give an app's file that has no position one (one short write transaction); the position it has now."""
+    with immediate(conn):
+        position = file_position(conn)
+        if position is None:
+            position = Position.new()
+            set_capture_meta(conn, POSITION_KEY, position.text)
+    return position
+
+
+def fork_position(conn: apsw.Connection) -> Position:
+    """Give the app's file a new generation (one short write transaction) after syncd adopted it as it is (a restore):
+    backups of it from before, or of another file restored from the same backup, then carry another generation. The
+    new position."""
+    position = Position.new()
+    with immediate(conn):
+        set_capture_meta(conn, POSITION_KEY, position.text)
+    return position
+
+
+def acked_missing(conn: apsw.Connection) -> int:
+    """How many entries syncd settled (shipped, dead-lettered, requeued) are not in the app's outbox any more, while
+    nothing but a flush deletes them (a flush forgets them in the same transaction): more than 0 means the file is not
+    the one they were claimed from."""
+    return conn.execute("SELECT count(*) FROM st.acked a WHERE NOT EXISTS (SELECT 1 FROM main._syncd_outbox o "
+                        "WHERE o.seq = a.seq AND o.at = a.at)").fetchone()[0]
+
+
+def forget_flushed(conn: apsw.Connection) -> None:
+    """Forget the acked entries no longer in the app's outbox (a flush committed in the app's file, its state-file
+    half lost to a crash: SQLite commits attached WAL databases one by one)."""
+    with writing(conn):
+        conn.execute("DELETE FROM st.acked WHERE NOT EXISTS (SELECT 1 FROM main._syncd_outbox o "
+                     "WHERE o.seq = st.acked.seq AND o.at = st.acked.at)")
+
+
+def advance_position(conn: apsw.Connection) -> None:
+    """Inside a flush's transaction (both files locked): advance the position in the app's file and in the state
+    file. Raises Discontinuity when the app's file does not carry the position the state file recorded."""
+    position = file_position(conn)
+    recorded = recorded_source(conn)
+    if recorded is not None and position != recorded.position:
+        raise Discontinuity(f"the database file's position ({describe_position(position)}) is not the one syncd "
+                            f"recorded ({describe_position(recorded.position)})")
+    position = (position or Position.new()).advanced()
+    conn.execute("INSERT OR REPLACE INTO main._syncd_meta (key, value) VALUES (?, ?)", (POSITION_KEY, position.text))
+    value = json.dumps({"generation": position.generation, "flushes": position.flushes,
+                        "inode": recorded.inode if recorded else None})
+    conn.execute("INSERT OR REPLACE INTO st.meta (key, value) VALUES (?, ?)", (SOURCE_KEY, value))
+
+
+def describe_position(position: Position | None) -> str:
+    """`generation 1f3a… after 42 flushes`, or `none`."""
+    return "none" if position is None else f"generation {position.generation} after {position.flushes} flushes"
 
 
 # -- the daemon's meta, in the state file ----------------------------------------------------------------
@@ -509,7 +644,8 @@ def flush(conn: apsw.Connection, *, wait: bool = False, quiet: Callable[[], bool
     after the busy timeout), or `quiet()` said
     before the commit that another connection had entered a transaction (committing then could make that
     transaction's later write fail). Entries whose (seq, at) no longer match an outbox entry (a restored file) are
-    only forgotten."""
+    only forgotten. Each flush advances the file's position (`advance_position`); raises Discontinuity, having
+    written nothing, when the file does not carry the position the state file recorded (it was restored)."""
     if wait:
         conn.execute("BEGIN IMMEDIATE")  # raises apsw.BusyError after the busy timeout: the caller reports it
     else:
@@ -532,6 +668,7 @@ def flush(conn: apsw.Connection, *, wait: bool = False, quiet: Callable[[], bool
         conn.execute(f"DELETE FROM main._syncd_outbox WHERE seq IN (SELECT o.seq {matched})", (limit,))
         conn.execute(f"DELETE FROM st.acked WHERE seq IN {chosen}", (limit,))
         applied = conn.changes()
+        advance_position(conn)
         if not quiet():
             conn.execute("ROLLBACK")
             return None

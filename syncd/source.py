@@ -26,7 +26,7 @@ from pathlib import Path
 
 import apsw
 
-from syncd import sqlite, state
+from syncd import outbox, sqlite, state
 
 __all__ = ["Event", "Identity", "LockProbe", "LockWait", "Source", "identity"]
 
@@ -54,6 +54,7 @@ class Event(enum.Enum):
     NONE = "none"
     SCHEMA = "schema changed"
     REPLACED = "file replaced"
+    STALE = "WAL index lost"  # the -shm our connection maps is no longer the file's: it reads a dead WAL
     GONE = "file gone"
 
 
@@ -75,6 +76,7 @@ class Source:
         self.schema_version: int | None = None
         self.configured = False
         self.wal = True
+        self.wal_index: os.stat_result | None = None  # the -shm our connection maps, as it was when it first read
         self.probe: LockProbe | None = None
 
     def configure(self) -> None:
@@ -91,6 +93,7 @@ class Source:
         self.wal = self.conn.execute("PRAGMA main.journal_mode").fetchone()[0] == "wal"
         if self.wal:
             self.conn.execute("PRAGMA main.synchronous = NORMAL")
+            self.wal_index = wal_index(self.path)
         self.conn.execute("PRAGMA st.synchronous = NORMAL")  # the state file is WAL: a lost write ships again
         if self.schema_version is None:
             self.schema_version = self.read_schema_version()
@@ -101,13 +104,16 @@ class Source:
         return int(self.conn.execute("PRAGMA schema_version").fetchone()[0])
 
     def check(self) -> Event:
-        """What changed since the last check: the file gone or replaced (checked first), else the schema.
-        A schema change is reported once; a replacement or absence until `reopen` succeeds."""
+        """What changed since the last check: the file gone or replaced (checked first), the WAL index our
+        connection maps no longer the file's, else the schema. A schema change is reported once; a replacement,
+        a lost WAL index or an absence until `reopen` succeeds."""
         now = identity(self.path)
         if now is None:
             return Event.GONE
         if now != self.identity:
             return Event.REPLACED
+        if self.wal_index_lost():
+            return Event.STALE
         version = self.read_schema_version()
         if self.schema_version is None:
             self.schema_version = version
@@ -116,26 +122,91 @@ class Source:
             return Event.SCHEMA
         return Event.NONE
 
-    def reopen(self) -> None:
-        """Open the file now at `path` (after a replacement), and close the old connection. Raises
-        sqlite.SourceFileError (the old connection kept, the replacement still pending) when the new file is not
-        one syncd can use."""
+    def wal_index_lost(self) -> bool:
+        """Whether the -shm at the path is no longer the one our connection maps (deleted, or deleted and made
+        anew): our connection then reads a WAL nobody writes, and sees no commit of the app's any more. SQLite
+        deletes them only when no other connection holds a lock on the file, so this means syncd's lock was lost."""
+        if not self.configured or not self.wal or self.wal_index is None:
+            return False
+        now = wal_index(self.path)
+        return now is None or (now.st_dev, now.st_ino) != (self.wal_index.st_dev, self.wal_index.st_ino)
+
+    def reopen(self, *, configure: bool = True) -> None:
+        """Open the file now at `path` (after a replacement, or a lost WAL index), configured as at start (the state
+        file attached) unless `configure` is False, and close the old connection. Raises sqlite.SourceFileError (the
+        old connection kept, the replacement still pending) when the new file is not one syncd can use, and
+        apsw.BusyError (the new connection kept, not configured yet: `configure` again) while the app holds an
+        exclusive lock."""
         now = identity(self.path)
         old, self.conn = self.conn, sqlite.connect(self.path)
         self.identity = now
-        self.schema_version, self.configured = None, False
+        self.schema_version, self.configured, self.wal_index, self.probe = None, False, None, None
         old.close()
-        if self.probe is not None:  # after the old connection: closing its descriptor drops this process's locks
-            self.probe.close()
-            self.probe = None
+        if configure:
+            self.configure()
 
     def others_in_transaction(self) -> bool:
         """Whether another process holds a lock on the app's file that a transaction holds (see LockProbe)."""
         if self.probe is None or self.probe.database != self.path or self.probe.identity != self.identity:
-            if self.probe is not None:
-                self.probe.close()
             self.probe = LockProbe(self.path, self.identity, wal=self.wal)
         return self.probe.others_in_transaction()
+
+    # -- continuity: is this the file syncd last shipped from? ---------------------------------------------
+
+    def discontinuity(self, *, thorough: bool = False) -> str | None:
+        """Why the file is not the one syncd last shipped from, as the state file recorded it (None when it is): a
+        position other than the one syncd's last flush gave it (a copy restored from a backup, whatever its inode),
+        another inode (replaced while syncd was not running), no position (a copy from before install), or, with
+        `thorough` (at start and takeover), entries syncd shipped that the outbox no longer holds (a backup taken
+        after the last flush but before those changes). A state file with no record of a file syncd has flushed
+        before is a discontinuity too: what the secondary holds cannot be told. A flush whose state-file half was
+        lost to a crash (the app's file one flush ahead) is completed here. Under the lease only."""
+        if not outbox.installed(self.conn):
+            return None  # nothing to compare: `prepare` says to run syncd install
+        position = outbox.file_position(self.conn)
+        recorded = outbox.recorded_source(self.conn)
+        inode = self.identity.inode if self.identity else None
+        if recorded is None:
+            if position is not None and position.flushes > 0:
+                return ("the state file has no record of this database file, which syncd has shipped from before "
+                        "(the state file was lost or replaced): what the secondary holds cannot be told")
+            self.remember(position)
+            return None
+        if position is None:
+            return "the database file carries no position of syncd's (a copy from before syncd install?)"
+        if position.generation != recorded.position.generation:
+            return (f"the database file is of another installation of syncd ({outbox.describe_position(position)}, "
+                    f"recorded: {outbox.describe_position(recorded.position)})")
+        if position.flushes == recorded.position.flushes + 1:  # the flush's app half committed, its state half not
+            outbox.forget_flushed(self.conn)
+            self.remember(position)
+            return None
+        if position.flushes != recorded.position.flushes:
+            return (f"the database file is at another position than syncd last left it ({position.flushes} flushes, "
+                    f"recorded {recorded.position.flushes}): a copy restored from a backup?")
+        if recorded.inode is not None and inode != recorded.inode:
+            return (f"the database file is another file (inode {inode}) than the one syncd last shipped from "
+                    f"(inode {recorded.inode}): replaced while syncd was not running?")
+        if thorough and (missing := outbox.acked_missing(self.conn)):
+            return (f"{missing} outbox entries syncd has shipped are not in the database file: a copy restored from a "
+                    "backup taken before those changes?")
+        if recorded.inode is None:
+            self.remember(position)
+        return None
+
+    def remember(self, position: outbox.Position | None = None) -> None:
+        """Record the file as it is now (its position, given one when it has none, and its inode) as the one syncd
+        ships from (after adopting it)."""
+        position = position or outbox.file_position(self.conn) or outbox.position_for_new_file(self.conn)
+        outbox.record_source(self.conn, position, self.identity.inode if self.identity else None)
+
+
+def wal_index(database: Path) -> os.stat_result | None:
+    """The -shm of `database` now; None when there is none."""
+    try:
+        return os.stat(f"{database}-shm")
+    except FileNotFoundError:
+        return None
 
 
 # SQLite's locks, as its unix VFS places them (https://sqlite.org/walformat.html, "The WAL-Index File Format",
@@ -150,16 +221,17 @@ class LockProbe:
     """Asks the kernel whether another process holds one of SQLite's transaction locks on the app's file (F_GETLK:
     POSIX record locks of this process never conflict with its own, so only other processes are seen).
 
-    The descriptor stays open for the life of the probe: closing any descriptor of a file drops every POSIX lock
-    this process holds on it, SQLite's own included (https://sqlite.org/howtocorrupt.html, 2.1), so it is closed
-    only after the connection to that file is gone (`Source.reopen`)."""
+    It opens nothing: it borrows the descriptor SQLite's own connection of this process has open on that file
+    (found in /proc/self/fd, by device and inode). Opening and closing a descriptor of our own would drop every POSIX
+    lock this process holds on the file, SQLite's included (https://sqlite.org/howtocorrupt.html, 2.1), and another
+    process's connection could then delete the -wal our connection still reads. Without such a descriptor (no
+    connection of this process has read the file yet) it cannot tell."""
 
     def __init__(self, database: Path, identity: Identity | None, *, wal: bool) -> None:
         self.database, self.identity = database, identity
         self.path, (self.start, self.length) = (f"{database}-shm", WAL_LOCKS) if wal else (str(database),
                                                                                            ROLLBACK_LOCKS)
         self.descriptor: int | None = None
-        self.stale: list[int] = []
 
     def others_in_transaction(self) -> bool:
         """True while another process is inside a transaction on the file (a read transaction holds a read mark of
@@ -171,25 +243,48 @@ class LockProbe:
 
     def holder(self, start: int, length: int) -> int | None:
         """The pid of a process holding a lock on bytes `start`..`start + length` of the probed file, None when
-        none does (or the file does not exist). Raises OSError when it cannot tell."""
+        none does (or the file does not exist). Raises OSError when it cannot tell (no connection of this process
+        has the file open, or the descriptor changed while it asked)."""
         try:
-            current = os.stat(self.path).st_ino
+            current = os.stat(self.path)
         except FileNotFoundError:
             return None  # no -shm: no connection has the file open in WAL mode (ours open it lazily)
-        if self.descriptor is not None and os.fstat(self.descriptor).st_ino != current:
-            self.stale.append(self.descriptor)  # a new -shm: never close the old one while our connection lives
-            self.descriptor = None
+        if self.descriptor is None or not same_file(self.descriptor, current):
+            self.descriptor = descriptor_of(current)
         if self.descriptor is None:
-            self.descriptor = os.open(self.path, os.O_RDONLY)
+            raise OSError(f"no connection of this process has {self.path} open")
         probe = struct.pack(FLOCK, fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
         kind, _, _, _, pid = struct.unpack(FLOCK, fcntl.fcntl(self.descriptor, fcntl.F_GETLK, probe))
+        if not same_file(self.descriptor, current):  # SQLite closed it meanwhile: the answer was about another file
+            self.descriptor = None
+            raise OSError(f"the descriptor of {self.path} changed while asking")
         return None if kind == fcntl.F_UNLCK else pid
 
-    def close(self) -> None:
-        """Close the descriptor (only once no connection of this process uses that file any more)."""
-        for descriptor in [*self.stale, *([self.descriptor] if self.descriptor is not None else [])]:
-            os.close(descriptor)
-        self.descriptor, self.stale = None, []
+
+def descriptor_of(file: os.stat_result) -> int | None:
+    """A descriptor this process already has open on `file` (SQLite's own, in practice), found in /proc/self/fd by
+    device and inode without opening anything; None when there is none."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for name in names:
+        try:
+            linked = os.stat(f"/proc/self/fd/{name}")
+        except OSError:  # closed meanwhile (or the listing's own descriptor)
+            continue
+        if (linked.st_dev, linked.st_ino) == (file.st_dev, file.st_ino):
+            return int(name)
+    return None
+
+
+def same_file(descriptor: int, file: os.stat_result) -> bool:
+    """Whether `descriptor` is open on `file` (same device and inode)."""
+    try:
+        opened = os.fstat(descriptor)
+    except OSError:
+        return False
+    return (opened.st_dev, opened.st_ino) == (file.st_dev, file.st_ino)
 
 
 # The bytes a writer locks (https://sqlite.org/walformat.html; https://sqlite.org/lockingv3.html): WAL mode's
@@ -204,10 +299,7 @@ class LockWait:
     """A busy handler for a command's connection (apsw `Connection.set_busy_handler`): while another process holds
     the lock SQLite needs, wait, and every WAIT_REPORT_EVERY seconds `report` who holds it (pid and process name, as
     the kernel's F_GETLK tells) and for how long we have waited; after `limit` seconds give up (the statement then
-    raises apsw.BusyError, and `describe` says who held it).
-
-    Its probes keep their descriptors open as long as the process lives (see LockProbe): it belongs to commands,
-    not to the daemon."""
+    raises apsw.BusyError, and `describe` says who held it). Its probes open nothing (see LockProbe)."""
 
     def __init__(self, database: Path, limit: float, report: Callable[[str], None]) -> None:
         self.database, self.limit, self.report = database, limit, report
