@@ -34,6 +34,7 @@ class Health:
     target_ok: bool = False
     reason: str = "no exchange with the secondary yet"
     halted: dict[str, str] = field(default_factory=dict)
+    waiting: dict[str, str] = field(default_factory=dict)  # table -> which of its changes wait for a halted table
     source_problem: str | None = None  # why the application's file cannot be used now (busy, disk fault, gone)
     standby: str | None = None  # why this daemon does not drain (another one holds the lease)
     failed: str | None = None  # the loop ended with an error: not alive
@@ -54,7 +55,8 @@ class Health:
         if self.source_problem is not None:
             return False, self.source_problem
         if self.halted:
-            return False, "halted: " + "; ".join(f"{t}: {r}" for t, r in sorted(self.halted.items()))
+            waiting = "".join(f"; {t}: {r}" for t, r in sorted(self.waiting.items()))
+            return False, "halted: " + "; ".join(f"{t}: {r}" for t, r in sorted(self.halted.items())) + waiting
         return (True, "ok") if self.target_ok else (False, self.reason)
 
 
@@ -128,6 +130,9 @@ class Metrics:
                                registry=r)
         self.halted = Gauge("syncd_table_halted", "1 while shipping a table is halted (bad key, RLS denial, "
                             "schema mismatch, capture lost its key)", ["table"], registry=r)
+        self.waiting = Gauge("syncd_table_waiting", "1 while some changes of a table wait for a halted table they "
+                             "depend on by a foreign key (a parent's deletes, a child's upserts)", ["table"],
+                             registry=r)
         self.capture_repairs = Counter("syncd_capture_repairs_total", "Triggers reinstalled by the daemon after a "
                                        "schema change lost or outdated them", ["table"], registry=r)
         self.reconciles = Counter("syncd_reconciles_total", "Reconciles of a table with the secondary, by outcome "

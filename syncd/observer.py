@@ -75,11 +75,13 @@ class Observer:
             self.log.info("the application's file is usable again", was=self.metrics.health.source_problem)
             self.metrics.health.source_problem = None
 
-    def source_replaced(self, path: str, installed: bool) -> None:
-        """The file was replaced (a restore) and reopened; `installed`: syncd had to install itself in it."""
+    def source_replaced(self, path: str, installed: bool, reason: str = "") -> None:
+        """The file is not the one syncd shipped from (`reason`: replaced, restored, a lost WAL index); `installed`:
+        syncd had to install itself in it."""
         self.metrics.source_replaced.inc()
-        self.log.warning("the database file was replaced (a restore?): reopened it; every table is reconciled with "
-                         "the secondary (the file is the source of truth)", database=path, installed_now=installed)
+        self.log.warning("the database file was replaced (or restored: it is not the one syncd last shipped from): "
+                         "every table is reconciled with the secondary (the file is the source of truth)",
+                         database=path, reason=reason, installed_now=installed)
 
     def capture_repaired(self, table: str, what: str) -> None:
         """The daemon reinstalled a table's triggers (`what` says why); a reconcile follows."""
@@ -231,6 +233,19 @@ class Observer:
         self.log.error("table halted", table=table, status=error.status if error else None,
                        code=error.code if error else None, reason=reason, hint=hint)
 
+    def changes_waiting(self, waits: Mapping[str, Mapping[str, str]]) -> None:
+        """Which changes wait for a halted table ({table: {op: the halted table}}): shown with the halts in /readyz
+        and logged."""
+        before = set(self.metrics.health.waiting)
+        self.metrics.health.waiting = describe_waits(waits)
+        for table in before - waits.keys():
+            self.metrics.waiting.labels(table=table).set(0)
+        for table in waits:
+            self.metrics.waiting.labels(table=table).set(1)
+        if waits:
+            self.log.warning("changes wait for a halted table they depend on (foreign keys): they stay in the outbox "
+                             "and ship when it resumes", waiting=self.metrics.health.waiting)
+
     def tables_resumed(self, tables: Sequence[str], why: str | None = None) -> None:
         """These tables ship again (`why`, when it is worth a log line)."""
         for table in tables:
@@ -254,3 +269,9 @@ class Observer:
 def key_pairs(pairs: list[tuple[object, object]]) -> list[str]:
     """The first three pairs of SQLite keys that are one key of the secondary, as a log line shows them."""
     return [f"{first!r} -> {second!r}" for first, second in pairs[:3]]
+
+
+def describe_waits(waits: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """{table: "deletes wait for halted table child"}: what waits, in words, from {table: {op: the halted table}}."""
+    return {table: ", ".join(f"{op}s wait for halted table {blocker}" for op, blocker in sorted(ops.items()))
+            for table, ops in waits.items()}

@@ -36,6 +36,7 @@ class TableStatus:
     last_shipped_at: float | None = None  # unix seconds
     last_error: str | None = None
     halted: bool = False
+    waiting: str | None = None  # which of its changes wait for a halted table they depend on (foreign keys)
     triggers: str = "ok"  # ok | missing | outdated | not installed | invalid
     reconcile: str | None = None  # why this table needs a reconcile with the secondary (None: it does not)
     last_repair: dict[str, object] | None = None  # the daemon's last repair of capture: {"at": unix s, "what": ...}
@@ -152,6 +153,10 @@ def table_status(conn: apsw.Connection, name: str, target: str, config: Config,
     status.halted = bool(state.get("halted"))
     if status.halted:
         status.problems.append(f"shipping is halted: {status.last_error or 'see the daemon log'}")
+    status.waiting = state.get("waiting")  # type: ignore[assignment]
+    if status.waiting and not status.halted:
+        status.problems.append(f"changes wait: {status.waiting} (foreign keys: shipped now, the secondary would "
+                               "refuse them); they stay in the outbox and ship once it resumes (see its halt)")
     status.reconcile = state.get("reconcile")  # type: ignore[assignment]
     if status.reconcile:
         when = ("once the table ships again (see the halt above)" if status.halted else

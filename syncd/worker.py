@@ -36,7 +36,7 @@ from syncd.lease import Lease, LeaseHeld
 from syncd.logs import get_logger
 from syncd.mapping import JsonText, RowError, TableMapping
 from syncd.metrics import Metrics
-from syncd.observer import Observer
+from syncd.observer import Observer, describe_waits
 from syncd.outbox import Change, DeadLetter
 from syncd.reconcile import Reconciler
 from syncd.source import Event as SourceEvent
@@ -209,9 +209,10 @@ class Worker:
         self.faults = 0
         self.gone_since: float | None = None  # monotonic seconds since the file is gone
         self.gone_logged = 0.0
-        self.replaced = False  # the file was replaced and reopened; adopting it (install, reconcile) is due
-        self.installed_in_replacement = False
+        self.replaced: str | None = None  # why the file is not the one shipped from: adopting it (reconcile) is due
+        self.holding = False  # this daemon held the lease at its last look
         self.recorded: dict[str, str] | None = None  # the halts as recorded in the file (None: not read yet)
+        self.recorded_waits: dict[str, str] | None = None  # likewise, the changes waiting for a halted table
         self.window: deque[tuple[Shipment, Future[Shipment]]] = deque()  # the batches of the drain under way
         self.open_seqs: set[int] = set()  # claimed (or passed over) and not settled: claims start below the lowest
         self.seen_upto = 0  # the highest seq a claim read since the floor was last reset
@@ -224,7 +225,10 @@ class Worker:
         self.reload_requested = threading.Event()
         self.shipper = ThreadPoolExecutor(max_workers=config.worker.max_in_flight, thread_name_prefix="syncd-ship")
         self.relatives: dict[str, set[str]] = {}  # table -> the tables it is a foreign-key ancestor or descendant of
-        self.lock = threading.Lock()  # what the shipping threads change: halts, foreign-key attempts, the batch size
+        self.ancestors: dict[str, set[str]] = {}  # table -> its foreign-key parents, theirs, and so on
+        self.descendants: dict[str, set[str]] = {}  # table -> its foreign-key children, theirs, and so on
+        self.waits: dict[str, dict[str, str]] = {}  # table -> op -> the halted table it waits for
+        self.lock = threading.RLock()  # what the shipping threads change: halts, foreign-key attempts, the batch size
         self.claim_seconds = 0.0  # moving averages of claiming a batch and of shipping one
         self.shipping_seconds = 0.0
 
@@ -251,6 +255,8 @@ class Worker:
                     continue
                 self.keep_capture_whole()
                 result = self.drain(stop, between=lambda: self.between_batches(stop))
+                if self.replaced:
+                    continue  # adopt the file (under the lease) before anything else touches it
                 self.flush_when_due(final=once and result.claimed == 0)
                 self.record_halts()
                 self.housekeeping()
@@ -289,10 +295,14 @@ class Worker:
         try:
             self.lease.keep()
         except LeaseHeld as held:
+            self.holding = False
             self.observer.standing_by(held.holder.host if held.holder else None,
                                       held.holder.pid if held.holder else None)
             stop.wait(self.lease.retry_after)
             return False
+        if not self.holding:  # taken now (at start, or over from another daemon): is this the file it left?
+            self.holding = True
+            self.look_for_discontinuity(thorough=True)
         self.observer.holding_lease()
         return True
 
@@ -344,30 +354,43 @@ class Worker:
         if event is SourceEvent.GONE:
             return self.wait_for_file("gone", f"the database file {self.source.path} is gone (a restore in "
                                       "progress?)", stop)
-        if event is SourceEvent.REPLACED:
+        if event in (SourceEvent.REPLACED, SourceEvent.STALE):
+            reason = ("the database file was replaced (a restore?)" if event is SourceEvent.REPLACED else
+                      "the WAL index (-shm) syncd's connection maps is no longer the file's: it was deleted while "
+                      "syncd had the file open, so syncd's lock on it had been lost; reading the file anew")
             try:
-                self.source.reopen()
+                self.source.reopen(configure=False)
             except SourceFileError as exc:  # a directory, a file that is not SQLite (yet?), not ours to write
                 return self.wait_for_file("unusable", f"the database file was replaced by one syncd cannot use: {exc}",
                                           stop)
-        self.gone_since = None
-        if event is SourceEvent.REPLACED:
-            if not outbox.installed(self.conn):  # a copy older than `syncd install`: the lease needs its tables
-                with immediate(self.conn):
-                    outbox.create(self.conn)
-                self.installed_in_replacement = True
             self.lease = Lease(self.conn, self.config.worker.lease_seconds, holder=self.lease.holder,
                                metrics=self.lease.metrics)
-            self.replaced, self.prepared, self.recorded = True, False, None
-            self.reset_floor()
-        elif event is SourceEvent.SCHEMA:
+            self.discontinued(reason)
+            self.source.configure()  # the state file attached, as at start (raises apsw.BusyError: the loop waits)
+        self.gone_since = None
+        if event is SourceEvent.SCHEMA:
             self.prepared = False
+            self.look_for_discontinuity()  # `sqlite3 .restore` into the open file changes its schema cookie
         return True
+
+    def look_for_discontinuity(self, *, thorough: bool = False) -> None:
+        """Whether the file is still the one syncd last shipped from (`Source.discontinuity`); when not, adopting it
+        is due."""
+        if self.replaced is None and (reason := self.source.discontinuity(thorough=thorough)) is not None:
+            self.discontinued(reason)
+
+    def discontinued(self, reason: str) -> None:
+        """The file is not the one syncd shipped from (`reason` says why): nothing is flushed into it, nothing
+        claimed from it, until it is adopted under the lease (`adopt_replaced_file`)."""
+        self.replaced = reason
+        self.prepared, self.recorded, self.recorded_waits = False, None, None
+        self.reset_floor()
 
     def keep_capture_whole(self) -> None:
         """Under the lease: adopt a replaced file, plan again after a schema change, and resume the tables whose
         schema mismatch the secondary has fixed."""
         self.source.configure()
+        self.look_for_discontinuity()
         if self.replaced:
             self.adopt_replaced_file()
         elif not self.prepared:
@@ -391,14 +414,18 @@ class Worker:
         return False
 
     def adopt_replaced_file(self) -> None:
-        """The file was replaced (a restore) and reopened: install syncd's tables if the copy predates `install`,
-        plan and heal capture, then reconcile every table (the file is the source of truth), or halt them all when
-        the operator asked to (`[worker] on_source_replaced = "halt"`)."""
-        self.observer.source_replaced(str(self.source.path), self.installed_in_replacement)
-        self.installed_in_replacement = False
+        """The file is not the one syncd shipped from (replaced, restored, or read through a lost WAL index): install
+        syncd's tables if the copy predates `install`, forget what was acked of the old file, plan and heal capture,
+        then reconcile every table (the file is the source of truth), or halt them all when the operator asked to
+        (`[worker] on_source_replaced = "halt"`); then remember the file as the one syncd ships from."""
+        installed_now = not outbox.installed(self.conn)
+        if installed_now:  # a copy older than `syncd install`
+            with immediate(self.conn):
+                outbox.create(self.conn)
+        self.observer.source_replaced(str(self.source.path), installed_now, self.replaced or "")
         outbox.forget_acked(self.conn)  # they were the old file's entries; the new file's ship as they are
         self.unflushed, self.unflushed_since = 0, None
-        reason = "the database file was replaced (a restore): the secondary may hold rows the file does not"
+        reason = f"{self.replaced}: the secondary may hold rows the file does not, or other values"
         with immediate(self.conn):
             for table in self.config.tables:
                 outbox.request_reconcile(self.conn, table.name, reason)
@@ -406,7 +433,10 @@ class Worker:
             for table in self.config.tables:
                 self.halt(table.name, Halt("replaced", "the database file was replaced (a restore?); halted as "
                                                        "[worker] on_source_replaced = \"halt\" asks"))
-        self.replaced = False
+        # A new generation: the file's history forks here, so that no copy from before the restore (nor one of
+        # another branch restored from the same backup) ever carries the position syncd records from now on.
+        self.source.remember(outbox.fork_position(self.conn))
+        self.replaced = None
         self.prepare()
 
     def prepare(self) -> None:
@@ -437,6 +467,8 @@ class Worker:
                 self.observer.capture_repaired(h.table, f"{h.triggers}: {h.problem}")
         self.order = ship_order(self.conn, self.config, list(self.mappings))
         self.relatives = relatives(self.conn, self.config, list(self.mappings))
+        self.ancestors, self.descendants = lineage(self.conn, self.config, list(self.mappings))
+        self.hold_dependents()
         self.plan_columns()
         self.halt_schema_mismatches()
         self.record_halts()
@@ -542,10 +574,14 @@ class Worker:
         floor = min(min(self.open_seqs) - 1, self.seen_upto) if self.open_seqs else self.seen_upto
         renderers = {t: self.mappings[t].sql_rendering for t in active}
         claimed = outbox.claim(self.conn, self.batch_size, active, in_flight, after=floor, renderers=renderers)
-        self.open_seqs.update(e.seq for c in claimed.changes for e in c.entries)
+        changes = [c for c in claimed.changes
+                   if c.problem or not self.holds(c.table, "upsert" if c.present else "delete")]
+        if len(changes) < len(claimed.changes):  # held: left in the outbox, claimed again once the halt ends
+            shipping = {id(c) for c in changes}
+            self.open_seqs.difference_update(e.seq for c in claimed.changes if id(c) not in shipping for e in c.entries)
+        self.open_seqs.update(e.seq for c in changes for e in c.entries)
         self.open_seqs.update(claimed.passed_over)
         self.seen_upto = max(self.seen_upto, claimed.last_seq)
-        changes = claimed.changes
         return Shipment(changes, sum(len(c.entries) for c in changes)) if changes else None
 
     def deliver(self, shipment: Shipment) -> Shipment:
@@ -609,6 +645,8 @@ class Worker:
         seconds old or FLUSH_ROWS many, at a moment when no other process is inside a transaction on the file, in
         transactions that never wait for its lock; after FLUSH_DEADLINE seconds, or `final`, whatever the app does.
         A commit while an app transaction has read but not yet written would make its write fail at once."""
+        if self.replaced:
+            return  # the file is not the one those entries were claimed from
         if self.unflushed < 0:
             self.count_unflushed(0)
         if not self.unflushed:
@@ -625,7 +663,11 @@ class Worker:
             if not quiet():
                 self.next_flush_try = time.monotonic() + FLUSH_RETRY
                 return
-            applied = outbox.flush(self.conn, wait=must, quiet=quiet)
+            try:
+                applied = outbox.flush(self.conn, wait=must, quiet=quiet)
+            except outbox.Discontinuity as exc:
+                self.discontinued(f"{exc}: a copy restored from a backup into the open file?")
+                return
             if applied is None:
                 self.next_flush_try = time.monotonic() + FLUSH_RETRY
                 return
@@ -700,14 +742,14 @@ class Worker:
         held: dict[str, list[Held]] = {}
         for table in self.order:
             plan = plans.get(table)
-            if plan and plan.present and table not in self.halted:
+            if plan and plan.present and not self.holds(table, "upsert"):
                 self.ship_upserts(table, plan.present, batch, held.setdefault(table, []))
         for table in reversed(self.order):
             plan = plans.get(table)
-            if plan and plan.gone and table not in self.halted:
+            if plan and plan.gone and not self.holds(table, "delete"):
                 self.ship_deletes(table, plan.gone, batch)
         for table in self.order:
-            if held.get(table) and table not in self.halted:
+            if held.get(table) and not self.holds(table, "upsert"):
                 self.hand_off(table, held[table], batch)
         for table, pairs in batch.collided.items():
             self.observer.keys_collided(table, pairs)
@@ -799,7 +841,7 @@ class Worker:
              holds: Callable[[TargetError], bool] = lambda error: error.unique_violation) -> None:
         """Ship items; on a row error bisect until the failing rows are alone, and reject only those (a row refused
         for a reason `holds` goes to `held` when given, to be sent again later)."""
-        if table in self.halted:
+        if self.holds(table, "delete" if op == "delete" else "upsert"):
             return
         try:
             self.exchange(table, op, [payload for _, payload in items])
@@ -867,51 +909,92 @@ class Worker:
     # -- halts ----------------------------------------------------------------------------------------------
 
     def halt(self, table: str, halt: Halt, error: TargetError | None = None) -> None:
-        """Stop shipping one table: capture goes on, nothing is lost; `halt.kind` decides how it resumes."""
-        if self.halted.get(table) == halt:
-            return
-        self.halted[table] = halt
-        self.observer.table_halted(table, halt.describe(), halt.hint, error)
+        """Stop shipping one table: capture goes on, nothing is lost; `halt.kind` decides how it resumes. What waits
+        on it in the tables related by foreign keys waits with it (`hold_dependents`)."""
+        with self.lock:
+            if self.halted.get(table) == halt:
+                return
+            self.halted[table] = halt
+            self.observer.table_halted(table, halt.describe(), halt.hint, error)
+            self.hold_dependents()
+
+    def hold_dependents(self) -> None:
+        """The changes that wait on a halted table wait with it and resume with it: the deletes of its foreign-key
+        ancestors (a parent's delete needs its children's deletes to land first) and the upserts of its descendants
+        (a child's upsert needs its parent's), as SQLite's foreign keys and `after` relate them; shipped now, they
+        would be refused (23503) and, after `fk_retries`, dead-lettered though nothing is wrong with them. A held
+        change stays in the outbox, unclaimed, until the halt ends (then the claims start over: `reset_floor`)."""
+        with self.lock:
+            waits: dict[str, dict[str, str]] = {}
+            for blocker in sorted(self.halted):
+                for op, tables in (("delete", self.ancestors.get(blocker, ())),
+                                   ("upsert", self.descendants.get(blocker, ()))):
+                    for table in sorted(tables):
+                        if table not in self.halted and table in self.mappings:
+                            waits.setdefault(table, {}).setdefault(op, blocker)
+            before, self.waits = self.waits, waits
+        if waits != before:
+            self.observer.changes_waiting(waits)
+        if any(op not in waits.get(table, {}) for table, ops in before.items() for op in ops):
+            self.reset_floor()  # held changes ship again: claim them
+
+    def holds(self, table: str, op: str) -> bool:
+        """Whether `op` (upsert, delete) of `table` waits for a halted table (see `hold_dependents`)."""
+        return table in self.halted or op in self.waits.get(table, {})
+
+    def unhalt(self, tables: Sequence[str], why: str) -> None:
+        """These tables ship again, and what waited for them (the file's record follows at `record_halts`)."""
+        with self.lock:
+            for table in tables:
+                self.halted.pop(table, None)
+        self.observer.tables_resumed(list(tables), why)
+        if tables:
+            self.reset_floor()  # their entries may lie below where the claims start now
+        self.hold_dependents()
 
     def record_halts(self) -> None:
         """Make the halts recorded in the file (for `status`) those in force, writing only what differs. At the
         first turn what a previous run recorded is cleared: a restart resumes every table."""
-        if self.recorded is None:
+        if self.recorded is None or self.recorded_waits is None:
             states = {t.name: outbox.table_state(self.conn, t.name) for t in self.config.tables}
             self.recorded = {t: str(state.get("last_error")) for t, state in states.items() if state.get("halted")}
+            self.recorded_waits = {t: str(state["waiting"]) for t, state in states.items() if state.get("waiting")}
         wanted = {table: halt.describe() for table, halt in self.halted.items()}
-        if wanted == self.recorded:
+        waits = describe_waits(self.waits)
+        if wanted == self.recorded and waits == self.recorded_waits:
             return
         updates: dict[str, dict[str, object]] = {
             table: {"halted": True, "last_error": reason} for table, reason in wanted.items()
             if self.recorded.get(table) != reason}
         updates |= {table: {"halted": False} for table in self.recorded.keys() - wanted.keys()}
+        for table in waits.keys() | self.recorded_waits.keys():
+            if waits.get(table) != self.recorded_waits.get(table):
+                updates.setdefault(table, {})["waiting"] = waits.get(table)
         outbox.record_table_states(self.conn, updates)
-        self.recorded = wanted
-
-    def unhalt(self, tables: Sequence[str], why: str) -> None:
-        """These tables ship again (the file's record follows at `record_halts`)."""
-        for table in tables:
-            self.halted.pop(table, None)
-        self.observer.tables_resumed(list(tables), why)
-        if tables:
-            self.reset_floor()  # their entries may lie below where the claims start now
+        self.recorded, self.recorded_waits = wanted, waits
 
     def resume(self) -> None:
         """Ship every halted table again (SIGHUP, after the operator fixed the cause)."""
         self.unhalt(list(self.halted), "SIGHUP")
 
     def plan_columns(self) -> None:
-        """The columns each table ships as its schema is now. A table that gained columns since the last plan (an
-        ALTER TABLE ADD COLUMN while syncd runs) is marked for a reconcile: SQLite gives the rows already there the
-        column's DEFAULT, which the secondary, adding the column on its side, may not hold."""
-        previous = self.shipped
+        """The columns each table ships as its schema is now. A table that gained columns since it was last planned
+        (an ALTER TABLE ADD COLUMN) is marked for a reconcile: SQLite gives the rows already there the column's
+        DEFAULT, which the secondary, adding the column on its side, may not hold. What was planned is kept in the
+        table's state, so that a column added while syncd was stopped, killed or standing by counts too."""
         self.shipped = {t: schema.shipped_columns(self.conn, m) for t, m in self.mappings.items()}
-        grown = {table: added for table, shipped in self.shipped.items() if table in previous
-                 and (added := [c for c in shipped.names if c not in previous[table].names])}
-        outbox.record_table_states(self.conn, {table: {"reconcile": (
-            f"column(s) {', '.join(map(repr, added))} added: the rows already there took their default in SQLite, "
-            "which the secondary may not hold")} for table, added in grown.items()})
+        updates: dict[str, dict[str, object]] = {}
+        for table, shipped in self.shipped.items():
+            before = outbox.table_state(self.conn, table).get("columns")
+            if before == shipped.names:
+                continue
+            updates[table] = {"columns": shipped.names}
+            added = [c for c in shipped.names if c not in before] if isinstance(before, list) else []
+            if added:
+                updates[table]["reconcile"] = (
+                    f"column(s) {', '.join(map(repr, added))} added: the rows already there took their default in "
+                    "SQLite, which the secondary may not hold")
+        outbox.record_table_states(self.conn, updates)
 
     def mismatches(self, tables: Sequence[str]) -> dict[str, schema.Mismatch] | None:
         """What the secondary's schema (PostgREST's OpenAPI description) lacks for each of `tables` that lacks
@@ -1054,6 +1137,41 @@ def ship_order(conn: apsw.Connection, config: Config, tables: list[str]) -> list
     except graphlib.CycleError:
         get_logger().warning("foreign keys form a cycle: shipping in configuration order", tables=tables)
         return tables
+
+
+def lineage(conn: apsw.Connection, config: Config, tables: list[str]
+            ) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """({table: its ancestors}, {table: its descendants}) by SQLite's declared foreign keys and each table's `after`
+    list, followed through every generation."""
+    parents = {table: declared_parents(conn, config, tables, table) for table in tables}
+    children: dict[str, set[str]] = {table: set() for table in tables}
+    for table, its_parents in parents.items():
+        for parent in its_parents:
+            children[parent].add(table)
+    return closure(parents), closure(children)
+
+
+def declared_parents(conn: apsw.Connection, config: Config, tables: list[str], table: str) -> set[str]:
+    """The tables among `tables` that `table` references by a foreign key SQLite declares, or names in `after`."""
+    known = {t.lower(): t for t in tables}
+    parents = {known[r[2].lower()] for r in conn.execute(f"PRAGMA foreign_key_list({quote_ident(table)})")
+               if r[2].lower() in known and known[r[2].lower()] != table}
+    table_config = config.table(table)
+    return parents | {known[a.lower()] for a in (table_config.after if table_config else []) if a.lower() in known}
+
+
+def closure(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """{node: every node reachable from it along `edges`, itself left out}."""
+    reached: dict[str, set[str]] = {}
+    for start in edges:
+        seen, todo = set(), [start]
+        while todo:
+            for other in edges.get(todo.pop(), ()):
+                if other not in seen and other != start:
+                    seen.add(other)
+                    todo.append(other)
+        reached[start] = seen
+    return reached
 
 
 def relatives(conn: apsw.Connection, config: Config, tables: list[str]) -> dict[str, set[str]]:
