@@ -52,6 +52,7 @@ PROBE_RETRY = 5.0  # ... and while it does not
 FLUSH_AFTER = 0.5  # seconds after an acknowledgement before its entries may be deleted from the app's file
 FLUSH_ROWS = 20_000  # ... or once this many wait, whatever their age
 FLUSH_DEADLINE = 2.0  # seconds after which they are deleted even while the app stays inside transactions
+FLUSH_REFUSAL_REPORT_EVERY = 30.0  # seconds between two warnings while the app's lock keeps a due flush out
 FLUSH_RETRY = 0.01  # seconds between looks for a moment when no other connection is inside a transaction
 GAP_WAIT = 0.05  # seconds a due flush waits for the app's next commit (right after it, the app is between two)
 GAP_POLL = 0.0002  # seconds between looks at PRAGMA data_version meanwhile
@@ -219,6 +220,8 @@ class Worker:
         self.unflushed = -1  # acked entries not yet deleted from the app's file (-1: not counted yet)
         self.unflushed_since: float | None = None  # monotonic seconds of the oldest of them
         self.next_flush_try = 0.0
+        self.flush_refused_since: float | None = None  # since when the app's write lock keeps a due flush out
+        self.flush_refusal_reported = 0.0
         self.requeued_keys = 0  # keys requeued (a foreign key refused them) by the last flushes
         self.app_version: int | None = None  # PRAGMA data_version when last read: it changes when the app commits
         self.app_committed_at = 0.0  # monotonic seconds when an app commit was last seen
@@ -342,9 +345,10 @@ class Worker:
         stop.wait(pause)
 
     def source_usable(self) -> None:
-        """A turn of the loop used the file without a fault."""
+        """A turn of the loop used the file without a fault (a due flush still refused by the app's lock is one)."""
         self.fault_since, self.faults = None, 0
-        self.observer.source_ok()
+        if self.flush_refused_since is None:
+            self.observer.source_ok()
 
     def follow_source(self, stop: threading.Event) -> bool:
         """Notice what changed in the file since the last turn: replaced -> reopen it (adopting it follows under
@@ -664,17 +668,34 @@ class Worker:
                 self.next_flush_try = time.monotonic() + FLUSH_RETRY
                 return
             try:
-                applied = outbox.flush(self.conn, wait=must, quiet=quiet)
+                applied = outbox.flush(self.conn, wait=final, quiet=quiet)
             except outbox.Discontinuity as exc:
                 self.discontinued(f"{exc}: a copy restored from a backup into the open file?")
                 return
             if applied is None:
                 self.next_flush_try = time.monotonic() + FLUSH_RETRY
+                if must:
+                    self.flush_refused()
                 return
+            self.flush_refused_since = None
             self.reset_floor()  # deleting the highest seqs lets SQLite hand them out again
             self.unflushed = 0 if applied < outbox.FLUSH_CHUNK else max(0, self.unflushed - applied)
         self.unflushed_since = None
         self.checkpoint()
+
+    def flush_refused(self) -> None:
+        """A due flush found the app holding the write lock. The drain goes on (acknowledging writes the state file
+        only) and the flush is tried again at every step, never waiting for the lock; once the lock has been held
+        past the busy timeout it is reported as a fault of the file (log, /readyz, `syncd_source_ok`) until a flush
+        gets through."""
+        now = time.monotonic()
+        if self.flush_refused_since is None:
+            self.flush_refused_since, self.flush_refusal_reported = now, 0.0
+        lasting = now - self.flush_refused_since
+        if lasting >= BUSY_TIMEOUT_MS / 1000 and now - self.flush_refusal_reported >= FLUSH_REFUSAL_REPORT_EVERY:
+            self.flush_refusal_reported = now
+            self.observer.source_fault("busy", fault_problem("busy", apsw.BusyError(), lasting), lasting,
+                                       FLUSH_RETRY)
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database file ourselves (PASSIVE: never waits for, never blocks, the app), so that
