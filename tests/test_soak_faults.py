@@ -158,14 +158,17 @@ def test_the_daemon_keeps_its_lock_on_the_apps_file_through_every_operation(
     assert daemon.stop() == 0
 
 
-def test_syncds_calls_keep_another_connections_lock_in_this_process(tmp_path: Path) -> None:
+def test_syncds_calls_keep_another_connections_lock_in_this_process(tmp_path: Path, devserver: DevServer,
+                                                                   pg_tables) -> None:
     """Every call of syncd that touches the app's file (check, connect, the state file, the lock probe, the source's
-    own checks, status) goes through SQLite: a connection this process holds keeps its lock after each."""
+    own checks, status, verify) goes through SQLite: a connection this process holds keeps its lock after each."""
     from syncd import sqlite as syncd_sqlite
     from syncd import state
     from syncd.config import load_config
     from syncd.source import LockProbe, LockWait, Source, identity
     from syncd.status import collect
+    from syncd.target import open_target
+    from syncd.verify import verify
 
     db = tmp_path / "app.sqlite3"
     setup = sqlite3.connect(db)
@@ -173,8 +176,9 @@ def test_syncds_calls_keep_another_connections_lock_in_this_process(tmp_path: Pa
     setup.executescript(ITEMS_SCHEMA)
     setup.close()
     config = tmp_path / "syncd.toml"
-    config.write_text(f'[source]\npath = "{db}"\n\n[target]\nurl = "http://127.0.0.1:9/rest/v1"\n'
-                      f'service_key = "k"\n\n{ITEMS_TABLES}')
+    pg_tables("lc_items", ITEMS_PG)
+    config.write_text(f'[source]\npath = "{db}"\n\n[target]\nurl = "{devserver.url}"\n'
+                      f'jwt_secret = "{devserver.jwt_secret}"\n\n{ITEMS_TABLES}')
     held = apsw.Connection(str(db))
     held.execute("SELECT count(*) FROM items").fetchall()
     pid = os.getpid()
@@ -196,7 +200,8 @@ def test_syncds_calls_keep_another_connections_lock_in_this_process(tmp_path: Pa
     source = Source(db)
     source.configure()
     for name, call in [("Source.check", source.check), ("Source.others_in_transaction", source.others_in_transaction),
-                       ("Source.reopen", source.reopen), ("status.collect", lambda: collect(source.conn, settings))]:
+                       ("Source.reopen", source.reopen), ("status.collect", lambda: collect(source.conn, settings)),
+                       ("verify", lambda: verify(source.conn, settings, open_target(settings)))]:
         call()
         assert locks_on(pid, db), f"{name} dropped the lock of another connection of this process"
     source.conn.close()
