@@ -359,12 +359,20 @@ def update_table_state(conn: apsw.Connection, table: str, **fields: object) -> N
     conn.execute("INSERT OR REPLACE INTO st.meta (key, value) VALUES (?, ?)", (f"state:{table}", json.dumps(state)))
 
 
+def take_state_write_lock(conn: apsw.Connection) -> None:
+    """Inside `writing`: take the state file's write lock before reading what the transaction rewrites (a write
+    statement takes it when it starts, even one that changes no row), so that a read-modify-write cannot lose another
+    connection's write, nor fail upgrading a read snapshot (https://sqlite.org/lang_transaction.html)."""
+    conn.execute("UPDATE st.meta SET value = value WHERE 0")
+
+
 def record_table_states(conn: apsw.Connection, updates: Mapping[str, Mapping[str, object]]) -> None:
     """Merge fields into several tables' states ({table: {field: value}}) in one state-file transaction."""
     if not updates:
         return
-    states = {table: {**table_state(conn, table), **fields} for table, fields in updates.items()}
-    with writing(conn):
+    with writing(conn):  # read in the same transaction: the reconciler's thread writes these states too
+        take_state_write_lock(conn)
+        states = {table: {**table_state(conn, table), **fields} for table, fields in updates.items()}
         conn.executemany("INSERT OR REPLACE INTO st.meta (key, value) VALUES (?, ?)",
                          [(f"state:{table}", json.dumps(state)) for table, state in states.items()])
 
@@ -385,11 +393,12 @@ def tables_to_reconcile(conn: apsw.Connection) -> dict[str, str]:
 def reconciled(conn: apsw.Connection, table: str, keys: int, at: float, marked: str | None) -> None:
     """Record a finished reconcile (`keys` enqueued, at unix seconds `at`) and clear the mark it answered, unless
     the mark changed meanwhile (a newer gap needs its own reconcile). One short state-file transaction."""
-    state = table_state(conn, table)
-    if state.get("reconcile") == marked:
-        state["reconcile"] = None
-    state["last_reconcile"] = {"at": at, "keys": keys}
-    with writing(conn):
+    with writing(conn):  # read in the same transaction: the worker may mark the table again meanwhile
+        take_state_write_lock(conn)
+        state = table_state(conn, table)
+        if state.get("reconcile") == marked:
+            state["reconcile"] = None
+        state["last_reconcile"] = {"at": at, "keys": keys}
         conn.execute("INSERT OR REPLACE INTO st.meta (key, value) VALUES (?, ?)", (f"state:{table}", json.dumps(state)))
 
 

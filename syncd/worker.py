@@ -53,6 +53,7 @@ FLUSH_AFTER = 0.5  # seconds after an acknowledgement before its entries may be 
 FLUSH_ROWS = 20_000  # ... or once this many wait, whatever their age
 FLUSH_DEADLINE = 2.0  # seconds after which they are deleted even while the app stays inside transactions
 FLUSH_REFUSAL_REPORT_EVERY = 30.0  # seconds between two warnings while the app's lock keeps a due flush out
+FORCE_SEARCH = 0.25  # seconds a due flush still looks for a moment no app transaction is open before it goes ahead
 FLUSH_RETRY = 0.01  # seconds between looks for a moment when no other connection is inside a transaction
 GAP_WAIT = 0.05  # seconds a due flush waits for the app's next commit (right after it, the app is between two)
 GAP_POLL = 0.0002  # seconds between looks at PRAGMA data_version meanwhile
@@ -221,6 +222,7 @@ class Worker:
         self.unflushed_since: float | None = None  # monotonic seconds of the oldest of them
         self.next_flush_try = 0.0
         self.flush_refused_since: float | None = None  # since when the app's write lock keeps a due flush out
+        self.force_flush_at: float | None = None  # when a due flush stops waiting for a quiet moment
         self.flush_refusal_reported = 0.0
         self.requeued_keys = 0  # keys requeued (a foreign key refused them) by the last flushes
         self.app_version: int | None = None  # PRAGMA data_version when last read: it changes when the app commits
@@ -660,10 +662,12 @@ class Worker:
         must = final or age >= FLUSH_DEADLINE
         if not must and (now < self.next_flush_try or (age < FLUSH_AFTER and self.unflushed < FLUSH_ROWS)):
             return
-        quiet = (lambda: True) if must else (lambda: not self.source.others_in_transaction())
+        if must and self.force_flush_at is None:  # due: a last FORCE_SEARCH seconds of looking for a quiet moment
+            self.force_flush_at = now + FORCE_SEARCH
+        forced = final or (self.force_flush_at is not None and now >= self.force_flush_at)
+        quiet = (lambda: True) if forced else (lambda: not self.source.others_in_transaction())
         while self.unflushed:
-            if not must:
-                self.wait_for_a_gap()
+            self.wait_for_a_gap()  # forced too: right after an app commit a commit of ours is least likely to fail one
             if not quiet():
                 self.next_flush_try = time.monotonic() + FLUSH_RETRY
                 return
@@ -677,10 +681,10 @@ class Worker:
                 if must:
                     self.flush_refused()
                 return
-            self.flush_refused_since = None
+            self.flush_refused_since = self.force_flush_at = None
             self.reset_floor()  # deleting the highest seqs lets SQLite hand them out again
             self.unflushed = 0 if applied < outbox.FLUSH_CHUNK else max(0, self.unflushed - applied)
-        self.unflushed_since = None
+        self.unflushed_since = self.force_flush_at = None
         self.checkpoint()
 
     def flush_refused(self) -> None:
