@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from tests.e2e import App, pending, poll, source, target, wait_converged
 
@@ -35,6 +36,8 @@ while time.time() < end:
     time.sleep(0.005)
 print(json.dumps({"ok": ok, "failed": failed}))
 """
+
+pytestmark = pytest.mark.serial  # failed app transactions are counted: no other test may load the CPU
 
 
 def run_app(db: Path, seconds: float) -> dict[str, int]:

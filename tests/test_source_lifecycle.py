@@ -898,6 +898,7 @@ def test_restore_of_a_copy_that_predates_install(tmp_path: Path, devserver: DevS
 # == 5. The app holds the write lock for seconds ==============================================================
 
 
+@pytest.mark.serial  # how long the daemon waits is measured
 def test_write_lock_held_mid_drain(app: App, pg: psycopg.Connection, run_daemon) -> None:
     """8 s of write lock while a 20k-row backlog ships: the drain goes on (acknowledging writes only the state file),
     deleting the shipped entries from the app's file waits; the daemon says for how long, /readyz 503 with that
