@@ -34,6 +34,7 @@ import math
 import re
 import struct
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date
@@ -61,7 +62,7 @@ FORMAT_KINDS = {
     "boolean": "bool",
     "timestamp with time zone": "instant", "timestamp without time zone": "timestamp", "date": "date",
     "json": "json", "jsonb": "json",
-    "bytea": "lower", "uuid": "lower",
+    "bytea": "lower", "uuid": "uuid",
     "text": "text", "character varying": "text", "character": "text", "citext": "text", "name": "text",
 }
 
@@ -237,6 +238,12 @@ def _lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
+def _uuid(value: object) -> object:
+    """A uuid as PostgreSQL prints it: lower case, hyphenated 8-4-4-4-12. It reads upper case, braces, and hyphens
+    after any group of four digits or none (PostgreSQL docs, "UUID Type"), so `{A0EE...}` and `a0ee...` are one key."""
+    return str(uuid.UUID(value)) if isinstance(value, str) else value
+
+
 def _text(value: object) -> object:
     if isinstance(value, str):
         return value
@@ -255,7 +262,8 @@ def _vector(value: object) -> list[object]:
 
 CANONICAL: dict[str, Canonical] = {
     "integer": _integer, "number": _number, "exact": exact_number, "real": _real, "bool": _bool, "instant": _instant,
-    "timestamp": _timestamp, "date": _date, "json": _json, "lower": _lower, "text": _text, "vector": _vector,
+    "timestamp": _timestamp, "date": _date, "json": _json, "lower": _lower, "uuid": _uuid, "text": _text,
+    "vector": _vector,
 }
 # The type whose values each kind already holds canonically (the fast path of most values).
 SETTLED: dict[str, type] = {"integer": int, "number": int, "exact": int, "json": str, "text": str, "bool": bool}

@@ -255,6 +255,9 @@ def test_verify_shows_no_secret_and_fails_clearly_when_the_secondary_is_down(app
     ("jsonb", {"z": 1, "a": [1.0, "é"]}, {"a": [1, "é"], "z": 1}),
     ("vector", "[0.1,2,3]", "[0.100000001,2,3]"), ("extensions.vector", [0.1, 2, 3], "[0.1,2,3]"),
     ("uuid", "0000000A-0000-0000-0000-000000000000", "0000000a-0000-0000-0000-000000000000"),
+    ("uuid", "{b1eebc99-9c0b-4ef8-bb6d-6bb9bd380a12}", "b1eebc99-9c0b-4ef8-bb6d-6bb9bd380a12"),
+    ("uuid", "c2eebc999c0b4ef8bb6d6bb9bd380a13", "c2eebc99-9c0b-4ef8-bb6d-6bb9bd380a13"),
+    ("uuid", "A0EEBC99-9C0B4EF8-BB6D6BB9-BD380A11", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
     ("bytea", "\\xABCD", "\\xabcd"), ("text", 3.5, "3.5"), ("text", 7, "7"),
 ])
 def test_canonical_values_that_postgresql_holds_alike(fmt: str, a: object, b: object):
@@ -265,6 +268,7 @@ def test_canonical_values_that_postgresql_holds_alike(fmt: str, a: object, b: ob
     ("jsonb", {"i": 6}, '{"i": 6}'), ("bigint", 5, 6), ("text", "a", "A"), ("boolean", True, 0),
     ("timestamp with time zone", "2023-11-14T22:13:20+01:00", "2023-11-14T22:13:20+00:00"),
     ("real", 0.1, 0.2), ("vector", "[1,2]", "[1,2,3]"), ("text", None, ""),
+    ("uuid", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a12"),
 ])
 def test_canonical_values_that_differ(fmt: str, a: object, b: object):
     assert canonical(fmt, a) != canonical(fmt, b)
