@@ -325,6 +325,7 @@ class TableHealth:
     table: str
     triggers: str = "ok"
     problem: str | None = None
+    finding: str | None = None  # what was wrong, without the fix: true still once the daemon repaired it
     plan: Capture | None = None
     key_changed: bool = False
 
@@ -372,10 +373,13 @@ def examine(conn: apsw.Connection, table_config: TableConfig,
     elif missing:
         health.triggers = "missing"
         health.problem = f"trigger(s) {', '.join(missing)} missing: changes are NOT being captured; run: syncd install"
+        health.finding = f"trigger(s) {', '.join(missing)} were missing: changes made meanwhile were not captured"
     elif outdated:
         health.triggers = "outdated"
         health.problem = (f"trigger(s) {', '.join(outdated)} differ from what the config and schema need "
                           "(key column renamed, key or unique index changed); run: syncd install")
+        health.finding = (f"trigger(s) {', '.join(outdated)} differed from what the config and schema need (key "
+                          "column renamed, key or unique index changed)")
     return health
 
 

@@ -470,7 +470,7 @@ class Worker:
             what = "triggers were lost or outdated by a schema change; reinstalled for the table as it now is"
             capture.reinstall(self.conn, [h.plan for h in repair], what)  # type: ignore[misc]
             for h in repair:
-                self.observer.capture_repaired(h.table, f"{h.triggers}: {h.problem}")
+                self.observer.capture_repaired(h.table, h.finding or f"{h.triggers}: {h.problem}")
         self.order = ship_order(self.conn, self.config, list(self.mappings))
         self.relatives = relatives(self.conn, self.config, list(self.mappings))
         self.ancestors, self.descendants = lineage(self.conn, self.config, list(self.mappings))
@@ -991,7 +991,8 @@ class Worker:
         updates: dict[str, dict[str, object]] = {
             table: {"halted": True, "last_error": reason} for table, reason in wanted.items()
             if self.recorded.get(table) != reason}
-        updates |= {table: {"halted": False} for table in self.recorded.keys() - wanted.keys()}
+        # resumed: the halt's reason is no longer true (status would show it as the table's last error)
+        updates |= {table: {"halted": False, "last_error": None} for table in self.recorded.keys() - wanted.keys()}
         for table in waits.keys() | self.recorded_waits.keys():
             if waits.get(table) != self.recorded_waits.get(table):
                 updates.setdefault(table, {})["waiting"] = waits.get(table)

@@ -314,3 +314,32 @@ def test_an_io_error_on_syncds_writes_is_waited_out_and_loses_nothing(tmp_path: 
     finally:
         conn.close()
         vfs.unregister()
+
+
+def test_a_resumed_table_shows_no_stale_error_and_a_repair_says_what_is_true_now(tmp_path: Path):
+    """Issue 19, point 6: once a halted table resumes, `status` no longer shows the halt's reason as its last error;
+    the capture-repaired line says what was wrong, not the fix the daemon just applied."""
+    from syncd.status import collect
+
+    target = DescribedTarget(columns={"parent": ["id", "v"], "child": ["id", "v"]})
+    worker, db, config = make_worker(tmp_path, target, schema_recheck_interval=0.01)
+    worker.prepare()
+    db.execute("ALTER TABLE parent ADD COLUMN w")
+    worker.prepared = False
+    worker.prepare()
+    worker.record_halts()
+    assert outbox.table_state(worker.conn, "parent").get("halted")
+    target.columns["parent"].append("w")
+    worker.next_schema_check = 0.0
+    worker.recheck_schema_halts()
+    worker.record_halts()
+    shown = next(t for t in collect(worker.conn, config).tables if t.name == "parent")
+    assert not shown.halted and shown.last_error is None, shown
+
+    repaired: list[str] = []
+    worker.observer.capture_repaired = lambda table, what: repaired.append(what)  # type: ignore[method-assign]
+    db.executescript("DROP TRIGGER _syncd_child_ins;")
+    worker.prepared = False
+    worker.prepare()
+    assert repaired and "NOT being captured" not in repaired[0] and "run: syncd install" not in repaired[0], repaired
+    assert "_syncd_child_ins" in repaired[0]
