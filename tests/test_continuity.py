@@ -62,6 +62,16 @@ def restart(worker: Worker, config: Config) -> Worker:
     return fresh
 
 
+def shipped_once(tmp_path: Path) -> tuple[Worker, Config]:
+    """A worker on an installed file that has shipped and flushed one row (the app's own connection closed)."""
+    worker, db, config = make_worker(tmp_path, DescribedTarget())
+    db.close()
+    worker.prepare()
+    write(config, "INSERT INTO parent VALUES (1, 'a')")
+    ship(worker)
+    return worker, config
+
+
 def position(worker: Worker) -> outbox.Position | None:
     return outbox.file_position(worker.conn)
 
@@ -82,21 +92,13 @@ def test_every_flush_advances_the_position_in_both_files(tmp_path: Path):
 
 
 def test_a_clean_restart_is_no_discontinuity(tmp_path: Path):
-    worker, db, config = make_worker(tmp_path, DescribedTarget())
-    db.close()
-    worker.prepare()
-    write(config, "INSERT INTO parent VALUES (1, 'a')")
-    ship(worker)
+    worker, config = shipped_once(tmp_path)
     again = restart(worker, config)
     assert again.source.discontinuity(thorough=True) is None
 
 
 def test_a_copy_put_back_over_the_same_inode_is_a_discontinuity(tmp_path: Path):
-    worker, db, config = make_worker(tmp_path, DescribedTarget())
-    db.close()
-    worker.prepare()
-    write(config, "INSERT INTO parent VALUES (1, 'a')")
-    ship(worker)
+    worker, config = shipped_once(tmp_path)
     copy = copy_of(config, tmp_path / "copy.sqlite3")
     write(config, "INSERT INTO parent VALUES (2, 'after the copy')")
     ship(worker)
@@ -110,11 +112,7 @@ def test_a_copy_put_back_over_the_same_inode_is_a_discontinuity(tmp_path: Path):
 def test_a_copy_taken_after_the_last_flush_is_told_by_the_entries_it_lacks(tmp_path: Path):
     """The copy carries the last flush's position, but entries syncd shipped after it (acknowledged, not flushed
     yet) are not in it: the thorough check at start finds them missing."""
-    worker, db, config = make_worker(tmp_path, DescribedTarget())
-    db.close()
-    worker.prepare()
-    write(config, "INSERT INTO parent VALUES (1, 'a')")
-    ship(worker)
+    worker, config = shipped_once(tmp_path)
     copy = copy_of(config, tmp_path / "copy.sqlite3")
     write(config, "INSERT INTO parent VALUES (2, 'after the copy')")
     worker.finish(worker.deliver(worker.claim()))  # shipped and acknowledged; the process dies before the flush
@@ -129,11 +127,7 @@ def test_a_copy_taken_after_the_last_flush_is_told_by_the_entries_it_lacks(tmp_p
 def test_a_flush_whose_state_half_was_lost_is_completed_not_reconciled(tmp_path: Path):
     """SQLite commits an attached WAL database's transaction file by file: a crash can leave the app's file one flush
     ahead of the state file. That is completed (the acked entries it deleted forgotten), not taken for a restore."""
-    worker, db, config = make_worker(tmp_path, DescribedTarget())
-    db.close()
-    worker.prepare()
-    write(config, "INSERT INTO parent VALUES (1, 'a')")
-    ship(worker)
+    worker, config = shipped_once(tmp_path)
     recorded = outbox.recorded_source(worker.conn)
     assert recorded is not None
     write(config, "INSERT INTO parent VALUES (2, 'b')")
@@ -144,11 +138,7 @@ def test_a_flush_whose_state_half_was_lost_is_completed_not_reconciled(tmp_path:
 
 
 def test_a_lost_state_file_is_a_discontinuity_once_the_file_has_shipped(tmp_path: Path):
-    worker, db, config = make_worker(tmp_path, DescribedTarget())
-    db.close()
-    worker.prepare()
-    write(config, "INSERT INTO parent VALUES (1, 'a')")
-    ship(worker)
+    worker, config = shipped_once(tmp_path)
     worker.conn.close()
     for suffix in ("", "-wal", "-shm"):
         Path(f"{state.path_for(config.source.path)}{suffix}").unlink(missing_ok=True)
@@ -161,11 +151,7 @@ def test_two_branches_restored_from_one_backup_never_share_a_position(tmp_path: 
     """A backup B, the file goes on; B restored, the file goes on (one flush); a backup X of that branch; B restored
     again, the file goes on (one flush): both branches are at B's flushes + 1. Restoring X must still be seen:
     adopting a restored file starts a new generation."""
-    worker, db, config = make_worker(tmp_path, DescribedTarget())
-    db.close()
-    worker.prepare()
-    write(config, "INSERT INTO parent VALUES (1, 'a')")
-    ship(worker)
+    worker, config = shipped_once(tmp_path)
     backup = copy_of(config, tmp_path / "b.sqlite3")
     write(config, "INSERT INTO parent VALUES (2, 'after the backup')")
     ship(worker)
