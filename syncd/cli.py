@@ -19,7 +19,7 @@ import apsw
 
 from syncd import __version__, auth, capture, sqlite, state, status, timeparse
 from syncd import replay as operations
-from syncd.config import Config, ConfigError, WorkerConfig, load_config
+from syncd.config import Config, ConfigError, WorkerConfig, default_config_file, load_config
 from syncd.progress import Progress
 from syncd.redact import redact
 from syncd.source import LockWait
@@ -35,7 +35,7 @@ LOCK_WAITS: list[LockWait] = []  # this process's, to say who held the lock when
 
 def load(args: argparse.Namespace, **overrides: object) -> Config:
     """The configuration for a command: its --config and --db, then `overrides` (dotted keys). Raises ConfigError."""
-    return load_config(args.config, overrides={"source.path": args.db, **overrides})
+    return load_config(args.config or default_config_file(), overrides={"source.path": args.db, **overrides})
 
 
 def open_source(args: argparse.Namespace, config: Config, *, readonly: bool = False) -> apsw.Connection:
@@ -387,7 +387,9 @@ def seconds(text: str) -> float:
 def add_config_options(p: argparse.ArgumentParser, *, lock_wait: bool = True) -> None:
     """--config and --db, which every command that reads the app's file takes; --lock-wait for a command (not the
     daemon, which waits as long as it takes)."""
-    p.add_argument("--config", type=Path, help="TOML configuration file (default: $SYNCD_CONFIG)")
+    p.add_argument("--config", type=Path,
+                   help="TOML configuration file (default: $SYNCD_CONFIG, else ./syncd.toml, else "
+                        "/etc/syncd/syncd.toml)")
     p.add_argument("--db", help="the application's SQLite file (overrides source.path and $SYNCD_DB)")
     if lock_wait:
         p.add_argument("--lock-wait", type=seconds, default=LOCK_WAIT, metavar="SECONDS",

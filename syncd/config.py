@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -750,6 +751,19 @@ def _read_secret(secret: str, path: Path) -> SecretStr:
 
 
 # ---- Entry point ---------------------------------------------------------------------------------
+
+
+DEFAULT_CONFIG_FILES = (Path("syncd.toml"), Path("/etc/syncd/syncd.toml"))  # after --config and SYNCD_CONFIG
+
+
+def default_config_file(env: Mapping[str, str] | None = None) -> Path | None:
+    """The configuration a command reads when given no --config: SYNCD_CONFIG's file, else the first of
+    ./syncd.toml (where `syncd init` writes it) and /etc/syncd/syncd.toml (the image's) that exists; None for none
+    (the environment and the defaults alone)."""
+    named = (os.environ if env is None else env).get("SYNCD_CONFIG")
+    if named:
+        return Path(named)
+    return next((path for path in DEFAULT_CONFIG_FILES if path.is_file()), None)
 
 
 def load_config(path: Path | None = None, *, env: Mapping[str, str] | None = None,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -420,3 +423,21 @@ def test_demo_toml_matches_the_migrations() -> None:
         assert set(shipped) == set(pg), table.name
         expected = {column: kind if kind in TYPE_OF_TRANSFORM.values() else "" for column, kind in pg.items()}
         assert shipped == expected, table.name
+
+
+def test_a_command_without_config_finds_the_one_init_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19, point 1: --config > SYNCD_CONFIG > ./syncd.toml > /etc/syncd/syncd.toml, as README documents, so
+    `syncd install` works as typed in the directory `syncd init` wrote to."""
+    from syncd.config import default_config_file
+
+    monkeypatch.chdir(tmp_path)
+    assert default_config_file({}) in (None, Path("/etc/syncd/syncd.toml"))
+    (tmp_path / "syncd.toml").write_text("")
+    assert default_config_file({}) == Path("syncd.toml")
+    assert default_config_file({"SYNCD_CONFIG": "/elsewhere.toml"}) == Path("/elsewhere.toml")
+    db = tmp_path / "app.sqlite3"
+    sqlite3.connect(db).execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+    (tmp_path / "syncd.toml").write_text(f'[source]\npath = "{db}"\n\n[[table]]\nname = "t"\n')
+    done = subprocess.run([sys.executable, "-m", "syncd", "install"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env={k: v for k, v in os.environ.items() if k != "SYNCD_CONFIG"})
+    assert done.returncode == 0 and "installed in" in done.stdout, done.stderr
