@@ -61,7 +61,7 @@ class Observer:
     # -- the application's file -----------------------------------------------------------------------------
 
     def source_fault(self, kind: str, problem: str, since: float, retry_in: float) -> None:
-        """A step on the application's file failed (`kind`: busy, full, readonly, io, gone, unusable); retried in
+        """A step on the application's file failed (`kind`: busy, full, readonly, io, gone, unusable, stale); retried in
         `retry_in` seconds. `since`: seconds the fault has lasted."""
         self.metrics.source_ok.set(0)
         self.metrics.source_errors.labels(kind=kind).inc()

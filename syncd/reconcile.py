@@ -19,7 +19,7 @@ from pathlib import Path
 
 import apsw
 
-from syncd import backoff, capture, sqlite, state, verify
+from syncd import backoff, capture, source, sqlite, verify
 from syncd.config import Config
 from syncd.observer import Observer
 from syncd.target import PostgrestTarget, TargetError
@@ -102,13 +102,10 @@ class Reconciler:
         started = time.monotonic()
         config, target = self.settings()
         try:
-            conn = state.connect(self.path)
-            try:
+            with source.side_connection(self.path) as conn:
                 report = verify.verify(conn, config, target, tables=[table], repair=True).tables[0]
-            finally:
-                conn.close()
             problem = report.error
-        except (apsw.Error, TargetError, capture.CaptureError, sqlite.DatabaseNotFound) as exc:
+        except (apsw.Error, TargetError, capture.CaptureError, sqlite.SourceFileError) as exc:
             problem = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
         if problem is None:
             self.observer.reconciled(table, report.repair or 0, time.monotonic() - started)

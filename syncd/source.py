@@ -15,12 +15,13 @@ gone for good (longer than the grace the caller allows) it is fatal.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import fcntl
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import apsw
 
 from syncd import outbox, sqlite, state
 
-__all__ = ["Event", "Identity", "LockProbe", "LockWait", "Source", "identity"]
+__all__ = ["Event", "Identity", "LockProbe", "LockWait", "Source", "StaleWalIndex", "identity", "side_connection"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Source:
         self.configured = False
         self.wal = True
         self.wal_index: os.stat_result | None = None  # the -shm our connection maps, as it was when it first read
+        self.shares_stale_index = False
         self.probe: LockProbe | None = None
 
     def configure(self) -> None:
@@ -94,6 +96,9 @@ class Source:
         if self.wal:
             self.conn.execute("PRAGMA main.synchronous = NORMAL")
             self.wal_index = wal_index(self.path)
+            # Opened while another connection of this process still maps a deleted WAL index, this one reads
+            # through it too (SQLite shares it per inode): then it is lost from the start.
+            self.shares_stale_index = sqlite.stale_wal_index_mapped(self.path)
         self.conn.execute("PRAGMA st.synchronous = NORMAL")  # the state file is WAL: a lost write ships again
         if self.schema_version is None:
             self.schema_version = self.read_schema_version()
@@ -128,6 +133,8 @@ class Source:
         deletes them only when no other connection holds a lock on the file, so this means syncd's lock was lost."""
         if not self.configured or not self.wal or self.wal_index is None:
             return False
+        if self.shares_stale_index:
+            return True
         now = wal_index(self.path)
         return now is None or (now.st_dev, now.st_ino) != (self.wal_index.st_dev, self.wal_index.st_ino)
 
@@ -136,12 +143,23 @@ class Source:
         file attached) unless `configure` is False, and close the old connection. Raises sqlite.SourceFileError (the
         old connection kept, the replacement still pending) when the new file is not one syncd can use, and
         apsw.BusyError (the new connection kept, not configured yet: `configure` again) while the app holds an
-        exclusive lock."""
+        exclusive lock.
+
+        The old connection closes without SQLite's checkpoint on close (`sqlite.close`): the file it read is
+        replaced, or its WAL index deleted, and that checkpoint would delete the live file's -wal and -shm. When the
+        inode is the same (a lost WAL index), it closes before the new one opens, so that the new one does not
+        share the old one's deleted WAL index (SQLite shares it among a process's connections to an inode)."""
         now = identity(self.path)
-        old, self.conn = self.conn, sqlite.connect(self.path)
+        if now is not None and now == self.identity:
+            sqlite.check(self.path)
+            sqlite.close(self.conn, checkpoint=False)
+            self.conn = sqlite.connect(self.path)
+        else:
+            old, self.conn = self.conn, sqlite.connect(self.path)
+            sqlite.close(old, checkpoint=False)
         self.identity = now
         self.schema_version, self.configured, self.wal_index, self.probe = None, False, None, None
-        old.close()
+        self.shares_stale_index = False
         if configure:
             self.configure()
 
@@ -199,6 +217,30 @@ class Source:
         ships from (after adopting it)."""
         position = position or outbox.file_position(self.conn) or outbox.position_for_new_file(self.conn)
         outbox.record_source(self.conn, position, self.identity.inode if self.identity else None)
+
+
+class StaleWalIndex(sqlite.SourceFileError):
+    """A connection of this process would read the app's file through a deleted WAL index (see
+    sqlite.stale_wal_index_mapped): the worker is reopening the file; try again in a moment."""
+
+
+@contextlib.contextmanager
+def side_connection(database: Path) -> Iterator[apsw.Connection]:
+    """Another connection of the daemon's to the app's file (the reconciler's), with the state file attached
+    (state.connect), for the length of one job. Raises StaleWalIndex, before anything is read through it, when it
+    would read through a deleted WAL index; closes without SQLite's checkpoint on close when the file was replaced
+    or its WAL index deleted meanwhile (see Source.reopen)."""
+    opened = identity(database)
+    conn = state.connect(database)
+    try:
+        conn.execute("SELECT 1 FROM main.sqlite_schema LIMIT 1").fetchall()  # maps the WAL index (in WAL mode)
+        if sqlite.stale_wal_index_mapped(database):
+            raise StaleWalIndex(f"the WAL index of {database} was deleted while syncd had the file open; the file is "
+                                "being reopened (retried)")
+        yield conn
+    finally:
+        unchanged = identity(database) == opened and not sqlite.stale_wal_index_mapped(database)
+        sqlite.close(conn, checkpoint=unchanged)
 
 
 def wal_index(database: Path) -> os.stat_result | None:

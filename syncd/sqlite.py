@@ -38,6 +38,35 @@ def connect(path: Path, *, readonly: bool = False, setting: str = "source.path")
     return conn
 
 
+def close(conn: apsw.Connection, *, checkpoint: bool = True) -> None:
+    """Close `conn`; with `checkpoint` False, without the checkpoint SQLite's last connection to a file makes on
+    close. That checkpoint is followed by deleting `-wal` and `-shm` by name (sqlite3WalClose in SQLite's wal.c):
+    closed on a file that was replaced, or through a WAL index that was deleted under it, it would delete the
+    live file's WAL, committed transactions and all, or copy a dead WAL's pages into it. SQLite skips both when
+    SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE is set (https://sqlite.org/c3ref/c_dbconfig_defensive.html)."""
+    if not checkpoint:
+        conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+    conn.close()
+
+
+def stale_wal_index_mapped(database: Path) -> bool:
+    """Whether this process maps a WAL index (`-shm`) of `database` that is no longer the one at its path (deleted,
+    or deleted and made anew). SQLite's unix VFS shares one WAL index among all connections of a process to one
+    database inode (unixShmNode in os_unix.c), so a connection opened while another still maps a deleted one reads
+    through that one too: a WAL nobody writes any more. From /proc/self/maps (Linux); False where there is none."""
+    shm = os.path.realpath(database) + "-shm"
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].endswith(" (deleted)") and fields[5][: -len(" (deleted)")] == shm:
+            return True
+    return False
+
+
 def register_functions(conn: apsw.Connection) -> None:
     """The SQL functions syncd's own statements use: `syncd_real_json(x)`, a REAL as the shortest text that gives
     back its double (Python's repr, JSON.stringify's, PostgreSQL's float8 output), to be wrapped in json(). SQLite's

@@ -373,6 +373,9 @@ class Worker:
                                metrics=self.lease.metrics)
             self.discontinued(reason)
             self.source.configure()  # the state file attached, as at start (raises apsw.BusyError: the loop waits)
+            if self.source.wal_index_lost():  # the reconciler's connection still maps the deleted one: it ends soon
+                return self.wait_for_file("stale", "another connection of syncd's still maps the deleted WAL index "
+                                          "(-shm) of the database file; reopening once it closes", stop)
         self.gone_since = None
         if event is SourceEvent.SCHEMA:
             self.prepared = False
@@ -404,7 +407,7 @@ class Worker:
         self.recheck_schema_halts()
 
     def wait_for_file(self, kind: str, problem: str, stop: threading.Event) -> bool:
-        """No usable file at source.path (`kind`: gone, unusable; `problem` says which): report it every
+        """No usable file at source.path (`kind`: gone, unusable, stale; `problem` says which): report it every
         GONE_LOG_EVERY seconds and wait GONE_POLL (False: the turn is over); raises SourceGone once it has lasted
         SOURCE_GONE_GRACE seconds."""
         now = time.monotonic()

@@ -229,6 +229,13 @@ def figure(what: str, seconds: float) -> None:
     print(f"\nFIGURE {what}: {seconds:.3f} s")
 
 
+def shorten(line: str) -> str:
+    """A log line cut to 400 characters, except a traceback's last 2,000 (where the error is)."""
+    if '"exception"' in line and len(line) > 400:
+        return line[:400] + " ... " + line[-2000:]
+    return line[:400]
+
+
 class Daemon:
     """A `syncd run` process whose JSON log lines go to a file that the test reads while it runs."""
 
@@ -241,7 +248,7 @@ class Daemon:
         return self.log.read_text()
 
     def tail(self, lines: int = 25) -> str:
-        return "\n".join(line[:400] for line in self.text().splitlines()[-lines:])
+        return "\n".join(shorten(line) for line in self.text().splitlines()[-lines:])
 
     def events(self) -> list[dict[str, object]]:
         found = []
