@@ -41,7 +41,7 @@ import traceback
 import urllib.parse
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -408,7 +408,8 @@ def span(rng: random.Random, low: float, high: float, scale: float) -> float:
     return round(max(1.0, rng.uniform(low, high) * scale), 1)
 
 
-def draw_params(op: str, rng: random.Random, number: int, scale: float) -> dict[str, Any]:
+def draw_params(op: str, rng: random.Random, number: int, scale: float,
+                restore_kinds: Sequence[str] = RESTORE_KINDS) -> dict[str, Any]:
     """The parameters of one operation, drawn from the cycle's RNG."""
     if op == "kill":
         return {"after": round(rng.uniform(0, 2) * scale, 1),
@@ -422,22 +423,35 @@ def draw_params(op: str, rng: random.Random, number: int, scale: float) -> dict[
         return {"table": rng.choice(TABLES), "name": f"x{number:02d}", "type": rng.choice(("TEXT", "INTEGER")),
                 "default": rng.random() < 0.5, "sqlite_first": rng.random() < 0.5, "lag": span(rng, 2, 5, scale)}
     if op == "restore":
-        return {"kind": rng.choice(RESTORE_KINDS), "pick": rng.random(), "kill": rng.random() < 0.5,
+        return {"kind": rng.choice(restore_kinds), "pick": rng.random(), "kill": rng.random() < 0.5,
                 "syncd_first": rng.random() < 0.5, "pause": round(rng.uniform(0, 3) * scale, 1)}
     if op == "lock":
         return {"seconds": span(rng, 2, 8, scale), "background": rng.random() < 0.4}
     return {}
 
 
-def plan_cycle(seed: int, number: int, cycle_seconds: float | None) -> tuple[float, list[Step]]:
+def choices(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated subset of `allowed`."""
+    def parse(text: str) -> tuple[str, ...]:
+        chosen = tuple(part.strip() for part in text.split(",") if part.strip())
+        unknown = [part for part in chosen if part not in allowed]
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(f"choose among {', '.join(allowed)} (got {text!r})")
+        return chosen
+    return parse
+
+
+def plan_cycle(seed: int, number: int, cycle_seconds: float | None, operations: Sequence[str] = OPERATIONS,
+               restore_kinds: Sequence[str] = RESTORE_KINDS) -> tuple[float, list[Step]]:
     """How long the app writes in cycle `number`, and its steps: a random subset of the operations in a random order
-    (at least one), with one or two backups among them. The same seed gives the same plan."""
+    (at least one), with one or two backups among them. The same seed gives the same plan. `operations` and
+    `restore_kinds` narrow the draw (--only, --restore-kinds: to repeat one combination of faults many times)."""
     rng = random.Random(f"syncd-soak:{seed}:{number}")
     seconds = cycle_seconds if cycle_seconds is not None else round(rng.uniform(6, 10), 1)
     scale = min(1.0, seconds / 8)
-    ops = [op for op in OPERATIONS if rng.random() < 0.5] or [rng.choice(OPERATIONS)]
+    ops = [op for op in operations if rng.random() < 0.5] or [rng.choice(operations)]
     rng.shuffle(ops)
-    steps = [Step(op, 0.0, draw_params(op, rng, number, scale)) for op in ops]
+    steps = [Step(op, 0.0, draw_params(op, rng, number, scale, restore_kinds)) for op in ops]
     for _ in range(rng.randint(1, 2)):
         steps.insert(rng.randint(0, len(steps)), Step("backup", 0.0, {}))
     for step in steps:
@@ -1033,7 +1047,8 @@ class Soak:
 
     def run_cycle(self, number: int) -> CycleRecord:
         """The app writes while the cycle's steps run; then the app stops and the secondary must converge."""
-        seconds, steps = plan_cycle(self.seed, number, self.args.cycle_seconds)
+        seconds, steps = plan_cycle(self.seed, number, self.args.cycle_seconds, self.args.only,
+                                    self.args.restore_kinds)
         with self.state_lock:
             self.record = CycleRecord(number, seconds, [describe(s) for s in steps])
             self.cycle_started, self.phase = time.monotonic(), "writing"
@@ -1474,6 +1489,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stall-seconds", type=float, default=30.0)
     parser.add_argument("--keep", action="store_true", help="keep the work directory (kept anyway on failure)")
     parser.add_argument("--json", type=Path, help="write the summary there")
+    parser.add_argument("--only", type=choices(OPERATIONS), default=OPERATIONS,
+                        help="draw only these operations (comma-separated, e.g. restore,migration,outage)")
+    parser.add_argument("--restore-kinds", type=choices(RESTORE_KINDS), default=RESTORE_KINDS,
+                        help="draw only these kinds of restore (comma-separated)")
     parser.add_argument("--plan", action="store_true", help="print each cycle's plan for the seed and exit")
     args = parser.parse_args(argv)
     if args.secondary == "postgrest" and not args.postgrest:
@@ -1492,7 +1511,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"syncd soak: seed {seed}", flush=True)
     if args.plan:
         for number in range(1, args.cycles + 1):
-            seconds, steps = plan_cycle(seed, number, args.cycle_seconds)
+            seconds, steps = plan_cycle(seed, number, args.cycle_seconds, args.only, args.restore_kinds)
             print(f"cycle {number} ({seconds} s): {' > '.join(describe(s) for s in steps)}")
         return 0
     work = Path(tempfile.mkdtemp(prefix="syncd-soak-"))
