@@ -425,6 +425,7 @@ class PostgrestTarget:
         self.on_renewed = on_renewed
         self._tokens = tokens
         self._apikey = apikey
+        self.timeout = timeout
         self._client = httpx.Client(verify=True, timeout=timeout, transport=transport,
                                     headers={"User-Agent": f"syncd/{__version__}"})
 
@@ -576,7 +577,7 @@ class PostgrestTarget:
         TargetError (token and apikey redacted)."""
         token = self._tokens.token()
         try:
-            response = self._client.request(method, url, headers={**self.headers(token), **headers}, content=body)
+            response = self.exchange(method, url, {**self.headers(token), **headers}, body)
         except httpx.HTTPError as exc:
             # from None: the chained httpx exception holds the request, and with it the Authorization header
             raise self.redacted(classify_exception(exc), token) from None
@@ -584,6 +585,29 @@ class PostgrestTarget:
         if error is not None:
             raise self.redacted(error, token)
         return response
+
+    def exchange(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None) -> httpx.Response:
+        """Send a request and read its whole answer within `timeout` seconds from the start: httpx's timeouts are
+        per network operation, so an answer trickled a byte at a time would outlast any of them (encode/httpx#1450).
+        The answer is read as it arrives and abandoned once the deadline has passed (after at most one more read,
+        itself bounded by `timeout`): raises httpx.ReadTimeout, a transient failure like any other timeout."""
+        deadline = time.monotonic() + self.timeout
+        with self._client.stream(method, url, headers=headers, content=body) as streamed:
+            if streamed.is_stream_consumed:  # answered from memory (a test's transport): nothing to wait for
+                return streamed
+            raw = []
+            for chunk in streamed.iter_raw():
+                raw.append(chunk)
+                self.check_deadline(deadline, streamed.request)
+            self.check_deadline(deadline, streamed.request)  # the headers alone may have taken that long
+        # Built again from the raw bytes and the original headers, so that it decodes (gzip...) exactly once.
+        return httpx.Response(streamed.status_code, headers=streamed.headers, content=b"".join(raw),
+                              request=streamed.request, extensions=streamed.extensions)
+
+    def check_deadline(self, deadline: float, request: httpx.Request) -> None:
+        if time.monotonic() > deadline:
+            raise httpx.ReadTimeout(f"the answer did not arrive whole within {self.timeout:g} s (request_timeout "
+                                    "bounds each request as a whole)", request=request)
 
     def headers(self, token: str) -> dict[str, str]:
         """The headers of every request: the bearer token, the apikey when there is one, and Content-Profile for a

@@ -742,3 +742,77 @@ def test_live_read_timeout_is_transient_and_the_retry_is_harmless(devserver: Dev
         client.upsert("items", ["id"], [{"id": 1, "name": "a"}])
     assert pg.execute("SELECT id, name FROM items").fetchall() == [(1, "a")]
 
+
+
+# -- a request ends at its deadline (issue 19, point 8; ../shared/field-cases/26, encode/httpx#1450) ---------
+
+
+class Trickle:
+    """A loopback HTTP server answering every request with `body` after its headers, `pause` seconds between bytes
+    (a slow-loris answer: each read is quick, the whole is not), gzip-encoded when `gzip`."""
+
+    def __init__(self, body: bytes, pause: float, *, gzip: bool = False) -> None:
+        import gzip as gzip_module
+        import http.server
+        import threading
+
+        payload = gzip_module.compress(body) if gzip else body
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                return
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(201)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                if gzip:
+                    self.send_header("Content-Encoding", "gzip")
+                self.end_headers()
+                try:
+                    for i in range(len(payload)):
+                        self.wfile.write(payload[i:i + 1])
+                        self.wfile.flush()
+                        if outer.pause:
+                            time.sleep(outer.pause)
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+
+        self.pause = pause
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/rest/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_answer_trickled_a_byte_at_a_time_is_abandoned_at_the_request_deadline():
+    trickle = Trickle(b"[]" + b" " * 60, pause=0.1)  # whole in about 6 s; every single read well under the timeout
+    try:
+        with PostgrestTarget(trickle.url, auth.StaticToken("TOKEN"), timeout=1.0) as target:
+            started = time.monotonic()
+            with pytest.raises(TargetError) as raised:
+                target.send("POST", f"{trickle.url}/items", {}, b"[]")
+            took = time.monotonic() - started
+    finally:
+        trickle.close()
+    assert raised.value.kind == "transient" and "within 1 s" in raised.value.message
+    assert took < 2.5, took  # the deadline, plus at most one read
+
+
+def test_an_answer_within_the_deadline_is_read_whole_and_decoded_once():
+    body = json.dumps([{"id": i} for i in range(200)]).encode()
+    trickle = Trickle(body, pause=0.0, gzip=True)
+    try:
+        with PostgrestTarget(trickle.url, auth.StaticToken("TOKEN"), timeout=5.0) as target:
+            response = target.send("POST", f"{trickle.url}/items", {}, b"[]")
+    finally:
+        trickle.close()
+    assert response.status_code == 201 and response.json() == [{"id": i} for i in range(200)]
