@@ -89,11 +89,19 @@ class Observer:
         self.log.warning("capture repaired: triggers reinstalled for the table as it now is; reconciling it with the "
                          "secondary so changes made meanwhile converge", table=table, what=what)
 
-    def reconciled(self, table: str, keys: int, seconds: float) -> None:
-        """A reconcile of `table` finished: `keys` found different and enqueued, in `seconds`."""
+    def reconciled(self, table: str, keys: int, seconds: float, answered: str | None = None,
+                   cleared: bool = False) -> None:
+        """A reconcile of `table` finished: `keys` found different and enqueued, in `seconds`; it answered the mark
+        `answered` (why it was asked for) and `cleared` it, or left a newer one for the next reconcile."""
         self.metrics.reconciles.labels(table=table, outcome="done").inc()
         self.metrics.reconciled_keys.labels(table=table).inc(keys)
-        self.log.info("reconciled with the secondary", table=table, keys_enqueued=keys, duration_s=round(seconds, 2))
+        self.log.info("reconciled with the secondary", table=table, keys_enqueued=keys, duration_s=round(seconds, 2),
+                      answered=answered, mark_cleared=cleared)
+
+    def reconcile_queued(self, table: str, reason: str, behind_running: bool) -> None:
+        """A reconcile of `table` was asked for (`reason`); `behind_running`: one of that table is running now, and
+        this one follows it (what it read may predate the gap)."""
+        self.log.info("reconcile queued", table=table, reason=reason, behind_running=behind_running)
 
     def reconcile_failed(self, table: str, reason: str, retry_in: float) -> None:
         """A reconcile of `table` could not finish (`reason`); it is tried again in `retry_in` seconds."""

@@ -390,16 +390,19 @@ def tables_to_reconcile(conn: apsw.Connection) -> dict[str, str]:
     return dict(rows.fetchall())
 
 
-def reconciled(conn: apsw.Connection, table: str, keys: int, at: float, marked: str | None) -> None:
+def reconciled(conn: apsw.Connection, table: str, keys: int, at: float, marked: str | None) -> bool:
     """Record a finished reconcile (`keys` enqueued, at unix seconds `at`) and clear the mark it answered, unless
-    the mark changed meanwhile (a newer gap needs its own reconcile). One short state-file transaction."""
+    the mark changed meanwhile (a newer gap needs its own reconcile). One short state-file transaction. Whether
+    it cleared a mark."""
     with writing(conn):  # read in the same transaction: the worker may mark the table again meanwhile
         take_state_write_lock(conn)
         state = table_state(conn, table)
-        if state.get("reconcile") == marked:
+        cleared = marked is not None and state.get("reconcile") == marked
+        if cleared:
             state["reconcile"] = None
         state["last_reconcile"] = {"at": at, "keys": keys}
         conn.execute("INSERT OR REPLACE INTO st.meta (key, value) VALUES (?, ?)", (f"state:{table}", json.dumps(state)))
+    return cleared
 
 
 # -- what is pending ------------------------------------------------------------------------------------

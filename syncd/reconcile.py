@@ -56,7 +56,12 @@ class Reconciler:
     def request(self, table: str, reason: str) -> None:
         """Reconcile `table` (again, if it is running now: what it has read may predate the gap)."""
         with self.lock:
-            self.jobs.setdefault(table, Job(reason))
+            queued = table not in self.jobs
+            if queued:
+                self.jobs[table] = Job(reason)
+            running = self.running == table
+        if queued:
+            self.observer.reconcile_queued(table, reason, running)
         self.wake.set()
 
     def busy(self) -> bool:
@@ -108,7 +113,8 @@ class Reconciler:
         except (apsw.Error, TargetError, capture.CaptureError, sqlite.SourceFileError) as exc:
             problem = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
         if problem is None:
-            self.observer.reconciled(table, report.repair or 0, time.monotonic() - started)
+            self.observer.reconciled(table, report.repair or 0, time.monotonic() - started, report.answered,
+                                     report.cleared)
             return
         job.failures += 1
         pause = backoff.delay(job.failures, base=1.0, cap=RETRY_CAP_SECONDS, rand=lambda: 1.0)

@@ -299,6 +299,8 @@ class TableReport:
     pending: int = 0
     dead_letters: int = 0
     repair: int | None = None  # keys enqueued (or, dry run, that would be)
+    answered: str | None = None  # the reconcile mark this repair answered, as read before the table was
+    cleared: bool = False  # whether that mark was cleared (False: a newer one came meanwhile, or there was none)
     unrepairable: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -408,7 +410,8 @@ def verify(conn: apsw.Connection, config: Config, target: PostgrestTarget, *, ta
         except TargetError as exc:
             report.error = exc.message
         if repair and not dry_run and report.error is None:
-            outbox.reconciled(conn, table_config.name, report.repair or 0, time.time(), marked)
+            report.answered = marked
+            report.cleared = outbox.reconciled(conn, table_config.name, report.repair or 0, time.time(), marked)
         reports.append(report)
     return Verification(reports, repair, dry_run)
 
