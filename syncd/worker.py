@@ -20,10 +20,11 @@ import contextlib
 import graphlib
 import json
 import math
+import re
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -47,6 +48,8 @@ from syncd.target import TargetError
 HOUSEKEEPING_EVERY = 2.0
 JOURNAL_EXPIRY_EVERY = 300.0
 REGROW_AFTER = 20  # clean batches before a batch size halved by a statement timeout doubles again
+REQUIRED_RETRY = 300.0  # seconds before a table halted for a NOT NULL column is tried again whatever PostgREST says
+NOT_NULL_COLUMN = re.compile(r'null value in column "(.*?)"(?: of relation| violates)')  # PostgreSQL's 23502
 PROBE_EVERY = 30.0  # seconds without an exchange before an idle daemon checks that the secondary answers
 PROBE_RETRY = 5.0  # ... and while it does not
 FLUSH_AFTER = 0.5  # seconds after an acknowledgement before its entries may be deleted from the app's file
@@ -153,6 +156,9 @@ class Halt:
 
     kind: str  # config | auth | schema | capture | replaced
     reason: str
+    # A schema halt for the secondary's NOT NULL columns without a default that syncd does not send (23502 named
+    # them): it resumes once the secondary's description shows them fillable, or at the next periodic try.
+    required: tuple[str, ...] = ()
 
     @property
     def hint(self) -> str:
@@ -201,6 +207,7 @@ class Worker:
         self.lease = Lease(source.conn, config.worker.lease_seconds, metrics=config.worker.metrics_addr)
         self.batch_size = config.worker.batch_size
         self.halted: dict[str, Halt] = {}
+        self.halted_at: dict[str, float] = {}  # table -> when its halt began (monotonic seconds)
         self.fk_attempts: Counter[tuple[str, str | bytes]] = Counter()
         self.clean_batches = 0
         self.next_housekeeping = 0.0
@@ -878,7 +885,11 @@ class Worker:
                 pairs = batch.collided.setdefault(table, [])
                 if len(items) == 2:
                     pairs.append((items[0][0].key, items[1][0].key))
-            if error.kind == "row" and len(items) > 1:
+            if error.kind == "row" and (required := self.unfed_column(table, error)) is not None:
+                with self.lock:  # every row would be refused: the table's problem, not its rows'
+                    self.halt(table, self.required_halt(table, required), error)
+                    self.next_schema_check = time.monotonic() + self.config.worker.schema_recheck_interval
+            elif error.kind == "row" and len(items) > 1:
                 middle = len(items) // 2
                 self.send(table, op, items[:middle], batch, held, holds)
                 self.send(table, op, items[middle:], batch, held, holds)
@@ -943,6 +954,7 @@ class Worker:
             if self.halted.get(table) == halt:
                 return
             self.halted[table] = halt
+            self.halted_at[table] = time.monotonic()
             self.observer.table_halted(table, halt.describe(), halt.hint, error)
             self.hold_dependents()
 
@@ -1025,12 +1037,20 @@ class Worker:
                     "SQLite, which the secondary may not hold")
         outbox.record_table_states(self.conn, updates)
 
-    def mismatches(self, tables: Sequence[str]) -> dict[str, schema.Mismatch] | None:
-        """What the secondary's schema (PostgREST's OpenAPI description) lacks for each of `tables` that lacks
-        something; None when the description cannot be read (the secondary is down: the sends will tell)."""
+    def describe_secondary(self) -> dict[str, object] | None:
+        """PostgREST's OpenAPI description of the secondary; None when it cannot be read (it is down)."""
         try:
-            spec = self.target.describe()
+            return self.target.describe()
         except TargetError:
+            return None
+
+    def mismatches(self, tables: Sequence[str], spec: Mapping[str, object] | None = None
+                   ) -> dict[str, schema.Mismatch] | None:
+        """What the secondary's schema (PostgREST's OpenAPI description, `spec` or read now) lacks for each of
+        `tables` that lacks something; None when the description cannot be read (the secondary is down: the sends
+        will tell)."""
+        spec = spec if spec is not None else self.describe_secondary()
+        if spec is None:
             return None
         found = {}
         for table in tables:
@@ -1048,6 +1068,32 @@ class Worker:
         if found:
             self.next_schema_check = time.monotonic() + self.config.worker.schema_recheck_interval
 
+    def unfed_column(self, table: str, error: TargetError) -> str | None:
+        """The column a 23502 (not-null violation) names when syncd does not send it: the secondary requires a
+        column the mapping never fills, so PostgreSQL refuses every upsert (it checks NOT NULL on the INSERT half of
+        INSERT ... ON CONFLICT before the conflict, an update of a row that holds a value included). None for a
+        23502 on a column syncd sends (that row's NULL: a row error)."""
+        if error.code != "23502":
+            return None
+        named = NOT_NULL_COLUMN.search(error.message)
+        if named is None or named[1] in self.shipped[table].names:
+            return None
+        return named[1]
+
+    def required_halt(self, table: str, column: str) -> Halt:
+        """The halt for the secondary's NOT NULL `column` that syncd does not send, with the fixes."""
+        mapping = self.mappings[table]
+        target = f"{quote_ident(self.config.target.schema_name)}.{quote_ident(mapping.target)}"
+        excluded = [c for c, name in ((c, mapping.renames.get(c, c)) for c in mapping.exclude) if name == column]
+        why = (f"[table] exclude leaves out {excluded[0]!r}" if excluded else
+               f"the SQLite table {mapping.source!r} has no column that maps to it")
+        return Halt("schema", (
+            f"the secondary's column {column!r} of {mapping.target!r} is NOT NULL without a default, and syncd does "
+            f"not send it ({why}): PostgreSQL refuses every upsert with 23502, also of rows that hold a value (NOT "
+            f"NULL is checked on the INSERT half of an upsert, before ON CONFLICT); give it a default there (ALTER "
+            f"TABLE {target} ALTER COLUMN {quote_ident(column)} SET DEFAULT ...; NOTIFY pgrst, 'reload schema'), or "
+            f"drop its NOT NULL, or send it (a source column renamed to it, then SIGHUP)"), required=(column,))
+
     def schema_halt(self, table: str, error: TargetError) -> Halt:
         """The halt for a schema error the secondary answered: the exact mismatch (columns and DDL) when its
         description shows one, else what it said."""
@@ -1064,12 +1110,32 @@ class Worker:
         if not waiting or now < self.next_schema_check:
             return
         self.next_schema_check = now + self.config.worker.schema_recheck_interval
-        found = self.mismatches(waiting)
-        if found is None:
+        spec = self.describe_secondary()
+        if spec is None:
             return  # the secondary is unreachable: the halt stays, the next check comes
-        matching = [t for t in waiting if t not in found]
+        found = self.mismatches(waiting, spec)
+        matching = [t for t in waiting if t not in found and self.fillable(t, spec, now)]
         if matching:
             self.unhalt(matching, "the secondary's schema matches again")
+
+    def fillable(self, table: str, spec: Mapping[str, object], now: float) -> bool:
+        """Whether the NOT NULL columns a table was halted for (if any) can be left to the secondary now: gone,
+        nullable, or with a default in its description. PostgREST's description leaves out the defaults it does not
+        show (a sequence's nextval, a generated column: measured on 12.2.12), so every REQUIRED_RETRY seconds the
+        table is resumed anyway, and the next upsert tells."""
+        halt = self.halted.get(table)
+        if halt is None or not halt.required:
+            return True
+        if now - self.halted_at.get(table, now) >= REQUIRED_RETRY:
+            return True
+        definitions = spec.get("definitions")
+        definition = definitions.get(self.mappings[table].target) if isinstance(definitions, dict) else None
+        if not isinstance(definition, dict):
+            return True  # the table is gone there: its own mismatch says so
+        properties = definition.get("properties") or {}
+        required = definition.get("required") or []
+        return all(column not in properties or column not in required or "default" in properties[column]
+                   for column in halt.required)
 
     # -- when idle ----------------------------------------------------------------------------------------
 

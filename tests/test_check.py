@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from syncd import auth
-from tests.conftest import DevServer
+from tests.conftest import DevServer, create_tables
 from tests.e2e import App, on_both_servers, write_config
 from tests.postgrest import Secondary
 
@@ -61,6 +61,23 @@ def test_vector_transform_into_a_vector_column_passes(app: App):
     assert app.syncd("install").returncode == 0
     code, out = check(app)
     assert code == 0 and "words -> e2e_words: 2 column(s) match, key unique" in out and "WARN" not in out, out
+
+
+@on_both_servers
+def test_a_not_null_column_the_mapping_never_fills_is_a_warning_that_names_sequences(app: App, secondary: Secondary):
+    """PostgREST describes a serial or identity column as NOT NULL without a default too (12.2.12), so check cannot
+    tell a column that would refuse every upsert from one a sequence fills: a warning naming both, never an error
+    (syncd run halts the table on the 23502 itself)."""
+    create_tables(secondary, {"e2e_tenanted": "CREATE TABLE e2e_tenanted (n bigint PRIMARY KEY, tenant text NOT "
+                                              "NULL, serial_no bigserial, row_no bigint GENERATED ALWAYS AS IDENTITY)"})
+    app.connect().execute("CREATE TABLE tenanted (n INTEGER PRIMARY KEY)")
+    app.config.write_text(app.config.read_text() + '[[table]]\nname = "tenanted"\ntarget = "e2e_tenanted"\n')
+    assert app.syncd("install").returncode == 0
+    code, out = check(app)
+    assert code == 0, out
+    line = next(line for line in out.splitlines() if "tenanted -> e2e_tenanted" in line and "NOT NULL" in line)
+    assert line.startswith("WARN") and "'tenant'" in line and "serial, identity" in line, out
+    assert "'serial_no'" in line and "'row_no'" in line, line  # the real PostgREST shows no default for either
 
 
 @on_both_servers

@@ -242,6 +242,74 @@ def test_schema_mismatch_halts_without_dead_letters_and_resumes_by_itself(tmp_pa
     assert sorted(target.stored["parent"]) == list(range(20))
 
 
+class RequiringTarget(DescribedTarget):
+    """A secondary whose `parent` has a NOT NULL column `tenant` syncd does not send; `default` gives it one."""
+
+    def __init__(self) -> None:
+        super().__init__(self.refuse, columns={"parent": ["id", "v", "tenant"], "child": ["id", "v"]})
+        self.default: str | None = None
+
+    def refuse(self, op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
+        if op == "upsert" and table == "parent" and self.default is None and any("tenant" not in i for i in items):
+            return TargetError("row", 'POST parent: 400 23502 null value in column "tenant" of relation "parent" '
+                               "violates not-null constraint", status=400, code="23502")
+        return None
+
+    def describe(self) -> dict[str, object]:
+        spec = super().describe()
+        parent = spec["definitions"]["parent"]  # type: ignore[index]
+        parent["required"] = ["id", "tenant"]
+        if self.default is not None:
+            parent["properties"]["tenant"]["default"] = self.default
+        return spec
+
+
+def test_a_not_null_column_only_the_secondary_has_halts_the_table_and_it_resumes_once_it_has_a_default(
+        tmp_path: Path):
+    """../shared/field-cases/39: 23502 on a column syncd does not send is the table's problem (every upsert is
+    refused, updates of rows that hold a value included): halt it with the fix, dead-letter nothing, resume once
+    the secondary gives the column a default. A 23502 on a column syncd sends stays that row's error."""
+    target = RequiringTarget()
+    worker, db, _ = make_worker(tmp_path, target, schema_recheck_interval=0.01)
+    worker.prepare()
+    db.executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(20)])
+    db.execute("INSERT INTO child VALUES (1, 'c')")
+    result = worker.drain_once()
+    halt = worker.halted["parent"]
+    assert (result.dead, halt.kind, halt.required) == (0, "schema", ("tenant",))
+    assert "'tenant'" in halt.reason and "SET DEFAULT" in halt.reason and "23502" in halt.reason
+    assert len([r for r in target.requests if r[:2] == ("upsert", "parent")]) == 1  # no bisection
+    while worker.drain_once().claimed:
+        pass
+    assert sorted(target.stored["child"]) == [1]  # the other table ships
+    worker.next_schema_check = 0.0
+    worker.recheck_schema_halts()
+    assert "parent" in worker.halted  # still NOT NULL without a default there
+    target.default = "t1"
+    worker.next_schema_check = 0.0
+    worker.recheck_schema_halts()
+    assert "parent" not in worker.halted
+    while worker.drain_once().claimed:
+        pass
+    assert sorted(target.stored["parent"]) == list(range(20))
+    assert outbox.dead_letters_by_table(worker.conn) == {}
+
+
+def test_a_not_null_violation_on_a_column_syncd_sends_is_that_rows_error(tmp_path: Path):
+    def null_v(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
+        if table == "parent" and any(item.get("v") is None for item in items):
+            return TargetError("row", 'POST parent: 400 23502 null value in column "v" of relation "parent" violates '
+                               "not-null constraint", status=400, code="23502")
+        return None
+
+    worker, db, _ = make_worker(tmp_path, DescribedTarget(null_v))
+    worker.prepare()
+    db.executemany("INSERT INTO parent VALUES (?, ?)", [(1, "a"), (2, None), (3, "c")])
+    result = worker.drain_once()
+    assert (result.dead, "parent" in worker.halted) == (1, False)
+    assert sorted(worker.target.stored["parent"]) == [1, 3]
+
+
 def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(tmp_path: Path):
     new_target = DescribedTarget()
     worker, _db, config = make_worker(tmp_path, DescribedTarget())

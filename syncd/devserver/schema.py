@@ -15,7 +15,8 @@ from syncd.devserver.sqltext import ident
 
 COLUMNS_SQL = """
 SELECT n.nspname, c.relname, c.relkind, obj_description(c.oid, 'pg_class'),
-       a.attname, a.attnotnull, pg_get_expr(d.adbin, d.adrelid), col_description(c.oid, a.attnum),
+       a.attname, a.attnotnull, CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END,
+       col_description(c.oid, a.attnum),
        CASE WHEN et.oid IS NOT NULL THEN
               (CASE WHEN etn.nspname = 'pg_catalog' THEN format_type(et.oid, NULL)
                     ELSE etn.nspname || '.' || et.typname END) || '[]'
