@@ -79,6 +79,21 @@ def check_source(conn: apsw.Connection, config: Config) -> tuple[list[Finding], 
     return findings, planned
 
 
+def key_role(config: Config) -> str | None:
+    """The role syncd's requests carry: service_role when it mints its tokens, else the service key's `role`
+    claim (`anon` when it has none: PostgREST's anonymous role); None when the key is not a JWT."""
+    if config.target.jwt_secret is not None:
+        return "service_role"
+    if config.target.service_key is None:
+        return None
+    try:
+        claims = jwt.decode(config.target.service_key.get_secret_value(), options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    role = claims.get("role")
+    return role if isinstance(role, str) else "anon"
+
+
 def check_key(config: Config, now: float) -> list[Finding]:
     """Whose role the key carries and when it expires (a minted token is always fresh)."""
     if config.target.jwt_secret is not None:
@@ -92,7 +107,11 @@ def check_key(config: Config, now: float) -> list[Finding]:
         return [Finding("warn", "auth", "the service key is not a JWT (an opaque key?): its role cannot be read")]
     role = claims.get("role", "(none: the anonymous role)")
     findings = []
-    if role != "service_role":
+    if role == "(none: the anonymous role)" or role == "anon":
+        findings.append(Finding("warn", "auth", "the key carries role 'anon': it is the anon (public) key, which "
+                                                "may not write what syncd ships", "use the service_role key "
+                                                "(SUPABASE_SERVICE_KEY), or set SUPABASE_JWT_SECRET"))
+    elif role != "service_role":
         findings.append(Finding("warn", "auth", f"the key carries role {role!r}: RLS policies apply to syncd's "
                                                 "writes", "use the service_role key (SUPABASE_SERVICE_KEY)"))
     exp = claims.get("exp")
@@ -106,7 +125,7 @@ def check_key(config: Config, now: float) -> list[Finding]:
 
 
 def check_table(target: PostgrestTarget, spec: dict[str, object], mapping: TableMapping, shipped: schema.Shipped,
-                pg_schema: str = "public") -> list[Finding]:
+                pg_schema: str = "public", role: str | None = "service_role") -> list[Finding]:
     """The secondary's side of one table, from PostgREST's OpenAPI description `spec`: the target table and every
     shipped column exist (the comparison `syncd run` makes before its first request, with the same fix: the
     ALTER TABLE from the casting table of `syncd init`) with a compatible type, NOT NULL columns without default are
@@ -115,6 +134,12 @@ def check_table(target: PostgrestTarget, spec: dict[str, object], mapping: Table
     subject = f"{mapping.source} -> {mapping.target}"
     mismatch = schema.compare(spec, mapping, shipped, pg_schema)
     if mismatch is not None and mismatch.missing_table:
+        if role != "service_role":  # PostgREST describes only what the key's role may use: ask the table itself
+            try:
+                target.probe_conflict_key(mapping.target, mapping.target_key)
+            except TargetError as error:
+                if error.code == "42501" or error.status in (401, 403):
+                    return [probe_refused(subject, mapping, error, role)]
         return [Finding("error", subject, "the target table is not in the secondary (or not exposed): syncd run "
                         "halts the table until it is", "create it (the SQL of syncd init, or your migrations), then "
                         "NOTIFY pgrst, 'reload schema'")]
@@ -149,9 +174,34 @@ def check_table(target: PostgrestTarget, spec: dict[str, object], mapping: Table
     try:
         target.probe_conflict_key(mapping.target, mapping.target_key)
     except TargetError as error:
-        findings.append(Finding("error", subject, f"key ({', '.join(mapping.target_key)}) cannot be used for "
-                                f"upserts: {error.message}", "add a unique constraint on those columns there"))
+        findings.append(probe_refused(subject, mapping, error, role))
     return findings or [Finding("ok", subject, f"{len(fed)} column(s) match, key unique")]
+
+
+def probe_refused(subject: str, mapping: TableMapping, error: TargetError, role: str | None) -> Finding:
+    """What the refusal of the empty upsert probe says, from the answer itself: 42P10 is the key (no unique
+    constraint matches on_conflict); 42501, 401 and 403 are the key's role (no privilege, a key the server refuses:
+    an empty upsert meets no RLS policy); anything else is reported as it was answered. `role`: the key's role as
+    its JWT says (None when it cannot be read)."""
+    key = ", ".join(mapping.target_key)
+    who = f"role {role!r}" if role else "the key's role"
+    if error.code == "42P10":
+        return Finding("error", subject, f"key ({key}) cannot be used for upserts: {error.message}",
+                       "add a unique constraint (or primary key) on those columns there")
+    if error.code == "42501" and role == "anon":
+        return Finding("error", subject, f"{who} has no privilege to write {mapping.target!r} ({error.message})",
+                       "the key is the anon (public) key, which the browser gets: put the service_role key in "
+                       "SUPABASE_SERVICE_KEY, or set SUPABASE_JWT_SECRET")
+    if error.code == "42501":
+        return Finding("error", subject, f"{who} has no privilege to write {mapping.target!r} ({error.message})",
+                       f"use the service_role key (SUPABASE_SERVICE_KEY), or GRANT INSERT, UPDATE, DELETE ON "
+                       f"{mapping.target} TO {role or 'that role'}")
+    if error.status in (401, 403):
+        return Finding("error", subject, f"the secondary refuses the key for writes ({error.message})",
+                       "check the key: SUPABASE_SERVICE_KEY (the service_role key), or SUPABASE_JWT_SECRET")
+    return Finding("error", subject, f"the upsert probe by key ({key}) was refused: {error.message}",
+                   "see the answer above")
+
 
 
 def check_read_cap(target: PostgrestTarget, tables: list[TableMapping], probe: int = PAGE) -> Finding:
@@ -241,7 +291,7 @@ def run_checks(config: Config, conn: apsw.Connection, tokens: TokenSource | None
             if table.name in planned:
                 mapping = TableMapping.from_config(table, planned[table.name].key)
                 findings += check_table(target, spec, mapping, schema.shipped_columns(conn, mapping),
-                                        config.target.schema_name)
+                                        config.target.schema_name, key_role(config))
                 readable.append(mapping)
         findings.append(check_read_cap(target, readable))
     if pg_url:

@@ -1064,9 +1064,21 @@ class Worker:
         columns the secondary lacks, with the exact fix, so that not one of its rows is sent to be refused."""
         found = self.mismatches([t for t in self.mappings if t not in self.halted]) or {}
         for table, mismatch in found.items():
-            self.halt(table, Halt("schema", mismatch.describe()))
+            denied = self.denied(table) if mismatch.missing_table else None
+            self.halt(table, denied or Halt("schema", mismatch.describe()))
         if found:
             self.next_schema_check = time.monotonic() + self.config.worker.schema_recheck_interval
+
+    def denied(self, table: str) -> Halt | None:
+        """For a table missing from PostgREST's description: the halt for a key whose role may not use it, when a
+        read of it says so (PostgREST describes only the tables the request's role may use, so a table out of a
+        key's reach looks missing); None when it is missing indeed (or the read says nothing more)."""
+        try:
+            self.target.ping(self.mappings[table].target)
+        except TargetError as error:
+            if error.kind == "config":
+                return Halt("config", error.message)
+        return None
 
     def unfed_column(self, table: str, error: TargetError) -> str | None:
         """The column a 23502 (not-null violation) names when syncd does not send it: the secondary requires a

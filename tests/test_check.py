@@ -81,6 +81,27 @@ def test_a_not_null_column_the_mapping_never_fills_is_a_warning_that_names_seque
 
 
 @on_both_servers
+@pytest.mark.parametrize("role", ["anon", "authenticated"])
+def test_a_key_without_the_privilege_to_write_is_diagnosed_as_the_key_never_as_the_schema(
+        app: App, secondary: Secondary, pg: psycopg.Connection, role: str):
+    """../shared/field-cases/28: the anon key (or a user's token) where the service_role key belongs. The probe's
+    42501 is the key's role, with the fix for the key; never "add a unique constraint" to a schema that is right."""
+    create_tables(secondary, {"e2e_guarded": "CREATE TABLE e2e_guarded (n bigint PRIMARY KEY)"})
+    pg.execute("REVOKE ALL ON e2e_guarded FROM anon, authenticated")
+    app.connect().execute("CREATE TABLE guarded (n INTEGER PRIMARY KEY)")
+    write_config(app.config, app.db, secondary, app.metrics, key=secondary.token(role),
+                 extra="")
+    app.config.write_text(app.config.read_text() + '[[table]]\nname = "guarded"\ntarget = "e2e_guarded"\n')
+    assert app.syncd("install").returncode == 0
+    code, out = check(app)
+    line = next(line for line in out.splitlines() if line.startswith("ERROR") and "guarded -> e2e_guarded" in line)
+    assert code == 1 and f"role {role!r} has no privilege to write 'e2e_guarded'" in line and "42501" in line, out
+    assert "unique constraint" not in out.lower()
+    fix = out.splitlines()[out.splitlines().index(line) + 1]
+    assert "service_role key" in fix and (("GRANT" in fix) == (role != "anon")), fix
+
+
+@on_both_servers
 def test_target_table_missing(app: App):
     edit_config(app, 'target = "e2e_parents"', 'target = "no_such_table"')
     code, out = check(app)

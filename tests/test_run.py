@@ -195,6 +195,20 @@ def test_wrong_key_halts_loses_nothing_and_resumes_after_the_fix(app: App, pg: p
     assert app.syncd("status").returncode == 0
 
 
+def test_the_anon_key_halts_as_the_key_never_as_a_missing_table(app: App, pg: psycopg.Connection,
+                                                                 secondary: Secondary):
+    """PostgREST describes only the tables the request's role may use (openapi-mode follow-privileges), so with the
+    anon key every table looks missing from its description; the halt says what a read of the table answers (42501:
+    the key's role may not use it) and its fix is the key, never "create the table" (issue 19, point 10)."""
+    write_config(app.config, app.db, secondary, app.metrics, key=secondary.anon_key)
+    app.connect().execute("INSERT INTO parent VALUES (1, 'p')")
+    result = app.syncd("run", "--once")
+    assert result.returncode == 1, result.stderr[-2000:]
+    parent = next(t for t in json.loads(app.syncd("status", "--json").stdout)["tables"] if t["name"] == "parent")
+    assert parent["halted"] and "42501" in parent["last_error"], parent
+    assert "does not exist" not in parent["last_error"] and "service key" in parent["last_error"], parent
+
+
 def test_a_second_daemon_stands_by_and_takes_over(app: App, pg: psycopg.Connection):
     first = app.start()
     time.sleep(1.5)

@@ -71,6 +71,13 @@ def error_response(error: ApiError) -> Response:
     return Response(error.status, error.body(), {**JSON, **error.headers})
 
 
+VISIBLE_SQL = """
+SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relkind IN ('r', 'v', 'm', 'f', 'p')
+  AND has_table_privilege(%(role)s, c.oid, 'SELECT, INSERT, UPDATE, DELETE')
+"""
+
+
 class Api:
     """The PostgREST API over a pool of `authenticator` connections: one request, one transaction under the caller's
     role."""
@@ -100,7 +107,8 @@ class Api:
         if request.path.rstrip("/") == "":
             if request.method not in ("GET", "HEAD"):
                 raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {request.method}")
-            document = openapi.describe(self.cache, schema, self.settings.public_url)
+            visible = await self.visible_tables(schema, identity.role)
+            document = openapi.describe(self.cache, schema, self.settings.public_url, visible)
             return Response(200, json.dumps(document).encode(), OPENAPI)
         handler = {"GET": self.read, "HEAD": self.read, "POST": self.insert,
                    "PATCH": self.update, "DELETE": self.delete}.get(request.method)
@@ -112,6 +120,13 @@ class Api:
         if table is None:
             raise missing_table(request, schema, name, q)
         return await handler(request, table, identity, q)
+
+    async def visible_tables(self, schema: str, role: str) -> set[str]:
+        """The tables of `schema` that `role` may read or write: PostgREST's default `openapi-mode`
+        (follow-privileges) describes only those (https://postgrest.org/en/v12/references/configuration.html)."""
+        async with self.pool.connection() as conn:
+            rows = await (await conn.execute(VISIBLE_SQL, {"role": role, "schema": schema})).fetchall()
+        return {name for (name,) in rows}
 
     def schema_of(self, request: Request) -> str:
         """The schema a request addresses: its Accept-Profile (GET, HEAD) or Content-Profile (writes) header, default

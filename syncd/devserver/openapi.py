@@ -19,11 +19,12 @@ NUMBER_TYPES = {"numeric", "real", "double precision"}
 LITERAL_DEFAULT = re.compile(r"^'((?:[^']|'')*)'::[\w .\[\]\"]+$")
 
 
-def describe(cache: SchemaCache, schema: str, public_url: str) -> dict[str, Any]:
+def describe(cache: SchemaCache, schema: str, public_url: str, visible: set[str] | None = None) -> dict[str, Any]:
     """The Swagger 2.0 document PostgREST v12 serves at `GET /` for `schema`: the paths and definitions of its
-    tables, host and base path taken from `public_url`."""
+    tables (those in `visible` when given: the ones the request's role may use), host and base path taken from
+    `public_url`."""
     url = urlsplit(public_url)
-    tables = cache.in_schema(schema)
+    tables = [t for t in cache.in_schema(schema) if visible is None or t.name in visible]
     return {
         "swagger": "2.0",
         "info": {"title": "PostgREST API", "description": "syncd dev-server: a PostgREST v12-compatible API",
