@@ -47,6 +47,56 @@ def mint_token(secret: str, role: str, *, expires_in: float = LONG_LIVED_SECONDS
     return jwt.encode(payload, secret, algorithm=ALGORITHM)
 
 
+# Supabase's API keys that are not JWTs (https://supabase.com/docs/guides/api/api-keys): they go in the `apikey`
+# header, and the gateway turns them into a role's token for PostgREST; sent as `Authorization: Bearer`, they reach
+# PostgREST as a malformed JWT (only some gateway versions tolerate that).
+SECRET_KEY_PREFIX = "sb_secret_"  # acts as service_role (bypasses RLS): a server's key
+PUBLISHABLE_KEY_PREFIX = "sb_publishable_"  # acts as anon: the browser's key
+
+
+def is_api_key(key: str) -> bool:
+    """Whether `key` is one of Supabase's opaque API keys (secret or publishable), not a JWT."""
+    return key.startswith((SECRET_KEY_PREFIX, PUBLISHABLE_KEY_PREFIX))
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What kind of key syncd sends, and the role it acts as (never the key itself).
+
+    kind: minted (syncd signs service_role tokens with the JWT secret) | jwt | secret (sb_secret_...) | publishable
+    (sb_publishable_...) | opaque (neither a JWT nor a Supabase API key) | none. role: the database role PostgREST
+    runs its requests as (a JWT's `role` claim, anon without one), None when it cannot be told."""
+
+    kind: str
+    role: str | None
+
+    def describe(self) -> str:
+        """In a few words, for `status` and `check`."""
+        names = {"minted": "short-lived tokens minted from the JWT secret", "jwt": "a JWT",
+                 "secret": "a Supabase secret key (sb_secret_...)",
+                 "publishable": "a Supabase publishable key (sb_publishable_...)",
+                 "opaque": "a key that is neither a JWT nor a Supabase API key", "none": "no key"}
+        return names[self.kind] + (f", role {self.role}" if self.role else "")
+
+
+def key_info(service_key: str | None, *, minted: bool = False) -> KeyInfo:
+    """The kind and role of the key syncd sends (see KeyInfo); reads a JWT's claims without verifying them."""
+    if minted:
+        return KeyInfo("minted", "service_role")
+    if not service_key:
+        return KeyInfo("none", None)
+    if service_key.startswith(SECRET_KEY_PREFIX):
+        return KeyInfo("secret", "service_role")
+    if service_key.startswith(PUBLISHABLE_KEY_PREFIX):
+        return KeyInfo("publishable", "anon")
+    try:
+        claims = jwt.decode(service_key, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return KeyInfo("opaque", None)
+    role = claims.get("role") if isinstance(claims, dict) else None
+    return KeyInfo("jwt", role if isinstance(role, str) else "anon")
+
+
 class TokenSource(Protocol):
     """Where the daemon's bearer token comes from: a fixed key, or tokens it mints itself."""
 

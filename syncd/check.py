@@ -80,18 +80,8 @@ def check_source(conn: apsw.Connection, config: Config) -> tuple[list[Finding], 
 
 
 def key_role(config: Config) -> str | None:
-    """The role syncd's requests carry: service_role when it mints its tokens, else the service key's `role`
-    claim (`anon` when it has none: PostgREST's anonymous role); None when the key is not a JWT."""
-    if config.target.jwt_secret is not None:
-        return "service_role"
-    if config.target.service_key is None:
-        return None
-    try:
-        claims = jwt.decode(config.target.service_key.get_secret_value(), options={"verify_signature": False})
-    except jwt.PyJWTError:
-        return None
-    role = claims.get("role")
-    return role if isinstance(role, str) else "anon"
+    """The role syncd's requests act as (auth.key_info)."""
+    return config.target.key.role
 
 
 def check_key(config: Config, now: float) -> list[Finding]:
@@ -101,10 +91,19 @@ def check_key(config: Config, now: float) -> list[Finding]:
     if config.target.service_key is None:
         return [Finding("error", "auth", "no service key and no JWT secret",
                         "set SUPABASE_SERVICE_KEY (or service_key_file), or SUPABASE_JWT_SECRET")]
+    key = config.target.key
+    if key.kind == "secret":
+        return [Finding("ok", "auth", "a Supabase secret key (sb_secret_...): sent in the apikey header, acts as "
+                                      "service_role")]
+    if key.kind == "publishable":
+        return [Finding("error", "auth", "a Supabase publishable key (sb_publishable_...): it acts as the anon role, "
+                                         "the browser's, which RLS and the grants keep from writing what syncd ships",
+                        "put a secret key (sb_secret_..., dashboard: Settings > API Keys) in SUPABASE_SERVICE_KEY")]
     try:
         claims = jwt.decode(config.target.service_key.get_secret_value(), options={"verify_signature": False})
     except jwt.PyJWTError:
-        return [Finding("warn", "auth", "the service key is not a JWT (an opaque key?): its role cannot be read")]
+        return [Finding("warn", "auth", "the service key is neither a JWT nor a Supabase API key (sb_secret_...): "
+                                        "its role cannot be read")]
     role = claims.get("role", "(none: the anonymous role)")
     findings = []
     if role == "(none: the anonymous role)" or role == "anon":

@@ -34,7 +34,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from syncd.auth import MIN_SECRET_LENGTH
+from syncd.auth import MIN_SECRET_LENGTH, KeyInfo, key_info
 from syncd.redact import redact, register
 
 __all__ = [
@@ -218,6 +218,12 @@ class TargetConfig(BaseModel):
     # After load_config these keep the path the secret was read from (e.g. to re-read a rotated one).
     service_key_file: Path | None = None
     jwt_secret_file: Path | None = None
+
+    @property
+    def key(self) -> KeyInfo:
+        """The kind of key syncd sends and the role it acts as (auth.key_info; never the key itself)."""
+        return key_info(self.service_key.get_secret_value() if self.service_key else None,
+                        minted=self.jwt_secret is not None)
 
     @property
     def effective_apikey(self) -> SecretStr | None:

@@ -15,6 +15,7 @@ import apsw
 import httpx
 
 from syncd import capture, outbox
+from syncd.auth import KeyInfo
 from syncd.config import Config
 from syncd.lease import read_lease
 from syncd.timeparse import format_age
@@ -55,6 +56,7 @@ class Status:
     tables: list[TableStatus]
     problems: list[str] = field(default_factory=list)
     daemon: dict[str, object] | None = None  # the live daemon's /readyz answer: {"ready", "reason"} or {"error"}
+    key: dict[str, object] | None = None  # the kind of key syncd sends and its role: {"kind", "role"}, never the key
 
     @property
     def healthy(self) -> bool:
@@ -91,6 +93,11 @@ def collect(conn: apsw.Connection, config: Config, *, max_lag: float = DEFAULT_M
             f"the daemon that holds the lease (pid {lease.pid}) no longer runs; its lease expires in "  # type: ignore[union-attr]
             f"{max(0, lease.expires_at - now):.0f} s, then a new `syncd run` takes over (start one now: it waits "  # type: ignore[union-attr]
             "for that)")
+    status.key = asdict(config.target.key)
+    if config.target.key.kind == "publishable":
+        status.problems.append("the key is a Supabase publishable key (sb_publishable_...): it acts as the anon role, "
+                               "which RLS and the grants keep from writing what syncd ships; put a secret key "
+                               "(sb_secret_...) in SUPABASE_SERVICE_KEY")
     configured = {t.name for t in tables}
     strays = sorted({table for table, _ in current.values()} - configured)
     status.problems += [f"table {t!r} has syncd triggers but is not configured (its changes pile up in the outbox); "
@@ -184,6 +191,8 @@ def render(status: Status, now: float | None = None) -> str:
                          "or container? ask its /readyz there)")
     else:
         lines.append("daemon:   no daemon holds the lease")
+    if status.key:
+        lines.append(f"key:      {KeyInfo(**status.key).describe()}")  # type: ignore[arg-type]
     header = ("TABLE", "TARGET", "PENDING", "OLDEST", "DEAD", "LAST SHIPPED", "TRIGGERS")
     rows = [header] + [(t.name, t.target, str(t.pending), format_age(t.oldest_pending_age), str(t.dead_letters),
                         format_age(now - t.last_shipped_at if t.last_shipped_at else None, " ago"), t.triggers)

@@ -72,7 +72,7 @@ from urllib.parse import quote, unquote
 import httpx
 
 from syncd import __version__
-from syncd.auth import MintedTokens, StaticToken, TokenSource
+from syncd.auth import MintedTokens, StaticToken, TokenSource, is_api_key
 from syncd.config import Config, ConfigError
 from syncd.mapping import encode_row
 from syncd.redact import MASK, mask_url, redact, register
@@ -611,10 +611,15 @@ class PostgrestTarget:
 
     def headers(self, token: str) -> dict[str, str]:
         """The headers of every request: the bearer token, the apikey when there is one, and Content-Profile for a
-        schema other than public (PostgREST takes a write's schema from it)."""
-        headers = {"Authorization": f"Bearer {token}"}
-        if self._apikey:
-            headers["apikey"] = self._apikey
+        schema other than public (PostgREST takes a write's schema from it). A Supabase API key (sb_secret_...,
+        sb_publishable_...) is no JWT: it goes in `apikey` alone, as Supabase documents, and the gateway gives
+        PostgREST the role's token (https://supabase.com/docs/guides/api/api-keys)."""
+        if is_api_key(token):
+            headers = {"apikey": token}
+        else:
+            headers = {"Authorization": f"Bearer {token}"}
+            if self._apikey:
+                headers["apikey"] = self._apikey
         if self.schema != "public":
             headers["Content-Profile"] = self.schema
         return headers
