@@ -30,6 +30,7 @@ from syncd.verify import PAGE
 USER_ERRORS = (ConfigError, capture.CaptureError, sqlite.SourceFileError, apsw.SQLError, TargetError)
 EXIT_BUG = 70  # sysexits.h EX_SOFTWARE
 LOCK_WAIT = 300.0  # seconds a command waits for the app's lock by default
+READ_LOCK_WAIT = 5.0  # seconds a command without --lock-wait (status) waits: it reports, it does not queue
 LOCK_WAITS: list[LockWait] = []  # this process's, to say who held the lock when one gives up
 
 
@@ -41,10 +42,12 @@ def load(args: argparse.Namespace, **overrides: object) -> Config:
 def open_source(args: argparse.Namespace, config: Config, *, readonly: bool = False) -> apsw.Connection:
     """The app's file (its state file attached) for a command: while another process holds the lock, wait up to
     --lock-wait seconds, saying on stderr who holds it (`source.LockWait`)."""
-    conn = state.connect(config.source.path, readonly=readonly)
-    waits = LockWait(config.source.path, args.lock_wait, lambda line: print(line, file=sys.stderr, flush=True))
-    conn.set_busy_handler(waits)
+    conn = sqlite.connect(config.source.path, readonly=readonly)
+    waits = LockWait(config.source.path, getattr(args, "lock_wait", READ_LOCK_WAIT),
+                     lambda line: print(line, file=sys.stderr, flush=True))
+    conn.set_busy_handler(waits)  # before the first statement: attaching the state file reads the app's file too
     LOCK_WAITS.append(waits)
+    state.attach(conn, config.source.path)
     return conn
 
 
@@ -384,17 +387,17 @@ def seconds(text: str) -> float:
     return value
 
 
-def add_config_options(p: argparse.ArgumentParser, *, lock_wait: bool = True) -> None:
-    """--config and --db, which every command that reads the app's file takes; --lock-wait for a command (not the
-    daemon, which waits as long as it takes)."""
+def add_config_options(p: argparse.ArgumentParser, *, lock_wait: bool = True, wait: float = LOCK_WAIT) -> None:
+    """--config and --db, which every command that reads the app's file takes; --lock-wait (default `wait`
+    seconds) for a command (not the daemon, which waits as long as it takes)."""
     p.add_argument("--config", type=Path,
                    help="TOML configuration file (default: $SYNCD_CONFIG, else ./syncd.toml, else "
                         "/etc/syncd/syncd.toml)")
     p.add_argument("--db", help="the application's SQLite file (overrides source.path and $SYNCD_DB)")
     if lock_wait:
-        p.add_argument("--lock-wait", type=seconds, default=LOCK_WAIT, metavar="SECONDS",
+        p.add_argument("--lock-wait", type=seconds, default=wait, metavar="SECONDS",
                        help="while the application holds the file's lock, wait this long, saying every few seconds "
-                            f"which process holds it (default {LOCK_WAIT:.0f})")
+                            f"which process holds it (default {wait:.0f})")
 
 
 def add_capture_commands(commands: argparse._SubParsersAction) -> None:
@@ -417,7 +420,7 @@ def add_capture_commands(commands: argparse._SubParsersAction) -> None:
                             description="Report per table what is pending and how old, dead letters, last "
                                         "shipment and errors, the daemon's lease and trigger health. Exit code 0 "
                                         "when healthy, 1 when something needs an operator.")
-    add_config_options(p)
+    add_config_options(p, wait=READ_LOCK_WAIT)  # a report: a monitoring script must not hang behind the app
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--max-lag", type=seconds, default=status.DEFAULT_MAX_LAG_SECONDS,
                    help="pending changes older than this many seconds are a problem "

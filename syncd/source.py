@@ -358,29 +358,62 @@ class LockWait:
             return False
         if now >= self.next_report:
             self.next_report = now + WAIT_REPORT_EVERY
-            self.report(f"waiting for the lock on {self.database}: {self.who()} holds it (a migration or a long "
-                        f"batch?); waited {waited:.0f} s of up to {self.limit:.0f} s (--lock-wait); Ctrl-C stops, "
-                        "nothing is changed until syncd gets the lock")
+            holder = self.holder()
+            what = (EXCLUSIVE_MODE if holder and holder[1] and wal_mode(self.database) else
+                    "a migration or a long batch?")
+            self.report(f"waiting for the lock on {self.database}: {self.who()} holds it ({what}); waited "
+                        f"{waited:.0f} s of up to {self.limit:.0f} s (--lock-wait); Ctrl-C stops, nothing is changed "
+                        "until syncd gets the lock")
         time.sleep(WAIT_STEP)
         return True
 
     def who(self) -> str:
         """`process 4242 (python3)`, or `another process` when the kernel does not tell."""
+        holder = self.holder()
+        return f"process {holder[0]}{process_name(holder[0])}" if holder else "another process"
+
+    def holder(self) -> tuple[int, bool] | None:
+        """(pid, whether the lock is on the database file itself) of a process holding a writer's lock, None when
+        the kernel does not tell."""
         for wal, start, length in WRITER_LOCKS:
             try:
                 pid = self.probes[wal].holder(start, length)
             except OSError:
                 continue
             if pid:
-                return f"process {pid}{process_name(pid)}"
-        return "another process"
+                return pid, not wal
+        return None
 
     def describe(self) -> str:
-        """The message for giving up: who held the lock, how long we waited, what to do."""
+        """The message for giving up: who held the lock, which, how long we waited, what to do. In WAL mode a lock
+        on the database file itself (not its -shm) is what `PRAGMA locking_mode=EXCLUSIVE` takes and keeps for as
+        long as that connection is open (https://sqlite.org/pragma.html#pragma_locking_mode): no other process can
+        read the file meanwhile, so waiting longer will not help."""
         waited = 0.0 if self.since is None else time.monotonic() - self.since
-        return (f"{self.who()} held the lock on {self.database} for the {waited:.0f} s syncd waited; nothing was "
+        holder = self.holder()
+        who = f"process {holder[0]}{process_name(holder[0])}" if holder else "another process"
+        if holder and holder[1] and wal_mode(self.database):
+            return (f"{who} holds an exclusive lock on the database file {self.database} itself (syncd waited "
+                    f"{waited:.0f} s): {EXCLUSIVE_MODE}; nothing was changed. syncd needs the app in "
+                    "locking_mode=NORMAL (SQLite's default): remove that PRAGMA from the app")
+        return (f"{who} held the lock on {self.database} for the {waited:.0f} s syncd waited; nothing was "
                 "changed: run the command again once the application's transaction (a migration? a long batch?) "
                 "is done")
+
+
+EXCLUSIVE_MODE = ("in WAL mode, a lock on the file itself is an application connection in PRAGMA "
+                  "locking_mode=EXCLUSIVE, which keeps every other process out, syncd included, for as long as it is "
+                  "open")
+
+
+def wal_mode(database: Path) -> bool:
+    """Whether the file's header says WAL (bytes 18 and 19 are 2: https://sqlite.org/fileformat.html), read through
+    SQLite's VFS like every read of syncd's (see sqlite.read_header); False when it cannot be read."""
+    try:
+        header = sqlite.read_header(database, 20)
+    except (OSError, sqlite.SourceFileError, apsw.Error):
+        return False
+    return len(header) >= 20 and header[18] == 2 and header[19] == 2
 
 
 def process_name(pid: int) -> str:

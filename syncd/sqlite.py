@@ -99,8 +99,8 @@ def check(path: Path, *, readonly: bool = False, setting: str = "source.path") -
                               "records changes in it (check the owner and permissions)")
 
 
-def read_header(path: Path) -> bytes:
-    """The first bytes of the file at `path` (up to the length of SQLite's header), read through SQLite's own VFS.
+def read_header(path: Path, length: int = len(HEADER)) -> bytes:
+    """The first `length` bytes of the file at `path` (default SQLite's magic string), read through SQLite's own VFS.
 
     Never with `open()`: closing any descriptor of a file drops every POSIX lock this process holds on it, SQLite's
     included, and then another process's connection may delete the -wal this process still reads
@@ -113,7 +113,7 @@ def read_header(path: Path) -> bytes:
     except apsw.CantOpenError:
         raise SourceFileError(f"cannot open {path}: check that it is a file syncd's user may read") from None
     try:
-        return bytes(handle.xRead(len(HEADER), 0))
+        return bytes(handle.xRead(length, 0))
     finally:
         handle.xClose()
 

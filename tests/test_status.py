@@ -95,6 +95,40 @@ def test_status_works_while_the_app_holds_the_write_lock(tmp_path: Path):
         db.execute("COMMIT")
 
 
+EXCLUSIVE_APP = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1])
+conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+conn.execute("INSERT INTO t VALUES (7, 'held')")
+conn.commit()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_status_names_an_app_in_exclusive_locking_mode_and_the_fix(tmp_path: Path):
+    """Issue 19, point 12: an app in PRAGMA locking_mode=EXCLUSIVE keeps every other process out of the file for as
+    long as its connection is open. status says who holds what, how long it waited and the fix, within its short
+    default wait (5 s), instead of "database is locked"."""
+    path, _ = installed(tmp_path, SCHEMA, *TABLES)
+    (tmp_path / "syncd.toml").write_text(f'[source]\npath = "{path}"\n\n[target]\nurl = "http://127.0.0.1:9"\n'
+                                         'jwt_secret = "' + "s" * 40 + '"\n\n[[table]]\nname = "t"\n')
+    holder = subprocess.Popen([sys.executable, "-c", EXCLUSIVE_APP, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        shown = subprocess.run([sys.executable, "-m", "syncd", "status", "--config", str(tmp_path / "syncd.toml")],
+                               capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    assert shown.returncode == 1 and took < 15, (took, shown.stderr)
+    error = shown.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: process {holder.pid} (python") and "locking_mode=EXCLUSIVE" in error, error
+    assert "syncd waited 5 s" in error and "remove that PRAGMA" in error, error
+
+
 def test_lease_has_one_holder_and_expires(tmp_path: Path):
     path, _ = installed(tmp_path, SCHEMA, *TABLES)
     first, second = Lease(connect(path), seconds=30), Lease(connect(path), seconds=30)
