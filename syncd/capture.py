@@ -282,9 +282,10 @@ def refuse_foreign_collations(table: SourceTable, key: list[str]) -> None:
         if collation.upper() not in BUILTIN_COLLATIONS:
             raise CollationError(
                 f"table {table.name!r}: key column {column!r} is declared COLLATE {collation}, a collation only the "
-                "application registers; syncd's own connection looks rows up by key and cannot use it. Declare the "
-                "key column with a built-in collation (BINARY, NOCASE or RTRIM; a UNIQUE index may keep "
-                f"COLLATE {collation}), or set key = [...] in its [[table]] section to other columns")
+                "application registers: syncd looks rows up by key and cannot know that collation's order, so it "
+                "cannot ship this table by this key. Leave the table out (remove its [[table]] section; `syncd init` "
+                "does so), or set key = [...] in its [[table]] section to columns that identify its rows under "
+                "a built-in collation (the app's schema stays as it is)")
 
 
 def mapping_problems(table: SourceTable, table_config: TableConfig) -> list[str]:

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Sequence
@@ -27,7 +28,8 @@ from syncd.target import PostgrestTarget, TargetError, open_target
 from syncd.verify import PAGE
 
 # Mistakes an operator can fix: printed as one clear message, never as a traceback.
-USER_ERRORS = (ConfigError, capture.CaptureError, sqlite.SourceFileError, apsw.SQLError, TargetError)
+USER_ERRORS = (ConfigError, capture.CaptureError, sqlite.SourceFileError, sqlite.ForeignCollation, apsw.SQLError,
+               TargetError)
 EXIT_BUG = 70  # sysexits.h EX_SOFTWARE
 LOCK_WAIT = 300.0  # seconds a command waits for the app's lock by default
 READ_LOCK_WAIT = 5.0  # seconds a command without --lock-wait (status) waits: it reports, it does not queue
@@ -73,9 +75,12 @@ def install(args: argparse.Namespace) -> int:
         print(f"  {name}")
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    for table in report.unshipped:
-        print(f"note: table {table!r} already holds rows, written before syncd was installed: they reach the "
-              f"secondary only after: syncd resync --table {table}", file=sys.stderr)
+    if report.unshipped:
+        tables = ", ".join(map(repr, report.unshipped))
+        print(f"note: {len(report.unshipped)} table(s) already hold rows, written before syncd was installed "
+              f"({tables}): they reach the secondary after `{suggest(args, 'resync', '--all')}` (every table, "
+              f"parents before children), or one table's after `{suggest(args, 'resync', '--table', 'T')}`",
+              file=sys.stderr)
     return 0
 
 
@@ -166,17 +171,45 @@ def replay(args: argparse.Namespace) -> int:
 
 
 def resync(args: argparse.Namespace) -> int:
-    """`syncd resync` / `backfill`: every key of a table into the outbox."""
+    """`syncd resync` / `backfill`: every key of a table (--table), or of every configured table in foreign-key
+    order, parents first (--all: the first copy), into the outbox."""
+    from syncd.worker import ship_order  # here: the worker's imports are more than other commands need
+
     config = load(args)
-    with Progress(f"resync {args.table}") as progress:
-        try:
-            result = operations.resync_table(open_source(args, config), config, args.table,
-                                             where=args.where, dry_run=args.dry_run, progress=progress)
-        except ValueError as exc:
-            raise bad_argument("--where", str(exc)) from None
-    verb = "would enqueue" if result.dry_run else "enqueued"
-    print(f"{verb} {result.keys} key(s) of {args.table}" + ("" if result.dry_run else "; `syncd run` ships them"))
+    conn = open_source(args, config)
+    if args.all:
+        if args.where:
+            raise bad_argument("--where", "only with --table (a condition is on one table's columns)")
+        tables = ship_order(conn, config, [t.name for t in config.tables])
+    else:
+        tables = [args.table]
+    verb = "would enqueue" if args.dry_run else "enqueued"
+    total = 0
+    for table in tables:
+        with Progress(f"resync {table}") as progress:
+            try:
+                result = operations.resync_table(conn, config, table, where=args.where, dry_run=args.dry_run,
+                                                 progress=progress)
+            except ValueError as exc:
+                raise bad_argument("--where", str(exc)) from None
+        total += result.keys
+        print(f"{verb} {result.keys} key(s) of {table}" + ("" if result.dry_run or args.all else
+                                                            f"; `{suggest(args, 'run')}` ships them"))
+    if args.all:
+        print(f"{verb} {total} key(s) of {len(tables)} table(s), parents before children"
+              + ("" if args.dry_run else f"; `{suggest(args, 'run')}` ships them in that order"))
     return 0
+
+
+def suggest(args: argparse.Namespace, *words: str) -> str:
+    """A syncd command line to print for the operator to paste: `words` (shell-quoted), with the --config and
+    --db this command was given, so that it finds the same files from wherever it is pasted."""
+    line = ["syncd", *words]
+    if getattr(args, "config", None):
+        line += ["--config", str(args.config)]
+    if getattr(args, "db", None):
+        line += ["--db", str(args.db)]
+    return shlex.join(line)
 
 
 def add_operation_commands(commands: argparse._SubParsersAction) -> None:
@@ -199,7 +232,11 @@ def add_operation_commands(commands: argparse._SubParsersAction) -> None:
                                 description="Enqueue every key of a table in chunks, each its own short "
                                             "transaction, while the app writes and the daemon ships.")
         add_config_options(p)
-        p.add_argument("--table", required=True, help="the SQLite table")
+        which = p.add_mutually_exclusive_group(required=True)
+        which.add_argument("--table", help="the SQLite table")
+        which.add_argument("--all", action="store_true",
+                           help="every configured table, parents before children (foreign keys, `after`): the "
+                                "first copy")
         p.add_argument("--where", help="only rows matching this SQL condition on the table")
         p.add_argument("--dry-run", action="store_true", help="count, change nothing")
         p.set_defaults(run=resync)
@@ -544,9 +581,10 @@ def init(args: argparse.Namespace) -> int:
     print(f"wrote {args.sql}: the secondary's tables in schema {args.schema!r}")
     if args.apply:
         print(f"applied it to {onboard.mask_url(args.pg_url)} in one transaction")
+    config = shlex.join(["--config", str(args.out)])
     print("next: " + ("" if args.apply else f"apply {args.sql} (psql -f, or copy it into supabase/migrations/), then ")
-          + f"syncd install --config {args.out} (it names the tables whose rows already there need a syncd resync "
-          f"--table T), then syncd run --config {args.out}")
+          + f"`syncd install {config}`, then `syncd resync --all {config}` (the rows already in the file, parents "
+          f"first), then `syncd run {config}`")
     return 0
 
 

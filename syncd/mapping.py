@@ -519,12 +519,16 @@ def _render(mapping: TableMapping, columns: Sequence[str]) -> tuple[str, str] | 
 
 
 def _column_sql(q: str, transform: str | None) -> tuple[str, str]:
-    """(the SQL value json_object gets for column `q`, the condition under which map_row must do it instead)."""
+    """(the SQL value json_object gets for column `q`, the condition under which map_row must do it instead).
+    Every comparison of the column's value says COLLATE BINARY: one with the column's own collation would need it,
+    and a collation the application registers (Anki's unicase) is unknown to syncd's connection, which then cannot
+    even prepare the statement ("no such collation sequence"). Only numbers are compared, so BINARY decides alike."""
+    b = f"{q} COLLATE BINARY"
     if transform == "bool":
         value = (f"CASE WHEN {q} IS NULL THEN NULL WHEN typeof({q}) IN ('integer', 'real') THEN "
-                 f"json(CASE WHEN {q} = 1 THEN 'true' ELSE 'false' END) ELSE "
+                 f"json(CASE WHEN {b} = 1 THEN 'true' ELSE 'false' END) ELSE "
                  f"json(CASE WHEN lower({q}) IN ('1', 'true', 't') THEN 'true' ELSE 'false' END) END")
-        fits = (f"{q} IS NULL OR (typeof({q}) IN ('integer', 'real') AND {q} IN (0, 1)) "
+        fits = (f"{q} IS NULL OR (typeof({q}) IN ('integer', 'real') AND {b} IN (0, 1)) "
                 f"OR (typeof({q}) = 'text' AND lower({q}) IN {BOOL_SQL_TEXT})")
         return value, f"NOT ({fits})"
     if transform == "bytea":
@@ -536,7 +540,7 @@ def _column_sql(q: str, transform: str | None) -> tuple[str, str]:
     # map_row's to refuse.
     negative_zero = f"atan2({q}, -1) < 0" if math_functions() else "1"
     value = f"CASE WHEN typeof({q}) = 'real' THEN json(syncd_real_json({q})) ELSE {q} END"
-    return value, (f"typeof({q}) = 'blob' OR (typeof({q}) = 'real' AND (({q} = 0 AND {negative_zero}) "
+    return value, (f"typeof({q}) = 'blob' OR (typeof({q}) = 'real' AND (({b} = 0 AND {negative_zero}) "
                f"OR abs({q}) > 1.7976931348623157e308))")
 
 

@@ -120,6 +120,8 @@ class Metrics:
         self.failures = Counter("syncd_ship_failures_total", "Failed exchanges by class", ["table", "class"],
                                 registry=r)
         self.retries = Counter("syncd_retries_total", "Retried exchanges", ["table"], registry=r)
+        self.requeued = Counter("syncd_requeued_total", "Changes sent to the outbox's tail behind what they depend on "
+                                "(reason: foreign key, unique value); not failures", ["table", "reason"], registry=r)
         self.dead_letters = Gauge("syncd_dead_letters", "Rows in the dead-letter table", ["table"], registry=r)
         self.batch_duration = Histogram("syncd_batch_duration_seconds", "Claim to acknowledge of one batch",
                                         registry=r)

@@ -33,6 +33,8 @@ class Observer:
         self.log = log or get_logger()
         self.unlogged: Counter[str] = Counter()  # batches since the last "batch" line, and their counts
         self.next_batch_log = 0.0
+        self.unlogged_requeues: Counter[tuple[str, str]] = Counter()  # (table, reason) -> keys not yet logged
+        self.next_requeue_log: dict[tuple[str, str], float] = {}
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -158,6 +160,24 @@ class Observer:
         """One request to the secondary failed (before any retry)."""
         self.metrics.failures.labels(table=table, **{"class": error.kind}).inc()
         self.metrics.target_up.set(0 if error.kind == "transient" else 1)
+
+    def requeued(self, table: str, keys: int, reason: str, error: TargetError) -> None:
+        """`keys` changes of `table` went to the tail of the outbox (`reason`: foreign key, their parent has not
+        landed yet; unique value, the row that holds it has not moved yet): counted in syncd_requeued_total apart
+        from failures, and logged at most once a second per table and reason with the counts since."""
+        self.metrics.requeued.labels(table=table, reason=reason).inc(keys)
+        now = time.monotonic()
+        pending = self.unlogged_requeues
+        pending[(table, reason)] += keys
+        if now < self.next_requeue_log.get((table, reason), 0.0):
+            return
+        self.next_requeue_log[(table, reason)] = now + BATCH_LOG_EVERY
+        self.log.info("requeued behind what they depend on", table=table, reason=reason,
+                      keys=pending.pop((table, reason)), code=error.code,
+                      why=("the secondary refused them for a foreign key (23503): their parent rows have not landed "
+                           "yet (a first copy sending children early?); they ship after them, and only a row whose "
+                           "parent never comes goes to the dead letters" if reason == "foreign key" else
+                           "another row still holds their unique value; they ship after it moves"))
 
     def token_renewed(self, table: str, error: TargetError) -> None:
         """The token had expired; it was renewed and the request to `table` sent again."""

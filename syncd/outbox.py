@@ -37,7 +37,7 @@ from syncd.keys import (
     table_columns,
     unix_time,
 )
-from syncd.sqlite import BUSY_TIMEOUT_MS, immediate, quote_ident, quote_text
+from syncd.sqlite import BUSY_TIMEOUT_MS, ForeignCollation, immediate, quote_ident, quote_text
 from syncd.state import create_private, writing
 
 __all__ = [
@@ -516,12 +516,28 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
         passed_over = [e.seq for c in grouped if (c.table, c.raw_key) in busy_keys for e in c.entries]
         for table in dict.fromkeys(c.table for c in changes):
             readable = [c for c in changes if c.table == table and c.key is not None]
-            attach_rows(conn, table, keys[table], readable, (renderers or {}).get(table))
-            attach_stand_ins(conn, table, keys[table], [c for c in readable if not c.present],
-                             (renderers or {}).get(table))
+            try:
+                attach_rows(conn, table, keys[table], readable, (renderers or {}).get(table))
+                attach_stand_ins(conn, table, keys[table], [c for c in readable if not c.present],
+                                 (renderers or {}).get(table))
+            except ForeignCollation as exc:
+                raise TableUnreadable(table, str(exc)) from None
+            except apsw.SQLError as exc:
+                if "no such collation sequence" not in str(exc):
+                    raise
+                raise TableUnreadable(table, str(exc)) from None
     finally:
         conn.execute("COMMIT")
     return Claim(changes, passed_over, rows[-1][0] if rows else 0)
+
+
+class TableUnreadable(Exception):
+    """syncd's connection cannot read a table's rows (a collation only the application registers was needed):
+    the table's problem, never the loop's. `table` names it, `problem` says what SQLite said."""
+
+    def __init__(self, table: str, problem: str) -> None:
+        super().__init__(f"table {table!r}: {problem}")
+        self.table, self.problem = table, problem
 
 
 def group_entries(rows: Sequence[tuple[int, str, bytes, str, float]]) -> list[Change]:

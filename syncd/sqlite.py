@@ -35,7 +35,25 @@ def connect(path: Path, *, readonly: bool = False, setting: str = "source.path")
     conn = apsw.Connection(str(path), flags=flags)
     conn.set_busy_timeout(BUSY_TIMEOUT_MS)
     register_functions(conn)
+    conn.collation_needed(stand_in_collation)
     return conn
+
+
+class ForeignCollation(Exception):
+    """A statement of syncd's had to compare two values by a collation only the application registers."""
+
+
+def stand_in_collation(conn: apsw.Connection, name: str) -> None:
+    """Register a stand-in for a collation the application registers itself (Anki's unicase), when SQLite asks for
+    it (sqlite3_collation_needed): SQLite wants every collation a table or index declares before it prepares any
+    statement on it (even a full scan of a WITHOUT ROWID table), though syncd never compares by one (it never writes
+    the app's tables, and every comparison of its own says COLLATE BINARY or is on a key, where such a collation is
+    refused up front). Should a statement ever compare by it, the stand-in raises ForeignCollation rather than guess
+    an order, which could miss rows."""
+    def refuse(left: str, right: str) -> int:
+        raise ForeignCollation(f"this needs to compare by the collation {name!r}, which only the application "
+                               "registers (syncd cannot know its order): leave such a column out of the condition")
+    conn.create_collation(name, refuse)
 
 
 def close(conn: apsw.Connection, *, checkpoint: bool = True) -> None:

@@ -48,7 +48,7 @@ from syncd.config import Config, TableConfig
 from syncd.keys import InvalidText, decode_key, decode_safe_row, encode_key, key_sql, read_rows, safe_select
 from syncd.mapping import JsonText, RowError, TableMapping
 from syncd.progress import ReporterFactory, Silent
-from syncd.sqlite import quote_ident
+from syncd.sqlite import ForeignCollation, quote_ident
 from syncd.target import PostgrestTarget, TargetError
 from syncd.timeparse import pg_timestamp
 
@@ -405,7 +405,7 @@ def verify(conn: apsw.Connection, config: Config, target: PostgrestTarget, *, ta
         marked = outbox.tables_to_reconcile(conn).get(table_config.name) if installed else None
         try:
             TableVerifier(conn, target, table_config, spec, report, page, progress).run(repair, dry_run)
-        except (TableProblem, capture.CaptureError) as exc:
+        except (TableProblem, capture.CaptureError, ForeignCollation) as exc:
             report.error = str(exc)
         except TargetError as exc:
             report.error = exc.message

@@ -589,7 +589,13 @@ class Worker:
         active = {t: m.key for t, m in self.mappings.items() if t not in self.halted}
         floor = min(min(self.open_seqs) - 1, self.seen_upto) if self.open_seqs else self.seen_upto
         renderers = {t: self.mappings[t].sql_rendering for t in active}
-        claimed = outbox.claim(self.conn, self.batch_size, active, in_flight, after=floor, renderers=renderers)
+        try:
+            claimed = outbox.claim(self.conn, self.batch_size, active, in_flight, after=floor, renderers=renderers)
+        except outbox.TableUnreadable as exc:  # the table's problem: it halts, the others ship on
+            self.halt(exc.table, Halt("capture", f"syncd cannot read the rows of {exc.table!r}: {exc.problem}; "
+                                                 "leave the table out of syncd.toml, or report it (syncd's reads "
+                                                 "of a table never compare by the application's collations)"))
+            return self.claim(in_flight)
         changes = [c for c in claimed.changes
                    if c.problem or not self.holds(c.table, "upsert" if c.present else "delete")]
         if len(changes) < len(claimed.changes):  # held: left in the outbox, claimed again once the halt ends
@@ -885,7 +891,13 @@ class Worker:
                 pairs = batch.collided.setdefault(table, [])
                 if len(items) == 2:
                     pairs.append((items[0][0].key, items[1][0].key))
-            if error.kind == "row" and (required := self.unfed_column(table, error)) is not None:
+            if error.kind == "row" and error.foreign_key and op == "upsert" and self.order_problem(table, items):
+                with self.lock:  # parents first: the whole batch goes behind them, as it is (no bisection)
+                    for change, _ in items:
+                        self.fk_attempts[(table, change.key_text)] += 1
+                batch.requeued += [change for change, _ in items]
+                self.observer.requeued(table, len(items), "foreign key", error)
+            elif error.kind == "row" and (required := self.unfed_column(table, error)) is not None:
                 with self.lock:  # every row would be refused: the table's problem, not its rows'
                     self.halt(table, self.required_halt(table, required), error)
                     self.next_schema_check = time.monotonic() + self.config.worker.schema_recheck_interval
@@ -926,7 +938,8 @@ class Worker:
             else:
                 self.target.delete(mapping.target, mapping.target_key, payloads)
         except TargetError as error:
-            self.observer.exchange_failed(table, error)
+            if not error.foreign_key:  # a matter of order until proven otherwise: a requeue, or a dead letter
+                self.observer.exchange_failed(table, error)
             raise
 
     def reject(self, table: str, change: Change, error: TargetError, batch: Batch) -> None:
@@ -937,12 +950,15 @@ class Worker:
             if (error.foreign_key or error.unique_violation) and attempts < self.config.worker.fk_retries:
                 self.fk_attempts[(table, change.key_text)] += 1
                 batch.requeued.append(change)  # behind its parent, which may still be queued
+                self.observer.requeued(table, 1, "foreign key" if error.foreign_key else "unique value", error)
                 return
             self.fk_attempts.pop((table, change.key_text), None)
         fix = HINT_UNIQUE_HANDOFF if error.unique_violation else "fix the cause"
         message = (f"table {table!r} key {change.key!r}: {error.message}; {fix}, then run: "
                    f"syncd replay --dead-letters --table {table}")
         batch.dead.append(DeadLetter(change, message, error.status, error.code))
+        if error.foreign_key:
+            self.observer.exchange_failed(table, error)  # requeues are not failures; a row refused for good is
         self.observer.row_dead_lettered(table, error)
 
     # -- halts ----------------------------------------------------------------------------------------------
@@ -1079,6 +1095,18 @@ class Worker:
             if error.kind == "config":
                 return Halt("config", error.message)
         return None
+
+    def order_problem(self, table: str, items: list[tuple[Change, dict[str, object] | str]]) -> bool:
+        """Whether a batch of upserts that a foreign key refused (23503) is most likely early rather than wrong: the
+        table has a parent among the synced tables, and none of its keys has used up its `fk_retries` yet. Such a
+        batch is requeued whole (its parents, enqueued before it or claimed beside it, land first); once its keys
+        have been requeued that often, it is bisected and only the rows whose parent is missing go to the dead
+        letters. Decided without SQLite: it may run on a shipping thread."""
+        if not self.ancestors.get(table):
+            return False
+        with self.lock:
+            return all(self.fk_attempts[(table, change.key_text)] < self.config.worker.fk_retries
+                       for change, _ in items)
 
     def unfed_column(self, table: str, error: TargetError) -> str | None:
         """The column a 23502 (not-null violation) names when syncd does not send it: the secondary requires a

@@ -158,6 +158,54 @@ def test_foreign_key_refusal_heals_when_the_parent_arrives(tmp_path: Path):
     assert dead(db) == [] and outbox_size(db) == 0
 
 
+def metric(worker: Worker, name: str, **labels: str) -> float:
+    return worker.observer.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_a_batch_of_children_refused_for_pending_parents_is_requeued_whole_not_bisected(tmp_path: Path):
+    """Issue 19, point 2: a first copy that sends children before their parents. The refused batch goes behind the
+    parents as a whole (one request, no bisection), counted as requeued and not as a row failure; once the parents
+    have landed the children ship, and nothing is dead-lettered."""
+    def fk_until_parents(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
+        if table == "child" and op == "upsert" and any(i["parent_id"] not in target.stored.get("parent", {})
+                                                       for i in items):
+            return TargetError("row", "POST child: 409 23503 violates foreign key constraint", status=409,
+                               code="23503")
+        return None
+
+    target = FakeTarget(fk_until_parents)
+    worker, db = worker_for(tmp_path, target, batch_size=50)
+    db.executemany("INSERT INTO child VALUES (?, ?, 'c')", [(i, i % 5) for i in range(50)])
+    db.executemany("INSERT INTO parent VALUES (?, 'p')", [(i,) for i in range(5)])
+    assert worker.drain_once().requeued == 50
+    assert [(op, t, len(rows)) for op, t, rows in target.requests] == [("upsert", "child", 50)]
+    assert metric(worker, "syncd_requeued_total", table="child", reason="foreign key") == 50
+    assert metric(worker, "syncd_ship_failures_total", table="child", **{"class": "row"}) == 0
+    while worker.drain_once().claimed:
+        pass
+    assert sorted(target.stored["child"]) == list(range(50)) and dead(db) == []
+
+
+def test_a_child_whose_parent_never_comes_is_bisected_out_after_its_retries(tmp_path: Path):
+    """A batch is requeued whole only while its keys have retries left; then it is bisected, the rows with a parent
+    ship and the orphan alone is dead-lettered (and only then counted as a row failure)."""
+    def orphan(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
+        if table == "child" and any(i["parent_id"] == 99 for i in items):
+            return TargetError("row", "POST child: 409 23503 violates foreign key constraint", status=409,
+                               code="23503")
+        return None
+
+    target = FakeTarget(orphan)
+    worker, db = worker_for(tmp_path, target, fk_retries=2)
+    db.execute("INSERT INTO parent VALUES (1, 'p')")
+    db.executemany("INSERT INTO child VALUES (?, ?, 'c')", [(i, 99 if i == 3 else 1) for i in range(8)])
+    while worker.drain_once().claimed:
+        pass
+    assert dead(db) == [("child", "3")]
+    assert sorted(target.stored["child"]) == [0, 1, 2, 4, 5, 6, 7]
+    assert metric(worker, "syncd_ship_failures_total", table="child", **{"class": "row"}) >= 1
+
+
 def test_an_expired_token_that_cannot_be_renewed_halts_its_table(tmp_path: Path):
     """The target renews an expired token itself (tests/test_target.py); an `auth` error that still reaches
     the worker means it could not (a fixed key): the table halts, nothing is dead-lettered."""
