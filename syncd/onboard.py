@@ -368,12 +368,13 @@ def cycle_text(table: Table, index: int, tables: list[Table]) -> str:
     return f"{table.name} -> {start}"
 
 
-def do_block(body: str) -> str:
-    """`body` (PL/pgSQL statements) as an anonymous DO block, with a dollar quote that `body` does not hold."""
+def do_block(body: str, declare: str = "") -> str:
+    """`body` (PL/pgSQL statements, after `declare`'s variables) as an anonymous DO block, with a dollar quote that
+    neither holds."""
     tag = "$syncd$"
-    while tag in body:
+    while tag in body or tag in declare:
         tag = tag[:-1] + "_$"
-    return f"DO {tag} BEGIN {body} END {tag};"
+    return f"DO {tag} {'DECLARE ' + declare + ' ' if declare else ''}BEGIN {body} END {tag};"
 
 
 def create_table(table: Table, schema: str, later: set[tuple[str, int]], referenced: set[tuple[str, tuple[str, ...]]]
@@ -389,7 +390,8 @@ def create_table(table: Table, schema: str, later: set[tuple[str, int]], referen
     items += [f"    {references(fk, schema)}" for i, fk in enumerate(table.foreign_keys)
               if (table.name, i) not in later]
     notes = [f"-- {one_line(note)}" for note in table.notes]
-    lines = [f"-- {one_line(table.name)}", *notes, f"CREATE TABLE IF NOT EXISTS {qualified} (", ",\n".join(items), ");"]
+    lines = [f"-- {one_line(table.name)}", *notes, f"CREATE TABLE IF NOT EXISTS {qualified} (", ",\n".join(items), ");",
+             *converge(table, schema)]
     indexed = [table.key, *table.unique]
     for fk in table.foreign_keys:
         if not any(u[:len(fk.columns)] == fk.columns for u in indexed):
@@ -403,6 +405,49 @@ def create_table(table: Table, schema: str, later: set[tuple[str, int]], referen
                        f"CREATE POLICY {policy} ON {qualified} FOR ALL USING ({ROLE_CLAIM}) WITH CHECK ({ROLE_CLAIM}); "
                        "END IF;"),
               f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {qualified} TO service_role;"]
+    return lines
+
+
+def converge(table: Table, schema: str) -> list[str]:
+    """What makes a table of that name that already existed (CREATE TABLE IF NOT EXISTS keeps it as it is) fit, or
+    stops the whole transaction with the table, the column and the fix: the columns it lacks are added (ADD COLUMN
+    IF NOT EXISTS; a key column cannot be: the error says so); a column of another type, no PRIMARY KEY or UNIQUE
+    on exactly the key columns (upserts need one: 42P10), or a NOT NULL column without a default that syncd does not
+    send (every upsert refused: 23502) raise an exception. Types compare as PostgreSQL resolves them (regtype: the
+    same type under any of its names), without their modifiers."""
+    qualified = f"{quote_ident(schema)}.{quote_ident(table.name)}"
+    where = quote_text(qualified)
+    lines = [f"ALTER TABLE {qualified} ADD COLUMN IF NOT EXISTS {quote_ident(c.name)} {c.pg_type};"
+             for c in table.columns if c.name not in table.key]
+    wanted = ", ".join(f"({quote_text(c.name)}, {quote_text(c.pg_type)})" for c in table.columns)
+    names = ", ".join(quote_text(c.name) for c in table.columns)
+    key = ", ".join(quote_text(c) for c in sorted(table.key))
+    prefix = quote_text(f"syncd init: table {schema}.{table.name} already exists")
+    fix_at = one_line(qualified).replace("'", "''")  # inside format()'s literals
+    lines.append(do_block(
+        f"SELECT string_agg(format('column %I is %s there, syncd ships %s (fix: ALTER TABLE {fix_at} "
+        "ALTER COLUMN %I TYPE %s, or exclude the column in syncd.toml)', a.attname, format_type(a.atttypid, "
+        "a.atttypmod), want.type, a.attname, want.type), '; ') INTO problem "
+        f"FROM (VALUES {wanted}) AS want(name, type) JOIN pg_attribute a ON a.attrelid = {where}::regclass "
+        "AND a.attname = want.name AND NOT a.attisdropped WHERE a.atttypid <> want.type::regtype; "
+        f"IF problem IS NOT NULL THEN RAISE EXCEPTION '%: %', {prefix}, problem; END IF; "
+        "SELECT string_agg(format('key column %I is missing there (fix: drop the table, or rename it, and run this "
+        "again)', want), '; ') INTO problem "
+        f"FROM unnest(ARRAY[{key}]::name[]) AS want WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE "
+        f"a.attrelid = {where}::regclass AND a.attname = want AND NOT a.attisdropped); "
+        f"IF problem IS NOT NULL THEN RAISE EXCEPTION '%: %', {prefix}, problem; END IF; "
+        f"IF NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = {where}::regclass AND k.contype IN ('p', "
+        "'u') AND (SELECT array_agg(a.attname ORDER BY a.attname) FROM pg_attribute a WHERE a.attrelid = "
+        f"k.conrelid AND a.attnum = ANY (k.conkey)) = ARRAY[{key}]::name[]) THEN RAISE EXCEPTION "
+        f"'%: no PRIMARY KEY or UNIQUE constraint on exactly its key ({one_line(', '.join(table.key))}), which "
+        f"upserts need (fix: ALTER TABLE {fix_at} ADD UNIQUE (...) on those columns)', {prefix}; "
+        "END IF; "
+        "SELECT string_agg(format('column %I is NOT NULL without a default there, and SQLite has no such column "
+        "(fix: give it a default, or drop its NOT NULL)', a.attname), '; ') INTO problem FROM pg_attribute a "
+        f"LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum WHERE a.attrelid = {where}::regclass "
+        "AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull AND d.adbin IS NULL AND a.attidentity = '' "
+        f"AND a.attgenerated = '' AND a.attname <> ALL (ARRAY[{names}]::name[]); "
+        f"IF problem IS NOT NULL THEN RAISE EXCEPTION '%: %', {prefix}, problem; END IF;", declare="problem text;"))
     return lines
 
 
@@ -459,20 +504,20 @@ def apply_sql(sql: str, pg_url: str, tables: Sequence[Table] = (), schema: str =
 
 
 def table_in_the_way(conn: psycopg.Connection, schema: str, table: Table) -> str | None:
-    """Why an existing table of that name in `schema` cannot take the rows (columns it lacks, NOT NULL columns
-    without a default that syncd never fills), or None (absent, or fit)."""
+    """Why an existing table of that name in `schema` cannot take the rows, that the SQL cannot converge (NOT NULL
+    columns without a default that syncd never fills), or None (absent, or fit once the SQL has added the columns
+    it lacks: `converge`). The SQL itself stops on the rest (a column of another type, no unique key)."""
     rows = conn.execute(
         "SELECT column_name, is_nullable = 'NO' AND column_default IS NULL AND is_identity = 'NO' "
         "FROM information_schema.columns WHERE table_schema = %s AND table_name = %s", (schema, table.name)).fetchall()
     if not rows:
         return None
     existing = dict(rows)
-    missing = [c.name for c in table.columns if c.name not in existing]
     shipped = {c.name for c in table.columns}
     unfed = [name for name, required in existing.items() if required and name not in shipped]
-    problems = ([f"lacks {', '.join(map(repr, missing))}"] if missing else []) + (
-        [f"has NOT NULL column(s) {', '.join(map(repr, unfed))} that SQLite does not have"] if unfed else [])
-    return f"table {schema}.{table.name} already exists and {' and '.join(problems)}" if problems else None
+    return (f"table {schema}.{table.name} already exists and has NOT NULL column(s) {', '.join(map(repr, unfed))} "
+            "without a default that SQLite does not have (every upsert would be refused: give them a default there, "
+            "or drop their NOT NULL)") if unfed else None
 
 
 def write_new(files: Sequence[tuple[Path, str]]) -> None:

@@ -200,11 +200,51 @@ def test_apply_refuses_a_table_of_that_name_with_other_columns(tmp_path: Path, p
         result = init("--db", str(db), "--out", str(tmp_path / "c.toml"), "--sql", str(tmp_path / "s.sql"),
                       "--schema", SCHEMA, "--apply", "--pg-url", devserver.pg_url)
         assert result.returncode == 2, result.stderr
-        assert f"table {SCHEMA}.user already exists and lacks 'email'" in result.stderr
-        assert "NOT NULL column(s) 'tag'" in result.stderr and "nothing was applied" in result.stderr
+        assert f"table {SCHEMA}.user already exists and has NOT NULL column(s) 'tag'" in result.stderr
+        assert "give them a default there" in result.stderr and "nothing was applied" in result.stderr
         assert pg.execute("SELECT to_regclass(%s)", (f'{SCHEMA}."order"',)).fetchone() == (None,)
     finally:
         drop_tables(devserver.pg_url, ["user"])
+
+
+def apply_file(pg_url: str, sql_file: Path) -> str | None:
+    """schema.sql as `psql -1 -f` runs it: one transaction; the error's message, or None when it applied."""
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as conn, conn.transaction():
+            conn.execute(sql_file.read_text().encode())
+    except psycopg.Error as exc:
+        return str(exc)
+    return None
+
+
+def test_schema_sql_converges_a_table_that_exists_and_stops_on_what_it_cannot(tmp_path: Path, pg: psycopg.Connection,
+                                                                              devserver: DevServer):
+    """Issue 19, point 5: CREATE TABLE IF NOT EXISTS keeps a table of that name as it is; the SQL then adds the
+    columns it lacks, and stops the whole transaction, naming the table, the column and the fix, on a column of
+    another type or a table without a unique key on syncd's key columns."""
+    db = quirks_db(tmp_path / "app.db")
+    result = init("--db", str(db), "--out", str(tmp_path / "c.toml"), "--sql", str(tmp_path / "s.sql"),
+                  "--schema", SCHEMA)
+    assert result.returncode == 0, result.stderr
+    drop_tables(devserver.pg_url, ["user", "order"])
+    try:
+        pg.execute(f'CREATE TABLE {SCHEMA}."user" (id bigint PRIMARY KEY, created timestamptz)')
+        assert apply_file(devserver.pg_url, tmp_path / "s.sql") is None
+        columns = {r[0]: r[1] for r in pg.execute("SELECT column_name, data_type FROM information_schema.columns "
+                                                  "WHERE table_schema = %s AND table_name = 'user'", (SCHEMA,))}
+        assert {"email", "active", "prefs", "avatar"} <= set(columns) and columns["prefs"] == "jsonb"
+        drop_tables(devserver.pg_url, ["user", "order"])
+        pg.execute(f'CREATE TABLE {SCHEMA}."user" (id bigint PRIMARY KEY, active text)')
+        error = apply_file(devserver.pg_url, tmp_path / "s.sql")
+        assert error is not None and f"table {SCHEMA}.user already exists" in error, error
+        assert "column active is text there, syncd ships boolean" in error and "ALTER COLUMN active TYPE" in error
+        assert pg.execute("SELECT to_regclass(%s)", (f'{SCHEMA}."order"',)).fetchone() == (None,)  # one transaction
+        drop_tables(devserver.pg_url, ["user"])
+        pg.execute(f'CREATE TABLE {SCHEMA}."user" (id bigint, email text)')
+        error = apply_file(devserver.pg_url, tmp_path / "s.sql")
+        assert error is not None and "no PRIMARY KEY or UNIQUE constraint on exactly its key (id)" in error, error
+    finally:
+        drop_tables(devserver.pg_url, ["user", "order"])
 
 
 PG_URL_FORMS = ["postgresql://app:{secret}@127.0.0.1:{port}/db", "postgresql://127.0.0.1:{port}/db?password={secret}",
