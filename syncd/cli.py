@@ -565,6 +565,7 @@ def init(args: argparse.Namespace) -> int:
         if not synced:
             reasons = "; ".join(f"{t.name}: {t.refused}" for t in tables) or "it has no tables"
             raise bad_argument("--db", f"no table of {args.db} can be synced ({reasons}); nothing was written")
+        notes = onboard.decide_foreign_keys(tables, args.foreign_keys)
         sql = onboard.render_sql(tables, args.schema, args.db)
         config_text = onboard.render_config(tables, args.db, args.out, args.schema)
         if args.apply:
@@ -579,6 +580,8 @@ def init(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {synced} table(s) synced" + (f", {len(tables) - synced} left out (listed at its end "
                                                            "with the reason)" if synced < len(tables) else ""))
     print(f"wrote {args.sql}: the secondary's tables in schema {args.schema!r}")
+    for note in notes:
+        print(note)
     if args.apply:
         print(f"applied it to {onboard.mask_url(args.pg_url)} in one transaction")
     config = shlex.join(["--config", str(args.out)])
@@ -603,6 +606,10 @@ def add_init_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--tables", nargs="+", metavar="T", help="only these tables (default: every table)")
     p.add_argument("--exclude", nargs="+", metavar="T", help="leave these tables out")
     p.add_argument("--schema", default="public", help="the secondary's schema (default public)")
+    p.add_argument("--foreign-keys", choices=("auto", "enforce", "comment"), default="auto",
+                   help="auto (default): enforce the foreign keys no row of the file breaks, comment out the others; "
+                        "comment: write every one as a comment (an app that deletes parents rows still reference); "
+                        "enforce: write every one as a constraint")
     p.add_argument("--apply", action="store_true", help="also run the SQL on --pg-url, in one transaction")
     p.add_argument("--pg-url", help="with --apply: the secondary's PostgreSQL URL (postgresql://...)")
     p.set_defaults(run=init)

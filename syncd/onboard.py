@@ -83,6 +83,8 @@ class ForeignKey:
     columns: list[str]
     parent: str
     parent_columns: list[str]
+    violations: int = 0  # rows of the file that break it now (PRAGMA foreign_key_check): the app does not enforce it
+    enforced: bool = True  # written as a constraint (False: commented out, see `decide_foreign_keys`)
 
 
 @dataclass
@@ -213,7 +215,38 @@ def link_foreign_keys(conn: apsw.Connection, tables: list[Table]) -> None:
             if fk is None:
                 table.notes.append(f"foreign key ({', '.join(columns)}) -> {parent_name} left out: {problem}")
             else:
+                fk.violations = conn.execute(f"SELECT count(*) FROM pragma_foreign_key_check({quote_text(table.name)}) "
+                                             "WHERE fkid = ?", (fk_id,)).fetchone()[0]
                 table.foreign_keys.append(fk)
+
+
+FOREIGN_KEY_CHOICES = ("auto", "enforce", "comment")
+
+
+def decide_foreign_keys(tables: Sequence[Table], choice: str) -> list[str]:
+    """Which foreign keys schema.sql enforces (`choice`: auto, enforce, comment), and what to tell the user.
+
+    SQLite enforces a foreign key only in connections that set PRAGMA foreign_keys=ON, a setting of each
+    connection that init cannot see (https://sqlite.org/foreignkeys.html#fk_enable; sqlite-utils, like SQLite by
+    default, never sets it), so an app may legitimately hold rows PostgreSQL would refuse (23503, dead-lettered).
+    auto: a foreign key that rows of the file break now is written commented out, with the numbers; the others are
+    enforced, with a note that says how to turn them into comments. comment: all commented out. enforce: all
+    enforced. The lines to print."""
+    said = []
+    for table in tables:
+        for fk in table.foreign_keys:
+            fk.enforced = choice == "enforce" or (choice == "auto" and fk.violations == 0)
+            if choice == "auto" and fk.violations:
+                said.append(f"note: {fk.violations} row(s) of {table.name!r} reference a missing {fk.parent!r} row "
+                            f"({', '.join(fk.columns)}): the app does not enforce this foreign key, so schema.sql "
+                            "has it commented out (PostgreSQL would refuse those rows with 23503)")
+    enforced = sum(fk.enforced for table in tables for fk in table.foreign_keys)
+    if enforced and choice == "auto":
+        said.append(f"note: {enforced} foreign key(s) written as constraints: no row of the file breaks them now, but "
+                    "SQLite enforces them only where the app sets PRAGMA foreign_keys=ON, which init cannot see; if "
+                    "the app may delete a parent that rows still reference, PostgreSQL refuses that delete (23503, "
+                    "dead-lettered): run init with --foreign-keys comment to write them as comments")
+    return said
 
 
 def foreign_key(table: Table, columns: list[str], parent: Table | None,
@@ -388,10 +421,16 @@ def create_table(table: Table, schema: str, later: set[tuple[str, int]], referen
         deferred = "" if (table.name, tuple(sorted(unique))) in referenced else " DEFERRABLE INITIALLY DEFERRED"
         items.append(f"    UNIQUE ({column_list(unique)}){deferred}")
     items += [f"    {references(fk, schema)}" for i, fk in enumerate(table.foreign_keys)
-              if (table.name, i) not in later]
+              if (table.name, i) not in later and fk.enforced]
     notes = [f"-- {one_line(note)}" for note in table.notes]
     lines = [f"-- {one_line(table.name)}", *notes, f"CREATE TABLE IF NOT EXISTS {qualified} (", ",\n".join(items), ");",
              *converge(table, schema)]
+    for index, fk in enumerate(table.foreign_keys):
+        if not fk.enforced and (table.name, index) not in later:
+            why = (f"{fk.violations} row(s) of the file break it: the app does not enforce it" if fk.violations else
+                   "init --foreign-keys comment")
+            lines += [f"-- Left out ({why}); PostgreSQL would refuse such rows (23503). Uncomment it once they are "
+                      "gone:", f"-- {add_foreign_key(table, index, schema)}"]
     indexed = [table.key, *table.unique]
     for fk in table.foreign_keys:
         if not any(u[:len(fk.columns)] == fk.columns for u in indexed):

@@ -247,6 +247,21 @@ def test_schema_sql_converges_a_table_that_exists_and_stops_on_what_it_cannot(tm
         drop_tables(devserver.pg_url, ["user", "order"])
 
 
+@pytest.mark.parametrize("choice", ["auto", "comment", "enforce"])
+def test_foreign_keys_are_enforced_or_commented_as_asked_and_auto_says_why(tmp_path: Path, choice: str):
+    """Issue 19, point 3: no row of the quirks file breaks its foreign keys, so auto enforces them and says how
+    to write them as comments; comment writes each as a comment; enforce says nothing."""
+    db = quirks_db(tmp_path / "app.db")
+    result = init("--db", str(db), "--out", str(tmp_path / "c.toml"), "--sql", str(tmp_path / "s.sql"),
+                  "--foreign-keys", choice)
+    assert result.returncode == 0, result.stderr
+    sql = (tmp_path / "s.sql").read_text()
+    inline = [line for line in sql.splitlines() if line.startswith("    FOREIGN KEY")]
+    assert bool(inline) == (choice != "comment"), sql
+    assert ("-- Left out (init --foreign-keys comment)" in sql) == (choice == "comment")
+    assert ("--foreign-keys comment to write them as comments" in result.stdout) == (choice == "auto"), result.stdout
+
+
 PG_URL_FORMS = ["postgresql://app:{secret}@127.0.0.1:{port}/db", "postgresql://127.0.0.1:{port}/db?password={secret}",
                 "host=127.0.0.1 port={port} user=app password={secret} dbname=db",
                 "host=127.0.0.1 port={port} password='{secret}' dbname=db",

@@ -158,6 +158,30 @@ def test_a_tool_that_rebuilds_tables(tmp_path: Path, secondary: Secondary, pg: p
     app.verify_equal()
 
 
+def test_foreign_keys_the_app_does_not_enforce(tmp_path: Path, secondary: Secondary, pg: psycopg.Connection) -> None:
+    """Issue 19, point 3: an app without PRAGMA foreign_keys=ON (sqlite-utils never sets it) holds children whose
+    parent is gone, and goes on deleting parents they reference. init writes the foreign key such rows break as a
+    comment, with the numbers; nothing is dead-lettered and verify is equal."""
+    conn = sqlite3.connect(tmp_path / "app.sqlite3", isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript("CREATE TABLE nf_owner (id INTEGER PRIMARY KEY, name TEXT);"
+                       "CREATE TABLE nf_pet (id INTEGER PRIMARY KEY, owner_id INTEGER REFERENCES nf_owner (id), "
+                       "name TEXT);")
+    conn.executemany("INSERT INTO nf_owner VALUES (?, 'o')", [(i,) for i in range(5)])
+    conn.executemany("INSERT INTO nf_pet VALUES (?, ?, 'p')", [(i, i % 5) for i in range(20)])
+    conn.execute("DELETE FROM nf_owner WHERE id = 4")  # its four pets stay: nothing enforces the foreign key
+    app = onboard(tmp_path, secondary, pg, ["nf_pet", "nf_owner"])
+    sql = (tmp_path / "schema.sql").read_text()
+    assert "-- Left out (4 row(s) of the file break it: the app does not enforce it)" in sql
+    conn.execute("DELETE FROM nf_owner WHERE id = 3")  # referenced by pets 3, 8, 13 and 18
+    conn.close()
+    app.syncd("run", "--once")
+    app.verify_equal()
+    assert pg.execute("SELECT count(*) FROM nf_pet").fetchone()[0] == 20
+    dead = sqlite3.connect(tmp_path / "app.sqlite3").execute("SELECT count(*) FROM _syncd_dead_letter").fetchone()
+    assert dead == (0,)
+
+
 def migrate(path: Path, steps: Callable[..., None]) -> None:
     """Run Alembic operations against the app's file, as a migration script would."""
     from alembic.migration import MigrationContext
