@@ -63,8 +63,16 @@ FORMAT_KINDS = {
     "timestamp with time zone": "instant", "timestamp without time zone": "timestamp", "date": "date",
     "json": "json", "jsonb": "json",
     "bytea": "lower", "uuid": "uuid",
-    "text": "text", "character varying": "text", "character": "text", "citext": "text", "name": "text",
+    "text": "text", "character varying": "text", "character": "padded", "citext": "text", "name": "text",
 }
+# Key columns whose type makes PostgreSQL call two spellings one key compare by that type's equality: citext by
+# lower() (its documentation, "citext"); character(n) ignoring trailing spaces (which it pads with). As values they
+# compare as stored (a citext holds 'ABC' as sent).
+KEY_KINDS = {"citext": "folded"}
+# The kinds whose equality syncd models exactly: an extra row of the secondary is deleted by a repair only when
+# every key column is of one of these (else another spelling of a live row's key could be what it deletes).
+MODELED_KEY_KINDS = frozenset({"integer", "exact", "text", "padded", "folded", "uuid", "date", "timestamp", "instant",
+                               "bool", "lower"})
 
 
 # -- canonical values --------------------------------------------------------------------------------
@@ -73,10 +81,11 @@ FORMAT_KINDS = {
 Canonical = Callable[[object], object]
 
 
-def canonicalizer(target_format: str) -> Canonical:
-    """The function giving a value as PostgreSQL holds it in a column of that type; a value it could not
-    hold stays as it is (so it compares different, which is the truth). Chosen once per column."""
-    kind = format_kind(target_format)
+def canonicalizer(target_format: str, *, key: bool = False) -> Canonical:
+    """The function giving a value as PostgreSQL holds it in a column of that type (`key`: as PostgreSQL tells keys
+    of that type apart, KEY_KINDS); a value it could not hold stays as it is (so it compares different, which is the
+    truth). Chosen once per column."""
+    kind = key_kind(target_format) if key else format_kind(target_format)
     convert, settled = CANONICAL[kind], SETTLED.get(kind)
 
     def canonical(value: object) -> object:
@@ -99,6 +108,11 @@ def format_kind(target_format: str) -> str:
     if kind is None and base.rpartition(".")[2] == "vector":
         return "vector"
     return kind or "json"
+
+
+def key_kind(target_format: str) -> str:
+    """The kind of comparison for a key column of that type (KEY_KINDS, else its value's kind)."""
+    return KEY_KINDS.get(TYPMOD.sub("", target_format).strip().rpartition(".")[2]) or format_kind(target_format)
 
 
 TYPMOD = re.compile(r"\([^)]*\)")
@@ -238,6 +252,17 @@ def _lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
+def _padded(value: object) -> object:
+    """character(n): PostgreSQL pads with spaces to n and ignores trailing spaces when it compares."""
+    return value.rstrip(" ") if isinstance(value, str) else _text(value)
+
+
+def _folded(value: object) -> object:
+    """A citext key: PostgreSQL compares citext by lower() (its documentation, "citext")."""
+    text = _text(value)
+    return text.lower() if isinstance(text, str) else text
+
+
 def _uuid(value: object) -> object:
     """A uuid as PostgreSQL prints it: lower case, hyphenated 8-4-4-4-12. It reads upper case, braces, and hyphens
     after any group of four digits or none (PostgreSQL docs, "UUID Type"), so `{A0EE...}` and `a0ee...` are one key."""
@@ -263,7 +288,7 @@ def _vector(value: object) -> list[object]:
 CANONICAL: dict[str, Canonical] = {
     "integer": _integer, "number": _number, "exact": exact_number, "real": _real, "bool": _bool, "instant": _instant,
     "timestamp": _timestamp, "date": _date, "json": _json, "lower": _lower, "uuid": _uuid, "text": _text,
-    "vector": _vector,
+    "vector": _vector, "padded": _padded, "folded": _folded,
 }
 # The type whose values each kind already holds canonically (the fast path of most values).
 SETTLED: dict[str, type] = {"integer": int, "number": int, "exact": int, "json": str, "text": str, "bool": bool}
@@ -454,7 +479,8 @@ class TableVerifier:
         self.compared = sorted(shipped)
         self.target_key = self.mapping.target_key
         self.canonical = {column: canonicalizer(fmt) for column, fmt in self.formats.items()}
-        self.key_steps = [(c, self.canonical[c]) for c in self.target_key]
+        self.key_steps = [(c, canonicalizer(self.formats[c], key=True)) for c in self.target_key]
+        self.unmodeled = [c for c in self.target_key if key_kind(self.formats[c]) not in MODELED_KEY_KINDS]
         self.row_steps = [(c, self.canonical[c]) for c in self.compared]
         self.scratch = Scratch()
 
@@ -648,6 +674,13 @@ class TableVerifier:
         """(table, outbox key) of every row only the secondary has, so that the daemon deletes it; a key that cannot
         be spelt as a SQLite key is reported in `unrepairable` instead."""
         for canonical_key, raw in self.scratch.rows(EXTRA):
+            if self.unmodeled:
+                types = ", ".join(f"{c} {self.formats[c]}" for c in self.unmodeled)
+                self.report.unrepairable.append(
+                    f"extra row {self.show_key(canonical_key)}: not deleted, since its key ({types}) is compared by "
+                    "rules of PostgreSQL's that syncd does not model, and the delete could remove a live row whose "
+                    "key PostgreSQL spells otherwise; delete it in the secondary by hand if it is really extra")
+                continue
             okey = outbox_key(self.mapping, json.loads(raw), self.canonical_key)
             if okey is None:
                 self.report.unrepairable.append(f"extra row {self.show_key(canonical_key)}: its key cannot be "

@@ -36,3 +36,43 @@ def test_uuid_spellings_are_one_key_and_repair_deletes_no_live_row(tmp_path: Pat
     again = app.syncd("run", "--once")
     assert again.returncode == 0, again.stderr[-2000:]
     assert pg.execute("SELECT count(*) FROM ks_docs").fetchone()[0] == len(SPELLINGS), "repair deleted live rows"
+
+
+def test_character_keys_compare_as_postgresql_pads_them_and_repair_deletes_only_extras(
+        tmp_path: Path, devserver: DevServer, pg: psycopg.Connection, pg_tables) -> None:
+    """character(n) pads with spaces and ignores trailing spaces in comparisons: 'ab' comes back as 'ab  '. verify
+    sees one key, and a repair deletes the row only the secondary has, never a live one."""
+    pg_tables("ks_codes", "code character(4) PRIMARY KEY, label character(6)")
+    app = make_lab(tmp_path, devserver, "CREATE TABLE codes (code TEXT PRIMARY KEY, label TEXT);",
+                   '[[table]]\nname = "codes"\ntarget = "ks_codes"\n')
+    with closing(app.connect()) as conn:
+        conn.executemany("INSERT INTO codes VALUES (?, ?)", [("ab", "x"), ("cd", "yy")])
+    assert app.syncd("run", "--once").returncode == 0
+    checked = app.syncd("verify")
+    assert checked.returncode == 0, checked.stdout
+    pg.execute("INSERT INTO ks_codes VALUES ('zz', 'only')")
+    repaired = app.syncd("verify", "--repair")
+    assert "1 extra in the secondary" in repaired.stdout and "enqueued 1 key(s)" in repaired.stdout, repaired.stdout
+    assert app.syncd("run", "--once").returncode == 0
+    assert {r[0] for r in pg.execute("SELECT code FROM ks_codes")} == {"ab  ", "cd  "}
+    assert app.syncd("verify").returncode == 0
+
+
+def test_an_extra_row_keyed_by_a_type_syncd_does_not_model_is_reported_not_deleted(
+        tmp_path: Path, devserver: DevServer, pg: psycopg.Connection, pg_tables) -> None:
+    """An enum key: PostgreSQL's equality for it is its own. A row only the secondary has is reported as not
+    repaired, with the reason, rather than deleted (another spelling could be a live row's key)."""
+    pg.execute("DROP TYPE IF EXISTS ks_colour CASCADE")
+    pg.execute("CREATE TYPE ks_colour AS ENUM ('red', 'green', 'blue')")
+    pg_tables("ks_colours", "colour ks_colour PRIMARY KEY, hex text")
+    app = make_lab(tmp_path, devserver, "CREATE TABLE colours (colour TEXT PRIMARY KEY, hex TEXT);",
+                   '[[table]]\nname = "colours"\ntarget = "ks_colours"\n')
+    with closing(app.connect()) as conn:
+        conn.execute("INSERT INTO colours VALUES ('red', '#f00')")
+    assert app.syncd("run", "--once").returncode == 0
+    pg.execute("INSERT INTO ks_colours VALUES ('blue', '#00f')")
+    repaired = app.syncd("verify", "--repair")
+    assert "not deleted, since its key (colour " in repaired.stdout, repaired.stdout
+    assert "ks_colour) is compared by rules" in repaired.stdout
+    assert app.syncd("run", "--once").returncode == 0
+    assert {r[0] for r in pg.execute("SELECT colour::text FROM ks_colours")} == {"red", "blue"}

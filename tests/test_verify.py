@@ -306,3 +306,13 @@ def test_blob_keys_are_spelt_as_blobs_and_unspellable_keys_refused():
     assert outbox_key(bytea, ["not hex"], json.dumps) is None  # maps back to other bytes
     plain = TableMapping.from_config(TableConfig(name="t", key=["k"]), ["k"])
     assert outbox_key(plain, [None], json.dumps) is None
+
+
+def test_key_canonicals_follow_postgresqls_equality_for_citext_and_character():
+    """Issue 19, point 7: citext keys compare by lower(), character(n) ignoring trailing spaces; as values a citext
+    compares as stored."""
+    from syncd.verify import canonicalizer, key_kind
+    assert canonicalizer("citext", key=True)("ABC") == canonicalizer("public.citext", key=True)("abc") == "abc"
+    assert canonicalizer("citext")("ABC") == "ABC"
+    assert canonicalizer("character(4)", key=True)("ab  ") == canonicalizer("character", key=True)("ab") == "ab"
+    assert key_kind("public.citext") == "folded" and key_kind("text") == "text" and key_kind("inet") == "json"
