@@ -242,3 +242,33 @@ def test_an_orm_project_with_migrations(tmp_path: Path, secondary: Secondary, pg
     engine.dispose()
     app.syncd("run", "--once")
     app.verify_equal()
+
+
+def test_every_command_syncd_prints_runs_as_printed(tmp_path: Path, devserver: Secondary,
+                                                    pg: psycopg.Connection) -> None:
+    """Issue 19, point 1: the commands init and install print (in backquotes) are pasted as they are, from the
+    directory they were printed in, with a config elsewhere and a table name that needs quoting."""
+    import re
+    import shlex
+
+    conn = sqlite3.connect(tmp_path / "app.sqlite3")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute('CREATE TABLE "my items" (id INTEGER PRIMARY KEY, v TEXT)')
+    conn.executemany('INSERT INTO "my items" VALUES (?, ?)', [(i, "v") for i in range(3)])
+    conn.commit()
+    conn.close()
+    (tmp_path / "conf").mkdir()
+    pg.execute('DROP TABLE IF EXISTS public."my items"')
+    app = Onboarded(tmp_path, devserver)
+    printed = app.syncd("init", "--db", "app.sqlite3", "--out", "conf/syncd.toml", "--sql", "conf/schema.sql").stdout
+    with pg.transaction():
+        pg.execute((tmp_path / "conf" / "schema.sql").read_text())
+    reload_schema(devserver, "my items")
+    commands = re.findall(r"`(syncd [^`]+)`", printed.splitlines()[-1])
+    assert [shlex.split(c)[1] for c in commands] == ["install", "resync", "run"], printed
+    installed = app.syncd(*shlex.split(commands[0])[1:])
+    noted = re.findall(r"`(syncd [^`]+)`", installed.stderr)
+    assert noted and "--config conf/syncd.toml" in noted[0], installed.stderr
+    app.syncd(*shlex.split(noted[0])[1:])  # resync --all, as install printed it
+    app.syncd(*shlex.split(commands[2])[1:], "--once")
+    assert pg.execute('SELECT count(*) FROM public."my items"').fetchone()[0] == 3
