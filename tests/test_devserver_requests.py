@@ -9,7 +9,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import DevServer
+from tests.conftest import DevServer, reload_schema
 
 pytestmark = pytest.mark.usefixtures("clean")
 UPSERT = {"Prefer": "resolution=merge-duplicates, return=minimal"}
@@ -233,10 +233,10 @@ def test_openapi_shows_pgvector_columns_schema_qualified(service: httpx.Client):
     assert spec["definitions"]["search_chunks"]["properties"]["embedding"]["format"].endswith("vector")
 
 
-def test_schema_cache_reloads_on_notify(service: httpx.Client, pg: psycopg.Connection):
+def test_schema_cache_reloads_on_notify(service: httpx.Client, pg: psycopg.Connection, devserver: DevServer):
     """A table created after start is 404 until NOTIFY pgrst, 'reload schema'; then it is served."""
     pg.execute("DROP TABLE IF EXISTS public.late")
-    pg.execute("NOTIFY pgrst, 'reload schema'")
+    reload_schema(devserver, "items")  # a reload that began before the DROP must not serve `late` once created
     pg.execute("CREATE TABLE public.late (id int PRIMARY KEY); GRANT ALL ON public.late TO service_role")
     assert service.get("/late").status_code == 404
     pg.execute("NOTIFY pgrst, 'reload schema'")
