@@ -110,8 +110,12 @@ class Reconciler:
             with source.side_connection(self.path) as conn:
                 report = verify.verify(conn, config, target, tables=[table], repair=True).tables[0]
             problem = report.error
-        except (apsw.Error, TargetError, capture.CaptureError, sqlite.SourceFileError) as exc:
+        except (apsw.Error, TargetError, capture.CaptureError, sqlite.SourceFileError, sqlite.ForeignCollation) as exc:
             problem = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a bug: this thread must not die of it silently (the mark stays; it is retried)
+            self.observer.log.exception("reconcile stopped on an unexpected error (a bug): retried with backoff",
+                                        table=table)
+            problem = f"unexpected {type(exc).__name__}: {exc}"
         if problem is None:
             self.observer.reconciled(table, report.repair or 0, time.monotonic() - started, report.answered,
                                      report.cleared)

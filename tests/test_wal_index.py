@@ -111,3 +111,4 @@ def test_the_worker_waits_while_a_connection_of_its_own_keeps_the_dead_index_the
     assert not worker.replaced
     seen = [r[0] for r in worker.conn.execute("SELECT id FROM parent ORDER BY id")]
     assert 5 in seen and read_by_another_process(config.source.path) == (seen, "ok")
+
