@@ -112,6 +112,7 @@ def test_a_secret_key_goes_in_the_apikey_header_alone_and_ships(tmp_path: Path, 
         assert SECRET not in output and SECRET[10:22] not in output
 
 
+@pytest.mark.parametrize("secondary", ["dev-server"], indirect=True)  # what it tells is syncd's, not the server's
 def test_a_publishable_key_is_told_for_what_it_is(tmp_path: Path, secondary: Secondary, gateway: Gateway) -> None:
     app = lab(tmp_path, secondary, gateway, PUBLISHABLE)
     checked = app.syncd("check")

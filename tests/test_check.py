@@ -11,7 +11,7 @@ import pytest
 from syncd import auth
 from tests.conftest import DevServer, create_tables
 from tests.e2e import App, on_both_servers, write_config
-from tests.postgrest import Secondary
+from tests.postgrest import SKIP_REASON, Secondary, binary
 
 
 def check(app: App, *args: str) -> tuple[int, str]:
@@ -80,8 +80,12 @@ def test_a_not_null_column_the_mapping_never_fills_is_a_warning_that_names_seque
     assert "'serial_no'" in line and "'row_no'" in line, line  # the real PostgREST shows no default for either
 
 
-@on_both_servers
-@pytest.mark.parametrize("role", ["anon", "authenticated"])
+ON_POSTGREST = pytest.mark.skipif(binary() is None, reason=SKIP_REASON)
+
+
+@pytest.mark.parametrize(("secondary", "role"), [("dev-server", "anon"), ("dev-server", "authenticated"),
+                                                 pytest.param("postgrest", "anon", marks=ON_POSTGREST)],
+                         indirect=["secondary"])
 def test_a_key_without_the_privilege_to_write_is_diagnosed_as_the_key_never_as_the_schema(
         app: App, secondary: Secondary, pg: psycopg.Connection, role: str):
     """../shared/field-cases/28: the anon key (or a user's token) where the service_role key belongs. The probe's
