@@ -1105,6 +1105,20 @@ class Soak:
         self.background.append((kind, thread))
         thread.start()
 
+    def finish_excused(self, why: str, work: Callable[[], None], *, background: bool) -> None:
+        """Run the rest of a step that began the excuse `why` (`work`), now or on a thread (`background`), and end
+        the excuse when it is done, however it ends."""
+        def step() -> None:
+            try:
+                work()
+            finally:
+                self.end_excuse(why)
+
+        if background:
+            self.in_background(why, step)
+        else:
+            step()
+
     def join_background(self, kind: str | None = None) -> None:
         """Wait for the steps running in the background (of `kind` only, when given)."""
         for name, thread in list(self.background):
@@ -1214,15 +1228,9 @@ class Soak:
                 self.put_faults({**settings, "seed": params["seed"]})
                 time.sleep(params["seconds"])
             finally:
-                try:
-                    self.put_faults(NORMAL_FAULTS)
-                finally:
-                    self.end_excuse("outage")
+                self.put_faults(NORMAL_FAULTS)
 
-        if params["background"]:
-            self.in_background("outage", outage)
-        else:
-            outage()
+        self.finish_excused("outage", outage, background=params["background"])
 
     def put_faults(self, settings: dict[str, Any]) -> None:
         for attempt in range(5):
@@ -1290,13 +1298,8 @@ class Soak:
                 proc.kill()
                 proc.wait()
                 self.note("the lock holder did not finish")
-            finally:
-                self.end_excuse("lock")
 
-        if params["background"]:
-            self.in_background("lock", hold)
-        else:
-            hold()
+        self.finish_excused("lock", hold, background=params["background"])
 
     def op_restore(self, params: dict[str, Any]) -> str:
         """The app's file restored from an earlier backup, in one of the ways operators do."""
