@@ -79,11 +79,6 @@ def check_source(conn: apsw.Connection, config: Config) -> tuple[list[Finding], 
     return findings, planned
 
 
-def key_role(config: Config) -> str | None:
-    """The role syncd's requests act as (auth.key_info)."""
-    return config.target.key.role
-
-
 def check_key(config: Config, now: float) -> list[Finding]:
     """Whose role the key carries and when it expires (a minted token is always fresh)."""
     if config.target.jwt_secret is not None:
@@ -290,7 +285,7 @@ def run_checks(config: Config, conn: apsw.Connection, tokens: TokenSource | None
             if table.name in planned:
                 mapping = TableMapping.from_config(table, planned[table.name].key)
                 findings += check_table(target, spec, mapping, schema.shipped_columns(conn, mapping),
-                                        config.target.schema_name, key_role(config))
+                                        config.target.schema_name, config.target.key.role)
                 readable.append(mapping)
         findings.append(check_read_cap(target, readable))
     if pg_url:
