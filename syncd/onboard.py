@@ -449,22 +449,24 @@ def create_table(table: Table, schema: str, later: set[tuple[str, int]], referen
 
 def converge(table: Table, schema: str) -> list[str]:
     """What makes a table of that name that already existed (CREATE TABLE IF NOT EXISTS keeps it as it is) fit, or
-    stops the whole transaction with the table, the column and the fix: the columns it lacks are added (ADD COLUMN
-    IF NOT EXISTS; a key column cannot be: the error says so); a column of another type, no PRIMARY KEY or UNIQUE
+    stops the whole transaction with the table, the column and the fix: the columns it lacks are added (a key
+    column cannot be: the error says so); a column of another type, no PRIMARY KEY or UNIQUE
     on exactly the key columns (upserts need one: 42P10), or a NOT NULL column without a default that syncd does not
     send (every upsert refused: 23502) raise an exception. Types compare as PostgreSQL resolves them (regtype: the
     same type under any of its names), without their modifiers."""
     qualified = f"{quote_ident(schema)}.{quote_ident(table.name)}"
     where = quote_text(qualified)
-    lines = [f"ALTER TABLE {qualified} ADD COLUMN IF NOT EXISTS {quote_ident(c.name)} {c.pg_type};"
-             for c in table.columns if c.name not in table.key]
+    # In the DO block, not as ADD COLUMN IF NOT EXISTS: that prints a NOTICE per column of a table just created.
+    adds = "".join(f"IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = {where}::regclass AND attname = "
+                   f"{quote_text(c.name)} AND NOT attisdropped) THEN ALTER TABLE {qualified} ADD COLUMN "
+                   f"{quote_ident(c.name)} {c.pg_type}; END IF; " for c in table.columns if c.name not in table.key)
     wanted = ", ".join(f"({quote_text(c.name)}, {quote_text(c.pg_type)})" for c in table.columns)
     names = ", ".join(quote_text(c.name) for c in table.columns)
     key = ", ".join(quote_text(c) for c in sorted(table.key))
     prefix = quote_text(f"syncd init: table {schema}.{table.name} already exists")
     fix_at = one_line(qualified).replace("'", "''")  # inside format()'s literals
-    lines.append(do_block(
-        f"SELECT string_agg(format('column %I is %s there, syncd ships %s (fix: ALTER TABLE {fix_at} "
+    lines = [do_block(
+        adds + f"SELECT string_agg(format('column %I is %s there, syncd ships %s (fix: ALTER TABLE {fix_at} "
         "ALTER COLUMN %I TYPE %s, or exclude the column in syncd.toml)', a.attname, format_type(a.atttypid, "
         "a.atttypmod), want.type, a.attname, want.type), '; ') INTO problem "
         f"FROM (VALUES {wanted}) AS want(name, type) JOIN pg_attribute a ON a.attrelid = {where}::regclass "
@@ -486,7 +488,7 @@ def converge(table: Table, schema: str) -> list[str]:
         f"LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum WHERE a.attrelid = {where}::regclass "
         "AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull AND d.adbin IS NULL AND a.attidentity = '' "
         f"AND a.attgenerated = '' AND a.attname <> ALL (ARRAY[{names}]::name[]); "
-        f"IF problem IS NOT NULL THEN RAISE EXCEPTION '%: %', {prefix}, problem; END IF;", declare="problem text;"))
+        f"IF problem IS NOT NULL THEN RAISE EXCEPTION '%: %', {prefix}, problem; END IF;", declare="problem text;")]
     return lines
 
 
