@@ -29,6 +29,8 @@ import apsw
 
 from syncd import outbox, sqlite, state
 
+STALE_SETTLE = 2.0  # seconds a lost WAL index may stay missing before syncd reads the file anew (see Source.settled)
+
 __all__ = ["Event", "Identity", "LockProbe", "LockWait", "Source", "StaleWalIndex", "identity", "side_connection"]
 
 
@@ -78,7 +80,9 @@ class Source:
         self.configured = False
         self.wal = True
         self.wal_index: os.stat_result | None = None  # the -shm our connection maps, as it was when it first read
+        self.wal_file: os.stat_result | None = None  # the -wal our connection reads, likewise
         self.shares_stale_index = False
+        self.stale_since: float | None = None  # when a lost WAL index was first seen (monotonic)
         self.probe: LockProbe | None = None
 
     def configure(self) -> None:
@@ -96,6 +100,7 @@ class Source:
         if self.wal:
             self.conn.execute("PRAGMA main.synchronous = NORMAL")
             self.wal_index = wal_index(self.path)
+            self.wal_file = stat_or_none(f"{self.path}-wal")
             # Opened while another connection of this process still maps a deleted WAL index, this one reads
             # through it too (SQLite shares it per inode): then it is lost from the start.
             self.shares_stale_index = sqlite.stale_wal_index_mapped(self.path)
@@ -138,6 +143,36 @@ class Source:
         now = wal_index(self.path)
         return now is None or (now.st_dev, now.st_ino) != (self.wal_index.st_dev, self.wal_index.st_ino)
 
+    def wal_left_behind(self) -> int:
+        """After a replacement: the size of the `-wal` at the path when it is still the one the old file's connection
+        reads and holds frames (more than SQLite's 32-byte header), else 0. Those frames are the old file's pages:
+        SQLite pairs a database with its WAL by name, so every connection to the new file would read them as its
+        own (https://sqlite.org/howtocorrupt.html, 2.4: the restored file then reads as corrupt)."""
+        now = stat_or_none(f"{self.path}-wal")
+        if now is None or self.wal_file is None or (now.st_dev, now.st_ino) != (self.wal_file.st_dev,
+                                                                               self.wal_file.st_ino):
+            return 0
+        return now.st_size if now.st_size > WAL_HEADER_BYTES else 0
+
+    def settled(self) -> bool:
+        """After a lost WAL index (Event.STALE, the file the same): whether to read the file anew now. A restore
+        deletes -wal and -shm, then renames a backup into place; a connection opened in between makes a new -wal at
+        the path, and the restored file would pair with it, frames of the old file and all. So syncd waits
+        STALE_SETTLE seconds for the rename, unless another process has made a -shm again (the app reads the file)."""
+        now = time.monotonic()
+        if self.stale_since is None:
+            self.stale_since = now
+        return wal_index(self.path) is not None or now - self.stale_since >= STALE_SETTLE
+
+    def checkpoint(self) -> None:
+        """A PASSIVE checkpoint of the WAL (never waits for, never blocks, the app); raises sqlite.FileMoved, with
+        nothing copied, when the file or its WAL index at the path is no longer the one the connection reads: a
+        checkpoint through the old file's connection would mark the new file's frames as copied into it."""
+        if identity(self.path) != self.identity or self.wal_index_lost():
+            raise sqlite.FileMoved(f"{self.path} was replaced, or its WAL index deleted, while syncd had it open: "
+                                   "no checkpoint through the old connection; the file is read anew")
+        self.conn.execute("PRAGMA main.wal_checkpoint(PASSIVE)").fetchall()
+
     def reopen(self, *, configure: bool = True) -> None:
         """Open the file now at `path` (after a replacement, or a lost WAL index), configured as at start (the state
         file attached) unless `configure` is False, and close the old connection. Raises sqlite.SourceFileError (the
@@ -159,7 +194,8 @@ class Source:
             sqlite.close(old, checkpoint=False)
         self.identity = now
         self.schema_version, self.configured, self.wal_index, self.probe = None, False, None, None
-        self.shares_stale_index = False
+        self.wal_file = None
+        self.shares_stale_index, self.stale_since = False, None
         if configure:
             self.configure()
 
@@ -245,10 +281,17 @@ def side_connection(database: Path) -> Iterator[apsw.Connection]:
 
 def wal_index(database: Path) -> os.stat_result | None:
     """The -shm of `database` now; None when there is none."""
+    return stat_or_none(f"{database}-shm")
+
+
+def stat_or_none(path: str) -> os.stat_result | None:
     try:
-        return os.stat(f"{database}-shm")
+        return os.stat(path)
     except FileNotFoundError:
         return None
+
+
+WAL_HEADER_BYTES = 32  # https://sqlite.org/fileformat.html#the_write_ahead_log
 
 
 # SQLite's locks, as its unix VFS places them (https://sqlite.org/walformat.html, "The WAL-Index File Format",

@@ -24,6 +24,12 @@ class DatabaseNotFound(SourceFileError):
     """The database file does not exist (syncd never creates one)."""
 
 
+class FileMoved(SourceFileError):
+    """A commit of syncd's was refused, and rolled back with nothing written, because the file at the path is no
+    longer the one the connection has open (a restore renamed or copied another one into place) or its WAL index
+    (`-shm`) no longer the one the connection maps (deleted under it). The file is to be read anew."""
+
+
 def connect(path: Path, *, readonly: bool = False, setting: str = "source.path") -> apsw.Connection:
     """Open an existing database (never create one: a typo in source.path must not make an empty file), with a
     busy timeout of BUSY_TIMEOUT_MS. Nothing is read through SQLite yet (no statement: in rollback-journal mode an
@@ -32,11 +38,59 @@ def connect(path: Path, *, readonly: bool = False, setting: str = "source.path")
     the messages name `setting` (the config key, or the flag of a command that has no config)."""
     check(path, readonly=readonly, setting=setting)
     flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
+    guard = None if readonly else CommitGuard(path)  # before the open: what the connection opens is this file
     conn = apsw.Connection(str(path), flags=flags)
     conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+    if guard is not None:
+        conn.set_commit_hook(guard)
     register_functions(conn)
     conn.collation_needed(stand_in_collation)
     return conn
+
+
+FileId = tuple[int, int]  # st_dev, st_ino
+
+
+def file_id(path: Path | str) -> FileId | None:
+    """The device and inode of the file at `path` now; None when there is none."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+class CommitGuard:
+    """SQLite's commit hook on every connection of syncd's that may write the app's file: raises FileMoved (the
+    commit then becomes a rollback: https://sqlite.org/c3ref/commit_hook.html) when the file at the path is not
+    the inode the connection opened, or its `-shm` not the one it mapped at its first commit.
+
+    SQLite pairs a database with its `-wal` and `-shm` by name only. A restore deletes them and renames a backup
+    into place; a connection still open on the old inode (or opened on it in between) writes its frames into
+    whatever `-wal` is at the path, and every connection to the new file then reads those frames as its own pages:
+    the restored file is corrupt ("no such table", "malformed"; https://sqlite.org/howtocorrupt.html, 2.2 and 2.4).
+    The check runs right before SQLite writes the commit, so a rename can slip in only during the commit itself."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.database = file_id(path)
+        self.wal_index: FileId | None = None
+
+    def __call__(self) -> bool:
+        self.verify()
+        return False  # let the commit go on
+
+    def verify(self) -> None:
+        """Raise FileMoved unless the connection's file and WAL index are still the ones at the path."""
+        if file_id(self.path) != self.database:
+            raise FileMoved(f"{self.path} was replaced while syncd had it open (a restore?): syncd's commit was "
+                            "rolled back, the new file is read anew")
+        shm = file_id(f"{self.path}-shm")
+        if self.wal_index is None:  # the first commit (or still no WAL: rollback-journal mode)
+            self.wal_index = shm
+        elif shm != self.wal_index:
+            raise FileMoved(f"the WAL index of {self.path} (-shm) was deleted while syncd had the file open: "
+                            "syncd's commit was rolled back, the file is read anew")
 
 
 class ForeignCollation(Exception):

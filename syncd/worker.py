@@ -40,9 +40,9 @@ from syncd.metrics import Metrics
 from syncd.observer import Observer, describe_waits
 from syncd.outbox import Change, DeadLetter
 from syncd.reconcile import Reconciler
+from syncd.source import STALE_SETTLE, Source
 from syncd.source import Event as SourceEvent
-from syncd.source import Source
-from syncd.sqlite import BUSY_TIMEOUT_MS, SourceFileError, immediate, quote_ident
+from syncd.sqlite import BUSY_TIMEOUT_MS, FileMoved, SourceFileError, immediate, quote_ident
 from syncd.target import TargetError
 
 HOUSEKEEPING_EVERY = 2.0
@@ -279,6 +279,13 @@ class Worker:
                 failures += 1
                 self.back_off(exc, failures, stop)
                 continue
+            except FileMoved as exc:
+                # A commit or checkpoint refused, nothing written: the file was replaced (or its WAL index lost)
+                # after this turn's look at it. The next turn notices it and reads the file anew.
+                self.observer.log.info("a write to the database file was refused: it is no longer the file syncd "
+                                       "has open", detail=str(exc))
+                stop.wait(GONE_POLL)
+                continue
             except SOURCE_FAULTS as exc:
                 # The app held the write lock past the busy timeout, or the disk refused: nothing shipped since
                 # the last acknowledgement is lost (it ships again). Never a reason to stop.
@@ -320,7 +327,7 @@ class Worker:
 
     def release_lease(self) -> None:
         """Give the lease up at the end; when the file refuses, it expires by itself."""
-        with contextlib.suppress(*SOURCE_FAULTS):
+        with contextlib.suppress(*SOURCE_FAULTS, FileMoved):
             self.lease.release()
 
     def between_batches(self, stop: threading.Event) -> bool:
@@ -367,6 +374,16 @@ class Worker:
         if event is SourceEvent.GONE:
             return self.wait_for_file("gone", f"the database file {self.source.path} is gone (a restore in "
                                       "progress?)", stop)
+        if event is SourceEvent.REPLACED and (left := self.source.wal_left_behind()):
+            wal = f"{self.source.path}-wal"
+            return self.wait_for_file("unusable", f"the database file was replaced, but {wal} beside it is still the "
+                                      f"old file's ({left} bytes of its changes), which the new file would read as "
+                                      f"its own pages: with the app stopped, delete {wal} and {self.source.path}-shm "
+                                      "(a backup is whole without them)", stop)
+        if event is SourceEvent.STALE and not self.source.settled():
+            return self.wait_for_file("stale", "the WAL index (-shm) syncd's connection maps was deleted while syncd "
+                                      f"had the file open; reading the file anew in {STALE_SETTLE:.0f} s unless a "
+                                      "restore puts another file in place first", stop)
         if event in (SourceEvent.REPLACED, SourceEvent.STALE):
             reason = ("the database file was replaced (a restore?)" if event is SourceEvent.REPLACED else
                       "the WAL index (-shm) syncd's connection maps is no longer the file's: it was deleted while "
@@ -722,7 +739,7 @@ class Worker:
         the WAL our deletions grew does not make one of the app's commits run the checkpoint (SQLite has the
         connection whose commit crosses wal_autocheckpoint do it: https://sqlite.org/wal.html#ckpt)."""
         if self.source.wal:
-            self.conn.execute("PRAGMA main.wal_checkpoint(PASSIVE)").fetchall()
+            self.source.checkpoint()
 
     def wait_for_a_gap(self) -> None:
         """While the app is writing, wait (up to GAP_WAIT seconds) for the moment right after it commits: it is then
@@ -746,7 +763,7 @@ class Worker:
         """At a clean stop, apply what was acked: at a quiet moment within FLUSH_DEADLINE seconds, else at once
         (left for the next start only when the file refuses)."""
         deadline = time.monotonic() + FLUSH_DEADLINE
-        with contextlib.suppress(*SOURCE_FAULTS):
+        with contextlib.suppress(*SOURCE_FAULTS, FileMoved):
             while self.unflushed and time.monotonic() < deadline:
                 self.next_flush_try, self.unflushed_since = 0.0, time.monotonic() - FLUSH_AFTER
                 self.flush_when_due()

@@ -142,6 +142,8 @@ def test_the_daemon_keeps_its_lock_on_the_apps_file_through_every_operation(
     source.backup(target)
     source.close()
     target.close()
+    for sidecar in (f"{db}-wal", f"{db}-shm"):  # the old file's, as the README's restore says (else syncd waits)
+        Path(sidecar).unlink()
     os.replace(copy, db)  # a restore by rename: the daemon must reopen and lock the new file
     daemon.wait_for("the database file was replaced")
     wait_until(lambda: bool(locks_on(daemon.process.pid, db)), "the daemon's lock on the restored file",
