@@ -13,8 +13,9 @@ import os
 import shlex
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import apsw
 
@@ -22,7 +23,7 @@ from syncd import __version__, auth, capture, sqlite, state, status, timeparse
 from syncd import replay as operations
 from syncd.config import Config, ConfigError, WorkerConfig, default_config_file, load_config
 from syncd.progress import Progress
-from syncd.redact import redact
+from syncd.redact import mask_url, redact
 from syncd.source import LockWait
 from syncd.target import PostgrestTarget, TargetError, open_target
 from syncd.verify import PAGE
@@ -30,6 +31,7 @@ from syncd.verify import PAGE
 # Mistakes an operator can fix: printed as one clear message, never as a traceback.
 USER_ERRORS = (ConfigError, capture.CaptureError, sqlite.SourceFileError, sqlite.ForeignCollation, apsw.SQLError,
                TargetError)
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # what add_subparsers returns
 EXIT_BUG = 70  # sysexits.h EX_SOFTWARE
 LOCK_WAIT = 300.0  # seconds a command waits for the app's lock by default
 READ_LOCK_WAIT = 5.0  # seconds a command without --lock-wait (status) waits: it reports, it does not queue
@@ -126,7 +128,7 @@ def worker_help(key: str) -> str:
     return f"{field.description} (default {field.default}; [worker] {key})"
 
 
-def add_run_command(commands: argparse._SubParsersAction) -> None:
+def add_run_command(commands: Commands) -> None:
     """Register `run`, its [worker] flags described from the config model."""
     p = commands.add_parser("run", help="drain the outbox to the secondary (the daemon)",
                             description="Ship every captured change to PostgREST: wake on commits, batch, retry "
@@ -173,7 +175,7 @@ def replay(args: argparse.Namespace) -> int:
 def resync(args: argparse.Namespace) -> int:
     """`syncd resync` / `backfill`: every key of a table (--table), or of every configured table in foreign-key
     order, parents first (--all: the first copy), into the outbox."""
-    from syncd.worker import ship_order  # here: the worker's imports are more than other commands need
+    from syncd.plan import ship_order  # here: the plan's imports are more than other commands need
 
     config = load(args)
     conn = open_source(args, config)
@@ -212,7 +214,7 @@ def suggest(args: argparse.Namespace, *words: str) -> str:
     return shlex.join(line)
 
 
-def add_operation_commands(commands: argparse._SubParsersAction) -> None:
+def add_operation_commands(commands: Commands) -> None:
     """Register `replay`, `resync` and its alias `backfill`."""
     p = commands.add_parser("replay", help="re-enqueue dead letters, or keys shipped in a time window",
                             description="Put keys back into the outbox: dead letters after their cause was "
@@ -242,13 +244,19 @@ def add_operation_commands(commands: argparse._SubParsersAction) -> None:
         p.set_defaults(run=resync)
 
 
-def jwt_secret(args: argparse.Namespace, required: bool) -> str | None:
-    """The JWT secret from --secret or $SUPABASE_JWT_SECRET; ConfigError when required and missing or short."""
+def jwt_secret(args: argparse.Namespace) -> str | None:
+    """The JWT secret from --secret or $SUPABASE_JWT_SECRET, None when neither is given; ConfigError when short."""
     secret = args.secret or os.environ.get("SUPABASE_JWT_SECRET")
-    if required and not secret:
-        raise bad_argument("--secret", "missing; pass --secret or set SUPABASE_JWT_SECRET (try: syncd jwt gen)")
     if secret and len(secret) < auth.MIN_SECRET_LENGTH:
         raise bad_argument("--secret", f"shorter than {auth.MIN_SECRET_LENGTH} characters; PostgREST refuses it")
+    return secret or None
+
+
+def required_jwt_secret(args: argparse.Namespace) -> str:
+    """The JWT secret (see `jwt_secret`); ConfigError when it is missing."""
+    secret = jwt_secret(args)
+    if secret is None:
+        raise bad_argument("--secret", "missing; pass --secret or set SUPABASE_JWT_SECRET (try: syncd jwt gen)")
     return secret
 
 
@@ -283,18 +291,18 @@ def jwt_gen(args: argparse.Namespace) -> int:
 
 def jwt_sign(args: argparse.Namespace) -> int:
     """`syncd jwt sign`: one token for a role."""
-    secret = jwt_secret(args, required=True)
-    claims: dict[str, object] = {k: v for k, v in (("sub", args.sub), ("email", args.email)) if v}
+    secret = required_jwt_secret(args)
+    claims: dict[str, Any] = {k: v for k, v in (("sub", args.sub), ("email", args.email)) if v}
     aud = args.aud or ("authenticated" if args.role == "authenticated" else None)
     if aud:
         claims["aud"] = aud
-    print(auth.mint_token(secret, args.role, expires_in=lifetime(args.expires_in), **claims))  # type: ignore[arg-type]
+    print(auth.mint_token(secret, args.role, expires_in=lifetime(args.expires_in), **claims))
     return 0
 
 
 def jwt_verify(args: argparse.Namespace) -> int:
     """`syncd jwt verify`: a token's signature, role and expiry; exit 1 when it would be refused."""
-    report = auth.inspect_token(args.token, jwt_secret(args, required=False))
+    report = auth.inspect_token(args.token, jwt_secret(args))
     print(report.render())
     return 0 if report.ok else 1
 
@@ -338,7 +346,7 @@ def run_cutover(args: argparse.Namespace) -> int:
     return 0 if readiness.ready else 1
 
 
-def add_verify_commands(commands: argparse._SubParsersAction) -> None:
+def add_verify_commands(commands: Commands) -> None:
     """Register `verify` and `cutover`."""
     p = commands.add_parser("verify", help="compare the source and the secondary row by row; --repair fixes",
                             description="Stream both sides in key order (keyset pagination), hash each row after "
@@ -364,7 +372,7 @@ def add_verify_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_cutover)
 
 
-def add_check_command(commands: argparse._SubParsersAction) -> None:
+def add_check_command(commands: Commands) -> None:
     """Register `check`."""
     p = commands.add_parser("check", help="check config, key, connectivity and the secondary's tables before a run",
                             description="Check the configuration, the SQLite side, the key (role, expiry), "
@@ -377,7 +385,7 @@ def add_check_command(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_check)
 
 
-def add_jwt_commands(commands: argparse._SubParsersAction) -> None:
+def add_jwt_commands(commands: Commands) -> None:
     """Register `jwt` and its verbs `gen`, `sign`, `verify`."""
     p = commands.add_parser("jwt", help="JWT secrets and keys for PostgREST / Supabase (gen, sign, verify)",
                             description="What the seed's tools/gen_jwt.py did: a secret with the PostgREST setting "
@@ -437,7 +445,7 @@ def add_config_options(p: argparse.ArgumentParser, *, lock_wait: bool = True, wa
                             f"which process holds it (default {wait:.0f})")
 
 
-def add_capture_commands(commands: argparse._SubParsersAction) -> None:
+def add_capture_commands(commands: Commands) -> None:
     """Register `install`, `uninstall` and `status`."""
     p = commands.add_parser("install", help="create the outbox and the capture triggers (idempotent)",
                             description="Create syncd's tables and the triggers of every configured table in one "
@@ -476,7 +484,7 @@ def dev_server(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        options = server.Options(
+        options = devserver_options.Options(
             host=args.host, port=args.port, prefix=devserver_options.parse_prefix(args.prefix),
             pg_url=args.pg_url, data_dir=args.data_dir, migrations=args.migrations, jwt_secret=args.jwt_secret,
             require_apikey=args.require_apikey, faults=args.faults,
@@ -485,12 +493,12 @@ def dev_server(args: argparse.Namespace) -> int:
             upstream=args.upstream,
         )
         return server.run(options)
-    except server.StartError as exc:
+    except devserver_options.StartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def add_dev_server(commands: argparse._SubParsersAction) -> None:
+def add_dev_server(commands: Commands) -> None:
     """Register `dev-server`."""
     p = commands.add_parser(
         "dev-server", help="serve the PostgREST protocol over a real PostgreSQL, for tests and the demo",
@@ -521,7 +529,7 @@ def add_dev_server(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=dev_server)
 
 
-def add_demo_command(commands: argparse._SubParsersAction) -> None:
+def add_demo_command(commands: Commands) -> None:
     """Register `demo` (its flags are the demo package's)."""
     from syncd import demo
 
@@ -583,7 +591,7 @@ def init(args: argparse.Namespace) -> int:
     for note in notes:
         print(note)
     if args.apply:
-        print(f"applied it to {onboard.mask_url(args.pg_url)} in one transaction")
+        print(f"applied it to {mask_url(args.pg_url)} in one transaction")
     config = shlex.join(["--config", str(args.out)])
     print("next: " + ("" if args.apply else f"apply {args.sql} (psql -f, or copy it into supabase/migrations/), then ")
           + f"`syncd install {config}`, then `syncd resync --all {config}` (the rows already in the file, parents "
@@ -591,7 +599,7 @@ def init(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_init_command(commands: argparse._SubParsersAction) -> None:
+def add_init_command(commands: Commands) -> None:
     """Register `init`."""
     p = commands.add_parser("init", help="write the config and the secondary's SQL from an existing SQLite file",
                             description="Read the SQLite file's catalog (read-only) and write a commented config "
@@ -640,8 +648,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return args.run(args)
+        return run(args)
     except apsw.BusyError as exc:  # a lock held past --lock-wait: the command ran into it, nothing changed
         print(f"error: {LOCK_WAITS[-1].describe() if LOCK_WAITS else exc}", file=sys.stderr)
         return 1

@@ -36,7 +36,8 @@ from syncd.source import Source
 from syncd.sqlite import BUSY_TIMEOUT_MS
 from syncd.target import PostgrestTarget, open_target, token_source
 from syncd.wake import Waker
-from syncd.worker import SourceGone, Worker, fault_problem
+from syncd.watch import SourceGone, fault_problem
+from syncd.worker import Worker
 
 EXIT_HALTED = 1
 EXIT_SOURCE_GONE = 1
@@ -66,7 +67,11 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
             "choose another with --metrics-addr"]) from None
     installed = wait_while_busy(lambda: outbox.installed(source.conn), observer, stop)
     if installed and not stop.is_set():
-        wait_while_busy(lambda: source.configure() is None, observer, stop)  # the state file: the lease lives there
+        def configured() -> bool:
+            source.configure()  # the state file: the lease lives there
+            return True
+
+        wait_while_busy(configured, observer, stop)
     if stop.is_set() or not installed:
         server.shutdown()
         if stop.is_set():
@@ -81,15 +86,23 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
 
     worker = Worker(source, config, target_for(config), observer,
                     reload=None if reload is None else lambda: (settings := reload(), target_for(settings)))
-    worker.reload_requested = reload_requested
-    worker.reconciler = Reconciler(config.source.path, lambda: (worker.config, worker.target), observer)  # type: ignore[arg-type, return-value]
+    worker.settings.requested = reload_requested
+
+    def current_settings() -> tuple[Config, PostgrestTarget]:
+        """The worker's configuration and target as a SIGHUP left them (what a reconcile runs with)."""
+        target = worker.target
+        if not isinstance(target, PostgrestTarget):  # target_for builds every target this worker holds
+            raise TypeError(f"the daemon's target is a {type(target).__name__}, not a PostgrestTarget")
+        return worker.config, target
+
+    worker.keeper.reconciler = reconciler = Reconciler(config.source.path, current_settings, observer)
     waker.start()
     log.info("syncd started", database=str(config.source.path), target=config.target.url,
              tables=[t.name for t in config.tables], metrics=config.worker.metrics_addr, once=once)
     if config.target.in_clear:
         log.warning(config.target.in_clear)
     if not once:
-        worker.reconciler.start(stop)
+        reconciler.start(stop)
     outcome: list[int] = []
     thread = threading.Thread(target=drive, args=(worker, stop, waker, once, outcome), name="syncd-worker",
                               daemon=True)
@@ -106,7 +119,7 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
     stop.set()
     waker.stop()
     server.shutdown()
-    worker.target.close()  # type: ignore[attr-defined]
+    current_settings()[1].close()
     code = outcome[0] if outcome else 0
     if code == 0 and once and worker.halted:
         log.error("run --once ended with table(s) halted", tables=sorted(worker.halted),
@@ -163,4 +176,8 @@ def install_signal_handlers(stop: threading.Event, waker: Waker, reload_requeste
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGUSR1, lambda signum, frame: waker.wake())
-    signal.signal(signal.SIGHUP, lambda signum, frame: (reload_requested.set(), waker.wake()))
+    def on_reload(signum: int, frame: FrameType | None) -> None:
+        reload_requested.set()
+        waker.wake()
+
+    signal.signal(signal.SIGHUP, on_reload)

@@ -66,7 +66,7 @@ def shipped_once(tmp_path: Path) -> tuple[Worker, Config]:
     """A worker on an installed file that has shipped and flushed one row (the app's own connection closed)."""
     worker, db, config = make_worker(tmp_path, DescribedTarget())
     db.close()
-    worker.prepare()
+    worker.keeper.prepare()
     write(config, "INSERT INTO parent VALUES (1, 'a')")
     ship(worker)
     return worker, config
@@ -79,7 +79,7 @@ def position(worker: Worker) -> outbox.Position | None:
 def test_every_flush_advances_the_position_in_both_files(tmp_path: Path):
     worker, db, config = make_worker(tmp_path, DescribedTarget())
     db.close()
-    worker.prepare()
+    worker.keeper.prepare()
     start = position(worker)
     assert start is not None and start.flushes == 0
     write(config, "INSERT INTO parent VALUES (1, 'a')")
@@ -161,10 +161,10 @@ def test_two_branches_restored_from_one_backup_never_share_a_position(tmp_path: 
         worker.conn.close()
         copy_bytes_over(copy, config)
         worker = restart(worker, config)
-        worker.look_for_discontinuity(thorough=True)
-        assert worker.replaced, "the restore was not seen"
-        worker.keep_capture_whole()  # adopts it
-        assert worker.replaced is None
+        worker.keeper.look_for_discontinuity(thorough=True)
+        assert worker.keeper.replaced, "the restore was not seen"
+        worker.keeper.keep_whole()  # adopts it
+        assert worker.keeper.replaced is None
         write(config, f"INSERT INTO parent VALUES ({row}, 'branch')")
         worker.drain_once()
         return worker

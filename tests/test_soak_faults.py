@@ -78,8 +78,8 @@ def _hook(event, args):
             import traceback
             os.write(_record, ("OPEN " + path + "\\n" + "".join(traceback.format_stack(limit=8)) + "\\n").encode())
 sys.addaudithook(_hook)
-import syncd.worker
-syncd.worker.JOURNAL_EXPIRY_EVERY = 0.5
+import syncd.timers
+syncd.timers.JOURNAL_EXPIRY_EVERY = 0.5
 """
 
 

@@ -17,12 +17,13 @@ import pytest
 
 from syncd import capture, outbox
 from syncd.config import Config, ConfigError, differences
+from syncd.halts import Halt
 from syncd.metrics import Metrics
 from syncd.observer import Observer
 from syncd.source import Event, Source
 from syncd.state import connect
 from syncd.target import TargetError
-from syncd.worker import Halt, Worker
+from syncd.worker import Worker
 from tests.test_capture import app, installed
 from tests.test_worker import FakeTarget
 
@@ -128,7 +129,7 @@ def test_the_worker_heals_lost_triggers_and_ships_what_follows(tmp_path: Path):
                      "DROP TABLE parent; ALTER TABLE p2 RENAME TO parent; COMMIT;")
     db.execute("INSERT INTO parent VALUES (2, 'written while the triggers were gone')")
     assert worker.follow_source(threading.Event())
-    worker.keep_capture_whole()
+    worker.keeper.keep_whole()
     assert triggers(db, "parent") == ["_syncd_parent_del", "_syncd_parent_ins", "_syncd_parent_upd"]
     assert worker.metrics.capture_repairs.labels(table="parent")._value.get() == 1
     assert "schema change" in outbox.tables_to_reconcile(worker.conn)["parent"]  # a reconcile brings row 2 over
@@ -139,13 +140,13 @@ def test_the_worker_heals_lost_triggers_and_ships_what_follows(tmp_path: Path):
 
 def test_a_table_whose_key_changed_halts_and_the_others_ship(tmp_path: Path):
     worker, db, _ = make_worker(tmp_path, DescribedTarget())
-    worker.prepare()
+    worker.keeper.prepare()
     for trigger in triggers(db, "child"):  # SQLite refuses to rename a column a trigger uses
         db.execute(f"DROP TRIGGER {trigger}")
     db.execute("ALTER TABLE child RENAME COLUMN id TO ident")
     db.execute("INSERT INTO parent VALUES (1, 'a')")
     worker.follow_source(threading.Event())
-    worker.keep_capture_whole()
+    worker.keeper.keep_whole()
     assert worker.halted["child"].kind == "capture" and "key" in worker.halted["child"].reason
     assert worker.drain_once().shipped == 1
     ready, reason = worker.metrics.health.ready()
@@ -154,15 +155,15 @@ def test_a_table_whose_key_changed_halts_and_the_others_ship(tmp_path: Path):
 
 def test_a_replaced_file_is_reopened_installed_and_marked_for_reconcile(tmp_path: Path):
     worker, db, config = make_worker(tmp_path, DescribedTarget())
-    worker.prepare()
+    worker.keeper.prepare()
     backup = tmp_path / "backup.sqlite3"
     plain = sqlite3.connect(backup)
     plain.executescript(SCHEMA + "INSERT INTO parent VALUES (7, 'restored');")
     plain.close()
     db.close()
     os.replace(backup, config.source.path)
-    assert worker.follow_source(threading.Event()) and worker.replaced
-    worker.keep_capture_whole()
+    assert worker.follow_source(threading.Event()) and worker.keeper.replaced
+    worker.keeper.keep_whole()
     assert outbox.installed(worker.conn)
     assert set(outbox.tables_to_reconcile(worker.conn)) == {"parent", "child"}
     app(config.source.path).execute("INSERT INTO parent VALUES (8, 'after the restore')")
@@ -172,18 +173,18 @@ def test_a_replaced_file_is_reopened_installed_and_marked_for_reconcile(tmp_path
 
 def test_on_source_replaced_halt_halts_every_table(tmp_path: Path):
     worker, _db, config = make_worker(tmp_path, DescribedTarget(), on_source_replaced="halt")
-    worker.prepare()
+    worker.keeper.prepare()
     shutil.copy(config.source.path, tmp_path / "copy.sqlite3")
     os.replace(tmp_path / "copy.sqlite3", config.source.path)
     worker.follow_source(threading.Event())
-    worker.keep_capture_whole()
+    worker.keeper.keep_whole()
     assert {t: h.kind for t, h in worker.halted.items()} == {"parent": "replaced", "child": "replaced"}
     assert outbox.table_state(worker.conn, "parent")["halted"]
 
 
 def test_a_full_disk_is_waited_out_reported_and_loses_nothing(tmp_path: Path):
     worker, db, _ = make_worker(tmp_path, DescribedTarget(), batch_size=5000)
-    worker.prepare()
+    worker.keeper.prepare()
     db.executemany("INSERT INTO parent VALUES (?, 'a')", [(i,) for i in range(5000)])
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     used = worker.conn.execute("PRAGMA st.page_count").fetchone()[0]
@@ -192,7 +193,7 @@ def test_a_full_disk_is_waited_out_reported_and_loses_nothing(tmp_path: Path):
         worker.drain_once()
     stop = threading.Event()
     stop.set()  # no real waiting in a unit test
-    worker.wait_out_fault(full.value, stop)
+    worker.watch.wait_out_fault(full.value, stop)
     ready, reason = worker.metrics.health.ready()
     assert not ready and "disk" in reason and worker.metrics.source_ok._value.get() == 0
     assert db.execute("SELECT count(*) FROM _syncd_outbox").fetchone() == (5000,)  # nothing acknowledged
@@ -213,7 +214,7 @@ def test_a_read_only_file_is_waited_out_and_reported(tmp_path: Path):
         worker.drain_once()
     stop = threading.Event()
     stop.set()
-    worker.wait_out_fault(refused.value, stop)
+    worker.watch.wait_out_fault(refused.value, stop)
     assert "read-only" in worker.metrics.health.ready()[1]
     assert app(path).execute("SELECT count(*) FROM _syncd_outbox").fetchone() == (1,)
 
@@ -226,17 +227,17 @@ def test_schema_mismatch_halts_without_dead_letters_and_resumes_by_itself(tmp_pa
 
     target = DescribedTarget(missing_column)
     worker, db, _ = make_worker(tmp_path, target, schema_recheck_interval=0.01)
-    worker.prepare()
+    worker.keeper.prepare()
     db.execute("ALTER TABLE parent ADD COLUMN w")
     db.executemany("INSERT INTO parent VALUES (?, 'v', 'w')", [(i,) for i in range(20)])
     result = worker.drain_once()
     assert (result.dead, worker.halted["parent"].kind) == (0, "schema")
     assert len([r for r in target.requests if r[0] == "upsert"]) == 1  # no bisection
-    worker.recheck_schema_halts()
+    worker.keeper.schema_halts.recheck()
     assert "parent" in worker.halted  # the secondary still lacks it
     target.columns["parent"].append("w")
-    worker.next_schema_check = 0.0
-    worker.recheck_schema_halts()
+    worker.keeper.schema_halts.next_schema_check = 0.0
+    worker.keeper.schema_halts.recheck()
     assert "parent" not in worker.halted
     worker.drain_once()
     assert sorted(target.stored["parent"]) == list(range(20))
@@ -271,7 +272,7 @@ def test_a_not_null_column_only_the_secondary_has_halts_the_table_and_it_resumes
     the secondary gives the column a default. A 23502 on a column syncd sends stays that row's error."""
     target = RequiringTarget()
     worker, db, _ = make_worker(tmp_path, target, schema_recheck_interval=0.01)
-    worker.prepare()
+    worker.keeper.prepare()
     db.executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(20)])
     db.execute("INSERT INTO child VALUES (1, 'c')")
     result = worker.drain_once()
@@ -282,12 +283,12 @@ def test_a_not_null_column_only_the_secondary_has_halts_the_table_and_it_resumes
     while worker.drain_once().claimed:
         pass
     assert sorted(target.stored["child"]) == [1]  # the other table ships
-    worker.next_schema_check = 0.0
-    worker.recheck_schema_halts()
+    worker.keeper.schema_halts.next_schema_check = 0.0
+    worker.keeper.schema_halts.recheck()
     assert "parent" in worker.halted  # still NOT NULL without a default there
     target.default = "t1"
-    worker.next_schema_check = 0.0
-    worker.recheck_schema_halts()
+    worker.keeper.schema_halts.next_schema_check = 0.0
+    worker.keeper.schema_halts.recheck()
     assert "parent" not in worker.halted
     while worker.drain_once().claimed:
         pass
@@ -303,7 +304,7 @@ def test_a_not_null_violation_on_a_column_syncd_sends_is_that_rows_error(tmp_pat
         return None
 
     worker, db, _ = make_worker(tmp_path, DescribedTarget(null_v))
-    worker.prepare()
+    worker.keeper.prepare()
     db.executemany("INSERT INTO parent VALUES (?, ?)", [(1, "a"), (2, None), (3, "c")])
     result = worker.drain_once()
     assert (result.dead, "parent" in worker.halted) == (1, False)
@@ -314,17 +315,17 @@ def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(tmp_path: Path):
     new_target = DescribedTarget()
     worker, _db, config = make_worker(tmp_path, DescribedTarget())
     reloaded = config.model_copy(update={"worker": config.worker.model_copy(update={"batch_size": 7})})
-    worker.reload = lambda: (reloaded, new_target)
+    worker.settings.reload = lambda: (reloaded, new_target)
     worker.halted["parent"] = Halt("config", "denied")
-    worker.reload_requested.set()
+    worker.settings.requested.set()
     worker.reload_if_requested()
-    assert worker.target is new_target and worker.batch_size == 7 and not worker.halted
+    assert worker.target is new_target and worker.shipping.batch_size == 7 and not worker.halted
 
     def broken() -> tuple[Config, DescribedTarget]:
         raise ConfigError("invalid configuration (1 problem):", ["worker.batch_size: 0 is not valid"])
 
-    worker.reload = broken
-    worker.reload_requested.set()
+    worker.settings.reload = broken
+    worker.settings.requested.set()
     worker.reload_if_requested()
     assert worker.config is reloaded and worker.target is new_target
 
@@ -366,13 +367,13 @@ def test_an_io_error_on_syncds_writes_is_waited_out_and_loses_nothing(tmp_path: 
             {"source": {"path": str(path)}, "table": [{"name": "parent"}, {"name": "child"}]}), target,
             Observer(Metrics()))
         app(path).execute("INSERT INTO parent VALUES (1, 'a')")
-        worker.prepare()
+        worker.keeper.prepare()
         vfs.failing = True
         with pytest.raises(apsw.IOError) as failed:
             worker.drain_once()
         stop = threading.Event()
         stop.set()
-        worker.wait_out_fault(failed.value, stop)
+        worker.watch.wait_out_fault(failed.value, stop)
         assert "I/O error" in worker.metrics.health.ready()[1]
         assert worker.metrics.source_errors.labels(kind="io")._value.get() == 1
         vfs.failing = False
@@ -391,23 +392,23 @@ def test_a_resumed_table_shows_no_stale_error_and_a_repair_says_what_is_true_now
 
     target = DescribedTarget(columns={"parent": ["id", "v"], "child": ["id", "v"]})
     worker, db, config = make_worker(tmp_path, target, schema_recheck_interval=0.01)
-    worker.prepare()
+    worker.keeper.prepare()
     db.execute("ALTER TABLE parent ADD COLUMN w")
-    worker.prepared = False
-    worker.prepare()
-    worker.record_halts()
+    worker.keeper.prepared = False
+    worker.keeper.prepare()
+    worker.keeper.record_halts()
     assert outbox.table_state(worker.conn, "parent").get("halted")
     target.columns["parent"].append("w")
-    worker.next_schema_check = 0.0
-    worker.recheck_schema_halts()
-    worker.record_halts()
+    worker.keeper.schema_halts.next_schema_check = 0.0
+    worker.keeper.schema_halts.recheck()
+    worker.keeper.record_halts()
     shown = next(t for t in collect(worker.conn, config).tables if t.name == "parent")
     assert not shown.halted and shown.last_error is None, shown
 
     repaired: list[str] = []
     worker.observer.capture_repaired = lambda table, what: repaired.append(what)  # type: ignore[method-assign]
     db.executescript("DROP TRIGGER _syncd_child_ins;")
-    worker.prepared = False
-    worker.prepare()
+    worker.keeper.prepared = False
+    worker.keeper.prepare()
     assert repaired and "NOT being captured" not in repaired[0] and "run: syncd install" not in repaired[0], repaired
     assert "_syncd_child_ins" in repaired[0]

@@ -940,7 +940,7 @@ def test_write_lock_held_during_housekeeping(tmp_path: Path, devserver: DevServe
     warning, /readyz stays 200), and what the app wrote under the lock ships after."""
     pg_tables("lc_items", ITEMS_PG)
     app = make_lab(tmp_path, devserver, ITEMS_SCHEMA, ITEMS_TABLES, lease_seconds=60)
-    daemon = run_daemon(app, command=patched_run(app, "import syncd.worker\nsyncd.worker.JOURNAL_EXPIRY_EVERY = 0.5"))
+    daemon = run_daemon(app, command=patched_run(app, "import syncd.timers\nsyncd.timers.JOURNAL_EXPIRY_EVERY = 0.5"))
     db = app.connect()
     db.executemany("INSERT INTO items VALUES (?, 'before')", [(i,) for i in range(1, 11)])
     wait_equal(app.db, pg, ITEMS, daemon=daemon)

@@ -146,13 +146,13 @@ def test_no_flush_while_the_app_is_between_its_read_and_its_write(tmp_path: Path
     worker.finish(worker.deliver(worker.claim()))
     child = hold_read_transaction(path)
     try:
-        worker.unflushed_since = time.monotonic() - 1.0  # due, not yet forced
+        worker.flush.unflushed_since = time.monotonic() - 1.0  # due, not yet forced
         worker.flush_when_due()
         assert raw_outbox(path) == 5  # not while the app is inside its transaction
     finally:
         out, _ = child.communicate("go\n", timeout=10)
     assert "committed" in out and child.returncode == 0
-    worker.next_flush_try = 0.0
+    worker.flush.next_flush_try = 0.0
     worker.flush_when_due()
     assert raw_outbox(path) == 1  # the five deleted; the app's UPDATE, captured, waits to ship
 
@@ -276,7 +276,7 @@ def test_an_older_installation_moves_its_bookkeeping_to_the_state_file(tmp_path:
         UPDATE _syncd_meta SET value = '1' WHERE key = 'schema_version';
     """)
     worker = worker_for(path, config)
-    worker.prepare()
+    worker.keeper.prepare()
     tables = {name for (name,) in app(path).execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
     assert "_syncd_journal" not in tables
     check = app(path)

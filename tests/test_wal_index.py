@@ -106,9 +106,9 @@ def test_the_worker_waits_while_a_connection_of_its_own_keeps_the_dead_index_the
     assert not worker.follow_source(stop)  # waits (one GONE_POLL) rather than adopt what it cannot read
     assert "still maps the deleted WAL index" in (worker.observer.metrics.health.source_problem or "")
     sqlite.close(beside, checkpoint=False)
-    assert worker.follow_source(stop) and worker.replaced
-    worker.keep_capture_whole()
-    assert not worker.replaced
+    assert worker.follow_source(stop) and worker.keeper.replaced
+    worker.keeper.keep_whole()
+    assert not worker.keeper.replaced
     seen = [r[0] for r in worker.conn.execute("SELECT id FROM parent ORDER BY id")]
     assert 5 in seen and read_by_another_process(config.source.path) == (seen, "ok")
 
@@ -185,9 +185,9 @@ def test_the_worker_waits_for_the_rename_after_the_wal_and_shm_are_deleted(tmp_p
     assert worker.conn is old and not Path(f"{config.source.path}-wal").exists()
     assert "reading the file anew in 2 s" in (worker.observer.metrics.health.source_problem or "")
     copy.replace(config.source.path)
-    assert worker.follow_source(stop) and worker.replaced and worker.conn is not old
-    worker.keep_capture_whole()
-    assert not worker.replaced
+    assert worker.follow_source(stop) and worker.keeper.replaced and worker.conn is not old
+    worker.keeper.keep_whole()
+    assert not worker.keeper.replaced
     assert read_by_another_process(config.source.path) == ([1], "ok")
 
 
@@ -203,14 +203,14 @@ def test_a_rename_after_the_settle_finds_the_worker_writing_nothing_into_the_res
     worker.conn.execute("CREATE TABLE added_after_the_backup (x)")
     delete_wal_and_shm(config.source.path)
     stop = threading.Event()
-    assert worker.follow_source(stop) and worker.replaced  # read anew: still the old file
+    assert worker.follow_source(stop) and worker.keeper.replaced  # read anew: still the old file
     copy.replace(config.source.path)
     with pytest.raises(sqlite.FileMoved):
-        worker.keep_capture_whole()  # adopting the old file: its commit refused
+        worker.keeper.keep_whole()  # adopting the old file: its commit refused
     assert tables_seen_by_another_process(config.source.path) == (["child", "parent"], "ok")
-    assert worker.follow_source(stop) and worker.replaced
-    worker.keep_capture_whole()
-    assert not worker.replaced
+    assert worker.follow_source(stop) and worker.keeper.replaced
+    worker.keeper.keep_whole()
+    assert not worker.keeper.replaced
     assert read_by_another_process(config.source.path) == ([1], "ok")
     assert tables_seen_by_another_process(config.source.path) == (["child", "parent"], "ok")
 
@@ -230,7 +230,7 @@ def test_a_backup_renamed_over_the_file_beside_the_old_files_wal_is_not_read_unt
     assert "-wal beside it is still the old file's" in problem and f"delete {config.source.path}-wal" in problem
     assert not worker.follow_source(stop)  # still: nothing read through it
     delete_wal_and_shm(config.source.path)
-    assert worker.follow_source(stop) and worker.replaced
-    worker.keep_capture_whole()
-    assert not worker.replaced
+    assert worker.follow_source(stop) and worker.keeper.replaced
+    worker.keeper.keep_whole()
+    assert not worker.keeper.replaced
     assert read_by_another_process(config.source.path) == ([1], "ok")

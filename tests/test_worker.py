@@ -18,10 +18,11 @@ from syncd.mapping import JsonText
 from syncd.metrics import Metrics
 from syncd.observer import Observer
 from syncd.outbox import Change
+from syncd.shipping import Interrupted, by_size
 from syncd.source import Source
 from syncd.state import connect
 from syncd.target import TargetError
-from syncd.worker import Interrupted, Worker, by_size
+from syncd.worker import Worker
 from tests.test_capture import app, installed
 
 SCHEMA = "CREATE TABLE parent (id INTEGER PRIMARY KEY, v); CREATE TABLE child (id INTEGER PRIMARY KEY, " \
@@ -232,7 +233,7 @@ def test_config_error_halts_one_table_while_others_ship(tmp_path: Path):
     assert result.shipped == 1 and "child" in worker.halted
     assert db.execute("SELECT tbl FROM _syncd_outbox").fetchall() == [("child",)]
     assert worker.drain_once().claimed == 0  # halted tables are not claimed
-    worker.resume()
+    worker.halts.resume()
     assert worker.drain_once().claimed == 1
 
 
@@ -262,19 +263,19 @@ def test_statement_timeout_halves_the_batch(tmp_path: Path):
         try:
             worker.drain_once()
         except Interrupted:
-            sizes.append(worker.batch_size)
+            sizes.append(worker.shipping.batch_size)
     assert sizes == [20, 10] and outbox_size(db) == 0
 
 
 def test_batch_size_grows_back_after_clean_batches(tmp_path: Path):
     worker, db = worker_for(tmp_path, FakeTarget(), batch_size=40)
-    worker.batch_size = 10
+    worker.shipping.batch_size = 10
     db.executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(2000)])
-    sizes = {worker.batch_size}
+    sizes = {worker.shipping.batch_size}
     for _ in range(60):
         worker.drain_once()
-        sizes.add(worker.batch_size)
-    assert sizes == {10, 20, 40} and worker.batch_size == 40
+        sizes.add(worker.shipping.batch_size)
+    assert sizes == {10, 20, 40} and worker.shipping.batch_size == 40
 
 
 def test_only_claimed_entries_are_acknowledged(tmp_path: Path):
@@ -321,8 +322,8 @@ def test_a_column_the_secondary_lacks_halts_its_table_before_the_first_request(t
     reason = worker.halted["child"].reason
     assert 'ALTER TABLE "public"."child" ADD COLUMN "v" text' in reason and 'exclude = ["v"]' in reason, reason
     target.columns["child"].append("v")
-    worker.next_schema_check = 0
-    worker.recheck_schema_halts()
+    worker.keeper.schema_halts.next_schema_check = 0
+    worker.keeper.schema_halts.recheck()
     assert "child" not in worker.halted
 
 
@@ -416,6 +417,6 @@ def test_an_idle_daemon_checks_the_secondary_for_readiness(tmp_path: Path):
     worker.probe_when_idle()  # within PROBE_RETRY: no second request
     assert [r[0] for r in target.requests] == ["ping"]
     down["now"] = False
-    worker.next_probe = 0.0
+    worker.timers.next_probe = 0.0
     worker.probe_when_idle()
     assert worker.metrics.health.ready() == (True, "ok") and target.requests[-1] == ("ping", "parent", [])

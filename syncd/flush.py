@@ -1,0 +1,163 @@
+"""The flush: when syncd writes to the app's file, and how little (DESIGN.md, "Never block the app").
+
+An acknowledgement writes the state file only; the acknowledged entries are deleted from the app's outbox later,
+in chunks, by the flush: once they are FLUSH_AFTER seconds old or FLUSH_ROWS many, at a moment when no other
+process is inside a transaction on the file (right after an app commit), in transactions that never wait for its
+lock; after FLUSH_DEADLINE seconds, or at the end, whatever the app does. A commit while an app transaction has
+read but not yet written would make the app's write fail at once (SQLITE_BUSY_SNAPSHOT,
+https://sqlite.org/wal.html#busy). After the flush syncd checkpoints the WAL itself (PASSIVE), so that no commit
+of the app's has to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+import apsw
+
+from syncd import outbox
+from syncd.observer import Observer
+from syncd.source import Source
+from syncd.sqlite import BUSY_TIMEOUT_MS, FileMoved, value_of
+from syncd.watch import SOURCE_FAULTS, fault_problem
+from syncd.window import Window
+
+__all__ = ["FLUSH_AFTER", "FLUSH_DEADLINE", "FLUSH_RETRY", "Flush"]
+
+FLUSH_AFTER = 0.5  # seconds after an acknowledgement before its entries may be deleted from the app's file
+FLUSH_ROWS = 20_000  # ... or once this many wait, whatever their age
+FLUSH_DEADLINE = 2.0  # seconds after which they are deleted even while the app stays inside transactions
+FLUSH_REFUSAL_REPORT_EVERY = 30.0  # seconds between two warnings while the app's lock keeps a due flush out
+FORCE_SEARCH = 0.25  # seconds a due flush still looks for a moment no app transaction is open before it goes ahead
+FLUSH_RETRY = 0.01  # seconds between looks for a moment when no other connection is inside a transaction
+GAP_WAIT = 0.05  # seconds a due flush waits for the app's next commit (right after it, the app is between two)
+GAP_POLL = 0.0002  # seconds between looks at PRAGMA data_version meanwhile
+APP_IDLE_AFTER = 0.25  # seconds without an app commit after which the app counts as idle
+
+
+class Flush:
+    """The acknowledged entries not yet deleted from the app's file (`unflushed`, -1 until counted; the oldest
+    since `unflushed_since`, monotonic seconds), when the next try may come (`next_flush_try`), and since when
+    the app's lock keeps a due flush out (`refused_since`). Flushing deletes the highest seqs too, which SQLite
+    may hand out again: the window's claims then start over."""
+
+    def __init__(self, source: Source, observer: Observer, window: Window) -> None:
+        self.source = source
+        self.observer = observer
+        self.window = window
+        self.unflushed = -1
+        self.unflushed_since: float | None = None
+        self.next_flush_try = 0.0
+        self.refused_since: float | None = None
+        self.force_flush_at: float | None = None  # when a due flush stops waiting for a quiet moment
+        self.refusal_reported = 0.0
+        self.requeued_keys = 0  # keys requeued (a foreign key refused them) by the last flushes
+        self.app_version: int | None = None  # PRAGMA data_version when last read: it changes when the app commits
+        self.app_committed_at = 0.0  # monotonic seconds when an app commit was last seen
+
+    def acknowledged(self, entries: int, requeued: int) -> None:
+        """`entries` entries were acknowledged (`requeued` keys of them requeued); start the clock of the oldest
+        unflushed one."""
+        if self.unflushed < 0:
+            self.unflushed = outbox.unflushed(self.source.conn)
+        else:
+            self.unflushed += entries
+        if self.unflushed and self.unflushed_since is None:
+            self.unflushed_since = time.monotonic()
+        self.requeued_keys += requeued
+
+    def forget(self) -> None:
+        """Nothing acknowledged is waiting any more (the file was adopted: those were the old file's entries)."""
+        self.unflushed, self.unflushed_since = 0, None
+
+    def when_due(self, *, final: bool = False) -> str | None:
+        """Flush once due (see the module's docstring); with `final`, now and whatever the app does. Returns why the
+        file is not the one the entries were claimed from, when the flush finds it so (a copy restored into the open
+        file), having flushed nothing; else None."""
+        if self.unflushed < 0:
+            self.acknowledged(0, 0)
+        if not self.unflushed:
+            return None
+        now = time.monotonic()
+        age = now - (self.unflushed_since or now)
+        must = final or age >= FLUSH_DEADLINE
+        if not must and (now < self.next_flush_try or (age < FLUSH_AFTER and self.unflushed < FLUSH_ROWS)):
+            return None
+        if must and self.force_flush_at is None:  # due: a last FORCE_SEARCH seconds of looking for a quiet moment
+            self.force_flush_at = now + FORCE_SEARCH
+        forced = final or (self.force_flush_at is not None and now >= self.force_flush_at)
+        quiet: Callable[[], bool] = (lambda: True) if forced else (lambda: not self.source.others_in_transaction())
+        while self.unflushed:
+            self.wait_for_a_gap()  # forced too: right after an app commit a commit of ours is least likely to fail one
+            if not quiet():
+                self.next_flush_try = time.monotonic() + FLUSH_RETRY
+                return None
+            try:
+                applied = outbox.flush(self.source.conn, wait=final, quiet=quiet)
+            except outbox.Discontinuity as exc:
+                return f"{exc}: a copy restored from a backup into the open file?"
+            if applied is None:
+                self.next_flush_try = time.monotonic() + FLUSH_RETRY
+                if must:
+                    self.refused()
+                return None
+            self.refused_since = self.force_flush_at = None
+            self.window.reset_floor()  # deleting the highest seqs lets SQLite hand them out again
+            self.unflushed = 0 if applied < outbox.FLUSH_CHUNK else max(0, self.unflushed - applied)
+        self.unflushed_since = self.force_flush_at = None
+        if self.source.wal:
+            self.source.checkpoint()  # PASSIVE: never waits for, never blocks, the app (https://sqlite.org/wal.html#ckpt)
+        return None
+
+    def refused(self) -> None:
+        """A due flush found the app holding the write lock. The drain goes on (acknowledging writes the state file
+        only) and the flush is tried again at every step, never waiting for the lock; once the lock has been held
+        past the busy timeout it is reported as a fault of the file (log, /readyz, `syncd_source_ok`) until a flush
+        gets through."""
+        now = time.monotonic()
+        if self.refused_since is None:
+            self.refused_since, self.refusal_reported = now, 0.0
+        lasting = now - self.refused_since
+        if lasting >= BUSY_TIMEOUT_MS / 1000 and now - self.refusal_reported >= FLUSH_REFUSAL_REPORT_EVERY:
+            self.refusal_reported = now
+            self.observer.source_fault("busy", fault_problem("busy", apsw.BusyError(), lasting), lasting,
+                                       FLUSH_RETRY)
+
+    def wait_for_a_gap(self) -> None:
+        """While the app is writing, wait (up to GAP_WAIT seconds) for the moment right after it commits: it is then
+        between two transactions, where a commit of ours cannot catch one of them between its read and its write.
+        An app that has committed nothing for APP_IDLE_AFTER seconds is idle: no wait."""
+        conn = self.source.conn
+        version = value_of(conn, "PRAGMA main.data_version")
+        now = time.monotonic()
+        if version != self.app_version:
+            self.app_version, self.app_committed_at = version, now
+        if now - self.app_committed_at >= APP_IDLE_AFTER:
+            return
+        deadline = now + GAP_WAIT
+        while time.monotonic() < deadline:
+            time.sleep(GAP_POLL)
+            if value_of(conn, "PRAGMA main.data_version") != version:
+                self.app_version, self.app_committed_at = None, time.monotonic()
+                return
+
+    def on_the_way_out(self, flush: Callable[[bool], None]) -> None:
+        """At a clean stop, apply what was acked through `flush(final)`: at a quiet moment within FLUSH_DEADLINE
+        seconds, else at once (left for the next start only when the file refuses)."""
+        deadline = time.monotonic() + FLUSH_DEADLINE
+        with contextlib.suppress(*SOURCE_FAULTS, FileMoved):
+            while self.unflushed and time.monotonic() < deadline:
+                self.next_flush_try, self.unflushed_since = 0.0, time.monotonic() - FLUSH_AFTER
+                flush(False)
+                if self.unflushed:
+                    time.sleep(FLUSH_RETRY)
+            flush(True)
+
+    def due_in(self, poll_interval: float) -> float:
+        """How long an idle loop may wait: `poll_interval`, or less when a flush falls due sooner."""
+        if self.unflushed_since is None:
+            return poll_interval
+        due = max(self.unflushed_since + FLUSH_AFTER, self.next_flush_try) - time.monotonic()
+        return max(0.0, min(poll_interval, due))

@@ -1,0 +1,112 @@
+"""The in-flight window: the batches claimed and on their way to the secondary, not yet acknowledged, and where
+the next claim starts (DESIGN.md, "The drain loop, as a story").
+
+What it promises: a key is never in two requests at once (each claim leaves out every key of the batches in
+flight: `in_flight`); a batch holding a table related by a foreign key to a table of a batch in flight waits for
+that batch (`related`), so parents still land before children; an entry claimed and not settled is never passed
+by the claims for good: they start below the lowest open seq (`floor`), so an interrupted batch is claimed again.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from syncd.outbox import Change, Claim
+from syncd.shipping import Batch, Interrupted
+
+__all__ = ["Shipment", "Window", "moving_average"]
+
+
+@dataclass
+class Shipment:
+    """One batch on its way: claimed on the loop's thread, shipped (maybe on another), finished back."""
+
+    changes: list[Change]
+    claimed: int
+    started: float = field(default_factory=time.monotonic)
+    batch: Batch = field(default_factory=Batch)
+    interrupted: Interrupted | None = None
+    shipping_seconds: float = 0.0  # how long its requests took
+
+
+class Window:
+    """The batches in flight (`batches`, in the order they were claimed), the seqs claimed (or passed over) and
+    not settled (`open_seqs`), and the highest seq a claim read since the floor was last reset (`seen_upto`). Its
+    size follows the moving averages of claiming a batch and of shipping one."""
+
+    def __init__(self) -> None:
+        self.batches: deque[tuple[Shipment, Future[Shipment]]] = deque()
+        self.open_seqs: set[int] = set()
+        self.seen_upto = 0
+        self.claim_seconds = 0.0
+        self.shipping_seconds = 0.0
+
+    def begin(self) -> deque[tuple[Shipment, Future[Shipment]]]:
+        """A drain starts with no batch in flight (one left early by the last drain, shipped but never acknowledged,
+        is claimed again: its seqs stop being kept open at the next `reset_floor`)."""
+        self.batches = deque()
+        return self.batches
+
+    def in_flight(self) -> list[Change]:
+        """The changes of every batch in flight: the next claim leaves their keys out."""
+        return [change for shipment, _ in self.batches for change in shipment.changes]
+
+    def floor(self) -> int:
+        """The seq the next claim starts after."""
+        return min(min(self.open_seqs) - 1, self.seen_upto) if self.open_seqs else self.seen_upto
+
+    def claimed(self, claimed: Claim, changes: list[Change]) -> Shipment | None:
+        """Take a claim in: `changes` are those of `claimed` that ship now (the others are held back by a halt and
+        stay in the outbox, claimed again once it ends). The batch to ship, None when nothing does."""
+        if len(changes) < len(claimed.changes):
+            shipping = {id(c) for c in changes}
+            self.open_seqs.difference_update(e.seq for c in claimed.changes if id(c) not in shipping for e in c.entries)
+        self.open_seqs.update(e.seq for c in changes for e in c.entries)
+        self.open_seqs.update(claimed.passed_over)
+        self.seen_upto = max(self.seen_upto, claimed.last_seq)
+        return Shipment(changes, sum(len(c.entries) for c in changes)) if changes else None
+
+    def settled(self, changes: Iterable[Change]) -> None:
+        """These changes were acknowledged, dead-lettered or requeued: their seqs are open no more."""
+        self.open_seqs.difference_update(e.seq for c in changes for e in c.entries)
+
+    def reset_floor(self) -> None:
+        """Claims start from the first seq again (tables resumed, entries flushed or requeued, the file replaced).
+        The seqs of batches still in flight stay open: one of them may yet be interrupted, and its entries must be
+        claimed again (a flush comes between two batches of a drain)."""
+        self.seen_upto = 0
+        self.open_seqs.intersection_update(e.seq for shipment, _ in self.batches for c in shipment.changes
+                                           for e in c.entries)
+
+    def size(self, max_in_flight: int) -> int:
+        """How many batches to keep in flight: enough that claiming the next one takes as long as a batch's requests
+        (a remote secondary's round trip is hidden), no more (each one more shares the CPU), at most
+        `max_in_flight`."""
+        if self.claim_seconds <= 0:
+            return 1
+        return max(1, min(max_in_flight, math.ceil(self.shipping_seconds / self.claim_seconds) + 1))
+
+    def related(self, upcoming: Shipment, relatives: dict[str, set[str]]) -> bool:
+        """Whether a table of `upcoming` is a foreign-key parent or child of a table in a batch in flight."""
+        mine = {change.table for change in upcoming.changes}
+        theirs = {change.table for change in self.in_flight()}
+        return any(relatives.get(table, set()) & theirs for table in mine)
+
+    def claim_took(self, seconds: float) -> None:
+        """A claim of the drain took `seconds` (the window follows it)."""
+        self.claim_seconds = moving_average(self.claim_seconds, seconds)
+
+    def arrived(self, shipment: Shipment) -> Shipment:
+        """Note how long a batch's requests took (the window follows it)."""
+        self.shipping_seconds = moving_average(self.shipping_seconds, shipment.shipping_seconds)
+        return shipment
+
+
+def moving_average(average: float, sample: float) -> float:
+    """An exponential moving average over about 8 samples; the first sample alone when there is none yet."""
+    return sample if average <= 0 else average + (sample - average) / 8
