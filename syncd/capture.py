@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import apsw
 
@@ -42,6 +43,9 @@ from syncd.sqlite import immediate, quote_ident, quote_text
 
 OWNED_PREFIX = "_syncd_"
 BUILTIN_COLLATIONS = frozenset({"BINARY", "NOCASE", "RTRIM"})  # every SQLite connection has these
+
+# A row of PRAGMA table_info: cid, name, declared type, notnull, default, pk (position in it, 0 if none).
+_ColumnInfo = tuple[int, str, str, int, str | None, int]
 
 
 class CaptureError(Exception):
@@ -206,7 +210,7 @@ def inspect_table(conn: apsw.Connection, name: str) -> SourceTable:
         raise CaptureError(f"{name!r} is a view; syncd captures tables only (sync the tables behind the view)")
     if re.match(r"\s*CREATE\s+VIRTUAL\s+TABLE", sql or "", re.I):
         raise CaptureError(f"{name!r} is a virtual table; its content cannot be captured with triggers")
-    info = conn.execute(f"PRAGMA table_info({quote_ident(actual)})").fetchall()
+    info = cast(list[_ColumnInfo], conn.execute(f"PRAGMA table_info({quote_ident(actual)})").fetchall())
     columns = [r[1] for r in info]
     primary_key = [r[1] for r in sorted((r for r in info if r[5] > 0), key=lambda r: r[5])]
     collations = {c: conn.column_metadata("main", actual, c)[1] for c in columns}
@@ -467,7 +471,7 @@ def install_capture(conn: apsw.Connection, capture: Capture, current: dict[str, 
     since it was installed."""
     name = capture.table.name
     first = outbox.installed_key(conn, name) is None
-    if first and conn.execute(f"SELECT EXISTS (SELECT 1 FROM {quote_ident(name)})").fetchone()[0]:
+    if first and cast(tuple[int], conn.execute(f"SELECT EXISTS (SELECT 1 FROM {quote_ident(name)})").fetchone())[0]:
         report.unshipped.append(name)  # triggers capture what comes; these rows ship after a resync
     lost = not first and any(
         current.get(trigger, ("", ""))[1] != sql for trigger, sql in capture.triggers().items())

@@ -148,7 +148,8 @@ def _check_bodies(sql: str) -> list[str]:
     (a CHECK comparing with the text 'json_valid(x)' tests no column)."""
     bodies = []
     for match in re.finditer(r"\bCHECK\s*\(", sql, re.IGNORECASE):
-        depth, quote, body = 1, "", []
+        body: list[str] = []
+        depth, quote = 1, ""
         for char in sql[match.end():]:
             if quote:
                 quote = "" if char == quote else quote

@@ -137,8 +137,11 @@ def check_table(target: PostgrestTarget, spec: dict[str, object], mapping: Table
         return [Finding("error", subject, "the target table is not in the secondary (or not exposed): syncd run "
                         "halts the table until it is", "create it (the SQL of syncd init, or your migrations), then "
                         "NOTIFY pgrst, 'reload schema'")]
-    definition: dict[str, object] = (spec.get("definitions") or {}).get(mapping.target)  # type: ignore[union-attr,assignment]
-    properties: dict[str, dict[str, object]] = definition.get("properties", {})  # type: ignore[assignment]
+    definitions = spec.get("definitions") or {}
+    assert isinstance(definitions, dict)
+    definition = definitions.get(mapping.target)
+    assert isinstance(definition, dict)  # schema.compare found the table's definition (else missing_table)
+    properties: dict[str, dict[str, object]] = definition.get("properties", {})
     findings, fed = [], set()
     if mismatch is not None:
         excluded = ", ".join(f'"{mismatch.sources[c]}"' for c in mismatch.missing_columns)

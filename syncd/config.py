@@ -516,7 +516,8 @@ def _read_environment(env: Mapping[str, str] | None) -> EnvironmentSettings:
         return EnvironmentSettings()
     known = EnvironmentSettings.variable_names()
     # Empty values count as unset, as env_ignore_empty does for os.environ (compose's `KEY=${KEY:-}`).
-    return _MappingEnvironmentSettings(**{name: env[name] for name in known if env.get(name)})
+    values = {name: env[name] for name in known if env.get(name)}
+    return _MappingEnvironmentSettings(**values)  # type: ignore[arg-type]  # pydantic's plugin reads **values as BaseSettings' _-options; they are the fields' environment names
 
 
 def _rest_url(supabase_url: str | None) -> str | None:

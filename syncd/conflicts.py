@@ -72,14 +72,14 @@ def collapse(present: list[Change], gone: list[Change],
     deleted: set[Identity] = set()
     for change in gone:
         values = target_key(change)
-        key = identity(values) if values is not None else None
-        if key is not None and (key in kept or key in deleted):
+        gone_key = identity(values) if values is not None else None
+        if gone_key is not None and (gone_key in kept or gone_key in deleted):
             result.superseded.append(change)
-            if key in kept:
-                result.examples.append((change.key, kept[key].key))
+            if gone_key in kept:
+                result.examples.append((change.key, kept[gone_key].key))
             continue
-        if key is not None:
-            deleted.add(key)
+        if gone_key is not None:
+            deleted.add(gone_key)
         result.gone.append(change)
     return result
 

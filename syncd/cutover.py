@@ -76,9 +76,9 @@ def check_readiness(conn: apsw.Connection, config: Config, target: PostgrestTarg
             readiness.reasons.append(f"{left:,} change(s) still pending after {timeout:g}s: is the secondary "
                                      "reachable? (`syncd status` says why)")
         return readiness
-    for table, count in sorted(outbox.dead_letters_by_table(conn).items()):
-        readiness.reasons.append(f"{table}: {count:,} dead letter(s) never reached the secondary: fix the cause "
-                                 f"(`syncd status`), then `syncd replay --dead-letters --table {table}`")
+    for name, count in sorted(outbox.dead_letters_by_table(conn).items()):
+        readiness.reasons.append(f"{name}: {count:,} dead letter(s) never reached the secondary: fix the cause "
+                                 f"(`syncd status`), then `syncd replay --dead-letters --table {name}`")
     for table in config.tables:
         state = outbox.table_state(conn, table.name)
         if state.get("halted"):

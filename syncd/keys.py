@@ -196,10 +196,11 @@ def decode_safe_row(columns: Sequence[str], values: Sequence[object]) -> dict[st
         kind, value = values[2 * i], values[2 * i + 1]
         if kind == "text":
             assert isinstance(value, bytes)
+            raw = value
             try:
-                value = value.decode("utf-8")
+                value = raw.decode("utf-8")
             except UnicodeDecodeError:
-                value = InvalidText(value)
+                value = InvalidText(raw)
         row[column] = value
     return row
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import cast
 
 import structlog
 
@@ -26,4 +27,4 @@ def configure(log_format: str = "json", level: int = logging.INFO) -> None:
 
 def get_logger() -> structlog.typing.FilteringBoundLogger:
     """The logger every syncd module logs through (structlog's, named "syncd")."""
-    return structlog.get_logger("syncd")
+    return cast(structlog.typing.FilteringBoundLogger, structlog.get_logger("syncd"))

@@ -12,6 +12,7 @@ for columns without a transform, a cheap type test.
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import math
@@ -42,7 +43,15 @@ BOOL_TEXT = {"0": False, "1": True, "false": False, "true": True, "f": False, "t
 BOOL_ACCEPTED = "0 or 1, or text '0', '1', 'true', 'false', 't', 'f' (any case)"
 BLOB_FIX = 'set transform = "bytea" (or "vector" for float32 embeddings) in {section} of the config'
 SQLITE_FIX = "fix the value in SQLite"
-_UNKNOWN = object()
+
+
+class _Unknown(enum.Enum):
+    """A column without a step yet (the default of `steps.get`): a one-member enum, which `is` narrows away."""
+
+    UNKNOWN = enum.auto()
+
+
+_UNKNOWN = _Unknown.UNKNOWN
 
 
 class RowError(Exception):
@@ -75,7 +84,7 @@ def _preview(value: object) -> str:
     return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS] + "..."
 
 
-def _invalid_utf8(value: bytes) -> _Unfit:
+def _invalid_utf8(value: bytes | bytearray | memoryview) -> _Unfit:
     prefix = bytes(value[:HEX_PREFIX_BYTES]).hex()
     more = "..." if len(value) > HEX_PREFIX_BYTES else ""
     return _Unfit(f"invalid UTF-8 in column {{column}} ({len(value)} bytes, starting 0x{prefix}{more})", SQLITE_FIX)
@@ -85,7 +94,7 @@ def _non_finite(value: float) -> _Unfit:
     return _Unfit(f"JSON cannot carry Infinity or NaN (value {value!r})", SQLITE_FIX)
 
 
-def _decode(value: bytes) -> str:
+def _decode(value: bytes | bytearray | memoryview) -> str:
     if isinstance(value, InvalidText):
         raise _invalid_utf8(value)
     try:
@@ -102,11 +111,11 @@ def _plain(value: object) -> object:
     kind = type(value)
     if kind is str or value is None or kind is bool:
         return value
-    if kind is int:
+    if type(value) is int:
         if INT64_MIN <= value <= INT64_MAX:
             return value
         raise _Unfit(f"integer {_preview(value)} is beyond 64 bits", SQLITE_FIX)
-    if kind is float:
+    if type(value) is float:
         if math.isfinite(value):
             return value
         raise _non_finite(value)
@@ -428,9 +437,9 @@ class TableMapping:
                     continue
                 target, convert = step
                 if convert is None:
-                    kind = type(value)
-                    if (kind is str or value is None or (kind is int and INT64_MIN <= value <= INT64_MAX)
-                            or (kind is float and math.isfinite(value))):
+                    kind = type(value)  # `type(value) is int`, not `kind is int`, where mypy must narrow value
+                    if (kind is str or value is None or (type(value) is int and INT64_MIN <= value <= INT64_MAX)
+                            or (type(value) is float and math.isfinite(value))):
                         out[target] = value
                     else:
                         out[target] = _plain(value)
@@ -449,7 +458,9 @@ class TableMapping:
             if value is None:
                 raise _row_error(self.source, key, column, f"NULL in key column {column!r}",
                                  "a row without a key cannot be identified in the secondary; give it a key in SQLite")
-            target, convert = self._steps[column]
+            step = self._steps[column]
+            assert step is not None  # a key column is never excluded (_check)
+            target, convert = step
             try:
                 out[target] = (convert or _plain)(value)
             except _Unfit as exc:

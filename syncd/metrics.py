@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import HistogramMetricFamily
@@ -186,7 +187,8 @@ def serve(metrics: Metrics, address: str) -> ThreadingHTTPServer:
     server_class = ThreadingHTTPServer
     if host.startswith("["):  # an IPv6 literal: [::1]:9464
         host = host[1:-1]
-        server_class = type("IPv6Server", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+        server_class = cast(type[ThreadingHTTPServer],
+                            type("IPv6Server", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6}))
     server = server_class((host, int(port)), Handler)
     # A short poll interval: shutdown() waits for it, and `syncd run --once` should exit promptly.
     threading.Thread(target=server.serve_forever, args=(0.05,), name="syncd-metrics", daemon=True).start()

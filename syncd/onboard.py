@@ -40,7 +40,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import apsw
 
@@ -58,6 +58,12 @@ PG_NAME_BYTES = 63  # PostgreSQL truncates longer identifiers (NAMEDATALEN - 1)
 POLICY = "syncd: service_role full access"
 ROLE_CLAIM = "(nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'role') = 'service_role'"
 SKIPPED_PREFIXES = ("sqlite_", capture.OWNED_PREFIX)
+
+# A row of PRAGMA table_xinfo: cid, name, declared type, notnull, default, pk (position in it, 0 if none), hidden.
+_ColumnInfo = tuple[int, str, str, int, str | None, int, int]
+# A row of PRAGMA foreign_key_list: id, seq, parent table, column, parent column (None: its primary key), on update,
+# on delete, match.
+_ForeignKeyInfo = tuple[int, int, str, str, str | None, str, str, str]
 
 
 class OnboardError(Exception):
@@ -139,8 +145,9 @@ def read_table(conn: apsw.Connection, name: str, kind: str) -> Table:
     if len(name.encode()) > PG_NAME_BYTES:
         table.refused = f"its name is longer than {PG_NAME_BYTES} bytes, which PostgreSQL truncates; rename it"
         return table
-    sql = conn.execute("SELECT sql FROM sqlite_schema WHERE name = ?", (name,)).fetchone()[0] or ""
-    info = conn.execute(f"PRAGMA table_xinfo({quote_ident(name)})").fetchall()
+    row = conn.execute("SELECT sql FROM sqlite_schema WHERE name = ?", (name,)).fetchone()
+    sql = cast(tuple[str | None], row)[0] or ""
+    info = cast(list[_ColumnInfo], conn.execute(f"PRAGMA table_xinfo({quote_ident(name)})").fetchall())
     json_checked = casting.json_checked_columns(sql, [r[1] for r in info])
     generated = [r[1] for r in info if r[6] in (2, 3)]
     for _, column, declared, not_null, _, _, hidden in info:
@@ -161,7 +168,7 @@ def read_table(conn: apsw.Connection, name: str, kind: str) -> Table:
     table.key = primary
     if not primary:
         table.key_declared = False
-        table.key = next((u for u in unique if all(table.column(c) and table.column(c).not_null for c in u)), [])
+        table.key = next((u for u in unique if all((col := table.column(c)) and col.not_null for c in u)), [])
     table.unique = [u for u in unique if sorted(u) != sorted(table.key)]
     table.refused = key_refusal(conn, table)
     return table
@@ -206,7 +213,8 @@ def link_foreign_keys(conn: apsw.Connection, tables: list[Table]) -> None:
     declared names; an untyped child column takes its parent column's type; what PostgreSQL cannot hold is noted."""
     synced = {t.name.lower(): t for t in tables if t.refused is None}
     for table in synced.values():
-        rows = conn.execute(f"PRAGMA foreign_key_list({quote_ident(table.name)})").fetchall()
+        listed = conn.execute(f"PRAGMA foreign_key_list({quote_ident(table.name)})").fetchall()
+        rows = cast(list[_ForeignKeyInfo], listed)
         for fk_id in sorted({r[0] for r in rows}):
             parts = sorted((r for r in rows if r[0] == fk_id), key=lambda r: r[1])
             columns, parent_name = [r[3] for r in parts], parts[0][2]
@@ -215,8 +223,9 @@ def link_foreign_keys(conn: apsw.Connection, tables: list[Table]) -> None:
             if fk is None:
                 table.notes.append(f"foreign key ({', '.join(columns)}) -> {parent_name} left out: {problem}")
             else:
-                fk.violations = conn.execute(f"SELECT count(*) FROM pragma_foreign_key_check({quote_text(table.name)}) "
-                                             "WHERE fkid = ?", (fk_id,)).fetchone()[0]
+                row = conn.execute(f"SELECT count(*) FROM pragma_foreign_key_check({quote_text(table.name)}) "
+                                   "WHERE fkid = ?", (fk_id,)).fetchone()
+                fk.violations = cast(tuple[int], row)[0]
                 table.foreign_keys.append(fk)
 
 
@@ -553,7 +562,7 @@ def table_in_the_way(conn: psycopg.Connection, schema: str, table: Table) -> str
         "FROM information_schema.columns WHERE table_schema = %s AND table_name = %s", (schema, table.name)).fetchall()
     if not rows:
         return None
-    existing = dict(rows)
+    existing: dict[str, bool] = dict(rows)
     shipped = {c.name for c in table.columns}
     unfed = [name for name, required in existing.items() if required and name not in shipped]
     return (f"table {schema}.{table.name} already exists and has NOT NULL column(s) {', '.join(map(repr, unfed))} "

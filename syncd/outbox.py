@@ -20,9 +20,10 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import apsw
 
@@ -137,8 +138,8 @@ def migrate(conn: apsw.Connection) -> bool:
     the state file, then remove it from the app's file; True when there was something to move. One transaction on
     both files; the state file must be the real one (`state.ensure`)."""
     legacy = conn.execute("SELECT 1 FROM main.sqlite_schema WHERE name = '_syncd_journal'").fetchone() is not None
-    moved = conn.execute("SELECT count(*) FROM main._syncd_meta WHERE key = 'lease' OR key LIKE 'state:%'"
-                         ).fetchone()[0] if installed(conn) else 0
+    sql = "SELECT count(*) FROM main._syncd_meta WHERE key = 'lease' OR key LIKE 'state:%'"
+    moved = cast(tuple[int], conn.execute(sql).fetchone())[0] if installed(conn) else 0
     if not (legacy or moved):
         return False
     with immediate(conn):
@@ -285,8 +286,9 @@ def acked_missing(conn: apsw.Connection) -> int:
     """How many entries syncd settled (shipped, dead-lettered, requeued) are not in the app's outbox any more, while
     nothing but a flush deletes them (a flush forgets them in the same transaction): more than 0 means the file is not
     the one they were claimed from."""
-    return conn.execute("SELECT count(*) FROM st.acked a WHERE NOT EXISTS (SELECT 1 FROM main._syncd_outbox o "
-                        "WHERE o.seq = a.seq AND o.at = a.at)").fetchone()[0]
+    row = conn.execute("SELECT count(*) FROM st.acked a WHERE NOT EXISTS (SELECT 1 FROM main._syncd_outbox o "
+                       "WHERE o.seq = a.seq AND o.at = a.at)").fetchone()
+    return cast(tuple[int], row)[0]
 
 
 def forget_flushed(conn: apsw.Connection) -> None:
@@ -387,7 +389,7 @@ def tables_to_reconcile(conn: apsw.Connection) -> dict[str, str]:
     """{table: why it needs a reconcile} for every table marked by `request_reconcile` and not reconciled since."""
     rows = conn.execute("SELECT substr(key, 7), json_extract(value, '$.reconcile') FROM st.meta "
                         "WHERE key LIKE 'state:%' AND json_extract(value, '$.reconcile') IS NOT NULL")
-    return dict(rows.fetchall())
+    return dict(cast(list[tuple[str, str]], rows.fetchall()))
 
 
 def reconciled(conn: apsw.Connection, table: str, keys: int, at: float, marked: str | None) -> bool:
@@ -416,7 +418,22 @@ class Pending:
     oldest_at: float | None  # unix seconds
 
 
-def pending_by_table(conn: apsw.Connection) -> dict[str, Pending]:
+class Rows(Protocol):
+    """A cursor as the two counts by table read it: apsw's, or sqlite3's."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Reader(Protocol):
+    """What the two counts by table need of a connection: apsw's, or the stdlib sqlite3 one the demo's dashboard
+    reads through (the same DB-API calls)."""
+
+    def execute(self, sql: str, /) -> Rows: ...
+
+
+def pending_by_table(conn: Reader) -> dict[str, Pending]:
     """{table: how many outbox entries wait (acked ones left out), and the time of the oldest}."""
     rows = conn.execute(f"SELECT tbl, count(*), min(at) FROM main._syncd_outbox o WHERE {NOT_ACKED} GROUP BY tbl")
     return {table: Pending(count, unix_time(oldest) if oldest is not None else None) for table, count, oldest in rows}
@@ -424,20 +441,20 @@ def pending_by_table(conn: apsw.Connection) -> dict[str, Pending]:
 
 def pending_total(conn: apsw.Connection) -> int:
     """How many outbox entries wait (acked ones left out), all tables together."""
-    return conn.execute(f"SELECT count(*) FROM main._syncd_outbox o WHERE {NOT_ACKED}").fetchone()[0]
+    return cast(tuple[int], conn.execute(f"SELECT count(*) FROM main._syncd_outbox o WHERE {NOT_ACKED}").fetchone())[0]
 
 
-def dead_letters_by_table(conn: apsw.Connection) -> dict[str, int]:
+def dead_letters_by_table(conn: Reader) -> dict[str, int]:
     """{table: how many dead letters}, those the daemon filed and has not yet written to the app's file included."""
     rows = conn.execute("SELECT tbl, count(*) FROM (SELECT tbl FROM main._syncd_dead_letter UNION ALL "
                         "SELECT o.tbl FROM st.acked a JOIN main._syncd_outbox o ON o.seq = a.seq AND o.at = a.at "
                         "WHERE a.fate = 'dead') GROUP BY tbl")
-    return dict(rows.fetchall())
+    return dict(cast(list[tuple[str, int]], rows.fetchall()))
 
 
 def unflushed(conn: apsw.Connection) -> int:
     """How many acked entries are still in the app's outbox (their deletion is due)."""
-    return conn.execute("SELECT count(*) FROM st.acked").fetchone()[0]
+    return cast(tuple[int], conn.execute("SELECT count(*) FROM st.acked").fetchone())[0]
 
 
 # -- claim: one snapshot of keys and their current rows ---------------------------------------------------
@@ -477,6 +494,22 @@ class Change:
         """When the oldest entry claimed for this key was written (unix seconds)."""
         return min(e.at for e in self.entries)
 
+    @property
+    def decoded(self) -> tuple[object, ...]:
+        """The key, decoded. Raises ValueError for a change whose key could not be decoded: it carries `problem`
+        and goes to the dead letters, never to a read or a request."""
+        if self.key is None:
+            raise ValueError(f"table {self.table!r}: the key {self.key_text!r} was never decoded ({self.problem})")
+        return self.key
+
+    @property
+    def current_row(self) -> dict[str, object]:
+        """The row as read ({column: value}). Raises ValueError for a change whose row is gone or was rendered by
+        SQLite (`rendered`): only a present row read into Python is mapped in Python."""
+        if self.row is None:
+            raise ValueError(f"table {self.table!r}: no row was read for the key {self.key_text!r}")
+        return self.row
+
 
 @dataclass
 class Claim:
@@ -507,10 +540,10 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
     busy_keys = {(c.table, c.raw_key) for c in in_flight}
     conn.execute("BEGIN")
     try:
-        rows = conn.execute(
+        rows = cast(list[tuple[int, str, bytes, str, float]], conn.execute(
             f"SELECT seq, tbl, CAST(key AS BLOB), op, at FROM main._syncd_outbox o WHERE seq > ? AND tbl IN "
             f"({', '.join('?' * len(tables))}) AND seq NOT IN (SELECT value FROM json_each(?)) AND {NOT_ACKED} "
-            "ORDER BY seq LIMIT ?", (after, *tables, busy_seqs, limit)).fetchall()
+            "ORDER BY seq LIMIT ?", (after, *tables, busy_seqs, limit)).fetchall())
         grouped = group_entries(rows)
         changes = [c for c in grouped if (c.table, c.raw_key) not in busy_keys]
         passed_over = [e.seq for c in grouped if (c.table, c.raw_key) in busy_keys for e in c.entries]
@@ -576,26 +609,26 @@ def attach_rows(conn: apsw.Connection, table: str, key_columns: Sequence[str], c
     per_chunk = max(1, MAX_PARAMS // len(key_columns))
     for start in range(0, len(changes), per_chunk):
         chunk = changes[start:start + per_chunk]
-        keys = [c.key for c in chunk]
+        keys = [c.decoded for c in chunk]
         rendered: dict[tuple[object, ...], str | None] = {}
         if rendering is not None:
             try:
-                rendered = read_rendered(conn, table, key_columns, keys, rendering)  # type: ignore[arg-type]
+                rendered = read_rendered(conn, table, key_columns, keys, rendering)
             except UnicodeDecodeError:
                 rendered = {}
-        python = [c for c in chunk if rendered.get(c.key) is None]  # type: ignore[arg-type]
+        python = [c for c in chunk if rendered.get(c.decoded) is None]
         found: dict[tuple[object, ...], dict[str, object]] = {}
         if python:
             try:
-                found = read_rows(conn, table, key_columns, [c.key for c in python])  # type: ignore[misc]
+                found = read_rows(conn, table, key_columns, [c.decoded for c in python])
             except UnicodeDecodeError:
-                found = read_rows(conn, table, key_columns, [c.key for c in python], safe=True)  # type: ignore[misc]
+                found = read_rows(conn, table, key_columns, [c.decoded for c in python], safe=True)
         for change in chunk:
-            text = rendered.get(change.key)  # type: ignore[arg-type]
+            text = rendered.get(change.decoded)
             if text is not None:
                 change.rendered, change.present = text, True
             else:
-                change.row = found.get(change.key)  # type: ignore[arg-type]
+                change.row = found.get(change.decoded)
                 change.present = change.row is not None
 
 
@@ -760,7 +793,8 @@ def dead_letter_filter(table: str | None, ids: Sequence[int]) -> tuple[str, tupl
 def count_dead_letters(conn: apsw.Connection, *, table: str | None = None, ids: Sequence[int] = ()) -> int:
     """How many dead letters match (all of them, those of `table`, those with these ids)."""
     where, params = dead_letter_filter(table, ids)
-    return conn.execute(f"SELECT count(*) FROM main._syncd_dead_letter WHERE {where}", params).fetchone()[0]
+    row = conn.execute(f"SELECT count(*) FROM main._syncd_dead_letter WHERE {where}", params).fetchone()
+    return cast(tuple[int], row)[0]
 
 
 def requeue_dead_letters(conn: apsw.Connection, *, table: str | None = None, ids: Sequence[int] = ()) -> int:
@@ -780,15 +814,17 @@ def requeue_dead_letters(conn: apsw.Connection, *, table: str | None = None, ids
 def journal_keys(conn: apsw.Connection, since: float, until: float | None = None,
                  table: str | None = None) -> list[tuple[str, str]]:
     """Every (table, outbox key) the journal says was shipped in [since, until) (unix seconds), once each."""
-    conditions, params = ["shipped_at >= ?"], [since]
+    conditions: list[str] = ["shipped_at >= ?"]
+    params: list[float | str] = [since]
     if until is not None:
         conditions.append("shipped_at < ?")
         params.append(until)
     if table is not None:
         conditions.append("tbl = ?")
         params.append(table)
-    return conn.execute(f"SELECT DISTINCT tbl, key FROM st.journal WHERE {' AND '.join(conditions)} "
-                        "ORDER BY tbl, key", params).fetchall()
+    rows = conn.execute(f"SELECT DISTINCT tbl, key FROM st.journal WHERE {' AND '.join(conditions)} "
+                        "ORDER BY tbl, key", params)
+    return cast(list[tuple[str, str]], rows.fetchall())
 
 
 def expire_journal(conn: apsw.Connection, older_than: float, limit: int = 5000) -> int:

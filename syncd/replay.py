@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import apsw
 import apsw.ext
@@ -123,7 +124,8 @@ def resync(conn: apsw.Connection, planned: Capture, *, where: str | None = None,
     filters = [f"({where})"] if where else []
     filters += [f"{table}.{quote_ident(c)} IS NOT NULL" for c in key]
     try:
-        (count,) = conn.execute(f"SELECT count(*) FROM {table} WHERE {' AND '.join(filters)}").fetchone()
+        row = conn.execute(f"SELECT count(*) FROM {table} WHERE {' AND '.join(filters)}").fetchone()
+        (count,) = cast(tuple[int], row)
     except apsw.SQLError as exc:  # prepared fine, fails when run (a MATCH outside full-text search...)
         raise ValueError(f"{where!r} fails when SQLite runs it on {planned.table.name!r}: {exc}") from None
     if dry_run:
@@ -131,7 +133,7 @@ def resync(conn: apsw.Connection, planned: Capture, *, where: str | None = None,
     progress.set_total(count)  # live writes may add a few while it runs
     total, last = 0, None
     while True:
-        bound = [f"({columns}) > ({', '.join('?' * len(key))})"] if last is not None else []
+        bound: list[str] = [f"({columns}) > ({', '.join('?' * len(key))})"] if last is not None else []
         condition = " AND ".join(filters + bound) or "1"
         with immediate(conn):
             chunk = conn.execute(f"SELECT {columns} FROM {table} WHERE {condition} ORDER BY {columns} LIMIT ?",

@@ -96,7 +96,7 @@ class Source:
         if "st" not in {row[1] for row in self.conn.execute("PRAGMA database_list")}:
             state.attach(self.conn, self.path)
         state.ensure(self.conn, self.path)
-        self.wal = self.conn.execute("PRAGMA main.journal_mode").fetchone()[0] == "wal"
+        self.wal = sqlite.value_of(self.conn, "PRAGMA main.journal_mode") == "wal"
         if self.wal:
             self.conn.execute("PRAGMA main.synchronous = NORMAL")
             self.wal_index = wal_index(self.path)
@@ -111,7 +111,7 @@ class Source:
 
     def read_schema_version(self) -> int:
         """SQLite's schema cookie; raises apsw.BusyError while a writer holds an exclusive lock (rollback mode)."""
-        return int(self.conn.execute("PRAGMA schema_version").fetchone()[0])
+        return int(sqlite.value_of(self.conn, "PRAGMA schema_version"))
 
     def check(self) -> Event:
         """What changed since the last check: the file gone or replaced (checked first), the WAL index our

@@ -6,6 +6,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import apsw
 
@@ -147,7 +148,8 @@ def register_functions(conn: apsw.Connection) -> None:
     conn.create_scalar_function("syncd_real_json", real_json, 1, deterministic=True)
 
 
-def real_json(value: object) -> object:
+def real_json(*values: apsw.SQLiteValue) -> apsw.SQLiteValue:  # one value (registered with 1 argument)
+    value = values[0]
     return repr(value) if isinstance(value, float) else value
 
 
@@ -188,6 +190,14 @@ def read_header(path: Path, length: int = len(HEADER)) -> bytes:
         return bytes(handle.xRead(length, 0))
     finally:
         handle.xClose()
+
+
+def value_of(conn: apsw.Connection, sql: str) -> Any:
+    """The first column of the first row `sql` returns (a PRAGMA's value); raises LookupError when it returns none."""
+    row = conn.execute(sql).fetchone()
+    if row is None:
+        raise LookupError(f"no row from {sql}")
+    return row[0]
 
 
 def quote_ident(name: str) -> str:

@@ -56,7 +56,7 @@ class Status:
     tables: list[TableStatus]
     problems: list[str] = field(default_factory=list)
     daemon: dict[str, object] | None = None  # the live daemon's /readyz answer: {"ready", "reason"} or {"error"}
-    key: dict[str, object] | None = None  # the kind of key syncd sends and its role: {"kind", "role"}, never the key
+    key: KeyInfo | None = None  # the kind of key syncd sends and its role ({"kind", "role"} in JSON), never the key
 
     @property
     def healthy(self) -> bool:
@@ -84,16 +84,16 @@ def collect(conn: apsw.Connection, config: Config, *, max_lag: float = DEFAULT_M
         tables = [table_status(conn, t.name, t.target_name, config, current, pending, dead, now, max_lag)
                   for t in config.tables]
     live = lease is not None and lease.alive(now)
-    gone = live and lease.holder_gone()  # type: ignore[union-attr]
+    gone = lease is not None and live and lease.holder_gone()
     status = Status(str(config.source.path), True,
                     {**asdict(lease), "alive": live, "holder_gone": gone} if lease else None, tables)
-    if gone:
+    if gone and lease is not None:
         live = False
         status.problems.append(
-            f"the daemon that holds the lease (pid {lease.pid}) no longer runs; its lease expires in "  # type: ignore[union-attr]
-            f"{max(0, lease.expires_at - now):.0f} s, then a new `syncd run` takes over (start one now: it waits "  # type: ignore[union-attr]
+            f"the daemon that holds the lease (pid {lease.pid}) no longer runs; its lease expires in "
+            f"{max(0, lease.expires_at - now):.0f} s, then a new `syncd run` takes over (start one now: it waits "
             "for that)")
-    status.key = asdict(config.target.key)
+    status.key = config.target.key
     if config.target.key.kind == "publishable":
         status.problems.append("the key is a Supabase publishable key (sb_publishable_...): it acts as the anon role, "
                                "which RLS and the grants keep from writing what syncd ships; put a secret key "
@@ -102,8 +102,8 @@ def collect(conn: apsw.Connection, config: Config, *, max_lag: float = DEFAULT_M
     strays = sorted({table for table, _ in current.values()} - configured)
     status.problems += [f"table {t!r} has syncd triggers but is not configured (its changes pile up in the outbox); "
                         "configure it, or run syncd uninstall and install again" for t in strays]
-    if live:
-        status.daemon = daemon_readiness(lease.metrics or config.worker.metrics_addr)  # type: ignore[union-attr]
+    if live and lease is not None:
+        status.daemon = daemon_readiness(lease.metrics or config.worker.metrics_addr)
         if status.daemon.get("ready") is False:
             status.problems.append(f"the daemon is not ready: {status.daemon.get('reason')}")
     return status
@@ -139,7 +139,10 @@ def table_status(conn: apsw.Connection, name: str, target: str, config: Config,
     (table, sql)}), its backlog in `pending` ({table: Pending}) and `dead` ({table: count}), and the daemon's
     recorded state; `now` in unix seconds, `max_lag` in seconds."""
     status = TableStatus(name, target)
-    health = capture.examine(conn, config.table(name), current)  # type: ignore[arg-type]
+    table_config = config.table(name)
+    if table_config is None:
+        raise KeyError(f"table {name!r} is not configured")
+    health = capture.examine(conn, table_config, current)
     status.triggers = health.triggers
     if health.problem:
         status.problems.append(health.problem)
@@ -155,24 +158,49 @@ def table_status(conn: apsw.Connection, name: str, target: str, config: Config,
         status.problems.append(f"{status.dead_letters} dead letter(s); fix the cause, then run: "
                                f"syncd replay --dead-letters --table {name}")
     state = outbox.table_state(conn, name)
-    status.last_shipped_at = state.get("last_shipped_at")  # type: ignore[assignment]
-    status.last_error = state.get("last_error")  # type: ignore[assignment]
+    status.last_shipped_at = recorded_number(state, "last_shipped_at")
+    status.last_error = recorded_text(state, "last_error")
     status.halted = bool(state.get("halted"))
     if status.halted:
         status.problems.append(f"shipping is halted: {status.last_error or 'see the daemon log'}")
-    status.waiting = state.get("waiting")  # type: ignore[assignment]
+    status.waiting = recorded_text(state, "waiting")
     if status.waiting and not status.halted:
         status.problems.append(f"changes wait: {status.waiting} (foreign keys: shipped now, the secondary would "
                                "refuse them); they stay in the outbox and ship once it resumes (see its halt)")
-    status.reconcile = state.get("reconcile")  # type: ignore[assignment]
+    status.reconcile = recorded_text(state, "reconcile")
     if status.reconcile:
         when = ("once the table ships again (see the halt above)" if status.halted else
                 f"`syncd run` does it; or run: syncd verify --repair --table {name}")
         status.problems.append(f"needs a reconcile with the secondary: {status.reconcile}; changes made meanwhile may "
                                f"be missing there: {when}")
-    status.last_repair = state.get("last_repair")  # type: ignore[assignment]
-    status.last_reconcile = state.get("last_reconcile")  # type: ignore[assignment]
+    status.last_repair = recorded_record(state, "last_repair")
+    status.last_reconcile = recorded_record(state, "last_reconcile")
     return status
+
+
+def recorded_number(state: dict[str, object], name: str) -> float | None:
+    """`state[name]` when the daemon recorded a number there, else None. The state is JSON in a file, which a syncd
+    of another version may have written: what it holds is checked, not assumed."""
+    value = state.get(name)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def age_of(record: dict[str, object], now: float) -> str:
+    """How long ago (`now`, unix seconds) a recorded event ({"at": unix seconds, ...}) happened, as `status` says it."""
+    at = recorded_number(record, "at")
+    return format_age(None if at is None else now - at, " ago")
+
+
+def recorded_text(state: dict[str, object], name: str) -> str | None:
+    """`state[name]` when the daemon recorded a text there, else None (see `recorded_number`)."""
+    value = state.get(name)
+    return value if isinstance(value, str) else None
+
+
+def recorded_record(state: dict[str, object], name: str) -> dict[str, object] | None:
+    """`state[name]` when the daemon recorded an object there, else None (see `recorded_number`)."""
+    value = state.get(name)
+    return value if isinstance(value, dict) else None
 
 
 def render(status: Status, now: float | None = None) -> str:
@@ -192,7 +220,7 @@ def render(status: Status, now: float | None = None) -> str:
     else:
         lines.append("daemon:   no daemon holds the lease")
     if status.key:
-        lines.append(f"key:      {KeyInfo(**status.key).describe()}")  # type: ignore[arg-type]
+        lines.append(f"key:      {status.key.describe()}")
     header = ("TABLE", "TARGET", "PENDING", "OLDEST", "DEAD", "LAST SHIPPED", "TRIGGERS")
     rows = [header] + [(t.name, t.target, str(t.pending), format_age(t.oldest_pending_age), str(t.dead_letters),
                         format_age(now - t.last_shipped_at if t.last_shipped_at else None, " ago"), t.triggers)
@@ -201,10 +229,10 @@ def render(status: Status, now: float | None = None) -> str:
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     for t in status.tables:
         if t.last_repair:
-            lines.append(f"{t.name}: capture repaired {format_age(now - float(t.last_repair['at']), ' ago')}: "  # type: ignore[arg-type]
+            lines.append(f"{t.name}: capture repaired {age_of(t.last_repair, now)}: "
                          f"{t.last_repair['what']}")
         if t.last_reconcile:
-            lines.append(f"{t.name}: reconciled {format_age(now - float(t.last_reconcile['at']), ' ago')}: "  # type: ignore[arg-type]
+            lines.append(f"{t.name}: reconciled {age_of(t.last_reconcile, now)}: "
                          f"{t.last_reconcile['keys']} key(s) enqueued")
     problems = status.problems + [f"{t.name}: {p}" for t in status.tables for p in t.problems]
     lines.append("healthy" if not problems else "needs attention:")

@@ -362,8 +362,9 @@ def encode_rows(table: str, rows: Sequence[Mapping[str, object] | str]) -> bytes
     rendered it) and goes in as it is. Raises TargetError of kind row when a row cannot be sent as JSON (NaN or
     Infinity, a lone surrogate, a value JSON has no type for)."""
     try:
-        if all(isinstance(row, str) for row in rows):
-            return ("[" + ",".join(rows) + "]").encode()  # type: ignore[arg-type]
+        texts = [row for row in rows if isinstance(row, str)]
+        if len(texts) == len(rows):
+            return ("[" + ",".join(texts) + "]").encode()
         text = ",".join(row if isinstance(row, str) else encode_row(row) for row in rows)
         return ("[" + text + "]").encode()
     except (TypeError, ValueError) as exc:  # NaN/Infinity, a lone surrogate, a value JSON has no type for

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from decimal import Decimal
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import apsw
 
@@ -136,19 +136,18 @@ def exact_number(value: object) -> object:
     what PostgreSQL parses; text as numeric input (spaces around allowed). NaN and Infinity (numeric has them;
     PostgREST sends them as JSON strings) are their text. Raises TypeError for a non-number, decimal's
     InvalidOperation for text that is not a number."""
-    kind = type(value)
-    if kind is int or kind is bool:
+    if type(value) is int or type(value) is bool:
         return value
-    if kind is float:
+    if type(value) is float:
         number = Decimal(repr(value))
-    elif kind is Decimal:
+    elif type(value) is Decimal:
         number = value
-    elif kind is str:
-        text = value.strip()  # type: ignore[union-attr]
+    elif type(value) is str:
+        text = value.strip()
         # PostgreSQL 16 reads 0x1A, 0o17 and 0b101 as integers, and _ between digits, as Python's int() does
         number = Decimal(int(text, 0)) if NON_DECIMAL_INTEGER.fullmatch(text) else Decimal(text)
     else:
-        raise TypeError(kind.__name__)
+        raise TypeError(type(value).__name__)
     if not number.is_finite():
         return str(number)
     if number == number.to_integral_value() and number.adjusted() < INT_DIGITS:
@@ -176,7 +175,7 @@ def _integer(value: object) -> object:
 
 
 def _float32(value: float) -> float:
-    return struct.unpack("<f", struct.pack("<f", value))[0]
+    return cast(float, struct.unpack("<f", struct.pack("<f", value))[0])
 
 
 def _real(value: object) -> object:
@@ -234,17 +233,15 @@ def rfc_2822(text: str) -> str:
 
 
 def _json(value: object) -> object:
-    kind = type(value)
-    if kind is dict:
+    if type(value) is dict:
         # sorted: jsonb keeps no key order, and the row's hash is taken over repr()
-        return {k: value[k] if type(value[k]) in JSON_SETTLED else _json(value[k])  # type: ignore[index]
-                for k in sorted(value)}  # type: ignore[call-overload]
-    if kind is list:
-        return [v if type(v) in JSON_SETTLED else _json(v) for v in value]  # type: ignore[union-attr]
-    if kind is float or kind is Decimal:
-        return exact_number(value) if kind is Decimal or math.isfinite(value) else value  # type: ignore[arg-type]
-    if kind is JsonText:  # numbers float64 would change: read them as Decimal, as the secondary's are read
-        return _json(json.loads(value.text, parse_float=Decimal))  # type: ignore[union-attr]
+        return {k: value[k] if type(value[k]) in JSON_SETTLED else _json(value[k]) for k in sorted(value)}
+    if type(value) is list:
+        return [v if type(v) in JSON_SETTLED else _json(v) for v in value]
+    if type(value) is float or type(value) is Decimal:
+        return exact_number(value) if type(value) is Decimal or math.isfinite(value) else value
+    if type(value) is JsonText:  # numbers float64 would change: read them as Decimal, as the secondary's are read
+        return _json(json.loads(value.text, parse_float=Decimal))
     return value
 
 
@@ -514,8 +511,9 @@ class TableVerifier:
         table = quote_ident(self.plan.table.name)
         key_is_null = " OR ".join(f"{quote_ident(c)} IS NULL" for c in self.plan.key)
         # NOT INDEXED: the smallest index may be in a collation the app registers, which syncd's connection lacks
-        (total,) = self.conn.execute(f"SELECT count(*) FROM {table} NOT INDEXED").fetchone()
-        (null_keys,) = self.conn.execute(f"SELECT count(*) FROM {table} WHERE {key_is_null}").fetchone()
+        (total,) = cast(tuple[int], self.conn.execute(f"SELECT count(*) FROM {table} NOT INDEXED").fetchone())
+        null_row = self.conn.execute(f"SELECT count(*) FROM {table} WHERE {key_is_null}").fetchone()
+        (null_keys,) = cast(tuple[int], null_row)
         self.report.source_rows = total
         if null_keys:
             self.report.unshippable += null_keys
@@ -578,10 +576,11 @@ class TableVerifier:
         """(canonical key, hash or None when unshippable, outbox key or the reason it cannot ship)."""
         key = tuple(row[c] for c in self.plan.key)
         if isinstance(okey, bytes):
+            raw = okey
             try:
-                okey = okey.decode("utf-8")
+                okey = raw.decode("utf-8")
             except UnicodeDecodeError:
-                return (f"unshippable:{okey.hex()}", None, f"key {okey[:40]!r} is text that is not valid UTF-8")
+                return (f"unshippable:{raw.hex()}", None, f"key {raw[:40]!r} is text that is not valid UTF-8")
         try:
             mapped = self.mapping.map_row(row, key)
         except RowError as exc:
@@ -801,7 +800,7 @@ class Scratch:
 
     def count(self, sql: str) -> int:
         """How many rows the query `sql` (MISSING, EXTRA, ...) gives."""
-        return self.db.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]
+        return cast(tuple[int], self.db.execute(f"SELECT count(*) FROM ({sql})").fetchone())[0]
 
     def rows(self, sql: str, limit: int | None = None) -> Iterator[tuple[str, ...]]:
         """The rows of the query `sql`, at most `limit` of them."""

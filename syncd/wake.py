@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import apsw
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -57,7 +58,7 @@ class Waker(FileSystemEventHandler):
         """SQLite's `PRAGMA data_version` on the source's connection (it changes when another connection commits);
         None when the file cannot be read now (the loop finds out why)."""
         try:
-            return int(self.source.conn.execute("PRAGMA data_version").fetchone()[0])
+            return int(cast(tuple[int], self.source.conn.execute("PRAGMA data_version").fetchone())[0])
         except apsw.Error:
             return None
 

@@ -663,11 +663,12 @@ class Workload:
 
     def set_user_pref(self) -> None:
         """Set one preference (theme, language, default_model, notifications or page_size) of a demo user."""
-        key, value = self.rng.choice([
+        prefs: list[tuple[str, JsonValue]] = [
             ("theme", self.rng.choice(["dark", "light", "system"])), ("language", self.rng.choice(["en", "fr", "ja"])),
             ("default_model", self.rng.choice(["gpt-4", "llama3", "mistral"])),
             ("notifications", {"email": self.rng.random() < .5, "digest": self.rng.choice(["daily", "weekly"])}),
-            ("page_size", self.rng.choice([10, 25, 50]))])
+            ("page_size", self.rng.choice([10, 25, 50]))]
+        key, value = self.rng.choice(prefs)
         self.app.set_user_pref(self.user(), key, value)
 
     def register_skill(self) -> None:

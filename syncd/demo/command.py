@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import FrameType
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Protocol, cast
 
 from syncd import outbox, state
 from syncd.config import ConfigError
@@ -43,6 +43,7 @@ from syncd.timeparse import parse_duration
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
+    from rich.live import Live
 
     from syncd.devserver.launcher import RunningDevServer
 
@@ -171,7 +172,7 @@ def free_port() -> int:
     """A TCP port of 127.0.0.1 that is free now (the OS picks it; nothing stops another process taking it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return cast(int, s.getsockname()[1])  # an AF_INET address: (host, port)
 
 
 def die_with_parent() -> None:
@@ -199,7 +200,7 @@ def add_demo_users(pg_url: str) -> None:
     from syncd.demo.app import users_sql
 
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(users_sql())  # type: ignore[arg-type]
+        conn.execute(users_sql())
 
 
 def mapping_tables() -> str:
@@ -436,9 +437,9 @@ class Monitor:
         """One Snapshot at `elapsed` seconds in `phase`: the writer's counts, the outbox and dead letters from SQLite,
         and, when /metrics answers, shipped rows, failures, target state and lag (else those stay None or empty).
         Updates the peaks and the outage's recovery."""
-        by_table = outbox.pending_by_table(self.db).values()  # type: ignore[arg-type] - the same DB-API calls
+        by_table = outbox.pending_by_table(self.db).values()
         pending = sum(p.count for p in by_table)
-        dead = sum(outbox.dead_letters_by_table(self.db).values())  # type: ignore[arg-type]
+        dead = sum(outbox.dead_letters_by_table(self.db).values())
         snap = Snapshot(elapsed, phase, self.writer.calls, self.writer.rows, pending=pending, dead_letters=dead,
                         outage=outage)
         if oldest_at := min((p.oldest_at for p in by_table if p.oldest_at is not None), default=None):
@@ -590,17 +591,17 @@ class PlainView:
 class LiveView:
     """A rich Live table, redrawn in place."""
 
-    def __init__(self, live: object, title: str) -> None:
+    def __init__(self, live: Live, title: str) -> None:
         self.live = live
         self.title = title
 
     def show(self, snap: Snapshot) -> None:
         """Redraw the table with the snapshot."""
-        self.live.update(live_table(snap, self.title))  # type: ignore[attr-defined]
+        self.live.update(live_table(snap, self.title))
 
     def say(self, text: str) -> None:
         """Print `text` as a line above the live table."""
-        self.live.console.print(text)  # type: ignore[attr-defined]
+        self.live.console.print(text)
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ class RunningDevServer:
         """scheme://host:port, where /_dev/* lives."""
         return self.url.rsplit("/rest/v1", 1)[0]
 
-    def token(self, role: str, **claims: object) -> str:
+    def token(self, role: str, **claims: Any) -> str:
         """A token for `role` (and any further claims) signed with the server's secret, valid for ten years."""
         return auth.mint_token(self.jwt_secret, role, **claims)
 

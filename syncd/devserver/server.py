@@ -153,10 +153,10 @@ async def serve(options: Options, admin_url: str, secret: str) -> None:
     settings = ApiSettings(secret, list(options.schemas), options.anon_role, options.require_apikey, public_url,
                            options.max_rows)
     api = Api(pool, settings)
-    ready = asyncio.Event()
-    listener = asyncio.create_task(keep_schema_fresh(api, admin_url, ready))
+    loaded = asyncio.Event()
+    listener = asyncio.create_task(keep_schema_fresh(api, admin_url, loaded))
     try:
-        await wait_until_loaded(ready)
+        await wait_until_loaded(loaded)
         front = DevServer(api.handle, options.prefix, Faults() if options.faults else None)
 
         def ready(url: str) -> None:
