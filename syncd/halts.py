@@ -67,6 +67,8 @@ class Halts:
         self.waits: dict[str, dict[str, str]] = {}
         self.recorded: dict[str, str] | None = None  # the halts as recorded in the file (None: not read yet)
         self.recorded_waits: dict[str, str] | None = None  # likewise, the changes waiting for a halted table
+        self.reconciling: frozenset[str] = frozenset()  # tables whose reconcile is waiting or running
+        self.reconcile_waits: dict[str, set[str]] = {}  # table -> the ops that wait for those reconciles
         self.lock = threading.RLock()
 
     def halt(self, table: str, halt: Halt, error: TargetError | None = None) -> None:
@@ -106,8 +108,34 @@ class Halts:
             self.resumed()  # held changes ship again: claim them
 
     def holds(self, table: str, op: str) -> bool:
-        """Whether `op` (upsert, delete) of `table` waits for a halted table (see `hold_dependents`)."""
-        return table in self.halted or op in self.waits.get(table, {})
+        """Whether `op` (upsert, delete) of `table` waits for a halted table (see `hold_dependents`) or for a
+        reconcile (see `follow_reconciles`)."""
+        return table in self.halted or op in self.waits.get(table, {}) or op in self.reconcile_waits.get(table, ())
+
+    def follow_reconciles(self, reconciling: frozenset[str]) -> None:
+        """`reconciling`: the tables whose reconcile is waiting or running. Until it has put the keys that differ
+        into the outbox, the changes it may have to precede wait, as for a halt: the upserts of its descendants (a
+        child may need a parent row only the reconcile sends) and the deletes of every ancestor of it and of them (a
+        parent's delete needs its children's deletes, and a child moving to another parent needs that parent's row,
+        first). Shipped now, they would be refused (23503) again and again while the reconcile runs, and
+        dead-lettered after `fk_retries` though nothing is wrong with them."""
+        with self.lock:
+            if reconciling == self.reconciling:
+                return
+            waits: dict[str, set[str]] = {}
+            for table in reconciling:
+                descendants = self.plan.descendants.get(table, set())
+                for child in descendants:
+                    waits.setdefault(child, set()).add("upsert")
+                for owner in (table, *descendants):
+                    for parent in self.plan.ancestors.get(owner, set()):
+                        waits.setdefault(parent, set()).add("delete")
+            waits = {t: ops for t, ops in waits.items() if t in self.plan.mappings}
+            before, self.reconciling, self.reconcile_waits = self.reconcile_waits, reconciling, waits
+        if waits != before:
+            self.observer.changes_wait_for_reconciles(waits)
+        if any(not ops <= waits.get(table, set()) for table, ops in before.items()):
+            self.resumed()  # held changes ship again: claim them
 
     def unhalt(self, tables: Sequence[str], why: str) -> None:
         """These tables ship again, and what waited for them (the file's record follows at `record`)."""

@@ -105,6 +105,14 @@ class Observer:
         this one follows it (what it read may predate the gap)."""
         self.log.info("reconcile queued", table=table, reason=reason, behind_running=behind_running)
 
+    def changes_wait_for_reconciles(self, waits: Mapping[str, Iterable[str]]) -> None:
+        """Which changes wait for a running or pending reconcile ({table: ops}, empty: none wait any more)."""
+        if waits:
+            self.log.info("changes wait for a reconcile of a table related by a foreign key: they ship once it has "
+                          "put its keys into the outbox", waiting={t: sorted(ops) for t, ops in waits.items()})
+        else:
+            self.log.info("no change waits for a reconcile any more")
+
     def reconcile_failed(self, table: str, reason: str, retry_in: float) -> None:
         """A reconcile of `table` could not finish (`reason`); it is tried again in `retry_in` seconds."""
         self.metrics.reconciles.labels(table=table, outcome="failed").inc()

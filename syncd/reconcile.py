@@ -64,6 +64,20 @@ class Reconciler:
             self.observer.reconcile_queued(table, reason, running)
         self.wake.set()
 
+    def pending(self) -> frozenset[str]:
+        """The tables whose reconcile is waiting or running: their keys that differ may not all be in the outbox
+        yet."""
+        with self.lock:
+            return frozenset(self.jobs) | ({self.running} if self.running is not None else set())
+
+    def retry_now(self) -> None:
+        """Tables resumed (a schema fixed, SIGHUP): the reconciles waiting out a backoff are tried again at once
+        (what failed them may be what was fixed; changes may wait for them, see `Halts.follow_reconciles`)."""
+        with self.lock:
+            for job in self.jobs.values():
+                job.not_before = 0.0
+        self.wake.set()
+
     def busy(self) -> bool:
         """Whether a reconcile is waiting or running."""
         with self.lock:

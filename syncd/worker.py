@@ -90,7 +90,7 @@ class Worker:
         self.lease = Lease(source.conn, config.worker.lease_seconds, metrics=config.worker.metrics_addr)
         self.plan = Plan()
         self.window = Window()
-        self.halts = Halts(self.plan, observer, resumed=self.window.reset_floor)
+        self.halts = Halts(self.plan, observer, resumed=self.tables_resumed)
         self.flush = Flush(source, observer, self.window)
         self.keeper = CaptureKeeper(source, self.settings, observer, self.plan, self.halts, self.flush, self.window,
                                     reconciler)
@@ -100,6 +100,13 @@ class Worker:
         self.watch = SourceWatch(source, observer, self.settings)
         self.timers = Timers(self.plan, self.settings, observer)
         self.holding = False  # this daemon held the lease at its last look
+
+    def tables_resumed(self) -> None:
+        """Changes held back may ship again: claims start from the first seq, and reconciles in backoff are tried
+        at once (changes may wait for them)."""
+        self.window.reset_floor()
+        if self.keeper.reconciler is not None:
+            self.keeper.reconciler.retry_now()
 
     @property
     def conn(self) -> apsw.Connection:
@@ -306,6 +313,8 @@ class Worker:
         keys of `in_flight` (the window's)."""
         if not self.keeper.prepared:
             self.keeper.prepare()
+        if self.keeper.reconciler is not None:
+            self.halts.follow_reconciles(self.keeper.reconciler.pending())
         active = {t: m.key for t, m in self.plan.mappings.items() if t not in self.halts.halted}
         renderers = {t: self.plan.mappings[t].sql_rendering for t in active}
         try:

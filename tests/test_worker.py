@@ -159,6 +159,76 @@ def test_foreign_key_refusal_heals_when_the_parent_arrives(tmp_path: Path):
     assert dead(db) == [] and outbox_size(db) == 0
 
 
+class PendingReconciles:
+    """A reconciler as the worker sees it: the tables whose reconcile is waiting or running (`tables`)."""
+
+    def __init__(self, *tables: str) -> None:
+        self.tables = set(tables)
+
+    def pending(self) -> frozenset[str]:
+        return frozenset(self.tables)
+
+    def request(self, table: str, reason: str) -> None:
+        self.tables.add(table)
+
+    def retry_now(self) -> None:
+        pass
+
+
+def refused_while_parent_missing(target: FakeTarget) -> Rule:
+    """PostgreSQL's foreign key: a child's upsert needs its parent row, a parent's delete needs no child of it."""
+    def rule(op: str, table: str, items: Sequence[dict[str, object]]) -> TargetError | None:
+        parents, children = target.stored.get("parent", {}), target.stored.get("child", {}).values()
+        if (table == "child" and op == "upsert" and any(i["parent_id"] not in parents for i in items)) or \
+                (table == "parent" and op == "delete" and any(c["parent_id"] == i["id"] for i in items
+                                                             for c in children)):
+            return TargetError("row", "23503 refused", status=409, code="23503")
+        return None
+    return rule
+
+
+def test_a_child_waits_for_the_reconcile_that_sends_its_parent_instead_of_being_dead_lettered(tmp_path: Path):
+    """Soak: a parent's 12-step rebuild lost its triggers while the app added parent 2 and moved child 10 onto it;
+    only the parent's reconcile will put parent 2 into the outbox. Meanwhile the child's upsert waits (shipped, it
+    would be refused again and again, and dead-lettered after fk_retries), and ships once the reconcile is done."""
+    target = FakeTarget()
+    target.rules.append(refused_while_parent_missing(target))
+    worker, db = worker_for(tmp_path, target, fk_retries=2)
+    reconciles = PendingReconciles("parent")
+    worker.keeper.reconciler = reconciles  # type: ignore[assignment]  # the part of Reconciler the worker uses
+    db.execute("INSERT INTO child VALUES (10, 2, 'moved')")
+    for _ in range(4):  # more turns than fk_retries allows
+        worker.drain_once()
+    assert dead(db) == [] and outbox_size(db) == 1
+    assert not any(table == "child" for _, table, _ in target.requests), "the child's upsert did not wait"
+    db.execute("INSERT INTO parent VALUES (2, 'p')")  # what the reconcile enqueues, as SQLite's row
+    reconciles.tables.clear()
+    while worker.drain_once().claimed:
+        pass
+    assert sorted(target.stored["child"]) == [10] and dead(db) == [] and outbox_size(db) == 0
+
+
+def test_a_parents_delete_waits_for_the_reconcile_of_its_child_table(tmp_path: Path):
+    """A restore: the child's reconcile will enqueue the deletes of children the restored file lacks; until it has,
+    the delete of their parent waits (the secondary would refuse it while they are there)."""
+    target = FakeTarget()
+    target.rules.append(refused_while_parent_missing(target))
+    target.stored = {"parent": {1: {"id": 1, "v": "p"}}, "child": {10: {"id": 10, "parent_id": 1, "v": "c"}}}
+    worker, db = worker_for(tmp_path, target, fk_retries=2)
+    reconciles = PendingReconciles("child")
+    worker.keeper.reconciler = reconciles  # type: ignore[assignment]  # the part of Reconciler the worker uses
+    db.execute("INSERT INTO parent VALUES (1, 'p')")
+    db.execute("DELETE FROM parent WHERE id = 1")
+    for _ in range(4):
+        worker.drain_once()
+    assert dead(db) == [] and outbox_size(db) == 2 and 1 in target.stored["parent"]  # its insert and its delete
+    target.stored["child"].clear()  # the child's delete, enqueued by the reconcile, has shipped
+    reconciles.tables.clear()
+    while worker.drain_once().claimed:
+        pass
+    assert target.stored["parent"] == {} and dead(db) == [] and outbox_size(db) == 0
+
+
 def metric(worker: Worker, name: str, **labels: str) -> float:
     return worker.observer.metrics.registry.get_sample_value(name, labels) or 0.0
 
