@@ -39,7 +39,7 @@ import apsw
 from syncd import outbox, state
 from syncd.config import Config, TableConfig
 from syncd.keys import NOW_SQL, key_sql
-from syncd.sqlite import immediate, quote_ident, quote_text
+from syncd.sqlite import SchemaMoved, immediate, quote_ident, quote_text, schema_version
 
 OWNED_PREFIX = "_syncd_"
 BUILTIN_COLLATIONS = frozenset({"BINARY", "NOCASE", "RTRIM"})  # every SQLite connection has these
@@ -394,11 +394,18 @@ def table_exists(conn: apsw.Connection, name: str) -> bool:
                         (name,)).fetchone() is not None
 
 
-def reinstall(conn: apsw.Connection, captures: list[Capture], reason: str) -> InstallReport:
+def reinstall(conn: apsw.Connection, captures: list[Capture], reason: str,
+              examined_at: int | None = None) -> InstallReport:
     """Reinstall these tables' triggers as their schema now is, in one transaction, and mark each for a reconcile
-    (`reason` says why). What the daemon does when a migration lost or outdated them."""
+    (`reason` says why). What the daemon does when a migration lost or outdated them. With `examined_at`, the
+    schema cookie the captures were planned at, raises SchemaMoved (nothing written) when the app changed the
+    schema since: a trigger written for a column renamed meanwhile would fail the app's own writes. The report's
+    `schema_version` is the cookie once the triggers are in."""
     report = InstallReport()
     with immediate(conn):
+        if examined_at is not None and schema_version(conn) != examined_at:
+            raise SchemaMoved(f"the schema changed since it was examined (schema_version {examined_at} -> "
+                              f"{schema_version(conn)})")
         current = existing_triggers(conn)
         for capture in captures:
             install_capture(conn, capture, current, report, reason)
@@ -406,6 +413,7 @@ def reinstall(conn: apsw.Connection, captures: list[Capture], reason: str) -> In
                 outbox.request_reconcile(conn, capture.table.name, reason)
                 report.reconcile.append(capture.table.name)
             outbox.update_table_state(conn, capture.table.name, last_repair={"at": time.time(), "what": reason})
+        report.schema_version = schema_version(conn)
     return report
 
 
@@ -423,6 +431,7 @@ class InstallReport:
     warnings: list[str] = field(default_factory=list)
     reconcile: list[str] = field(default_factory=list)  # tables whose lost changes a reconcile must bring over
     unshipped: list[str] = field(default_factory=list)  # tables installed now that hold rows written before
+    schema_version: int | None = None  # the schema cookie once the triggers were in (reinstall)
 
 
 def existing_triggers(conn: apsw.Connection) -> dict[str, tuple[str, str]]:

@@ -21,10 +21,12 @@ from syncd.reconcile import Reconciler
 from syncd.schema_halts import SchemaHalts
 from syncd.settings import Settings
 from syncd.source import Source
-from syncd.sqlite import immediate
+from syncd.sqlite import SchemaMoved, immediate, schema_version
 from syncd.window import Window
 
 __all__ = ["CaptureKeeper"]
+
+PLAN_ATTEMPTS = 3  # planning passes in a row before giving the step up to an app that keeps changing its schema
 
 
 class CaptureKeeper:
@@ -104,12 +106,28 @@ class CaptureKeeper:
         capture where triggers were lost or outdated but the key is the same, and halt a table whose key or
         existence changed (never guess a key). Raises CaptureError when syncd is not installed in the file."""
         self.source.configure()
-        conn, config = self.source.conn, self.settings.config
+        conn = self.source.conn
         if not outbox.installed(conn):
             raise capture.CaptureError(f"syncd is not installed in {self.source.path}; run: syncd install")
         if outbox.migrate(conn):
             self.observer.log.info("moved the journal, the lease and the daemon's state from the database file to "
                                    "the state file", state_file=str(state.path_for(self.source.path)))
+        for _ in range(PLAN_ATTEMPTS):
+            try:
+                self.plan_tables()
+            except SchemaMoved:
+                continue  # the app changed its schema while syncd planned (nothing written): plan again
+            self.prepared = True
+            self.request_reconciles()
+            return
+        # Still moving: `prepared` stays False, so nothing is claimed through a stale plan; the next step plans again.
+
+    def plan_tables(self) -> None:
+        """One planning pass over the schema as it is now; `plan.schema_version` says at which schema cookie. Raises
+        SchemaMoved when the app changed the schema before triggers could be healed (nothing written)."""
+        conn, config = self.source.conn, self.settings.config
+        # Read first: a change the app makes while this pass plans shows at the next claim.
+        examined_at: int | None = schema_version(conn)
         current = capture.existing_triggers(conn)
         health = [capture.examine(conn, table, current) for table in config.tables]
         mappings = {h.plan.table.name: TableMapping.from_config(table, h.plan.key)
@@ -124,7 +142,7 @@ class CaptureKeeper:
         repair = [(h, h.plan) for h in health if h.repairable and h.plan is not None]
         if repair:
             what = "triggers were lost or outdated by a schema change; reinstalled for the table as it now is"
-            capture.reinstall(conn, [p for _, p in repair], what)
+            examined_at = capture.reinstall(conn, [p for _, p in repair], what, examined_at).schema_version
             for h, _ in repair:
                 self.observer.capture_repaired(h.table, h.finding or f"{h.triggers}: {h.problem}")
         self.plan.relate(conn, config)
@@ -132,8 +150,7 @@ class CaptureKeeper:
         self.plan.shipped = plan_columns(conn, mappings)
         self.schema_halts.halt_mismatches()
         self.record_halts()
-        self.prepared = True
-        self.request_reconciles()
+        self.plan.schema_version = examined_at
 
     def request_reconciles(self) -> None:
         """Hand every table marked for a reconcile (and shipping) to the reconciler."""

@@ -38,7 +38,15 @@ from syncd.keys import (
     table_columns,
     unix_time,
 )
-from syncd.sqlite import BUSY_TIMEOUT_MS, ForeignCollation, immediate, quote_ident, quote_text
+from syncd.sqlite import (
+    BUSY_TIMEOUT_MS,
+    ForeignCollation,
+    SchemaMoved,
+    immediate,
+    quote_ident,
+    quote_text,
+    schema_version,
+)
 from syncd.state import create_private, writing
 
 __all__ = [
@@ -525,13 +533,18 @@ Renderer = Callable[[Sequence[str]], "tuple[str, str] | None"]  # a table's colu
 
 
 def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
-          in_flight: Sequence[Change] = (), after: int = 0, renderers: Mapping[str, Renderer] | None = None) -> Claim:
+          in_flight: Sequence[Change] = (), after: int = 0, renderers: Mapping[str, Renderer] | None = None,
+          planned_at: int | None = None) -> Claim:
     """The first `limit` outbox entries after seq `after` of the tables in `keys` ({table: key columns}), acked ones
     left out, grouped by key, with the current row of each key, all read in one transaction so that the rows are
     the state at one instant.
 
     Entries and keys of `in_flight` (a batch whose request is under way) are left out: the same key is
     never in two requests at once, and its newer entries wait until that request is acknowledged.
+
+    `planned_at` is the schema cookie `keys` and `renderers` were planned at: raises sqlite.SchemaMoved, nothing
+    claimed, when the snapshot's is another (a key column renamed since reads no row, and its entries would ship
+    as deletes).
     """
     if not keys:
         return Claim()
@@ -540,6 +553,9 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
     busy_keys = {(c.table, c.raw_key) for c in in_flight}
     conn.execute("BEGIN")
     try:
+        if planned_at is not None and (now := schema_version(conn)) != planned_at:
+            raise SchemaMoved(f"the schema changed since the tables were planned (schema_version {planned_at} -> "
+                              f"{now})")
         rows = cast(list[tuple[int, str, bytes, str, float]], conn.execute(
             f"SELECT seq, tbl, CAST(key AS BLOB), op, at FROM main._syncd_outbox o WHERE seq > ? AND tbl IN "
             f"({', '.join('?' * len(tables))}) AND seq NOT IN (SELECT value FROM json_each(?)) AND {NOT_ACKED} "

@@ -33,6 +33,7 @@ class Plan:
     relatives: dict[str, set[str]] = field(default_factory=dict)  # table -> its foreign-key ancestors and descendants
     ancestors: dict[str, set[str]] = field(default_factory=dict)  # table -> its parents, theirs, and so on
     descendants: dict[str, set[str]] = field(default_factory=dict)  # table -> its children, theirs, and so on
+    schema_version: int | None = None  # the file's schema cookie when it was planned (claims check it)
 
     def relate(self, conn: apsw.Connection, config: Config) -> None:
         """Relate the tables of `mappings` as the file's schema does now (each graph replaced at once: the shipping

@@ -75,6 +75,7 @@ class Source:
         # statement wait; `configure` does it later, where waiting is handled.
         if conn is not None:  # a connection given (a test's VFS) needs syncd's SQL functions, as connect adds them
             sqlite.register_functions(conn)
+            sqlite.refuse_quoted_strings(conn)
         self.conn = conn if conn is not None else sqlite.connect(path)
         self.schema_version: int | None = None
         self.configured = False
@@ -111,7 +112,7 @@ class Source:
 
     def read_schema_version(self) -> int:
         """SQLite's schema cookie; raises apsw.BusyError while a writer holds an exclusive lock (rollback mode)."""
-        return int(sqlite.value_of(self.conn, "PRAGMA schema_version"))
+        return sqlite.schema_version(self.conn)
 
     def check(self) -> Event:
         """What changed since the last check: the file gone or replaced (checked first), the WAL index our

@@ -25,6 +25,11 @@ class DatabaseNotFound(SourceFileError):
     """The database file does not exist (syncd never creates one)."""
 
 
+class SchemaMoved(Exception):
+    """The file's schema changed since what syncd planned was read from it (`PRAGMA schema_version` moved): the plan
+    is stale and nothing was read or written through it; plan again."""
+
+
 class FileMoved(SourceFileError):
     """A commit of syncd's was refused, and rolled back with nothing written, because the file at the path is no
     longer the one the connection has open (a restore renamed or copied another one into place) or its WAL index
@@ -45,8 +50,26 @@ def connect(path: Path, *, readonly: bool = False, setting: str = "source.path")
     if guard is not None:
         conn.set_commit_hook(guard)
     register_functions(conn)
+    refuse_quoted_strings(conn)
     conn.collation_needed(stand_in_collation)
     return conn
+
+
+def schema_version(conn: apsw.Connection) -> int:
+    """The main database's schema cookie, which SQLite increments on every schema change, ALTER TABLE and a table
+    rebuilt by a migration included (https://sqlite.org/pragma.html#pragma_schema_version); inside a transaction,
+    that of its snapshot. Raises apsw.BusyError while a writer holds an exclusive lock (rollback mode)."""
+    return int(value_of(conn, "PRAGMA main.schema_version"))
+
+
+def refuse_quoted_strings(conn: apsw.Connection) -> None:
+    """Turn off SQLite's double-quoted string literals on syncd's connection: by default an identifier in double
+    quotes that names no column is read as a string (https://sqlite.org/quirks.html#dblquote), so a statement
+    planned before the app renamed a column would compare the key with the text 'id', find no row and ship a
+    delete. With this off, it fails with "no such column" instead. The app's schema is unaffected: SQLite reads
+    the stored schema with the legacy rule whatever the setting."""
+    conn.config(apsw.SQLITE_DBCONFIG_DQS_DML, 0)
+    conn.config(apsw.SQLITE_DBCONFIG_DQS_DDL, 0)
 
 
 FileId = tuple[int, int]  # st_dev, st_ino

@@ -39,7 +39,7 @@ from syncd.reconcile import Reconciler
 from syncd.settings import Settings, Target
 from syncd.shipping import Interrupted, Shipper
 from syncd.source import Source
-from syncd.sqlite import FileMoved
+from syncd.sqlite import FileMoved, SchemaMoved
 from syncd.timers import Timers
 from syncd.watch import GONE_POLL, SOURCE_FAULTS, Seen, SourceGone, SourceWatch
 from syncd.window import Shipment, Window
@@ -313,13 +313,18 @@ class Worker:
         keys of `in_flight` (the window's)."""
         if not self.keeper.prepared:
             self.keeper.prepare()
+            if not self.keeper.prepared:
+                return None  # the app is changing its schema right now: nothing is read through a stale plan
         if self.keeper.reconciler is not None:
             self.halts.follow_reconciles(self.keeper.reconciler.pending())
         active = {t: m.key for t, m in self.plan.mappings.items() if t not in self.halts.halted}
         renderers = {t: self.plan.mappings[t].sql_rendering for t in active}
         try:
             claimed = outbox.claim(self.conn, self.shipping.batch_size, active, in_flight, after=self.window.floor(),
-                                   renderers=renderers)
+                                   renderers=renderers, planned_at=self.plan.schema_version)
+        except SchemaMoved:  # the app changed its schema since the plan (before the watch saw it): plan again
+            self.keeper.prepared = False
+            return self.claim(in_flight)
         except outbox.TableUnreadable as exc:  # the table's problem: it halts, the others ship on
             self.halts.halt(exc.table, Halt("capture", f"syncd cannot read the rows of {exc.table!r}: {exc.problem}; "
                                                        "leave the table out of syncd.toml, or report it (syncd's reads "

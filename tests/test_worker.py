@@ -9,17 +9,20 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import apsw
 import pytest
 import structlog
 
-from syncd import backoff, outbox
-from syncd.config import Config
+from syncd import backoff, capture, outbox
+from syncd.config import Config, TableConfig
 from syncd.mapping import JsonText
 from syncd.metrics import Metrics
 from syncd.observer import Observer
 from syncd.outbox import Change
 from syncd.shipping import Interrupted, by_size
 from syncd.source import Source
+from syncd.sqlite import SchemaMoved, schema_version
+from syncd.sqlite import connect as sqlite_connect
 from syncd.state import connect
 from syncd.target import TargetError
 from syncd.worker import Worker
@@ -227,6 +230,53 @@ def test_a_parents_delete_waits_for_the_reconcile_of_its_child_table(tmp_path: P
     while worker.drain_once().claimed:
         pass
     assert target.stored["parent"] == {} and dead(db) == [] and outbox_size(db) == 0
+
+
+@pytest.mark.parametrize("rename", ["id TO pid", "v TO value"])
+def test_a_claim_made_before_the_loop_saw_a_rename_plans_again_and_never_ships_a_delete(tmp_path: Path, rename: str):
+    """CI: the app renamed the key column and inserted row 11 between two looks of the loop; the claim, planned
+    for `id`, compared the key with the text 'id' (SQLite's double-quoted string fallback), found no row and
+    shipped a delete: row 11 was lost. A claim now checks the schema cookie it was planned at, plans again, and
+    the table whose key changed halts with its entries kept; a renamed column other than the key ships under
+    its new name, never a delete."""
+    target = FakeTarget()
+    worker, db = worker_for(tmp_path, target)
+    db.execute("INSERT INTO parent VALUES (1, 'p')")
+    worker.drain_once()
+    assert target.stored["parent"] == {1: {"id": 1, "v": "p"}}
+    db.execute(f"ALTER TABLE parent RENAME COLUMN {rename}")
+    db.execute("INSERT INTO parent VALUES (11, 'after')")
+    worker.drain_once()  # no look in between: the claim itself must notice
+    assert not any(op == "delete" for op, _, _ in target.requests), target.requests
+    if rename.startswith("id"):
+        assert "parent" in worker.halted and "pid" in worker.halted["parent"].reason, worker.halted
+        assert outbox_size(db) == 1 and target.stored["parent"] == {1: {"id": 1, "v": "p"}}
+    else:
+        assert target.stored["parent"][11] == {"id": 11, "value": "after"} and outbox_size(db) == 0
+
+
+def test_syncd_reads_a_double_quoted_name_that_is_no_column_as_an_error_not_a_string(tmp_path: Path):
+    """https://sqlite.org/quirks.html#dblquote: by default SQLite reads "id" as the text 'id' when no column has
+    that name; syncd's connection refuses it, so a stale statement fails loudly instead of matching nothing."""
+    path, _ = installed(tmp_path, SCHEMA, {"name": "parent"})
+    conn = sqlite_connect(path)
+    with pytest.raises(apsw.SQLError, match="no such column"):
+        conn.execute('SELECT * FROM parent WHERE "nope" = 1').fetchall()
+
+
+def test_triggers_are_not_healed_for_a_schema_that_moved_since_it_was_examined(tmp_path: Path):
+    """A trigger written for a schema the app has changed since (a column renamed meanwhile) would fail the app's
+    own writes: reinstall refuses, nothing written, when the schema cookie is not the one examined."""
+    path, _ = installed(tmp_path, SCHEMA, {"name": "parent"})
+    conn = sqlite_connect(path)
+    health = capture.examine(conn, TableConfig(name="parent"), capture.existing_triggers(conn))
+    assert health.plan is not None
+    examined_at = schema_version(conn)
+    app(path).execute("ALTER TABLE parent ADD COLUMN w")
+    triggers = capture.existing_triggers(conn)
+    with pytest.raises(SchemaMoved):
+        capture.reinstall(conn, [health.plan], "test", examined_at)
+    assert capture.existing_triggers(conn) == triggers
 
 
 def metric(worker: Worker, name: str, **labels: str) -> float:
