@@ -132,15 +132,17 @@ class Flush:
         conn = self.source.conn
         version = value_of(conn, "PRAGMA main.data_version")
         now = time.monotonic()
-        if version != self.app_version:
+        if self.app_version is None:  # the first look: a value to compare with, not a commit seen
+            self.app_version = version
+        elif version != self.app_version:
             self.app_version, self.app_committed_at = version, now
         if now - self.app_committed_at >= APP_IDLE_AFTER:
             return
         deadline = now + GAP_WAIT
         while time.monotonic() < deadline:
             time.sleep(GAP_POLL)
-            if value_of(conn, "PRAGMA main.data_version") != version:
-                self.app_version, self.app_committed_at = None, time.monotonic()
+            if (seen := value_of(conn, "PRAGMA main.data_version")) != version:
+                self.app_version, self.app_committed_at = seen, time.monotonic()
                 return
 
     def on_the_way_out(self, flush: Callable[[bool], None]) -> None:

@@ -314,3 +314,21 @@ def test_the_probe_works_in_both_journal_modes(tmp_path: Path, mode: str):
         assert others_in_transaction_probe(path, wal=mode == "wal")
     finally:
         child.communicate("go\n", timeout=10)
+
+
+def test_a_flush_waits_for_a_gap_only_after_an_app_commit_it_has_seen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Issue 21: the first look at PRAGMA data_version is a value to compare with, not a commit of the app's; the
+    first flushes of a start waited 50 ms each in `wait_for_a_gap` with no app running."""
+    path, config = lab(tmp_path)
+    worker = worker_for(path, config)
+    worker.source.configure()
+    sleeps: list[float] = []
+    monkeypatch.setattr("syncd.flush.time.sleep", sleeps.append)
+    worker.flush.wait_for_a_gap()
+    worker.flush.wait_for_a_gap()
+    assert sleeps == [], "waited for an app commit nobody made"
+    writer = sqlite3.connect(path)
+    writer.execute("INSERT INTO parent VALUES (1, 'v')")
+    writer.commit()
+    worker.flush.wait_for_a_gap()  # the app has just committed: it may be about to write again
+    assert sleeps, "an app commit was not seen"
