@@ -403,9 +403,8 @@ def reinstall(conn: apsw.Connection, captures: list[Capture], reason: str,
     `schema_version` is the cookie once the triggers are in."""
     report = InstallReport()
     with immediate(conn):
-        if examined_at is not None and schema_version(conn) != examined_at:
-            raise SchemaMoved(f"the schema changed since it was examined (schema_version {examined_at} -> "
-                              f"{schema_version(conn)})")
+        if examined_at is not None and (now := schema_version(conn)) != examined_at:
+            raise SchemaMoved(f"the schema changed since it was examined (schema_version {examined_at} -> {now})")
         current = existing_triggers(conn)
         for capture in captures:
             install_capture(conn, capture, current, report, reason)
