@@ -734,16 +734,23 @@ def flush(conn: apsw.Connection, *, wait: bool = False, quiet: Callable[[], bool
         finally:
             conn.set_busy_timeout(BUSY_TIMEOUT_MS)
     try:
-        chosen = "(SELECT seq FROM st.acked ORDER BY seq LIMIT ?)"
-        matched = (f"FROM st.acked a JOIN main._syncd_outbox o ON o.seq = a.seq AND o.at = a.at "
-                   f"WHERE a.seq IN {chosen}")
-        conn.execute("INSERT INTO main._syncd_dead_letter (tbl, key, op, enqueued_at, failed_at, status, code, "
-                     f"message) SELECT o.tbl, o.key, o.op, a.since, a.failed_at, a.status, a.code, a.message {matched} "
-                     "AND a.fate = 'dead' ORDER BY a.seq", (limit,))
-        conn.execute(f"INSERT INTO main._syncd_outbox (tbl, key, op, at) SELECT o.tbl, o.key, o.op, a.since {matched} "
-                     "AND a.fate = 'requeue' ORDER BY a.seq", (limit,))
-        conn.execute(f"DELETE FROM main._syncd_outbox WHERE seq IN (SELECT o.seq {matched})", (limit,))
-        conn.execute(f"DELETE FROM st.acked WHERE seq IN {chosen}", (limit,))
+        # The chunk: every acked entry up to seq `upto`. Each statement reads that range, and the dead letters and
+        # requeues through their own index, so that the app's write lock is held ~1 ms per 2,000 entries, not 4.
+        last, apart = cast(tuple[int | None, int], conn.execute(
+            "SELECT max(seq), count(*) FILTER (WHERE fate IN ('dead', 'requeue')) FROM (SELECT seq, fate "
+            "FROM st.acked ORDER BY seq LIMIT ?)", (limit,)).fetchone())
+        upto = -1 if last is None else last
+        if apart:
+            matched = ("FROM st.acked a JOIN main._syncd_outbox o ON o.seq = a.seq AND o.at = a.at "
+                       "WHERE a.fate = ? AND a.seq <= ? ORDER BY a.seq")
+            conn.execute("INSERT INTO main._syncd_dead_letter (tbl, key, op, enqueued_at, failed_at, status, code, "
+                         f"message) SELECT o.tbl, o.key, o.op, a.since, a.failed_at, a.status, a.code, a.message "
+                         f"{matched}", ("dead", upto))
+            conn.execute(f"INSERT INTO main._syncd_outbox (tbl, key, op, at) SELECT o.tbl, o.key, o.op, a.since "
+                         f"{matched}", ("requeue", upto))
+        conn.execute("DELETE FROM main._syncd_outbox AS o WHERE o.seq <= ? AND EXISTS (SELECT 1 FROM st.acked a "
+                     "WHERE a.seq = o.seq AND a.at = o.at)", (upto,))
+        conn.execute("DELETE FROM st.acked WHERE seq <= ?", (upto,))
         applied = conn.changes()
         advance_position(conn)
         if not quiet():

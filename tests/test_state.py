@@ -204,6 +204,52 @@ def test_dead_letters_and_requeues_reach_the_apps_file_at_the_flush(tmp_path: Pa
     assert outbox.dead_letters_by_table(conn) == {"child": 1}
 
 
+def outbox_seqs(path: Path) -> list[int]:
+    return [row[0] for row in app(path).execute("SELECT seq FROM _syncd_outbox ORDER BY seq")]
+
+
+def test_a_flush_deletes_the_acked_entries_of_its_range_and_nothing_else(tmp_path: Path):
+    """A flush applies the first `limit` acked entries as a range of seqs: the entries inside that range that were not
+    acknowledged (a key still in flight, a batch only half acknowledged) stay, and so does an entry whose seq an
+    acknowledgement names with another time (a seq handed out again): it is only forgotten."""
+    path, _ = lab(tmp_path)
+    app(path).executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(1, 11)])
+    conn = connect(path)
+    claimed = outbox.claim(conn, 100, {"parent": ["id"]})
+    shipped = [c for c in claimed.changes if c.entries[0].seq % 2]  # half of the batch acknowledged: seqs 1, 3, .. 9
+    outbox.acknowledge(conn, shipped, [])
+    with state.writing(conn):  # an acknowledgement of seq 11 made before that seq was handed out to this entry
+        conn.execute("INSERT INTO st.acked (seq, at, fate) VALUES (11, 0.5, 'shipped')")
+    app(path).execute("INSERT INTO parent VALUES (11, 'v')")
+    assert outbox.flush(conn, limit=3) == 3
+    assert outbox_seqs(path) == [2, 4, 6, 7, 8, 9, 10, 11]
+    assert outbox.unflushed(conn) == 3
+    assert outbox.flush(conn) == 3
+    assert outbox_seqs(path) == [2, 4, 6, 8, 10, 11] and outbox.unflushed(conn) == 0
+    assert outbox.pending_total(conn) == 6  # the unacknowledged half and entry 11 ship next
+
+
+def test_an_interrupted_flush_writes_nothing_in_either_file_and_the_next_one_does_it_all(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    path, _ = lab(tmp_path)
+    app(path).executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(1, 6)])
+    conn = connect(path)
+    outbox.acknowledge(conn, outbox.claim(conn, 100, {"parent": ["id"]}).changes, [])
+    position = outbox.file_position(conn)
+    assert outbox.flush(conn, quiet=lambda: False) is None  # an app transaction began: rolled back before the commit
+
+    def fail(conn: apsw.Connection) -> None:
+        raise outbox.Discontinuity("the file was restored")
+
+    monkeypatch.setattr(outbox, "advance_position", fail)
+    with pytest.raises(outbox.Discontinuity):
+        outbox.flush(conn)
+    assert outbox_seqs(path) == [1, 2, 3, 4, 5] and outbox.unflushed(conn) == 5
+    assert outbox.file_position(conn) == position and not conn.in_transaction
+    monkeypatch.undo()
+    assert outbox.flush(conn) == 5 and outbox_seqs(path) == [] and outbox.unflushed(conn) == 0
+
+
 # -- nothing lost -----------------------------------------------------------------------------------------
 
 
