@@ -522,11 +522,13 @@ class Change:
 @dataclass
 class Claim:
     """What one claim read: the changes to ship, and the seqs it passed over because their key was in flight
-    (they are claimed again later); `last_seq` the highest seq it read (0 when none)."""
+    (they are claimed again later); `last_seq` the highest seq it read (0 when none); `vanished` the seqs it was
+    asked to read again (`retry`) that it did not find to claim: settled, flushed, or of a table not shipping now."""
 
     changes: list[Change] = field(default_factory=list)
     passed_over: list[int] = field(default_factory=list)
     last_seq: int = 0
+    vanished: list[int] = field(default_factory=list)
 
 
 Renderer = Callable[[Sequence[str]], "tuple[str, str] | None"]  # a table's columns -> its rows' JSON in SQL
@@ -534,10 +536,12 @@ Renderer = Callable[[Sequence[str]], "tuple[str, str] | None"]  # a table's colu
 
 def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
           in_flight: Sequence[Change] = (), after: int = 0, renderers: Mapping[str, Renderer] | None = None,
-          planned_at: int | None = None) -> Claim:
-    """The first `limit` outbox entries after seq `after` of the tables in `keys` ({table: key columns}), acked ones
-    left out, grouped by key, with the current row of each key, all read in one transaction so that the rows are
-    the state at one instant.
+          planned_at: int | None = None, retry: Sequence[int] = ()) -> Claim:
+    """The first `limit` outbox entries of the tables in `keys` ({table: key columns}) among those of the seqs
+    `retry` (at most `after`, read first) and those after seq `after`, acked ones left out, grouped by key, with the
+    current row of each key, all read in one transaction so that the rows are the state at one instant. Naming the
+    few seqs below `after` to read again, instead of reading from the lowest, keeps a claim's cost independent of
+    how many entries are in flight (`window.Window.claim_from`).
 
     Entries and keys of `in_flight` (a batch whose request is under way) are left out: the same key is
     never in two requests at once, and its newer entries wait until that request is acknowledged.
@@ -549,17 +553,30 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
     if not keys:
         return Claim()
     tables = list(keys)
-    busy_seqs = json.dumps([e.seq for change in in_flight for e in change.entries])
+    # Entries in flight lie at or below `after`, except after the window's reset (`after` back to 0).
+    busy_seqs = json.dumps([e.seq for change in in_flight for e in change.entries if e.seq > after])
     busy_keys = {(c.table, c.raw_key) for c in in_flight}
+    of_tables = f"tbl IN ({', '.join('?' * len(tables))}) AND {NOT_ACKED}"
     conn.execute("BEGIN")
     try:
         if planned_at is not None and (now := schema_version(conn)) != planned_at:
             raise SchemaMoved(f"the schema changed since the tables were planned (schema_version {planned_at} -> "
                               f"{now})")
-        rows = cast(list[tuple[int, str, bytes, str, float]], conn.execute(
-            f"SELECT seq, tbl, CAST(key AS BLOB), op, at FROM main._syncd_outbox o WHERE seq > ? AND tbl IN "
-            f"({', '.join('?' * len(tables))}) AND seq NOT IN (SELECT value FROM json_each(?)) AND {NOT_ACKED} "
-            "ORDER BY seq LIMIT ?", (after, *tables, busy_seqs, limit)).fetchall())
+        rows: list[tuple[int, str, bytes, str, float]] = []
+        vanished: list[int] = []
+        if retry:
+            rows = cast(list[tuple[int, str, bytes, str, float]], conn.execute(
+                "SELECT seq, tbl, CAST(key AS BLOB), op, at FROM main._syncd_outbox o WHERE seq IN (SELECT value "
+                f"FROM json_each(?)) AND seq <= ? AND {of_tables} ORDER BY seq LIMIT ?",
+                (json.dumps(list(retry)), after, *tables, limit)).fetchall())
+            if len(rows) < limit:
+                found = {row[0] for row in rows}
+                vanished = [seq for seq in retry if seq not in found]
+        if len(rows) < limit:
+            rows += cast(list[tuple[int, str, bytes, str, float]], conn.execute(
+                "SELECT seq, tbl, CAST(key AS BLOB), op, at FROM main._syncd_outbox o WHERE seq > ? AND seq NOT IN "
+                f"(SELECT value FROM json_each(?)) AND {of_tables} ORDER BY seq LIMIT ?",
+                (after, busy_seqs, *tables, limit - len(rows))).fetchall())
         grouped = group_entries(rows)
         changes = [c for c in grouped if (c.table, c.raw_key) not in busy_keys]
         passed_over = [e.seq for c in grouped if (c.table, c.raw_key) in busy_keys for e in c.entries]
@@ -577,7 +594,7 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
                 raise TableUnreadable(table, str(exc)) from None
     finally:
         conn.execute("COMMIT")
-    return Claim(changes, passed_over, rows[-1][0] if rows else 0)
+    return Claim(changes, passed_over, rows[-1][0] if rows else 0, vanished)
 
 
 class TableUnreadable(Exception):

@@ -4,7 +4,9 @@ the next claim starts (DESIGN.md, "The drain loop, as a story").
 What it promises: a key is never in two requests at once (each claim leaves out every key of the batches in
 flight: `in_flight`); a batch holding a table related by a foreign key to a table of a batch in flight waits for
 that batch (`related`), so parents still land before children; an entry claimed and not settled is never passed
-by the claims for good: they start below the lowest open seq (`floor`), so an interrupted batch is claimed again.
+by the claims for good: a claim reads the entries after the highest seq read so far, and names the open ones below
+it that are not in flight (`claim_from`: passed over for a key in flight, of an interrupted or dropped batch), so
+an interrupted batch is claimed again while the cost of a claim does not grow with the window.
 """
 
 from __future__ import annotations
@@ -56,9 +58,11 @@ class Window:
         """The changes of every batch in flight: the next claim leaves their keys out."""
         return [change for shipment, _ in self.batches for change in shipment.changes]
 
-    def floor(self) -> int:
-        """The seq the next claim starts after."""
-        return min(min(self.open_seqs) - 1, self.seen_upto) if self.open_seqs else self.seen_upto
+    def claim_from(self) -> tuple[int, list[int]]:
+        """Where the next claim reads: (the seq after which every entry is new to the claims, the open seqs below it
+        that no batch in flight holds, in order: they are read again)."""
+        held = {e.seq for shipment, _ in self.batches for c in shipment.changes for e in c.entries}
+        return self.seen_upto, sorted(s for s in self.open_seqs if s not in held)
 
     def claimed(self, claimed: Claim, changes: list[Change]) -> Shipment | None:
         """Take a claim in: `changes` are those of `claimed` that ship now (the others are held back by a halt and
@@ -68,6 +72,7 @@ class Window:
             self.open_seqs.difference_update(e.seq for c in claimed.changes if id(c) not in shipping for e in c.entries)
         self.open_seqs.update(e.seq for c in changes for e in c.entries)
         self.open_seqs.update(claimed.passed_over)
+        self.open_seqs.difference_update(claimed.vanished)
         self.seen_upto = max(self.seen_upto, claimed.last_seq)
         return Shipment(changes, sum(len(c.entries) for c in changes)) if changes else None
 

@@ -319,8 +319,9 @@ class Worker:
             self.halts.follow_reconciles(self.keeper.reconciler.pending())
         active = {t: m.key for t, m in self.plan.mappings.items() if t not in self.halts.halted}
         renderers = {t: self.plan.mappings[t].sql_rendering for t in active}
+        after, retry = self.window.claim_from()
         try:
-            claimed = outbox.claim(self.conn, self.shipping.batch_size, active, in_flight, after=self.window.floor(),
+            claimed = outbox.claim(self.conn, self.shipping.batch_size, active, in_flight, after=after, retry=retry,
                                    renderers=renderers, planned_at=self.plan.schema_version)
         except SchemaMoved:  # the app changed its schema since the plan (before the watch saw it): plan again
             self.keeper.prepared = False

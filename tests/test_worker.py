@@ -25,6 +25,7 @@ from syncd.sqlite import SchemaMoved, schema_version
 from syncd.sqlite import connect as sqlite_connect
 from syncd.state import connect
 from syncd.target import TargetError
+from syncd.window import Shipment
 from syncd.worker import Worker
 from tests.test_capture import app, installed
 
@@ -500,6 +501,43 @@ def test_a_claim_beside_a_batch_in_flight_leaves_its_keys_out(tmp_path: Path):
     assert [(c.key, current(c)["v"]) for c in last.changes] == [((1,), "new")]
     worker.finish(worker.deliver(last))
     assert worker.target.stored["parent"][1]["v"] == "new" and outbox_size(db) == 0
+
+
+def test_a_claim_reads_only_new_entries_and_the_ones_it_names_whatever_is_in_flight(tmp_path: Path):
+    """With batches in flight, a claim reads after the highest seq read so far and names only the open entries below
+    it that no batch holds (passed over for a key in flight): its cost does not grow with the window. A passed-over
+    entry ships once its key's batch is acknowledged; an interrupted batch's entries are claimed again."""
+    from concurrent.futures import Future
+
+    worker, db = worker_for(tmp_path, FakeTarget(), batch_size=2)
+    db.executemany("INSERT INTO parent VALUES (?, 'old')", [(i,) for i in range(1, 7)])
+
+    def send(shipment: Shipment) -> None:
+        future: Future[Shipment] = Future()
+        future.set_result(worker.deliver(shipment))
+        worker.window.batches.append((shipment, future))
+
+    for _ in range(3):
+        send(worker.claim(worker.window.in_flight()))
+    assert worker.window.claim_from() == (6, [])  # 3 batches, 6 entries in flight: nothing below 6 is read again
+    db.execute("UPDATE parent SET v = 'new' WHERE id = 1")  # seq 7, its key in flight
+    assert worker.claim(worker.window.in_flight()) is None
+    assert worker.window.claim_from() == (7, [7])
+    worker.finish(worker.window.batches.popleft()[0])
+    again = worker.claim(worker.window.in_flight())
+    assert again is not None and [(c.key, current(c)["v"]) for c in again.changes] == [((1,), "new")]
+    send(again)
+    dropped = worker.window.batches[1][0]  # never acknowledged (a drain left early): its entries stay open
+    del worker.window.batches[1]
+    assert worker.window.claim_from()[1] == [e.seq for c in dropped.changes for e in c.entries]
+    while worker.window.batches:
+        worker.finish(worker.window.batches.popleft()[0])
+    reclaimed = worker.claim()
+    assert reclaimed is not None and sorted(c.key for c in reclaimed.changes) == sorted(c.key for c in dropped.changes)
+    worker.finish(worker.deliver(reclaimed))
+    worker.flush_when_due(final=True)
+    assert worker.claim() is None and outbox_size(db) == 0
+    assert worker.target.stored["parent"][1]["v"] == "new" and sorted(worker.target.stored["parent"]) == [*range(1, 7)]
 
 
 def test_pipelined_drain_ships_everything_including_changes_made_while_in_flight(tmp_path: Path):
