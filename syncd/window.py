@@ -47,6 +47,7 @@ class Window:
         self.seen_upto = 0
         self.claim_seconds = 0.0
         self.shipping_seconds = 0.0
+        self.cap: int | None = None  # what the secondary's answers allow (None: no limit learned)
 
     def begin(self) -> deque[tuple[Shipment, Future[Shipment]]]:
         """A drain starts with no batch in flight (one left early by the last drain, shipped but never acknowledged,
@@ -90,11 +91,22 @@ class Window:
 
     def size(self, max_in_flight: int) -> int:
         """How many batches to keep in flight: enough that claiming the next one takes as long as a batch's requests
-        (a remote secondary's round trip is hidden), no more (each one more shares the CPU), at most
-        `max_in_flight`."""
+        (a remote secondary's round trip is hidden: rate x round trip / batch), no more (each one more shares the
+        CPU), at most `max_in_flight` and what the secondary's answers allow (`overloaded`)."""
         if self.claim_seconds <= 0:
             return 1
-        return max(1, min(max_in_flight, math.ceil(self.shipping_seconds / self.claim_seconds) + 1))
+        wanted = max(1, min(max_in_flight, math.ceil(self.shipping_seconds / self.claim_seconds) + 1))
+        return wanted if self.cap is None else min(wanted, self.cap)
+
+    def overloaded(self, max_in_flight: int) -> None:
+        """The secondary failed a batch as a whole (a 503, a 429, a timeout, a reset): halve the batches in flight
+        (multiplicative decrease, as TCP's congestion window); `recovered` grows them back one by one."""
+        self.cap = max(1, self.size(max_in_flight) // 2)
+
+    def recovered(self, max_in_flight: int) -> None:
+        """A batch was acknowledged whole: one more batch in flight is allowed (additive increase), up to no cap."""
+        if self.cap is not None:
+            self.cap = None if self.cap + 1 >= max_in_flight else self.cap + 1
 
     def related(self, upcoming: Shipment, relatives: dict[str, set[str]]) -> bool:
         """Whether a table of `upcoming` is a foreign-key parent or child of a table in a batch in flight."""

@@ -360,7 +360,9 @@ class Worker:
             lags=[max(0.0, now - entry.at) for change in batch.shipped for entry in change.entries],
             interrupted=shipment.interrupted is not None)
         if shipment.interrupted is not None:
+            self.window.overloaded(self.config.worker.max_in_flight)
             raise shipment.interrupted
+        self.window.recovered(self.config.worker.max_in_flight)
         self.shipping.regrow()
         return DrainResult(shipment.claimed, len(batch.shipped), len(batch.dead), len(batch.requeued),
                            more=shipment.claimed >= self.shipping.batch_size)
