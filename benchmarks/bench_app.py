@@ -9,15 +9,18 @@ file (WAL, synchronous=FULL) at a fixed rate, in three modes:
 - single:    one INSERT OR REPLACE per commit (autocommit).
 Every write is captured by syncd's triggers, so the daemon ships while the app writes. For each mode: the
 transactions that failed and the p99 of a transaction's duration, with no daemon, with `syncd run` shipping,
-and while `syncd run` drains a backlog of changes (default 200,000).
+and while `syncd run` drains a backlog of changes (default 200,000); the daemon phases once per `--nice` value
+(`worker.nice`, the CPU priority of syncd's shipping work: 10 is the default, 0 the app's own), side by side.
 
     python benchmarks/bench_app.py [--seconds 60] [--rate 200] [--backlog 200000] [--modes deferred,immediate,single]
+                                   [--nice 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -86,7 +89,7 @@ def setup(scratch: Path, server: RunningDevServer) -> tuple[Path, Path]:
     conn.commit()
     config = scratch / "syncd.toml"
     config.write_text(f'[source]\npath = "{db}"\n[target]\nurl = "{server.url}"\njwt_secret = "{server.jwt_secret}"\n'
-                      f'[worker]\nmetrics_addr = "127.0.0.1:{free_port()}"\n'
+                      f'[worker]\nmetrics_addr = "127.0.0.1:{free_port()}"\nnice = 10\n'
                       '[[table]]\nname = "acct"\ntarget = "bench_acct"\n'
                       '[[table]]\nname = "item"\ntarget = "bench_items"\n')
     subprocess.run([sys.executable, "-m", "syncd", "install", "--config", str(config)], check=True,
@@ -114,6 +117,12 @@ def daemon(config: Path) -> subprocess.Popen[bytes]:
     return process
 
 
+def drain_all(config: Path) -> None:
+    """What the last phase left ships before the next one starts (each phase starts from an empty outbox)."""
+    subprocess.run([sys.executable, "-m", "syncd", "run", "--once", "--config", str(config)], check=True,
+                   capture_output=True)
+
+
 def outbox_size(db: Path) -> int:
     return sqlite3.connect(db).execute("SELECT count(*) FROM _syncd_outbox").fetchone()[0]
 
@@ -124,7 +133,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--backlog", type=int, default=200_000)
     parser.add_argument("--modes", default="deferred,immediate,single")
+    parser.add_argument("--nice", default="10", help="worker.nice values to run the daemon phases with, e.g. 0,10")
     args = parser.parse_args()
+    nices = [int(n) for n in args.nice.split(",")]
     server = launch(["--port", "0"])
     rows = []
     try:
@@ -132,25 +143,28 @@ def main() -> None:
             db, config = setup(Path(scratch), server)
             for mode in args.modes.split(","):
                 alone = run_app(db, mode, args.rate, args.seconds)
-                running = daemon(config)
-                shipping = run_app(db, mode, args.rate, args.seconds)
-                enqueue_backlog(db, args.backlog)
-                draining = run_app(db, mode, args.rate, args.seconds)
-                left = outbox_size(db)
-                running.terminate()
-                running.wait(30)
-                rows.append((mode, alone, shipping, draining, left))
+                for nice in nices:
+                    config.write_text(re.sub(r"nice = \d+", f"nice = {nice}", config.read_text()))
+                    running = daemon(config)
+                    shipping = run_app(db, mode, args.rate, args.seconds)
+                    enqueue_backlog(db, args.backlog)
+                    draining = run_app(db, mode, args.rate, args.seconds)
+                    left = outbox_size(db)
+                    running.terminate()
+                    running.wait(30)
+                    drain_all(config)
+                    rows.append((f"{mode} n{nice}", alone, shipping, draining, left))
     finally:
         server.stop()
     print(f"app transactions at {args.rate:.0f}/s for {args.seconds:.0f} s each, a separate process; backlog "
           f"{args.backlog:,} changes")
-    print(f"{'mode':10} {'':12} {'failed':>8} {'of':>8} {'per 10k':>8} {'p99 ms':>8} {'p99 ratio':>10}")
+    print(f"{'mode':14} {'':12} {'failed':>8} {'of':>8} {'per 10k':>8} {'p99 ms':>8} {'p99 ratio':>10}")
     for mode, alone, shipping, draining, left in rows:
         for label, result in (("no daemon", alone), ("shipping", shipping), ("draining", draining)):
             total = result["ok"] + result["failed"]
-            print(f"{mode:10} {label:12} {result['failed']:8.0f} {total:8.0f} {result['failed'] / total * 1e4:8.1f} "
+            print(f"{mode:14} {label:12} {result['failed']:8.0f} {total:8.0f} {result['failed'] / total * 1e4:8.1f} "
                   f"{result['p99_ms']:8.2f} {result['p99_ms'] / alone['p99_ms']:10.2f}")
-        print(f"{mode:10} (outbox entries left when the drain phase ended: {left:,})")
+        print(f"{mode:14} (outbox entries left when the drain phase ended: {left:,})")
 
 
 if __name__ == "__main__":

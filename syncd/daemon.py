@@ -31,6 +31,7 @@ from syncd.config import Config, ConfigError
 from syncd.logs import get_logger
 from syncd.metrics import Metrics, serve
 from syncd.observer import Observer
+from syncd.priority import AppPriority, lower_priority
 from syncd.reconcile import Reconciler
 from syncd.source import Source
 from syncd.sqlite import BUSY_TIMEOUT_MS
@@ -87,6 +88,8 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
     worker = Worker(source, config, target_for(config), observer,
                     reload=None if reload is None else lambda: (settings := reload(), target_for(settings)))
     worker.settings.requested = reload_requested
+    app_priority = AppPriority()  # here, on the main thread: the flush keeps the priority syncd was started with
+    worker.at_app_priority = app_priority.run
 
     def current_settings() -> tuple[Config, PostgrestTarget]:
         """The worker's configuration and target as a SIGHUP left them (what a reconcile runs with)."""
@@ -119,6 +122,7 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
     stop.set()
     waker.stop()
     server.shutdown()
+    app_priority.close()
     current_settings()[1].close()
     code = outcome[0] if outcome else 0
     if code == 0 and once and worker.halted:
@@ -132,6 +136,7 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
 def drive(worker: Worker, stop: threading.Event, waker: Waker, once: bool, outcome: list[int]) -> None:
     """The worker thread: run the loop; record the exit code of an end nobody asked for, and stop the process."""
     try:
+        worker.observer.yielding_cpu("worker", *lower_priority(worker.config.worker.nice))
         worker.run(stop, waker.wait, once)
         outcome.append(0)
     except SourceGone as exc:

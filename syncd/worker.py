@@ -46,7 +46,8 @@ from syncd.window import Shipment, Window
 
 __all__ = ["RESTART_KEYS", "DrainResult", "SourceGone", "WaitFn", "Worker", "wait_on"]
 
-RESTART_KEYS = frozenset({"source.path", "worker.metrics_addr"})  # what a SIGHUP cannot change in a running daemon
+# What a SIGHUP cannot change in a running daemon (a thread may lower its own priority, never raise it again).
+RESTART_KEYS = frozenset({"source.path", "worker.metrics_addr", "worker.nice"})
 
 
 @dataclass
@@ -100,6 +101,8 @@ class Worker:
         self.watch = SourceWatch(source, observer, self.settings)
         self.timers = Timers(self.plan, self.settings, observer)
         self.holding = False  # this daemon held the lease at its last look
+        # How work that holds the app's write lock runs (the daemon's: on a thread at the app's CPU priority).
+        self.at_app_priority: Callable[[Callable[[], str | None]], str | None] = lambda work: work()
 
     def tables_resumed(self) -> None:
         """Changes held back may ship again: claims start from the first seq, and reconciles in backoff are tried
@@ -372,7 +375,7 @@ class Worker:
         the one those entries were claimed from."""
         if self.keeper.replaced:
             return
-        if (reason := self.flush.when_due(final=final)) is not None:
+        if (reason := self.at_app_priority(lambda: self.flush.when_due(final=final))) is not None:
             self.keeper.discontinued(reason)
 
     def probe_when_idle(self) -> None:

@@ -1,0 +1,122 @@
+"""syncd's shipping work runs below the app's CPU priority (`worker.nice`, `syncd.priority`): the worker thread and
+the threads it starts, never the main thread that answers /healthz; never raised back; a refusal is said, not
+fatal. The effect on the app is measured in benchmarks/bench_app.py (README, Performance)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from syncd import priority
+from tests.e2e import App, poll, wait_converged, write_mixed_workload
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread nice values are Linux's")
+
+
+def in_thread(work):  # type: ignore[no-untyped-def]
+    """What `work()` returns when run on a new thread."""
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(work()))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def test_a_thread_lowers_its_own_priority_and_its_children_inherit_it() -> None:
+    base = priority.niceness()
+    wanted = min(19, base + 5)
+
+    def lower_then_start_one() -> tuple[tuple[int, str | None], int]:
+        lowered = priority.lower_priority(wanted)
+        return lowered, in_thread(priority.niceness)
+
+    lowered, child = in_thread(lower_then_start_one)
+    assert lowered == (wanted, None)
+    assert child == wanted  # the threads that ship a batch are started by the worker thread
+    assert priority.niceness() == base  # the caller's (the main thread's) is its own
+
+
+def test_it_never_raises_a_priority_it_lowered() -> None:
+    def lower_twice() -> tuple[tuple[int, str | None], tuple[int, str | None]]:
+        return priority.lower_priority(min(19, priority.niceness() + 4)), priority.lower_priority(0)
+
+    first, second = in_thread(lower_twice)
+    assert first[1] is None and second == (first[0], None)
+
+
+def test_a_refusal_is_reported_and_shipping_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(which: int, who: int, value: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    base = priority.niceness()
+    if base >= 19:
+        pytest.skip("this test process already runs at the lowest priority")
+    assert in_thread(lambda: priority.lower_priority(19)) == (base, "Operation not permitted (setpriority)")
+
+
+def test_work_that_holds_the_apps_lock_runs_at_the_priority_it_was_set_up_at() -> None:
+    """The flush: a lowered worker preempted while it holds the app's write lock would keep the app waiting."""
+    base = priority.niceness()
+    app_priority = priority.AppPriority()
+    try:
+        def lower_then_flush() -> tuple[int, int]:
+            priority.lower_priority(min(19, base + 5))
+            return priority.niceness(), app_priority.run(priority.niceness)
+
+        lowered, flushing = in_thread(lower_then_flush)
+        assert (lowered, flushing) == (min(19, base + 5), base)
+        with pytest.raises(ZeroDivisionError):  # what the work raises reaches the caller
+            app_priority.run(lambda: 1 // 0)
+    finally:
+        app_priority.close()
+
+
+def task_nice_values(pid: int) -> dict[int, int]:
+    """{thread id: nice value} of every thread of process `pid` (proc(5): /proc/PID/task/TID/stat, field 19)."""
+    values = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        values[int(task.name)] = int(fields[16])  # field 19 counted from 1, the first two (pid, comm) cut off
+    return values
+
+
+def test_the_daemon_ships_at_a_lower_priority_and_answers_at_its_own(app: App, pg: psycopg.Connection) -> None:
+    """By default (worker.nice = 10) the worker and shipping threads run at nice 10, the main thread (signals,
+    /healthz, /metrics) at the priority it was started with; the rows converge as ever."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    daemon = app.start()
+    try:
+        write_mixed_workload(app.connect(), 1, 200, random.Random(21))
+        wait_converged(app, pg)
+        assert poll(f"http://{app.metrics}/healthz", lambda r: r.status_code == 200).status_code == 200
+        values = task_nice_values(daemon.pid)
+        assert values[daemon.pid] == base  # the main thread
+        lowered = [tid for tid, nice in values.items() if nice == max(base, 10)]
+        assert len(lowered) >= 2, values  # the worker thread and at least one thread shipping its batches
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        stderr = daemon.communicate(timeout=30)[1]
+    assert daemon.returncode == 0
+    assert '"nice": 10' in stderr or base >= 10
+
+
+def test_nice_0_leaves_the_priority_as_it_is(app: App, pg: psycopg.Connection) -> None:
+    app.config.write_text(app.config.read_text().replace("[worker]\n", "[worker]\nnice = 0\n", 1))
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    daemon = app.start()
+    try:
+        write_mixed_workload(app.connect(), 1, 50, random.Random(22))
+        wait_converged(app, pg)
+        assert httpx.get(f"http://{app.metrics}/healthz").status_code == 200
+        assert set(task_nice_values(daemon.pid).values()) == {base}
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.communicate(timeout=30)
