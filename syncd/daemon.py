@@ -99,7 +99,8 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
         return worker.config, target
 
     worker.keeper.reconciler = reconciler = Reconciler(config.source.path, current_settings, observer)
-    waker.start()
+    if not once:  # --once never sleeps between drains: nothing to wake
+        waker.start()
     log.info("syncd started", database=str(config.source.path), target=config.target.url,
              tables=[t.name for t in config.tables], metrics=config.worker.metrics_addr, once=once)
     if config.target.in_clear:

@@ -11,39 +11,54 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import apsw
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
 
 from syncd.source import Source
+
+if TYPE_CHECKING:
+    from watchdog.events import FileSystemEvent
+    from watchdog.observers.api import BaseObserver
 
 DATA_VERSION_EVERY = 0.025
 
 
-class Waker(FileSystemEventHandler):
+class Waker:
     """Wakes the drain loop when the database changes; `wait` is the loop's WaitFn. It reads `PRAGMA data_version`
     on the source's own connection (SQLite changes it only for commits of other connections), the new one after
-    the file was replaced; a rename onto the file (a restore) wakes it too."""
+    the file was replaced; once `start`ed, a file event on it (a rename onto the file: a restore) wakes it too."""
 
     def __init__(self, source: Source, database: Path) -> None:
         self.source = source
         self.event = threading.Event()
         path = database.resolve()
+        self.directory = path.parent
         self.watched = {str(path), f"{path}-wal"}
-        self.observer = Observer()
-        self.observer.schedule(self, str(path.parent), recursive=False)
-        self.observer.daemon = True
+        self.observer: BaseObserver | None = None
         self.data_version: int | None = None
 
     def start(self) -> None:
-        """Start watching the database file's directory (on watchdog's thread)."""
+        """Start watching the database file's directory (on watchdog's thread; imported here: `syncd run --once`
+        never waits, and starts without it)."""
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        waker = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                waker.on_any_event(event)
+
+        self.observer = Observer()
+        self.observer.schedule(Handler(), str(self.directory), recursive=False)
+        self.observer.daemon = True
         self.observer.start()
 
     def stop(self) -> None:
-        """Stop watching."""
-        self.observer.stop()
+        """Stop watching (nothing to do when it never started)."""
+        if self.observer is not None:
+            self.observer.stop()
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         """A file event (on watchdog's thread): wake the loop when it concerns the database file or its -wal."""
