@@ -1,7 +1,7 @@
 """How long a flush holds the application's write lock, measured side by side in one run.
 
-syncd writes the app's file only to flush: the acknowledged entries deleted from `_syncd_outbox` in chunks of
-2,000 (`outbox.FLUSH_CHUNK`), each one transaction. Every millisecond of it is a window in which an app transaction
+syncd writes the app's file only to flush: the acknowledged entries deleted from `_syncd_outbox` in chunks
+(`outbox.FLUSH_CHUNK`), each one transaction. Every millisecond of it is a window in which an app transaction
 that has read but not written yet fails at its write (SQLITE_BUSY_SNAPSHOT, https://sqlite.org/wal.html#busy) and
 in which the app's writers wait. Measured: the median time from BEGIN IMMEDIATE to the end of COMMIT of
 `outbox.flush` over a backlog of acknowledged entries, beside the floor of any outbox, a bare

@@ -33,6 +33,7 @@ FLUSH_REFUSAL_REPORT_EVERY = 30.0  # seconds between two warnings while the app'
 FORCE_SEARCH = 0.25  # seconds a due flush still looks for a moment no app transaction is open before it goes ahead
 FLUSH_RETRY = 0.01  # seconds between looks for a moment when no other connection is inside a transaction
 GAP_WAIT = 0.05  # seconds a due flush waits for the app's next commit (right after it, the app is between two)
+GAP_BUDGET = 0.001  # seconds after the app's commit during which further chunks follow without a new wait
 GAP_POLL = 0.0002  # seconds between looks at PRAGMA data_version meanwhile
 APP_IDLE_AFTER = 0.25  # seconds without an app commit after which the app counts as idle
 
@@ -56,6 +57,7 @@ class Flush:
         self.requeued_keys = 0  # keys requeued (a foreign key refused them) by the last flushes
         self.app_version: int | None = None  # PRAGMA data_version when last read: it changes when the app commits
         self.app_committed_at = 0.0  # monotonic seconds when an app commit was last seen
+        self.gap_began: float | None = None  # when an app commit was seen the moment it happened (while waiting)
 
     def acknowledged(self, entries: int, requeued: int) -> None:
         """`entries` entries were acknowledged (`requeued` keys of them requeued); start the clock of the oldest
@@ -127,22 +129,29 @@ class Flush:
 
     def wait_for_a_gap(self) -> None:
         """While the app is writing, wait (up to GAP_WAIT seconds) for the moment right after it commits: it is then
-        between two transactions, where a commit of ours cannot catch one of them between its read and its write.
-        An app that has committed nothing for APP_IDLE_AFTER seconds is idle: no wait."""
+        between two transactions, where a transaction of ours cannot catch one of them between its read and its
+        write (a deferred transaction that has read fails at once when it tries to write while another connection
+        holds the write lock or has committed since its read: the busy handler is not called, as waiting could
+        deadlock; https://sqlite.org/lang_transaction.html, https://sqlite.org/c3ref/busy_handler.html). The chunks that
+        follow within GAP_BUDGET seconds of that commit need no new wait. An app that has committed nothing for
+        APP_IDLE_AFTER seconds is idle: no wait."""
         conn = self.source.conn
         version = value_of(conn, "PRAGMA main.data_version")
         now = time.monotonic()
         if self.app_version is None:  # the first look: a value to compare with, not a commit seen
             self.app_version = version
-        elif version != self.app_version:
-            self.app_version, self.app_committed_at = version, now
+        elif version != self.app_version:  # a commit made since the last look, at a moment not known
+            self.app_version, self.app_committed_at, self.gap_began = version, now, None
         if now - self.app_committed_at >= APP_IDLE_AFTER:
             return
+        if self.gap_began is not None and now - self.gap_began < GAP_BUDGET:
+            return  # still right after the commit this gap began with
         deadline = now + GAP_WAIT
         while time.monotonic() < deadline:
             time.sleep(GAP_POLL)
             if (seen := value_of(conn, "PRAGMA main.data_version")) != version:
-                self.app_version, self.app_committed_at = seen, time.monotonic()
+                self.app_version = seen
+                self.app_committed_at = self.gap_began = time.monotonic()
                 return
 
     def on_the_way_out(self, flush: Callable[[bool], None]) -> None:

@@ -362,6 +362,35 @@ def test_the_probe_works_in_both_journal_modes(tmp_path: Path, mode: str):
         child.communicate("go\n", timeout=10)
 
 
+def test_chunks_right_after_an_app_commit_follow_it_without_a_new_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A gap seen as it began (the app's commit seen within GAP_POLL) serves the chunks of the next GAP_BUDGET
+    seconds; after that, and after a commit seen late, a chunk waits for the next commit again."""
+    from syncd import flush
+
+    path, config = lab(tmp_path)
+    worker = worker_for(path, config)
+    worker.source.configure()
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    worker.flush.wait_for_a_gap()  # the first look: a value to compare with
+    writer.execute("INSERT INTO parent VALUES (1, 'v')")  # the app is writing
+    later = threading.Timer(0.01, lambda: writer.execute("INSERT INTO parent VALUES (2, 'v')"))
+    later.start()
+    worker.flush.wait_for_a_gap()  # seen late: waits for the next commit, seen as it happens
+    later.join()
+    assert worker.flush.gap_began is not None
+    sleeps: list[float] = []
+    real_sleep, real_clock, offset = time.sleep, time.monotonic, [0.0]
+    monkeypatch.setattr("syncd.flush.time.sleep", lambda s: (sleeps.append(s), real_sleep(s)))
+    monkeypatch.setattr("syncd.flush.time.monotonic", lambda: real_clock() + offset[0])
+    began = worker.flush.gap_began
+    offset[0] = began - real_clock()  # the clock as right after the commit, however long this test took to get here
+    worker.flush.wait_for_a_gap()
+    assert sleeps == [], "a chunk right after the commit waited again"
+    offset[0] = began + 2 * flush.GAP_BUDGET - real_clock()
+    worker.flush.wait_for_a_gap()
+    assert sleeps, "a chunk long after the commit did not wait for the next one"
+
+
 def test_a_flush_waits_for_a_gap_only_after_an_app_commit_it_has_seen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Issue 21: the first look at PRAGMA data_version is a value to compare with, not a commit of the app's; the
     first flushes of a start waited 50 ms each in `wait_for_a_gap` with no app running."""
