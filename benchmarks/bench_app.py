@@ -10,16 +10,19 @@ file (WAL, synchronous=FULL) at a fixed rate, in three modes:
 Every write is captured by syncd's triggers, so the daemon ships while the app writes. For each mode: the
 transactions that failed and the p99 of a transaction's duration, with no daemon, with `syncd run` shipping,
 and while `syncd run` drains a backlog of changes (default 200,000); the daemon phases once per `--nice` value
-(`worker.nice`, the CPU priority of syncd's shipping work: 10 is the default, 0 the app's own), side by side.
+(`worker.nice`, the CPU priority of syncd's shipping work: 10 is the default, 0 the app's own), side by side;
+`--server-nice 19` takes the dev server and its PostgreSQL out of the competition for the CPU (a secondary on
+another machine, as in production), leaving the app and syncd.
 
     python benchmarks/bench_app.py [--seconds 60] [--rate 200] [--backlog 200000] [--modes deferred,immediate,single]
-                                   [--nice 10]
+                                   [--nice 10] [--server-nice 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -134,9 +137,12 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=200_000)
     parser.add_argument("--modes", default="deferred,immediate,single")
     parser.add_argument("--nice", default="10", help="worker.nice values to run the daemon phases with, e.g. 0,10")
+    parser.add_argument("--server-nice", type=int, default=0,
+                        help="run the dev server and its PostgreSQL at this nice value: 19 leaves the app and syncd "
+                             "competing for the CPU as if the secondary were on another machine")
     args = parser.parse_args()
     nices = [int(n) for n in args.nice.split(",")]
-    server = launch(["--port", "0"])
+    server = launch(["--port", "0"], preexec_fn=lambda: os.nice(args.server_nice))
     rows = []
     try:
         with tempfile.TemporaryDirectory() as scratch:

@@ -31,7 +31,7 @@ from syncd.config import Config, ConfigError
 from syncd.logs import get_logger
 from syncd.metrics import Metrics, serve
 from syncd.observer import Observer
-from syncd.priority import AppPriority, lower_priority
+from syncd.priority import lower_priority
 from syncd.reconcile import Reconciler
 from syncd.source import Source
 from syncd.sqlite import BUSY_TIMEOUT_MS
@@ -51,6 +51,7 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
     module docstring). `reload` reads the configuration again (SIGHUP). Raises ConfigError, CaptureError or
     DatabaseNotFound before anything starts."""
     logs.configure(log_format)
+    priority = lower_priority(config.worker.nice)  # before any thread starts: every thread inherits it
     log = get_logger()
     token_source(config)  # no credential: refused before anything starts
     source = Source(config.source.path)
@@ -60,6 +61,7 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
     metrics = Metrics()
     metrics.health.alive_within = max(60.0, 5 * config.worker.poll_interval)
     observer = Observer(metrics, log)
+    observer.yielding_cpu(config.worker.nice, *priority)
     try:
         server = serve(metrics, config.worker.metrics_addr)
     except OSError as exc:
@@ -88,8 +90,6 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
     worker = Worker(source, config, target_for(config), observer,
                     reload=None if reload is None else lambda: (settings := reload(), target_for(settings)))
     worker.settings.requested = reload_requested
-    app_priority = AppPriority()  # here, on the main thread: the flush keeps the priority syncd was started with
-    worker.at_app_priority = app_priority.run
 
     def current_settings() -> tuple[Config, PostgrestTarget]:
         """The worker's configuration and target as a SIGHUP left them (what a reconcile runs with)."""
@@ -123,7 +123,6 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
     stop.set()
     waker.stop()
     server.shutdown()
-    app_priority.close()
     current_settings()[1].close()
     code = outcome[0] if outcome else 0
     if code == 0 and once and worker.halted:
@@ -137,7 +136,6 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
 def drive(worker: Worker, stop: threading.Event, waker: Waker, once: bool, outcome: list[int]) -> None:
     """The worker thread: run the loop; record the exit code of an end nobody asked for, and stop the process."""
     try:
-        worker.observer.yielding_cpu("worker", *lower_priority(worker.config.worker.nice))
         worker.run(stop, waker.wait, once)
         outcome.append(0)
     except SourceGone as exc:

@@ -120,15 +120,15 @@ class Observer:
 
     # -- configuration --------------------------------------------------------------------------------------
 
-    def yielding_cpu(self, thread: str, nice: int, refused: str | None) -> None:
-        """A shipping thread runs at nice value `nice` (`syncd.priority`); `refused`: the system would not lower it."""
+    def yielding_cpu(self, wanted: int, nice: int, refused: str | None) -> None:
+        """The daemon runs at nice value `nice` (`syncd.priority`; `wanted` is worker.nice); `refused`: the system
+        would not lower it."""
         if refused is None:
-            self.log.info("shipping at a lower CPU priority than the app's (worker.nice)", thread=thread, nice=nice)
+            self.log.info("running at a lower CPU priority than the app's (worker.nice)", nice=nice)
         else:
-            self.log.warning("the system refused to lower syncd's CPU priority: it ships at the app's, and a catch-up "
-                             "competes with the app's commits for the CPU; run the container or unit with a nice "
-                             "value instead (nice -n 10, or Nice=10 in systemd)", thread=thread, nice=nice,
-                             problem=refused)
+            self.log.warning("the system refused to lower syncd's CPU priority: it runs at the app's, and a catch-up "
+                             "competes with the app for the CPU; start syncd with a nice value instead (nice -n 10, "
+                             "or Nice=10 in a systemd unit)", nice=nice, wanted=wanted, problem=refused)
 
     def reloaded(self, changed: Sequence[str], restart_needed: Sequence[str]) -> None:
         """SIGHUP: the configuration and secrets were read again; `changed` names the keys that differ (never

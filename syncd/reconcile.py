@@ -22,7 +22,6 @@ import apsw
 from syncd import backoff, capture, source, sqlite, verify
 from syncd.config import Config
 from syncd.observer import Observer
-from syncd.priority import lower_priority
 from syncd.target import PostgrestTarget, TargetError
 
 __all__ = ["Reconciler"]
@@ -91,10 +90,6 @@ class Reconciler:
         return thread
 
     def serve(self, stop: threading.Event) -> None:
-        """The reconcile thread: shipping work, so at the worker's lower CPU priority (`syncd.priority`)."""
-        nice, refused = lower_priority(self.settings()[0].worker.nice)
-        if refused is not None:
-            self.observer.yielding_cpu("reconcile", nice, refused)
         while not stop.is_set():
             if not self.run_next():
                 self.wake.wait(1.0)

@@ -101,8 +101,6 @@ class Worker:
         self.watch = SourceWatch(source, observer, self.settings)
         self.timers = Timers(self.plan, self.settings, observer)
         self.holding = False  # this daemon held the lease at its last look
-        # How work that holds the app's write lock runs (the daemon's: on a thread at the app's CPU priority).
-        self.at_app_priority: Callable[[Callable[[], str | None]], str | None] = lambda work: work()
 
     def tables_resumed(self) -> None:
         """Changes held back may ship again: claims start from the first seq, and reconciles in backoff are tried
@@ -375,7 +373,7 @@ class Worker:
         the one those entries were claimed from."""
         if self.keeper.replaced:
             return
-        if (reason := self.at_app_priority(lambda: self.flush.when_due(final=final))) is not None:
+        if (reason := self.flush.when_due(final=final)) is not None:
             self.keeper.discontinued(reason)
 
     def probe_when_idle(self) -> None:
