@@ -60,13 +60,15 @@ the error. `open_target` builds the client and its token source from the configu
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC
 from decimal import Decimal
-from typing import Literal
+from typing import Literal, cast
 from urllib.parse import quote, unquote
 
 import httpx
@@ -427,8 +429,20 @@ class PostgrestTarget:
         self._tokens = tokens
         self._apikey = apikey
         self.timeout = timeout
-        self._client = httpx.Client(verify=True, timeout=timeout, transport=transport,
-                                    headers={"User-Agent": f"syncd/{__version__}"})
+        self._transport = transport
+        self._client_made = threading.Lock()
+
+    @functools.cached_property
+    def _client(self) -> httpx.Client:
+        """The HTTP client, made at the first request (its TLS context costs ~40 ms of a start that may send none:
+        `run --once` with an empty outbox); TLS certificates are always verified."""
+        with self._client_made:  # two shipping threads' first requests make one client
+            client = cast(httpx.Client | None, self.__dict__.get("_client"))
+            if client is None:
+                client = self.__dict__["_client"] = httpx.Client(
+                    verify=True, timeout=self.timeout, transport=self._transport,
+                    headers={"User-Agent": f"syncd/{__version__}"})
+            return client
 
     def __repr__(self) -> str:
         return f"PostgrestTarget({self.base!r}, schema={self.schema!r})"
@@ -441,7 +455,8 @@ class PostgrestTarget:
 
     def close(self) -> None:
         """Close the HTTP client and its connections."""
-        self._client.close()
+        if "_client" in self.__dict__:
+            self._client.close()
 
     def upsert(self, table: str, key: Sequence[str], rows: Sequence[Mapping[str, object] | str]) -> None:
         """Insert or update `rows` (dicts, or JSON objects' text) by `key` in one statement (all or none); no
