@@ -360,6 +360,12 @@ class FailingWrites(apsw.VFS):
 
 
 def test_an_io_error_on_syncds_writes_is_waited_out_and_loses_nothing(tmp_path: Path):
+    import gc
+
+    # Connections an earlier test left to the garbage collector close now, not in the middle of this test: run right
+    # after test_continuity's two-branches test, one closing mid-test made this test's -shm look replaced (SQLite
+    # knows files by inode, and a replaced file's inode is handed out again).
+    gc.collect()
     path, _config = installed(tmp_path, SCHEMA, {"name": "parent"}, {"name": "child"})
     vfs = FailingWrites()
     conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READWRITE, vfs="failing-writes")
