@@ -463,6 +463,11 @@ def dead_letters_by_table(conn: Reader) -> dict[str, int]:
     return dict(cast(list[tuple[str, int]], rows.fetchall()))
 
 
+def highest_seq(conn: apsw.Connection) -> int:
+    """The highest seq in the app's outbox, 0 when it is empty (SQLite's next one is above it)."""
+    return cast(tuple[int | None], conn.execute("SELECT max(seq) FROM main._syncd_outbox").fetchone())[0] or 0
+
+
 def unflushed(conn: apsw.Connection) -> int:
     """How many acked entries are still in the app's outbox (their deletion is due)."""
     return cast(tuple[int], conn.execute("SELECT count(*) FROM st.acked").fetchone())[0]
@@ -756,10 +761,10 @@ def flush(conn: apsw.Connection, *, wait: bool = False, quiet: Callable[[], bool
     try:
         # The chunk: every acked entry up to seq `upto`. Each statement reads that range, and the dead letters and
         # requeues through their own index: the app's write lock is held 0.65 us per entry, not 1.9.
-        last, apart = cast(tuple[int | None, int], conn.execute(
-            "SELECT max(seq), count(*) FILTER (WHERE fate IN ('dead', 'requeue')) FROM (SELECT seq, fate "
+        first, last, apart = cast(tuple[int | None, int | None, int], conn.execute(
+            "SELECT min(seq), max(seq), count(*) FILTER (WHERE fate IN ('dead', 'requeue')) FROM (SELECT seq, fate "
             "FROM st.acked ORDER BY seq LIMIT ?)", (limit,)).fetchone())
-        upto = -1 if last is None else last
+        first, upto = (0, -1) if first is None or last is None else (first, last)
         if apart:
             matched = ("FROM st.acked a JOIN main._syncd_outbox o ON o.seq = a.seq AND o.at = a.at "
                        "WHERE a.fate = ? AND a.seq <= ? ORDER BY a.seq")
@@ -768,8 +773,9 @@ def flush(conn: apsw.Connection, *, wait: bool = False, quiet: Callable[[], bool
                          f"{matched}", ("dead", upto))
             conn.execute(f"INSERT INTO main._syncd_outbox (tbl, key, op, at) SELECT o.tbl, o.key, o.op, a.since "
                          f"{matched}", ("requeue", upto))
-        conn.execute("DELETE FROM main._syncd_outbox AS o WHERE o.seq <= ? AND EXISTS (SELECT 1 FROM st.acked a "
-                     "WHERE a.seq = o.seq AND a.at = o.at)", (upto,))
+        # From the chunk's first seq: below it may lie a halted table's backlog, never to be read by every chunk.
+        conn.execute("DELETE FROM main._syncd_outbox AS o WHERE o.seq BETWEEN ? AND ? AND EXISTS (SELECT 1 FROM "
+                     "st.acked a WHERE a.seq = o.seq AND a.at = o.at)", (first, upto))
         conn.execute("DELETE FROM st.acked WHERE seq <= ?", (upto,))
         applied = conn.changes()
         advance_position(conn)

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import apsw
 import pytest
@@ -227,6 +228,30 @@ def test_a_flush_deletes_the_acked_entries_of_its_range_and_nothing_else(tmp_pat
     assert outbox.flush(conn) == 3
     assert outbox_seqs(path) == [2, 4, 6, 8, 10, 11] and outbox.unflushed(conn) == 0
     assert outbox.pending_total(conn) == 6  # the unacknowledged half and entry 11 ship next
+
+
+def test_a_flush_never_reads_the_backlog_of_a_halted_table_below_its_range(tmp_path: Path):
+    """A halted table's entries wait at the low end of the outbox, maybe for hours: each flush reads from its
+    chunk's first seq, not from the first entry (counted in SQLite's virtual machine steps, not timed)."""
+    path, _ = lab(tmp_path)
+    db = app(path)
+    db.execute("BEGIN")
+    db.executemany("INSERT INTO child VALUES (?, 'waits')", [(i,) for i in range(5000)])  # its table is halted
+    db.execute("COMMIT")
+    db.executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(10)])
+    conn = connect(path)
+    outbox.acknowledge(conn, outbox.claim(conn, 100, {"parent": ["id"]}).changes, [])
+    steps: dict[str, int] = {}
+
+    def count(event: dict[str, object]) -> None:
+        if str(event["sql"]).startswith("DELETE FROM main._syncd_outbox"):
+            steps["delete"] = cast(dict[str, int], event["stmt_status"])["SQLITE_STMTSTATUS_VM_STEP"]
+
+    conn.trace_v2(apsw.SQLITE_TRACE_PROFILE, count)
+    assert outbox.flush(conn) == 10
+    conn.trace_v2(0, None)
+    assert raw_outbox(path) == 5000
+    assert 0 < steps["delete"] < 1000, steps  # reading the 5,000 entries below would take more than 5 steps each
 
 
 def test_an_interrupted_flush_writes_nothing_in_either_file_and_the_next_one_does_it_all(
