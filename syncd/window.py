@@ -89,6 +89,13 @@ class Window:
         self.open_seqs.intersection_update(e.seq for shipment, _ in self.batches for c in shipment.changes
                                            for e in c.entries)
 
+    def flushed(self, highest: int) -> None:
+        """A flush deleted settled entries, the highest seqs maybe among them: SQLite hands out the next seq above the
+        highest left (`highest`, 0 for an empty outbox; https://sqlite.org/autoinc.html), so claims go on from
+        there at the lowest, not from the first seq (which would read again, after every flush, the backlog of a
+        halted table)."""
+        self.seen_upto = min(self.seen_upto, highest)
+
     def size(self, max_in_flight: int) -> int:
         """How many batches to keep in flight: enough that claiming the next one takes as long as a batch's requests
         (a remote secondary's round trip is hidden: rate x round trip / batch), no more (each one more shares the

@@ -8,6 +8,7 @@ import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import apsw
 import pytest
@@ -538,6 +539,37 @@ def test_a_claim_reads_only_new_entries_and_the_ones_it_names_whatever_is_in_fli
     worker.flush_when_due(final=True)
     assert worker.claim() is None and outbox_size(db) == 0
     assert worker.target.stored["parent"][1]["v"] == "new" and sorted(worker.target.stored["parent"]) == [*range(1, 7)]
+
+
+def test_claims_after_a_flush_go_on_above_a_halted_tables_backlog(tmp_path: Path):
+    """After every flush the claims went back to the first seq, and read again the backlog a halted table keeps at
+    the low end of the outbox; they go on above it now (counted in SQLite's virtual machine steps, not timed)."""
+    import threading
+
+    from syncd.halts import Halt
+
+    worker, db = worker_for(tmp_path, FakeTarget())
+    assert worker.claim() is None  # the tables planned
+    worker.halts.halt("child", Halt("config", "halted by this test"))
+    db.execute("BEGIN")
+    db.executemany("INSERT INTO child VALUES (?, NULL, 'waits')", [(i,) for i in range(5000)])
+    db.execute("COMMIT")
+    db.executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(10)])
+    worker.drain(threading.Event())
+    worker.flush_when_due(final=True)
+    db.execute("INSERT INTO parent VALUES (100, 'after the flush')")
+    steps: list[int] = []
+
+    def count(event: dict[str, object]) -> None:
+        if str(event["sql"]).startswith("SELECT seq, tbl"):
+            steps.append(cast(dict[str, int], event["stmt_status"])["SQLITE_STMTSTATUS_VM_STEP"])
+
+    worker.conn.trace_v2(apsw.SQLITE_TRACE_PROFILE, count)
+    again = worker.claim()
+    worker.conn.trace_v2(0, None)
+    assert again is not None and [c.key for c in again.changes] == [(100,)]
+    assert steps and max(steps) < 1000, steps  # reading the 5,000 entries below would take more than 5 steps each
+    assert outbox_size(db) == 5001
 
 
 def test_pipelined_drain_ships_everything_including_changes_made_while_in_flight(tmp_path: Path):
