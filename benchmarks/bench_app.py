@@ -10,12 +10,12 @@ file (WAL, synchronous=FULL) at a fixed rate, in three modes:
 Every write is captured by syncd's triggers, so the daemon ships while the app writes. For each mode: the
 transactions that failed and the p99 of a transaction's duration, with no daemon, with `syncd run` shipping,
 and while `syncd run` drains a backlog of changes (default 200,000); the daemon phases once per `--nice` value
-(`worker.nice`, the CPU priority of syncd's shipping work: 10 is the default, 0 the app's own), side by side;
+(`worker.nice`, the CPU priority of `syncd run`: 0, the default, is the app's own), side by side;
 `--server-nice 19` takes the dev server and its PostgreSQL out of the competition for the CPU (a secondary on
 another machine, as in production), leaving the app and syncd.
 
     python benchmarks/bench_app.py [--seconds 60] [--rate 200] [--backlog 200000] [--modes deferred,immediate,single]
-                                   [--nice 10] [--server-nice 0]
+                                   [--nice 0,10] [--server-nice 0]
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def setup(scratch: Path, server: RunningDevServer) -> tuple[Path, Path]:
     conn.commit()
     config = scratch / "syncd.toml"
     config.write_text(f'[source]\npath = "{db}"\n[target]\nurl = "{server.url}"\njwt_secret = "{server.jwt_secret}"\n'
-                      f'[worker]\nmetrics_addr = "127.0.0.1:{free_port()}"\nnice = 10\n'
+                      f'[worker]\nmetrics_addr = "127.0.0.1:{free_port()}"\nnice = 0\n'
                       '[[table]]\nname = "acct"\ntarget = "bench_acct"\n'
                       '[[table]]\nname = "item"\ntarget = "bench_items"\n')
     subprocess.run([sys.executable, "-m", "syncd", "install", "--config", str(config)], check=True,
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--backlog", type=int, default=200_000)
     parser.add_argument("--modes", default="deferred,immediate,single")
-    parser.add_argument("--nice", default="10", help="worker.nice values to run the daemon phases with, e.g. 0,10")
+    parser.add_argument("--nice", default="0", help="worker.nice values to run the daemon phases with, e.g. 0,10")
     parser.add_argument("--server-nice", type=int, default=0,
                         help="run the dev server and its PostgreSQL at this nice value: 19 leaves the app and syncd "
                              "competing for the CPU as if the secondary were on another machine")

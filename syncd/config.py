@@ -336,8 +336,9 @@ class WorkerConfig(BaseModel):
                                  "secondary, or halt every table until SIGHUP")
     schema_recheck_interval: float = Field(10.0, gt=0, le=3600, description="seconds between reads of the "
                                            "secondary's schema while a table is halted for a schema mismatch")
-    nice: int = Field(10, ge=0, le=19, description="CPU priority of syncd run, as a Unix nice value (0-19): above "
-                                                   "0 the app gets a busy core first; 0 leaves it as started")
+    nice: int = Field(0, ge=0, le=19, description="CPU priority of syncd run, as a Unix nice value (0-19): above 0 "
+                                                  "the app gets a busy core first, but on a loaded machine an app's "
+                                                  "DEFERRED read-then-write transactions may fail; 0 leaves it")
 
     @field_validator("*", mode="before")
     @classmethod

@@ -1,5 +1,6 @@
-"""The CPU priority of syncd: below the application's by default (`worker.nice`), so that syncd's work never takes a
-busy core from the app first.
+"""The CPU priority of syncd (`worker.nice`): below the application's when asked, so that syncd's work never takes a
+busy core from the app first. Not by default: on a loaded machine a flush preempted while it holds the app's write
+lock makes the app's DEFERRED read-then-write transactions fail (README, Performance).
 
 Set once, on the main thread, before `syncd run` starts any other thread: on Linux a nice value belongs to one
 thread and a thread starts with its creator's (sched(7), "The nice value"; setpriority(2), NOTES), so every thread

@@ -1,6 +1,6 @@
-"""syncd runs below the app's CPU priority (`worker.nice`, `syncd.priority`): a thread's nice value is inherited by
-the threads it starts, so it is set on the main thread before any other; never raised back; a refusal is said, not
-fatal. The effect on the app is measured in benchmarks/bench_app.py (README, Performance)."""
+"""syncd runs below the app's CPU priority when asked (`worker.nice`, `syncd.priority`): a thread's nice value is
+inherited by the threads it starts, so it is set on the main thread before any other; never raised back; a refusal
+is said, not fatal. The effect on the app is measured in benchmarks/bench_app.py (README, Performance)."""
 
 from __future__ import annotations
 
@@ -71,10 +71,11 @@ def task_nice_values(pid: int) -> dict[int, int]:
     return values
 
 
-def test_the_whole_daemon_runs_at_a_lower_priority_by_default(app: App, pg: psycopg.Connection) -> None:
-    """By default (worker.nice = 10) every thread of `syncd run` (the main thread, the worker, the threads that ship
-    its batches, the metrics server) runs at nice 10, set before any of them started; the rows converge as ever and
+def test_nice_10_lowers_every_thread_of_the_daemon(app: App, pg: psycopg.Connection) -> None:
+    """With worker.nice = 10 every thread of `syncd run` (the main thread, the worker, the threads that ship its
+    batches, the metrics server) runs at nice 10, set before any of them started; the rows converge as ever and
     /healthz answers."""
+    app.config.write_text(app.config.read_text().replace("[worker]\n", "[worker]\nnice = 10\n", 1))
     base = os.getpriority(os.PRIO_PROCESS, 0)
     daemon = app.start()
     try:
@@ -90,8 +91,9 @@ def test_the_whole_daemon_runs_at_a_lower_priority_by_default(app: App, pg: psyc
     assert '"nice": 10' in stderr or base >= 10
 
 
-def test_nice_0_leaves_the_priority_as_it_is(app: App, pg: psycopg.Connection) -> None:
-    app.config.write_text(app.config.read_text().replace("[worker]\n", "[worker]\nnice = 0\n", 1))
+def test_by_default_the_priority_is_left_as_it_was_started(app: App, pg: psycopg.Connection) -> None:
+    """Not lowered by default: a flush preempted while it holds the app's write lock makes the app's DEFERRED
+    read-then-write transactions fail on a loaded machine (README, Performance)."""
     base = os.getpriority(os.PRIO_PROCESS, 0)
     daemon = app.start()
     try:
