@@ -134,16 +134,19 @@ class Flush:
         holds the write lock or has committed since its read: the busy handler is not called, as waiting could
         deadlock; https://sqlite.org/lang_transaction.html, https://sqlite.org/c3ref/busy_handler.html). The chunks that
         follow within GAP_BUDGET seconds of that commit need no new wait. An app that has committed nothing for
-        APP_IDLE_AFTER seconds is idle: no wait."""
+        APP_IDLE_AFTER seconds is idle: no wait. The first look waits once (a flush at a random moment of an app
+        writing since before syncd started could catch one of its transactions); when no commit comes, the app
+        counts as idle from then on, and the first flushes of a start wait no more."""
         conn = self.source.conn
         version = value_of(conn, "PRAGMA main.data_version")
         now = time.monotonic()
-        if self.app_version is None:  # the first look: a value to compare with, not a commit seen
+        first = self.app_version is None
+        if first:  # the first look: a value to compare with, not a commit seen
             self.app_version = version
         elif version != self.app_version:  # a commit made since the last look, at a moment not known
             self.app_version, self.app_committed_at, self.gap_began = version, now, None
-        if now - self.app_committed_at >= APP_IDLE_AFTER:
-            return
+        if now - self.app_committed_at >= APP_IDLE_AFTER and not first:
+            return  # idle; at the first look whether the app is writing is not known: one wait tells
         if self.gap_began is not None and now - self.gap_began < GAP_BUDGET:
             return  # still right after the commit this gap began with
         deadline = now + GAP_WAIT
