@@ -106,7 +106,7 @@ class Flush:
                     self.refused()
                 return None
             self.refused_since = self.force_flush_at = None
-            self.window.flushed(outbox.highest_seq(self.source.conn))
+            self.window.flushed(applied.highest)
             self.unflushed = 0 if applied < outbox.FLUSH_CHUNK else max(0, self.unflushed - applied)
         self.unflushed_since = self.force_flush_at = None
         if self.source.wal:

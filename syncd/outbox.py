@@ -55,6 +55,7 @@ __all__ = [
     "Claim",
     "DeadLetter",
     "Entry",
+    "Flushed",
     "Pending",
     "acknowledge",
     "claim",
@@ -738,16 +739,28 @@ def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence
             update_table_state(conn, table, last_shipped_at=now)
 
 
+class Flushed(int):
+    """How many acked entries a flush applied (the int itself), and `highest`: the highest seq left in the outbox,
+    read inside the flush's transaction (SQLite hands out the next seq above it: claims need not look below)."""
+
+    highest: int
+
+    def __new__(cls, applied: int, highest: int) -> Flushed:
+        flushed = super().__new__(cls, applied)
+        flushed.highest = highest
+        return flushed
+
+
 def flush(conn: apsw.Connection, *, wait: bool = False, quiet: Callable[[], bool] = lambda: True,
-          limit: int = FLUSH_CHUNK) -> int | None:
+          limit: int = FLUSH_CHUNK) -> Flushed | None:
     """Apply up to `limit` acked entries to the app's file in one short transaction: file the dead letters, append
-    the requeued keys at the tail, delete the entries; then forget them in the state file. How many were applied;
-    None when it did not happen: the app held the write lock (never waited for without `wait`; with it, apsw.BusyError
-    after the busy timeout), or `quiet()` said
-    before the commit that another connection had entered a transaction (committing then could make that
-    transaction's later write fail). Entries whose (seq, at) no longer match an outbox entry (a restored file) are
-    only forgotten. Each flush advances the file's position (`advance_position`); raises Discontinuity, having
-    written nothing, when the file does not carry the position the state file recorded (it was restored)."""
+    the requeued keys at the tail, delete the entries; then forget them in the state file. How many were applied (a
+    `Flushed`, with the highest seq left); None when it did not happen: the app held the write lock (never waited
+    for without `wait`; with it, apsw.BusyError after the busy timeout), or `quiet()` said before the commit that
+    another connection had entered a transaction (committing then could make that transaction's later write fail).
+    Entries whose (seq, at) no longer match an outbox entry (a restored file) are only forgotten. Each flush
+    advances the file's position (`advance_position`); raises Discontinuity, having written nothing, when the file
+    does not carry the position the state file recorded (it was restored)."""
     if wait:
         conn.execute("BEGIN IMMEDIATE")  # raises apsw.BusyError after the busy timeout: the caller reports it
     else:
@@ -777,7 +790,7 @@ def flush(conn: apsw.Connection, *, wait: bool = False, quiet: Callable[[], bool
         conn.execute("DELETE FROM main._syncd_outbox AS o WHERE o.seq BETWEEN ? AND ? AND EXISTS (SELECT 1 FROM "
                      "st.acked a WHERE a.seq = o.seq AND a.at = o.at)", (first, upto))
         conn.execute("DELETE FROM st.acked WHERE seq <= ?", (upto,))
-        applied = conn.changes()
+        applied = Flushed(conn.changes(), highest_seq(conn))  # under the write lock: no app insert comes between
         advance_position(conn)
         if not quiet():
             conn.execute("ROLLBACK")

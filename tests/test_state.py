@@ -254,6 +254,30 @@ def test_a_flush_never_reads_the_backlog_of_a_halted_table_below_its_range(tmp_p
     assert 0 < steps["delete"] < 1000, steps  # reading the 5,000 entries below would take more than 5 steps each
 
 
+def test_a_seq_a_flush_frees_at_the_top_is_claimed_when_the_app_writes_it_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Deleting the highest seqs lets SQLite hand them out again: the claims go on from the highest seq left, read
+    inside the flush's transaction (read after its commit, an app insert in between would be counted as left, and
+    the claims would pass over that very entry)."""
+    path, config = lab(tmp_path)
+    worker = worker_for(path, config)
+    app(path).executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(5)])
+    worker.finish(worker.deliver(worker.claim()))
+    read_inside: list[bool] = []
+    highest_seq = outbox.highest_seq
+
+    def spy(conn: apsw.Connection) -> int:
+        read_inside.append(conn.in_transaction)
+        return highest_seq(conn)
+
+    monkeypatch.setattr(outbox, "highest_seq", spy)
+    worker.flush_when_due(final=True)
+    assert read_inside == [True] and worker.window.seen_upto == 0
+    app(path).execute("INSERT INTO parent VALUES (9, 'after the flush')")  # seq 1 again
+    again = worker.claim()
+    assert again is not None and [c.key for c in again.changes] == [(9,)]
+
+
 def test_an_interrupted_flush_writes_nothing_in_either_file_and_the_next_one_does_it_all(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     path, _ = lab(tmp_path)
