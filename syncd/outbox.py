@@ -93,9 +93,9 @@ TABLES = {
 }
 LEGACY_TABLES = ("_syncd_journal",)  # schema version 1 kept the journal in the app's file
 CHUNK = 2000  # keys per transaction when enqueueing many: short write locks, the app is never held up long
-# Acked entries deleted from the app's file per transaction: ~0.3 ms of its write lock, which fits between two of an
-# app's transactions at 200/s even on a busy machine (chunks of 2,000 held it 1.3 ms, and an app's deferred
-# transactions that wrote meanwhile failed: 7-9 of 4,000 while syncd drained 200k; 500: none).
+# Acked entries deleted from the app's file per transaction: ~0.4 ms of its write lock, which fits between two of an
+# app's transactions at 200/s (chunks of 2,000 held it 1.3 ms, and an app's deferred transactions that wrote
+# meanwhile failed: 7-9 of 4,000 while syncd drained 200k; with 500, 0-3, median 1: benchmarks/bench_app.py).
 FLUSH_CHUNK = 500
 NOT_ACKED = "NOT EXISTS (SELECT 1 FROM st.acked a WHERE a.seq = o.seq AND a.at = o.at)"
 
@@ -773,7 +773,8 @@ def flush(conn: apsw.Connection, *, wait: bool = False, quiet: Callable[[], bool
             conn.set_busy_timeout(BUSY_TIMEOUT_MS)
     try:
         # The chunk: every acked entry up to seq `upto`. Each statement reads that range, and the dead letters and
-        # requeues through their own index: the app's write lock is held 0.65 us per entry, not 1.9.
+        # requeues through their own index: the app's write lock is held ~0.8 us per entry, not 1.9
+        # (benchmarks/bench_flush.py).
         first, last, apart = cast(tuple[int | None, int | None, int], conn.execute(
             "SELECT min(seq), max(seq), count(*) FILTER (WHERE fate IN ('dead', 'requeue')) FROM (SELECT seq, fate "
             "FROM st.acked ORDER BY seq LIMIT ?)", (limit,)).fetchone())
