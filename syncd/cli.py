@@ -15,19 +15,22 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, TypeAlias
 
 import apsw
 
-from syncd import __version__, auth, sqlite, status, timeparse
+from syncd import __version__, auth, capture, sqlite, state, status, timeparse
+from syncd import replay as operations
 from syncd.config import Config, ConfigError, WorkerConfig, default_config_file, load_config
+from syncd.progress import Progress
 from syncd.redact import mask_url, redact
+from syncd.source import LockWait
+from syncd.target import PostgrestTarget, TargetError, open_target
 from syncd.verify import PAGE
 
-if TYPE_CHECKING:  # each command imports what only it needs: `syncd run --once` starts without the others' imports
-    from syncd.source import LockWait
-    from syncd.target import PostgrestTarget
-
+# Mistakes an operator can fix: printed as one clear message, never as a traceback.
+USER_ERRORS = (ConfigError, capture.CaptureError, sqlite.SourceFileError, sqlite.ForeignCollation, apsw.SQLError,
+               TargetError)
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # what add_subparsers returns
 EXIT_BUG = 70  # sysexits.h EX_SOFTWARE
 LOCK_WAIT = 300.0  # seconds a command waits for the app's lock by default
@@ -43,9 +46,6 @@ def load(args: argparse.Namespace, **overrides: object) -> Config:
 def open_source(args: argparse.Namespace, config: Config, *, readonly: bool = False) -> apsw.Connection:
     """The app's file (its state file attached) for a command: while another process holds the lock, wait up to
     --lock-wait seconds, saying on stderr who holds it (`source.LockWait`)."""
-    from syncd import state
-    from syncd.source import LockWait
-
     conn = sqlite.connect(config.source.path, readonly=readonly)
     waits = LockWait(config.source.path, getattr(args, "lock_wait", READ_LOCK_WAIT),
                      lambda line: print(line, file=sys.stderr, flush=True))
@@ -57,8 +57,6 @@ def open_source(args: argparse.Namespace, config: Config, *, readonly: bool = Fa
 
 def secondary(config: Config) -> PostgrestTarget:
     """The PostgREST client for a command, after warning on stderr when the key would travel in clear."""
-    from syncd.target import open_target
-
     if config.target.in_clear:
         print(f"warning: {config.target.in_clear}", file=sys.stderr)
     return open_target(config)
@@ -71,8 +69,6 @@ def bad_argument(flag: str, problem: str) -> ConfigError:
 
 def install(args: argparse.Namespace) -> int:
     """`syncd install`: create syncd's tables and the triggers; print what changed."""
-    from syncd import capture
-
     config = load(args)
     report = capture.install(open_source(args, config), config)
     print(f"installed in {config.source.path}: {len(report.created)} trigger(s) created, "
@@ -92,8 +88,6 @@ def install(args: argparse.Namespace) -> int:
 
 def uninstall(args: argparse.Namespace) -> int:
     """`syncd uninstall`: remove the triggers (and, as asked, archive or drop syncd's tables)."""
-    from syncd import capture
-
     config = load(args)
     report = capture.uninstall(open_source(args, config), drop_outbox=args.drop_outbox, force=args.force,
                                archive=args.archive)
@@ -110,8 +104,6 @@ def uninstall(args: argparse.Namespace) -> int:
 
 def show_status(args: argparse.Namespace) -> int:
     """`syncd status`: exit 0 when healthy, 1 when something needs an operator."""
-    from syncd import status
-
     config = load(args)
     result = status.collect(open_source(args, config, readonly=True), config, max_lag=args.max_lag)
     print(json.dumps(result.as_dict(), indent=2) if args.json else status.render(result))
@@ -154,9 +146,6 @@ def add_run_command(commands: Commands) -> None:
 
 def replay(args: argparse.Namespace) -> int:
     """`syncd replay`: dead letters, or the keys shipped in a time window, back into the outbox."""
-    from syncd import replay as operations
-    from syncd.progress import Progress
-
     if args.id and not args.dead_letters:
         raise bad_argument("--id", "dead letter ids go with --dead-letters; --since replays by time")
     if args.until is not None and args.since is None:
@@ -186,9 +175,7 @@ def replay(args: argparse.Namespace) -> int:
 def resync(args: argparse.Namespace) -> int:
     """`syncd resync` / `backfill`: every key of a table (--table), or of every configured table in foreign-key
     order, parents first (--all: the first copy), into the outbox."""
-    from syncd import replay as operations
-    from syncd.plan import ship_order
-    from syncd.progress import Progress
+    from syncd.plan import ship_order  # here: the plan's imports are more than other commands need
 
     config = load(args)
     conn = open_source(args, config)
@@ -333,7 +320,6 @@ def run_check(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     """`syncd verify`: compare (and with --repair, enqueue the differences); exit 1 when not equal."""
     from syncd import verify
-    from syncd.progress import Progress
 
     if args.dry_run and not args.repair:
         raise bad_argument("--dry-run", "only with --repair (verify alone changes nothing)")
@@ -349,7 +335,6 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_cutover(args: argparse.Namespace) -> int:
     """`syncd cutover`: ready to switch the app to the secondary? Exit 1 with the reasons when not."""
     from syncd import cutover
-    from syncd.progress import Progress
 
     config = load(args)
     timeout = duration("--timeout", args.timeout)
@@ -656,15 +641,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """Mistakes an operator can fix: printed as one clear message, never as a traceback."""
-    from syncd import capture
-    from syncd.target import TargetError
-
-    return (ConfigError, capture.CaptureError, sqlite.SourceFileError, sqlite.ForeignCollation, apsw.SQLError,
-            TargetError)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` and run the command; its exit code (2 for a mistake an operator can fix, printed as one line)."""
     parser = build_parser()
@@ -678,7 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except apsw.BusyError as exc:  # a lock held past --lock-wait: the command ran into it, nothing changed
         print(f"error: {LOCK_WAITS[-1].describe() if LOCK_WAITS else exc}", file=sys.stderr)
         return 1
-    except user_errors() as exc:
+    except USER_ERRORS as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except (apsw.NotADBError, apsw.CorruptError) as exc:  # the header looked like SQLite's (sqlite.check), the rest not
