@@ -122,7 +122,9 @@ class Observer:
 
     def yielding_cpu(self, wanted: int, nice: int, refused: str | None) -> None:
         """The daemon runs at nice value `nice` (`syncd.priority`; `wanted` is worker.nice); `refused`: the system
-        would not lower it."""
+        would not lower it. Nothing asked (0), nothing said."""
+        if wanted == 0:
+            return
         if refused is None:
             self.log.info("running at a lower CPU priority than the app's (worker.nice)", nice=nice)
         else:
