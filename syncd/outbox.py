@@ -97,6 +97,9 @@ CHUNK = 2000  # keys per transaction when enqueueing many: short write locks, th
 # app's transactions at 200/s (chunks of 2,000 held it 1.3 ms, and an app's deferred transactions that wrote
 # meanwhile failed: 7-9 of 4,000 while syncd drained 200k; with 500, 0-3, median 1: benchmarks/bench_app.py).
 FLUSH_CHUNK = 500
+# The journal one row per shipped key: the rows written by batch (their keys a JSON array), and an older syncd's.
+JOURNAL_ROWS = ("SELECT tbl, k.value AS key, shipped_at FROM st.journal_batches, json_each(keys) k "
+                "UNION ALL SELECT tbl, key, shipped_at FROM st.journal")
 NOT_ACKED = "NOT EXISTS (SELECT 1 FROM st.acked a WHERE a.seq = o.seq AND a.at = o.at)"
 
 
@@ -122,7 +125,7 @@ def drop(conn: apsw.Connection) -> list[str]:
     names of the app file's tables dropped."""
     for table in [*TABLES, *LEGACY_TABLES]:
         conn.execute(f"DROP TABLE IF EXISTS main.{table}")
-    for table in ("journal", "meta", "acked"):
+    for table in ("journal", "journal_batches", "meta", "acked"):
         conn.execute(f"DELETE FROM st.{table}")
     return list(TABLES)
 
@@ -139,7 +142,7 @@ def archive(conn: apsw.Connection, path: Path) -> None:
                 conn.execute(f"CREATE TABLE syncd_archive.{table} AS SELECT * FROM main.{table}")
             conn.execute("INSERT INTO syncd_archive._syncd_meta SELECT key, value FROM st.meta WHERE key NOT IN "
                          "(SELECT key FROM syncd_archive._syncd_meta)")
-            conn.execute("CREATE TABLE syncd_archive._syncd_journal AS SELECT * FROM st.journal")
+            conn.execute(f"CREATE TABLE syncd_archive._syncd_journal AS {JOURNAL_ROWS} ORDER BY shipped_at")
             conn.execute("CREATE TABLE syncd_archive._syncd_acked AS SELECT * FROM st.acked")
     finally:
         conn.execute("DETACH DATABASE syncd_archive")
@@ -715,7 +718,7 @@ def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence
     now = time.time() if now is None else now
     if not (shipped or dead or requeued):
         return
-    shipped_seqs = json.dumps([e.seq for change in shipped for e in change.entries])
+    seqs = sorted(e.seq for change in shipped for e in change.entries)
     acked: list[tuple[object, ...]] = []
     for letter in dead:
         *merged, last = letter.change.entries
@@ -728,13 +731,21 @@ def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence
         acked.append((last.seq, last.stored_at, "requeue", min(e.stored_at for e in change.entries), None, None,
                       None, None))
     with writing(conn):
-        # The shipped entries are copied from the outbox in SQL (their seq and at exactly as stored), one statement.
-        conn.execute("INSERT OR REPLACE INTO st.acked (seq, at, fate) SELECT seq, at, 'shipped' FROM "
-                     "main._syncd_outbox WHERE seq IN (SELECT value FROM json_each(?))", (shipped_seqs,))
+        # The shipped entries are copied from the outbox in SQL (their seq and at exactly as stored), one statement;
+        # seqs without a gap (the common batch) as a range, which SQLite reads without a list to look them up in.
+        if seqs and seqs[-1] - seqs[0] + 1 == len(seqs):
+            conn.execute("INSERT OR REPLACE INTO st.acked (seq, at, fate) SELECT seq, at, 'shipped' FROM "
+                         "main._syncd_outbox WHERE seq BETWEEN ? AND ?", (seqs[0], seqs[-1]))
+        elif seqs:
+            conn.execute("INSERT OR REPLACE INTO st.acked (seq, at, fate) SELECT seq, at, 'shipped' FROM "
+                         "main._syncd_outbox WHERE seq IN (SELECT value FROM json_each(?))", (json.dumps(seqs),))
         conn.executemany("INSERT OR REPLACE INTO st.acked (seq, at, fate, since, failed_at, status, code, message) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", acked)
-        conn.executemany("INSERT INTO st.journal (tbl, key, shipped_at) VALUES (?, ?, ?)",
-                         [(c.table, c.key_text, now) for c in shipped])
+        by_table: dict[str, list[str]] = {}
+        for change in shipped:  # a shipped key is text: one that is not UTF-8 is a dead letter (decode_change)
+            by_table.setdefault(change.table, []).append(cast(str, change.key_text))
+        conn.executemany("INSERT INTO st.journal_batches (tbl, keys, shipped_at) VALUES (?, ?, ?)",
+                         [(table, json.dumps(keys), now) for table, keys in by_table.items()])
         for table in dict.fromkeys(c.table for c in shipped):
             update_table_state(conn, table, last_shipped_at=now)
 
@@ -885,14 +896,18 @@ def journal_keys(conn: apsw.Connection, since: float, until: float | None = None
     if table is not None:
         conditions.append("tbl = ?")
         params.append(table)
-    rows = conn.execute(f"SELECT DISTINCT tbl, key FROM st.journal WHERE {' AND '.join(conditions)} "
+    rows = conn.execute(f"SELECT DISTINCT tbl, key FROM ({JOURNAL_ROWS}) WHERE {' AND '.join(conditions)} "
                         "ORDER BY tbl, key", params)
     return cast(list[tuple[str, str]], rows.fetchall())
 
 
 def expire_journal(conn: apsw.Connection, older_than: float, limit: int = 5000) -> int:
-    """Delete at most `limit` journal rows shipped before `older_than` (unix seconds), in the state file."""
+    """Delete at most `limit` journal rows (a row is one acknowledged batch of a table) shipped before `older_than`
+    (unix seconds), in the state file."""
     with writing(conn):
-        conn.execute("DELETE FROM st.journal WHERE rowid IN (SELECT rowid FROM st.journal "
-                     "WHERE shipped_at < ? LIMIT ?)", (older_than, limit))
-        return conn.changes()
+        expired = 0
+        for table in ("st.journal_batches", "st.journal"):
+            conn.execute(f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
+                         "WHERE shipped_at < ? LIMIT ?)", (older_than, limit - expired))
+            expired += conn.changes()
+        return expired

@@ -35,6 +35,14 @@ SCHEMA = [
         key TEXT NOT NULL,
         shipped_at REAL NOT NULL)""",  # unix seconds
     "CREATE INDEX IF NOT EXISTS st.journal_shipped_at ON journal (shipped_at)",
+    # The journal as written since issue 21: one row per acknowledged batch and table, its keys a JSON array of
+    # outbox keys (one row of 500 keys costs the acknowledgement what one key did). `st.journal` is still read:
+    # the rows an older syncd wrote there expire as before.
+    """CREATE TABLE IF NOT EXISTS st.journal_batches (
+        tbl TEXT NOT NULL,
+        keys TEXT NOT NULL,
+        shipped_at REAL NOT NULL)""",  # unix seconds
+    "CREATE INDEX IF NOT EXISTS st.journal_batches_shipped_at ON journal_batches (shipped_at)",
     """CREATE TABLE IF NOT EXISTS st.meta (
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL)""",

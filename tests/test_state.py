@@ -117,8 +117,7 @@ def test_acknowledging_writes_only_the_state_file(tmp_path: Path):
     worker.finish(worker.deliver(worker.claim()))  # claim, ship, acknowledge: no flush
     assert watcher.execute("PRAGMA data_version").fetchone()[0] == version  # no commit to the app's file
     assert raw_outbox(path) == 10 and outbox.pending_total(connect(path)) == 0
-    journal = app(state.path_for(path)).execute("SELECT count(*) FROM journal").fetchone()
-    assert journal == (10,)
+    assert len(outbox.journal_keys(connect(path), 0)) == 10
 
 
 # -- flushing ---------------------------------------------------------------------------------------------
@@ -380,6 +379,26 @@ def test_an_older_installation_moves_its_bookkeeping_to_the_state_file(tmp_path:
     conn = connect(path)
     assert outbox.journal_keys(conn, 0) == [("parent", "7")]
     assert outbox.table_state(conn, "parent")["last_shipped_at"] == 1700000000
+
+
+def test_the_journal_is_one_row_per_batch_and_table_and_still_reads_and_expires_an_older_syncds_rows(tmp_path: Path):
+    path, config = lab(tmp_path)
+    worker = worker_for(path, config)
+    app(path).executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(1, 6)])
+    app(path).executemany("INSERT INTO child VALUES (?, 'v')", [(i,) for i in range(1, 4)])
+    worker.drain_once()
+    conn = connect(path)
+    rows = conn.execute("SELECT tbl, keys FROM st.journal_batches ORDER BY tbl").fetchall()
+    assert rows == [("child", '["1", "2", "3"]'), ("parent", '["1", "2", "3", "4", "5"]')]
+    with state.writing(conn):  # what syncd wrote before issue 21: a row per key
+        conn.execute("INSERT INTO st.journal (tbl, key, shipped_at) VALUES ('parent', '9', 1000), "
+                     "('parent', '1', 1000)")
+    keys = outbox.journal_keys(conn, 0)
+    assert keys == [*(("child", str(i)) for i in range(1, 4)), *(("parent", k) for k in ("1", "2", "3", "4", "5", "9"))]
+    assert outbox.journal_keys(conn, 0, 2000) == [("parent", "1"), ("parent", "9")]
+    assert outbox.expire_journal(conn, 2000) == 2  # the older rows only: the batches were shipped now
+    assert outbox.expire_journal(conn, time.time() + 1, limit=1) == 1  # one batch row of the two
+    assert len(outbox.journal_keys(conn, 0)) in (3, 5)
 
 
 def test_uninstall_drop_outbox_removes_the_state_file_and_archive_keeps_it(tmp_path: Path):

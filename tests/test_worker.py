@@ -103,7 +103,7 @@ def current(change: Change) -> dict[str, object]:
 
 def journal(tmp_path: Path) -> list[tuple[str, str]]:
     """The journal of shipped keys, in the state file beside the app's file."""
-    return sqlite3.connect(tmp_path / "app.sqlite3-syncd").execute("SELECT tbl, key FROM journal").fetchall()
+    return outbox.journal_keys(connect(tmp_path / "app.sqlite3"), 0)
 
 
 def dead(db: sqlite3.Connection) -> list[tuple[str, str]]:
