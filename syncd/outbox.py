@@ -30,6 +30,7 @@ import apsw
 from syncd.keys import (
     MAX_PARAMS,
     NOW_SQL,
+    UNIX_EPOCH_JULIAN_DAY,
     decode_key,
     key_sql,
     other_spellings,
@@ -625,8 +626,13 @@ def group_entries(rows: Sequence[tuple[int, str, bytes, str, float]]) -> list[Ch
     for seq, table, raw_key, op, at in rows:
         change = by_key.get((table, raw_key))
         if change is None:
-            change = by_key[(table, raw_key)] = decode_change(table, raw_key)
-        change.entries.append(Entry(seq, op, unix_time(at), at))
+            if raw_key.isdigit():  # the common key, a non-negative INTEGER as quote() spells it: decoded at once
+                text = raw_key.decode("ascii")
+                change = Change(table, text, [], key=(int(text),), raw_key=raw_key)
+            else:
+                change = decode_change(table, raw_key)
+            by_key[(table, raw_key)] = change
+        change.entries.append(Entry(seq, op, (at - UNIX_EPOCH_JULIAN_DAY) * 86400.0, at))  # keys.unix_time, inline
     return list(by_key.values())
 
 

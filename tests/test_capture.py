@@ -13,7 +13,8 @@ import pytest
 from syncd import capture
 from syncd.capture import CaptureError
 from syncd.config import Config
-from syncd.keys import decode_key
+from syncd.keys import decode_key, unix_time
+from syncd.outbox import group_entries
 from syncd.state import connect
 
 
@@ -252,6 +253,18 @@ def test_decode_key_inverts_sqlite_quote(value: object):
     (encoded,) = conn.execute("SELECT quote(?) || ',' || quote(?)", (value, 7)).fetchone()
     decoded = decode_key(encoded)
     assert decoded == (value, 7) and type(decoded[0]) is type(value)
+
+
+@pytest.mark.parametrize("value", [0, 7, 2**63 - 1, -1, -(2**63), "7", "07", 7.0, b"7", None, "\u0667"])
+def test_a_claimed_key_decodes_alike_on_the_integer_fast_path_and_the_general_one(value: object):
+    """`group_entries` decodes a key of ASCII digits at once (the common INTEGER key); every other spelling goes
+    through `decode_key`: both read what SQLite's quote() wrote, type included."""
+    conn = sqlite3.connect(":memory:")
+    (raw,) = conn.execute("SELECT CAST(quote(?) AS BLOB)", (value,)).fetchone()
+    (change,) = group_entries([(1, "t", raw, "I", 2461000.5)])
+    assert change.key == decode_key(raw.decode("utf-8")) == (value,)
+    assert type(change.key[0]) is type(value) and change.raw_key == raw and change.key_text == raw.decode("utf-8")
+    assert change.entries[0].at == unix_time(2461000.5)
 
 
 def test_new_columns_need_no_reinstall(tmp_path: Path):
