@@ -21,7 +21,9 @@ TRANSFORMS = [None, None, "bool", "bytea", "json", "timestamp", "vector"]
 
 names = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1,
                 max_size=8)
-floats = st.one_of(st.floats(allow_nan=False), st.sampled_from([0.0, -0.0, 1.0, 0.1, 1e308, -1e-308, 5e-324]))
+floats = st.one_of(st.floats(allow_nan=False), st.sampled_from([0.0, -0.0, 1.0, 0.1, 1e308, -1e-308, 5e-324]),
+                   st.floats(min_value=-1e15, max_value=1e15),  # where SQLite's printf may write them (real_sql)
+                   st.builds(lambda n, k: n / 2**k, st.integers(-10**15, 10**15), st.integers(0, 52)))  # ties
 texts = st.one_of(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12),
                   st.sampled_from(["1", "0", "true", "FALSE", " t", "f", "T", "yes", "", "é", "\u2028"]))
 values = st.one_of(st.none(), st.integers(min_value=-(2**63), max_value=2**63 - 1), floats, texts,
@@ -140,6 +142,26 @@ def test_a_real_is_rendered_with_the_shortest_digits_that_give_its_double_back()
     texts = [text for (text,) in db.execute(f"SELECT {json_sql} FROM t ORDER BY id")]
     assert texts == ['{"id":0,"price":0.3333333333333333}', '{"id":1,"price":17.63657142857143}',
                      '{"id":2,"price":0.1}', '{"id":3,"price":1e+16}', '{"id":4,"price":2.5e-310}']
+
+
+HARD_REALS = [0.0, 1e-4, 9.999e-5, 0.5, -0.5, 100.0, 0.1 + 0.2, 123456789012345.0, 999999999999999.9, 1e15,
+              0.07738113403320312, 8867262742899.562, 749386029106704.2,  # ties at the 16th digit
+              1797001776.3072073, 0.00030777988738688586, 1733344423.1234567]  # 17 digits
+
+
+def test_reals_of_up_to_16_digits_are_written_by_sqlite_and_the_others_by_python_alike() -> None:
+    """SQLite's printf writes a REAL whose shortest digits number at most 16 (`mapping.real_sql`); a tie at the 16th
+    digit (SQLite rounds it away from zero, Python to even), 17 digits, or an exponent go to Python's repr. Either way
+    the text is json.dumps's, digit for digit."""
+    mapping = TableMapping(source="t", target="t", key=("id",))
+    json_sql, _ = mapping.sql_rendering(["id", "v"])  # type: ignore[misc]
+    db = store(["id", "v"], [[v] for v in HARD_REALS])
+    called: list[float] = []
+    db.create_scalar_function("syncd_real_json", lambda v: called.append(v) or repr(v), 1)
+    texts = [text for (text,) in db.execute(f"SELECT {json_sql} FROM t ORDER BY id")]
+    assert texts == [json.dumps({"id": i, "v": v}, separators=(",", ":")) for i, v in enumerate(HARD_REALS)]
+    assert called == [9.999e-5, 0.1 + 0.2, 1e15, 0.07738113403320312, 8867262742899.562, 749386029106704.2,
+                      1797001776.3072073, 0.00030777988738688586, 1733344423.1234567]
 
 
 def test_a_negative_zero_and_an_infinite_real_take_the_python_path_and_a_zero_does_not():
