@@ -44,11 +44,15 @@ class Collapsed:
 def identity(values: Sequence[object]) -> Identity:
     """A target key as PostgreSQL compares it, as far as the JSON tells: a number and its text are one value
     (`1` and `"1"` into bigint or text are both 1), a BLOB is its bytes."""
+    if len(values) == 1:  # the common key, without a generator per key
+        value = values[0]
+        return (value if isinstance(value, str | bytes) or value is None else str(value),)
     return tuple(value if isinstance(value, str | bytes) or value is None else str(value) for value in values)
 
 
 def newest_seq(change: Change) -> int:
-    return max(entry.seq for entry in change.entries)
+    entries = change.entries
+    return entries[0].seq if len(entries) == 1 else max(entry.seq for entry in entries)
 
 
 def collapse(present: list[Change], gone: list[Change],
