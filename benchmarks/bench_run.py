@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sqlite3
 import statistics
@@ -138,22 +139,31 @@ def server_capacity(server: RunningDevServer, db: Path, in_flight: int = 2) -> f
 def drain_rates(server: RunningDevServer, db: Path, config: Path, rows: int,
                 rounds: int) -> tuple[float, float, float]:
     """(syncd run --once rows/s, the client's rows/s, seconds of `run --once` with nothing to ship), medians of
-    `rounds` interleaved rounds."""
-    syncd_rates, raw_rates, idle = [], [], []
+    `rounds` interleaved rounds; `CPU` gets the CPU seconds per row of the syncd process and of the client."""
+    syncd_rates, raw_rates, idle, syncd_cpu, raw_cpu = [], [], [], [], []
     for _ in range(rounds):
         started = time.perf_counter()
         syncd_once(config)  # nothing queued: start-up and exit alone
         idle.append(time.perf_counter() - started)
         truncate(server)
         enqueue_all(db)
+        before = os.times()
         started = time.perf_counter()
         syncd_once(config)
         syncd_rates.append(rows / (time.perf_counter() - started))
+        after = os.times()
+        syncd_cpu.append((after.children_user + after.children_system - before.children_user -
+                          before.children_system) / rows)
         truncate(server)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         raw_posts(server, db)
         raw_rates.append(rows / (time.perf_counter() - started))
+        raw_cpu.append((time.process_time() - cpu) / rows)
+    CPU.update(syncd=statistics.median(syncd_cpu), client=statistics.median(raw_cpu))
     return statistics.median(syncd_rates), statistics.median(raw_rates), statistics.median(idle)
+
+
+CPU: dict[str, float] = {}  # CPU seconds per row of the last drain_rates: the syncd process, the client
 
 
 def set_delay(server: RunningDevServer, delay_ms: float) -> None:
@@ -166,6 +176,7 @@ def drain_efficiency(server: RunningDevServer, db: Path, config: Path, rows: int
     with sqlite3.connect(db) as conn:
         conn.execute("DELETE FROM _syncd_outbox")
     s, r, start = drain_rates(server, db, config, rows, rounds)
+    cpu = dict(CPU)
     capacity = statistics.median(server_capacity(server, db) for _ in range(rounds))
     set_delay(server, latency_ms)
     try:
@@ -179,6 +190,8 @@ def drain_efficiency(server: RunningDevServer, db: Path, config: Path, rows: int
     print(f"   ratio                            : {s / r:10.2f}   (goal >= 1.2)")
     print(f"   syncd's start-up and exit        : {start:10.2f} s; its drain without them {drain_only:,.0f} rows/s "
           f"= {drain_only / r:.2f} of the client")
+    print(f"   CPU per row                      : syncd's process {cpu['syncd'] * 1e6:.1f} us (start-up included), "
+          f"the client {cpu['client'] * 1e6:.1f} us")
     print(f"   the server's capacity            : {capacity:10,.0f} rows/s (bodies built beforehand, 2 in flight): "
           f"the ratio's ceiling with this start-up is {rows / (start + rows / capacity) / r:.2f}")
     print(f"2. the same with {latency_ms:.0f} ms added to every answer")
