@@ -724,7 +724,7 @@ def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence
     now = time.time() if now is None else now
     if not (shipped or dead or requeued):
         return
-    seqs = sorted(e.seq for change in shipped for e in change.entries)
+    seqs = sorted({e.seq for change in shipped for e in change.entries})  # once each: a range must have no gap
     acked: list[tuple[object, ...]] = []
     for letter in dead:
         *merged, last = letter.change.entries

@@ -229,6 +229,20 @@ def test_a_flush_deletes_the_acked_entries_of_its_range_and_nothing_else(tmp_pat
     assert outbox.pending_total(conn) == 6  # the unacknowledged half and entry 11 ship next
 
 
+def test_an_acknowledgement_records_exactly_the_shipped_seqs_as_a_range_or_a_list(tmp_path: Path):
+    """Shipped seqs without a gap are recorded as one range; any gap, even one that a change named twice would hide
+    from a count, makes them a list: an entry between them that was not shipped is never acknowledged."""
+    path, _ = lab(tmp_path)
+    app(path).executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(1, 8)])
+    conn = connect(path)
+    changes = outbox.claim(conn, 100, {"parent": ["id"]}).changes
+    outbox.acknowledge(conn, changes[:3], [])  # seqs 1-3: a range
+    outbox.acknowledge(conn, [changes[3], changes[3], changes[5]], [])  # 4, 4, 6: not the range 4-6
+    acked = [seq for (seq,) in conn.execute("SELECT seq FROM st.acked ORDER BY seq")]
+    assert acked == [1, 2, 3, 4, 6]
+    assert [c.key for c in outbox.claim(conn, 100, {"parent": ["id"]}).changes] == [(5,), (7,)]
+
+
 def test_a_flush_never_reads_the_backlog_of_a_halted_table_below_its_range(tmp_path: Path):
     """A halted table's entries wait at the low end of the outbox, maybe for hours: each flush reads from its
     chunk's first seq, not from the first entry (counted in SQLite's virtual machine steps, not timed)."""
