@@ -565,13 +565,23 @@ def real_sql(q: str) -> str:
     and such a value goes to Python; so does one that needs 17 digits, which SQLite's printf does not always round
     correctly (1797001776.3072073 as ...074). Measured on 18 million random doubles, none differed from repr; the
     property test (tests/test_rendering.py) compares every value it draws. A call into Python costs ~0.8 us per
-    value, printf a tenth of it."""
+    value, printf a tenth of it. Before SQLite 3.43, whose printf renders floats by another algorithm (not measured
+    here), every REAL takes the Python call."""
+    python = f"json(syncd_real_json({q}))"
+    if not printf_renders_reals():
+        return python
     b = f"{q} COLLATE BINARY"  # as in _column_sql: an application's collation would stop the statement's prepare
     digits15, digits16 = f"printf('%!.15g', {q})", f"printf('%!.16g', {q})"
     return (f"CASE WHEN (abs({q}) >= 1e-4 AND abs({q}) < 1e15) OR {b} = 0 THEN CASE "
             f"WHEN CAST({digits15} AS REAL) = {b} THEN json({digits15}) "
             f"WHEN CAST({digits16} AS REAL) = {b} AND substr(printf('%!.17g', {q}), -1) <> '5' THEN json({digits16}) "
-            f"ELSE json(syncd_real_json({q})) END ELSE json(syncd_real_json({q})) END")
+            f"ELSE {python} END ELSE {python} END")
+
+
+@functools.cache
+def printf_renders_reals() -> bool:
+    """Whether this SQLite's printf is the one `real_sql` was measured with (3.43 and later)."""
+    return tuple(int(part) for part in apsw.sqlite_lib_version().split(".")[:2]) >= (3, 43)
 
 
 @functools.cache
