@@ -556,32 +556,21 @@ def _column_sql(q: str, transform: str | None) -> tuple[str, str]:
 
 def real_sql(q: str) -> str:
     """The JSON number of the REAL `q` as Python's repr writes it (its shortest digits that give the double back):
-    SQLite's printf when that fits, `syncd_real_json` (Python, sqlite.register_functions) when it does not.
+    SQLite's printf when they number at most 15, `syncd_real_json` (Python, sqlite.register_functions) otherwise.
 
     SQLite's own rendering (json_object, quote) writes 17 digits where fewer give the double back (1.0/3 as
-    0.33333333333333332). Its printf gives the shortest digits when they number 15 or 16, checked here by reading
-    them back (CAST ... AS REAL), in the range where %g and repr both write no exponent (1e-4 <= |x| < 1e15). A
-    tie at the 16th digit rounds half away from zero in SQLite, half to even in Python: the 17th digit is then a 5,
-    and such a value goes to Python; so does one that needs 17 digits, which SQLite's printf does not always round
-    correctly (1797001776.3072073 as ...074). Measured on 18 million random doubles, none differed from repr; the
-    property test (tests/test_rendering.py) compares every value it draws. A call into Python costs ~0.8 us per
-    value, printf a tenth of it. Before SQLite 3.43, whose printf renders floats by another algorithm (not measured
-    here), every REAL takes the Python call."""
+    0.33333333333333332). Its printf with 15 digits is read back here (CAST ... AS REAL): no two decimals of 15
+    significant digits are the same double (C's DBL_DIG), so a text that gives the double back is the only one, the
+    digits repr writes; a wrong one would not give it back and takes Python. This holds in the range where %g and
+    repr both write no exponent (1e-4 <= |x| < 1e15). 16 digits would need printf to round exactly, which it does
+    not everywhere (a tie at the 16th digit rounds away from zero, and SQLite's float rendering changed with 3.43
+    and depends on the platform's long double), so a value that needs 16 or 17 digits takes Python. A call into
+    Python costs ~0.8 us per value, printf a tenth of it."""
     python = f"json(syncd_real_json({q}))"
-    if not printf_renders_reals():
-        return python
     b = f"{q} COLLATE BINARY"  # as in _column_sql: an application's collation would stop the statement's prepare
-    digits15, digits16 = f"printf('%!.15g', {q})", f"printf('%!.16g', {q})"
-    return (f"CASE WHEN (abs({q}) >= 1e-4 AND abs({q}) < 1e15) OR {b} = 0 THEN CASE "
-            f"WHEN CAST({digits15} AS REAL) = {b} THEN json({digits15}) "
-            f"WHEN CAST({digits16} AS REAL) = {b} AND substr(printf('%!.17g', {q}), -1) <> '5' THEN json({digits16}) "
-            f"ELSE {python} END ELSE {python} END")
-
-
-@functools.cache
-def printf_renders_reals() -> bool:
-    """Whether this SQLite's printf is the one `real_sql` was measured with (3.43 and later)."""
-    return tuple(int(part) for part in apsw.sqlite_lib_version().split(".")[:2]) >= (3, 43)
+    digits = f"printf('%!.15g', {q})"
+    return (f"CASE WHEN ((abs({q}) >= 1e-4 AND abs({q}) < 1e15) OR {b} = 0) AND CAST({digits} AS REAL) = {b} "
+            f"THEN json({digits}) ELSE {python} END")
 
 
 @functools.cache
