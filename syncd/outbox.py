@@ -20,10 +20,10 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 import apsw
 
@@ -544,11 +544,59 @@ class Claim:
     vanished: list[int] = field(default_factory=list)
 
 
+class HeldBatch(NamedTuple):
+    """One batch in flight as a claim sees it: its keys ((table, the key's bytes)), seqs, highest seq and tables."""
+
+    keys: Set[tuple[str, bytes]]
+    seqs: Set[int]
+    highest: int
+    tables: Set[str]
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """What the batches on their way hold, as a claim leaves it out. Made once per batch (`window.Shipment.held`),
+    so that what a claim does with them costs per batch, not per entry in flight."""
+
+    batches: Sequence[HeldBatch] = ()
+
+    @classmethod
+    def of(cls, changes: Iterable[Change]) -> InFlight:
+        """The changes of one batch (or of any list of changes) as one batch in flight."""
+        changes = list(changes)
+        if not changes:
+            return cls()
+        seqs = frozenset(e.seq for change in changes for e in change.entries)
+        return cls([HeldBatch(frozenset((c.table, c.raw_key) for c in changes), seqs, max(seqs, default=0),
+                              frozenset(c.table for c in changes))])
+
+    @classmethod
+    def joined(cls, parts: Iterable[InFlight]) -> InFlight:
+        return cls([batch for part in parts for batch in part.batches])
+
+    def holds(self, key: tuple[str, bytes]) -> bool:
+        """Whether a batch in flight holds this (table, key's bytes)."""
+        return any(key in batch.keys for batch in self.batches)
+
+    def seqs(self) -> set[int]:
+        """Every seq in flight."""
+        return set().union(*(batch.seqs for batch in self.batches))
+
+    def seqs_after(self, after: int) -> list[int]:
+        """The seqs in flight above `after`, in order (only a batch claimed before a window reset has any)."""
+        return sorted(seq for batch in self.batches if batch.highest > after for seq in batch.seqs if seq > after)
+
+    def tables(self) -> set[str]:
+        """The tables with a key in flight."""
+        return set().union(*(batch.tables for batch in self.batches))
+
+
 Renderer = Callable[[Sequence[str]], "tuple[str, str] | None"]  # a table's columns -> its rows' JSON in SQL
 
 
 def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
-          in_flight: Sequence[Change] = (), after: int = 0, renderers: Mapping[str, Renderer] | None = None,
+          in_flight: Sequence[Change] | InFlight = (), after: int = 0,
+          renderers: Mapping[str, Renderer] | None = None,
           planned_at: int | None = None, retry: Sequence[int] = ()) -> Claim:
     """The first `limit` outbox entries of the tables in `keys` ({table: key columns}) among those of the seqs
     `retry` (at most `after`, read first) and those after seq `after`, acked ones left out, grouped by key, with the
@@ -556,8 +604,9 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
     few seqs below `after` to read again, instead of reading from the lowest, keeps a claim's cost independent of
     how many entries are in flight (`window.Window.claim_from`).
 
-    Entries and keys of `in_flight` (a batch whose request is under way) are left out: the same key is
-    never in two requests at once, and its newer entries wait until that request is acknowledged.
+    Entries and keys of `in_flight` (batches whose requests are under way: their changes, or `InFlight`) are left
+    out: the same key is never in two requests at once, and its newer entries wait until that request is
+    acknowledged.
 
     `planned_at` is the schema cookie `keys` and `renderers` were planned at: raises sqlite.SchemaMoved, nothing
     claimed, when the snapshot's is another (a key column renamed since reads no row, and its entries would ship
@@ -566,9 +615,9 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
     if not keys:
         return Claim()
     tables = list(keys)
+    busy = in_flight if isinstance(in_flight, InFlight) else InFlight.of(in_flight)
     # Entries in flight lie at or below `after`, except after the window's reset (`after` back to 0).
-    busy_seqs = json.dumps([e.seq for change in in_flight for e in change.entries if e.seq > after])
-    busy_keys = {(c.table, c.raw_key) for c in in_flight}
+    busy_seqs = json.dumps(busy.seqs_after(after))
     of_tables = f"tbl IN ({', '.join('?' * len(tables))}) AND {NOT_ACKED}"
     conn.execute("BEGIN")
     try:
@@ -591,8 +640,12 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
                 f"(SELECT value FROM json_each(?)) AND {of_tables} ORDER BY seq LIMIT ?",
                 (after, busy_seqs, *tables, limit - len(rows))).fetchall())
         grouped = group_entries(rows)
-        changes = [c for c in grouped if (c.table, c.raw_key) not in busy_keys]
-        passed_over = [e.seq for c in grouped if (c.table, c.raw_key) in busy_keys for e in c.entries]
+        if busy.batches:
+            passing = [busy.holds((c.table, c.raw_key)) for c in grouped]
+            changes = [c for c, held in zip(grouped, passing, strict=True) if not held]
+            passed_over = [e.seq for c, held in zip(grouped, passing, strict=True) if held for e in c.entries]
+        else:
+            changes, passed_over = grouped, []
         for table in dict.fromkeys(c.table for c in changes):
             readable = [c for c in changes if c.table == table and c.key is not None]
             try:

@@ -11,6 +11,7 @@ an interrupted batch is claimed again while the cost of a claim does not grow wi
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import deque
@@ -18,7 +19,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from syncd.outbox import Change, Claim
+from syncd.outbox import Change, Claim, InFlight
 from syncd.shipping import Batch, Interrupted
 
 __all__ = ["Shipment", "Window", "moving_average"]
@@ -34,6 +35,11 @@ class Shipment:
     batch: Batch = field(default_factory=Batch)
     interrupted: Interrupted | None = None
     shipping_seconds: float = 0.0  # how long its requests took
+
+    @functools.cached_property
+    def held(self) -> InFlight:
+        """Its keys and seqs, as the claims beside it leave them out (made once: it stays in flight for several)."""
+        return InFlight.of(self.changes)
 
 
 class Window:
@@ -55,15 +61,16 @@ class Window:
         self.batches = deque()
         return self.batches
 
-    def in_flight(self) -> list[Change]:
-        """The changes of every batch in flight: the next claim leaves their keys out."""
-        return [change for shipment, _ in self.batches for change in shipment.changes]
+    def in_flight(self) -> InFlight:
+        """The keys and seqs of every batch in flight: the next claim leaves them out."""
+        return InFlight.joined(shipment.held for shipment, _ in self.batches)
 
     def claim_from(self) -> tuple[int, list[int]]:
         """Where the next claim reads: (the seq after which every entry is new to the claims, the open seqs below it
         that no batch in flight holds, in order: they are read again)."""
-        held = {e.seq for shipment, _ in self.batches for c in shipment.changes for e in c.entries}
-        return self.seen_upto, sorted(s for s in self.open_seqs if s not in held)
+        if not self.open_seqs:
+            return self.seen_upto, []
+        return self.seen_upto, sorted(self.open_seqs - self.in_flight().seqs())
 
     def claimed(self, claimed: Claim, changes: list[Change]) -> Shipment | None:
         """Take a claim in: `changes` are those of `claimed` that ship now (the others are held back by a halt and
@@ -86,8 +93,7 @@ class Window:
         The seqs of batches still in flight stay open: one of them may yet be interrupted, and its entries must be
         claimed again (a flush comes between two batches of a drain)."""
         self.seen_upto = 0
-        self.open_seqs.intersection_update(e.seq for shipment, _ in self.batches for c in shipment.changes
-                                           for e in c.entries)
+        self.open_seqs.intersection_update(self.in_flight().seqs())
 
     def flushed(self, highest: int) -> None:
         """A flush deleted settled entries, the highest seqs maybe among them: SQLite hands out the next seq above the
@@ -117,8 +123,8 @@ class Window:
 
     def related(self, upcoming: Shipment, relatives: dict[str, set[str]]) -> bool:
         """Whether a table of `upcoming` is a foreign-key parent or child of a table in a batch in flight."""
-        mine = {change.table for change in upcoming.changes}
-        theirs = {change.table for change in self.in_flight()}
+        mine = upcoming.held.tables()
+        theirs = self.in_flight().tables()
         return any(relatives.get(table, set()) & theirs for table in mine)
 
     def claim_took(self, seconds: float) -> None:

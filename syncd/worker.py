@@ -309,7 +309,7 @@ class Worker:
             for _, future in window:  # left early (an interruption, a busy file): no request runs on behind us
                 future.result()
 
-    def claim(self, in_flight: Sequence[outbox.Change] = ()) -> Shipment | None:
+    def claim(self, in_flight: Sequence[outbox.Change] | outbox.InFlight = ()) -> Shipment | None:
         """The next batch of the tables that are not halted, its keys' rows read from one snapshot, leaving out the
         keys of `in_flight` (the window's)."""
         if not self.keeper.prepared:
