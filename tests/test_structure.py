@@ -71,9 +71,9 @@ def code_strings(module: str) -> list[str]:
 
 def test_syncds_tables_are_written_by_their_owner_only():
     """SQL that reads or writes _syncd_outbox, _syncd_dead_letter or _syncd_meta of the app's file, or the state
-    file's tables (st.journal, st.meta, st.acked), lives in syncd.outbox (and syncd.state, which creates the state
-    file); capture's trigger bodies are the one exception (they append to the outbox in the app's own
-    transaction)."""
+    file's tables (st.journal and st.journal_batches, st.meta, st.acked), lives in syncd.outbox (and syncd.state,
+    which creates the state file); capture's trigger bodies are the one exception (they append to the outbox in the
+    app's own transaction)."""
     tables = ("_syncd_outbox", "_syncd_dead_letter", "_syncd_journal", "_syncd_meta", "st.journal", "st.meta",
               "st.acked")
     owners = {"syncd.outbox", "syncd.capture", "syncd.state"}
