@@ -412,7 +412,8 @@ def test_the_journal_is_one_row_per_batch_and_table_and_still_reads_and_expires_
     assert outbox.journal_keys(conn, 0, 2000) == [("parent", "1"), ("parent", "9")]
     assert outbox.expire_journal(conn, 2000) == 2  # the older rows only: the batches were shipped now
     assert outbox.expire_journal(conn, time.time() + 1, limit=1) == 1  # one batch row of the two
-    assert len(outbox.journal_keys(conn, 0)) in (3, 5)
+    (left,) = conn.execute("SELECT tbl FROM st.journal_batches").fetchall()
+    assert outbox.journal_keys(conn, 0) == [k for k in keys if k[0] == left[0] and k != ("parent", "9")]
 
 
 def test_uninstall_drop_outbox_removes_the_state_file_and_archive_keeps_it(tmp_path: Path):
