@@ -30,7 +30,6 @@ import apsw
 from syncd.keys import (
     MAX_PARAMS,
     NOW_SQL,
-    UNIX_EPOCH_JULIAN_DAY,
     decode_key,
     key_sql,
     other_spellings,
@@ -640,12 +639,14 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
                 f"(SELECT value FROM json_each(?)) AND {of_tables} ORDER BY seq LIMIT ?",
                 (after, busy_seqs, *tables, limit - len(rows))).fetchall())
         grouped = group_entries(rows)
+        changes, passed_over = grouped, list[int]()
         if busy.batches:
-            passing = [busy.holds((c.table, c.raw_key)) for c in grouped]
-            changes = [c for c, held in zip(grouped, passing, strict=True) if not held]
-            passed_over = [e.seq for c, held in zip(grouped, passing, strict=True) if held for e in c.entries]
-        else:
-            changes, passed_over = grouped, []
+            changes = []
+            for change in grouped:
+                if busy.holds((change.table, change.raw_key)):
+                    passed_over.extend(e.seq for e in change.entries)
+                else:
+                    changes.append(change)
         for table in dict.fromkeys(c.table for c in changes):
             readable = [c for c in changes if c.table == table and c.key is not None]
             try:
@@ -685,7 +686,7 @@ def group_entries(rows: Sequence[tuple[int, str, bytes, str, float]]) -> list[Ch
             else:
                 change = decode_change(table, raw_key)
             by_key[(table, raw_key)] = change
-        change.entries.append(Entry(seq, op, (at - UNIX_EPOCH_JULIAN_DAY) * 86400.0, at))  # keys.unix_time, inline
+        change.entries.append(Entry(seq, op, unix_time(at), at))
     return list(by_key.values())
 
 
@@ -805,7 +806,7 @@ def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence
             by_table.setdefault(change.table, []).append(cast(str, change.key_text))
         conn.executemany("INSERT INTO st.journal_batches (tbl, keys, shipped_at) VALUES (?, ?, ?)",
                          [(table, json.dumps(keys), now) for table, keys in by_table.items()])
-        for table in dict.fromkeys(c.table for c in shipped):
+        for table in by_table:
             update_table_state(conn, table, last_shipped_at=now)
 
 
