@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
-from syncd.devserver import errors, openapi, query
+from syncd.devserver import errors, openapi, query, rpc
 from syncd.devserver.errors import ApiError
 from syncd.devserver.http import Request, Response
 from syncd.devserver.identity import Identity, check_apikey, identify
@@ -110,6 +110,8 @@ class Api:
             visible = await self.visible_tables(schema, identity.role)
             document = openapi.describe(self.cache, schema, self.settings.public_url, visible)
             return Response(200, json.dumps(document).encode(), OPENAPI)
+        if request.path.startswith(rpc.PREFIX):
+            return await self.invoke(request, schema, identity)
         handler = {"GET": self.read, "HEAD": self.read, "POST": self.insert,
                    "PATCH": self.update, "DELETE": self.delete}.get(request.method)
         if handler is None:
@@ -290,14 +292,51 @@ class Api:
             return Response(status, (outcome.body or "[]").encode(), {**JSON, **headers})
         return Response(status, b"", headers)
 
+    # -- function calls ---------------------------------------------------------------------------
+
+    async def invoke(self, request: Request, schema: str, identity: Identity) -> Response:
+        """POST, GET or HEAD /rpc/<function> (rpc.py): 200 with the function's JSON and Content-Range `0-0/*` (or the
+        rows of a set), 204 without a body for `void`; Content-Profile as PostgREST sends it (measured on 12.2.12):
+        when the request named a profile or more than one schema is exposed. Raises ApiError: 405 PGRST101 for
+        another method, 404 `{}` for a deeper path, and those of rpc.find and of the call itself."""
+        if request.method not in ("POST", "GET", "HEAD"):
+            raise ApiError(405, "PGRST101", f"Cannot use the {request.method} method on RPC")
+        name = request.path[len(rpc.PREFIX):]
+        if "/" in name:
+            raise errors.unknown_table()
+        if request.method == "POST":
+            if request.query:
+                raise rpc.unsupported("a query string")
+            payload = parse_body(request.body) if request.body else {}  # PostgREST reads an empty body as {}
+            args = rpc.post_arguments(payload, request.body.decode("utf-8"))
+        else:
+            args = rpc.get_arguments(request.query)
+        routine = rpc.find(self.cache.routines, schema, name, args)
+        sql, params = rpc.statement(routine, args)
+        outcome = await self.run(request, identity, sql, params, read_only=rpc.read_only(routine, args),
+                                 search_path=rpc.search_path(schema))
+        _, content_range = range_status(0, outcome.affected, None)
+        if routine.void:
+            return Response(204, b"", {"Content-Range": content_range})
+        headers = {**JSON, "Content-Range": content_range}
+        if len(self.settings.schemas) > 1 or {"accept-profile", "content-profile"} & request.headers.keys():
+            headers["Content-Profile"] = schema
+        return Response(200, (outcome.body or "null").encode(), headers)
+
     # -- the transaction --------------------------------------------------------------------------
 
-    async def run(self, request: Request, identity: Identity, sql: str, params: list[Any]) -> Outcome:
-        """Run one statement in its own transaction as the caller's role; classify what goes wrong."""
+    async def run(self, request: Request, identity: Identity, sql: str, params: list[Any], read_only: bool = False,
+                  search_path: str | None = None) -> Outcome:
+        """Run one statement in its own transaction as the caller's role (READ ONLY with `read_only`; with
+        `search_path` set to that list, as PostgREST sets it for a function call); classify what goes wrong."""
         setup = [identity.role, identity.claims_json(), request.method, request.path,
                  json.dumps(request.headers)]
         try:
             async with self.pool.connection() as conn, conn.transaction():
+                if read_only:
+                    await conn.execute("SET TRANSACTION READ ONLY")
+                if search_path is not None:
+                    await conn.execute("SELECT set_config('search_path', %s, true)", [search_path])
                 await conn.execute(SETUP_SQL, setup)
                 cursor = await conn.execute(sql, params)
                 row = await cursor.fetchone() if cursor.description else None

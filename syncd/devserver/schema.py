@@ -1,4 +1,4 @@
-"""The schema cache: which tables and columns the API exposes, read from pg_catalog.
+"""The schema cache: which tables, columns and functions the API exposes, read from pg_catalog.
 
 Like PostgREST, the dev server loads it once at start and again on `NOTIFY pgrst, 'reload schema'`;
 a table created in between answers 404 until then, which is exactly what a client sees right after a
@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from syncd.devserver.rpc import Routines
+from syncd.devserver.rpc import load as load_routines
 from syncd.devserver.sqltext import ident
 
 COLUMNS_SQL = """
@@ -92,6 +94,7 @@ class SchemaCache:
 
     schemas: list[str]
     tables: dict[tuple[str, str], Table] = field(default_factory=dict)
+    routines: Routines = field(default_factory=dict)  # the callable functions, overloads together (rpc.py)
 
     def table(self, schema: str, name: str) -> Table | None:
         """Table `name` of `schema`, or None when the cache does not have it."""
@@ -103,13 +106,14 @@ class SchemaCache:
 
 
 async def load(conn: psycopg.AsyncConnection, schemas: list[str]) -> SchemaCache:
-    """Read every table, view and column of the exposed schemas, with keys and foreign keys, from one snapshot
-    (a REPEATABLE READ transaction: DDL committed between the two queries must not make them disagree)."""
+    """Read every table, view and column of the exposed schemas, with keys and foreign keys, and their functions, from
+    one snapshot (a REPEATABLE READ transaction: DDL committed between the queries must not make them disagree)."""
     cache = SchemaCache(schemas)
     async with conn.transaction():
         await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         rows = await (await conn.execute(COLUMNS_SQL, [schemas])).fetchall()
         constraints = await (await conn.execute(CONSTRAINTS_SQL, [schemas])).fetchall()
+        cache.routines = await load_routines(conn, schemas)
     for schema, name, kind, table_doc, col, notnull, default, col_doc, typ, category, max_len in rows:
         table = cache.tables.setdefault((schema, name), Table(schema, name, kind, table_doc))
         table.columns[col] = Column(col, typ, category, not notnull, default, col_doc, max_len)
