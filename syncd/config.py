@@ -334,6 +334,10 @@ class WorkerConfig(BaseModel):
     on_source_replaced: Literal["reconcile", "halt"] = Field(
         "reconcile", description="when the database file is replaced (a restore): reconcile every table with the "
                                  "secondary, or halt every table until SIGHUP")
+    consistency: Literal["key", "snapshot"] = Field(
+        "key", description="what a reader of the secondary may see: key (each row converges; a transaction's rows "
+                           "land in several requests) or snapshot (every state is one the file had; one "
+                           "transaction per snapshot through POST /rpc/syncd_apply)")
     schema_recheck_interval: float = Field(10.0, gt=0, le=3600, description="seconds between reads of the "
                                            "secondary's schema while a table is halted for a schema mismatch")
     nice: int = Field(0, ge=0, le=19, description="CPU priority of syncd run, as a Unix nice value (0-19): above 0 "

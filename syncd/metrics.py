@@ -23,6 +23,7 @@ from prometheus_client.utils import floatToGoString
 
 from syncd import __version__
 
+SNAPSHOT_BUCKETS = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
 LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 
@@ -148,6 +149,13 @@ class Metrics:
                                      "(busy, full, readonly, io, gone)", ["kind"], registry=r)
         self.source_replaced = Counter("syncd_source_replaced_total", "Times the application's file was replaced "
                                        "under the daemon (a restore) and reopened", registry=r)
+        self.snapshots = Counter("syncd_snapshots_total", "Snapshots of the file sent in snapshot mode, by outcome "
+                                 "(applied; repeated: a retry of one applied before; refused: none of it applied)",
+                                 ["outcome"], registry=r)
+        self.snapshot_entries = Histogram("syncd_snapshot_entries", "Outbox entries per snapshot applied",
+                                          buckets=SNAPSHOT_BUCKETS, registry=r)
+        self.snapshot_staged = Counter("syncd_snapshot_chunks_staged_total", "Chunks of large snapshots staged in the "
+                                       "secondary before their apply", registry=r)
         self.build_info = Gauge("syncd_build_info", "syncd version", ["version"], registry=r)
         self.build_info.labels(version=__version__).set(1)
         self.health = Health()

@@ -35,6 +35,7 @@ class Observer:
         self.next_batch_log = 0.0
         self.unlogged_requeues: Counter[tuple[str, str]] = Counter()  # (table, reason) -> keys not yet logged
         self.next_requeue_log: dict[tuple[str, str], float] = {}
+        self.snapshot_held_by: tuple[str, ...] = ()  # the halted tables last said to hold a file's snapshots
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -249,6 +250,35 @@ class Observer:
         self.target_failed(error.message)
         self.log.warning("secondary unavailable: will retry", table=table, reason=error.message, attempt=attempt,
                          retry_in_s=round(retry_in, 3))
+
+    def snapshot_refused(self, error: TargetError, attempt: int, retry_in: float) -> None:
+        """The secondary refused a snapshot (snapshot mode): nothing of it applied; tried again after `retry_in`."""
+        self.metrics.snapshots.labels(outcome="refused").inc()
+        self.metrics.target_up.set(1 if error.status is not None else 0)
+        self.metrics.health.target_ok, self.metrics.health.reason = False, error.message
+        self.log.error("snapshot refused: will retry", reason=error.message, status=error.status, code=error.code,
+                       attempt=attempt, retry_in_s=round(retry_in, 3))
+
+    def snapshot_applied(self, *, entries: int, keys: int, chunks: int, dead: int, applied: bool) -> None:
+        """A snapshot of `entries` outbox entries (`keys` keys, `chunks` requests' worth) is in the secondary;
+        `applied` False when it was a retry of one applied before (the secondary changed nothing)."""
+        self.snapshot_held_by = ()
+        self.metrics.snapshots.labels(outcome="applied" if applied else "repeated").inc()
+        self.metrics.snapshot_entries.observe(entries)
+        if chunks > 1 or dead:
+            self.log.info("snapshot applied", entries=entries, keys=keys, chunks=chunks, dead_lettered=dead)
+
+    def snapshot_chunk_staged(self) -> None:
+        """One chunk of a large snapshot was staged in the secondary."""
+        self.metrics.snapshot_staged.inc()
+
+    def snapshot_held(self, halted: Sequence[str]) -> None:
+        """Snapshot mode ships nothing of the file while a table is halted (a state without it would be torn)."""
+        if tuple(halted) == self.snapshot_held_by:
+            return
+        self.snapshot_held_by = tuple(halted)
+        self.log.warning("snapshot mode: nothing of the file ships while a table is halted", halted=list(halted),
+                         hint="resume the halted table (its halt says how); every other table waits with it")
 
     def secondary_recovered(self, after_failures: int) -> None:
         """The secondary answered again after `after_failures` failed tries in a row."""

@@ -596,7 +596,7 @@ Renderer = Callable[[Sequence[str]], "tuple[str, str] | None"]  # a table's colu
 def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
           in_flight: Sequence[Change] | InFlight = (), after: int = 0,
           renderers: Mapping[str, Renderer] | None = None,
-          planned_at: int | None = None, retry: Sequence[int] = ()) -> Claim:
+          planned_at: int | None = None, retry: Sequence[int] = (), in_transaction: bool = False) -> Claim:
     """The first `limit` outbox entries of the tables in `keys` ({table: key columns}) among those of the seqs
     `retry` (at most `after`, read first) and those after seq `after`, acked ones left out, grouped by key, with the
     current row of each key, all read in one transaction so that the rows are the state at one instant. Naming the
@@ -610,6 +610,9 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
     `planned_at` is the schema cookie `keys` and `renderers` were planned at: raises sqlite.SchemaMoved, nothing
     claimed, when the snapshot's is another (a key column renamed since reads no row, and its entries would ship
     as deletes).
+
+    With `in_transaction` the caller holds a read transaction already (snapshot mode reads a whole snapshot as
+    several claims of one transaction); otherwise the claim opens and ends its own.
     """
     if not keys:
         return Claim()
@@ -618,7 +621,8 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
     # Entries in flight lie at or below `after`, except after the window's reset (`after` back to 0).
     busy_seqs = json.dumps(busy.seqs_after(after))
     of_tables = f"tbl IN ({', '.join('?' * len(tables))}) AND {NOT_ACKED}"
-    conn.execute("BEGIN")
+    if not in_transaction:
+        conn.execute("BEGIN")
     try:
         if planned_at is not None and (now := schema_version(conn)) != planned_at:
             raise SchemaMoved(f"the schema changed since the tables were planned (schema_version {planned_at} -> "
@@ -660,7 +664,8 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
                     raise
                 raise TableUnreadable(table, str(exc)) from None
     finally:
-        conn.execute("COMMIT")
+        if not in_transaction:
+            conn.execute("COMMIT")
     return Claim(changes, passed_over, rows[-1][0] if rows else 0, vanished)
 
 
@@ -808,6 +813,39 @@ def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence
                          [(table, json.dumps(keys), now) for table, keys in by_table.items()])
         for table in by_table:
             update_table_state(conn, table, last_shipped_at=now)
+
+
+def acknowledge_range(conn: apsw.Connection, first: int, last: int, tables: Sequence[str],
+                      dead: Sequence[DeadLetter], journal: Mapping[str, Sequence[str]],
+                      now: float | None = None) -> int:
+    """Record a snapshot the secondary applied, in one state-file transaction: every entry of `tables` from seq
+    `first` to `last` not acknowledged yet joins `acked` as shipped (copied from the outbox in SQL, its seq and at as
+    stored), but the entries of the `dead` letters, which are filed as in `acknowledge`; `journal` ({table: the keys
+    shipped, as stored}) gets one row per table. How many entries were acknowledged.
+
+    Only a range a snapshot read whole may be given: its read saw every entry up to `last` (a later entry has a
+    higher seq), and nothing else acknowledges entries meanwhile."""
+    now = time.time() if now is None else now
+    if not tables or last < first:
+        return 0
+    acked: list[tuple[object, ...]] = []
+    for letter in dead:
+        *merged, final = letter.change.entries
+        acked += [(e.seq, e.stored_at, "merged", None, None, None, None, None) for e in merged]
+        acked.append((final.seq, final.stored_at, "dead", letter.change.oldest_at, now, letter.status, letter.code,
+                      letter.message))
+    with writing(conn):
+        conn.execute("INSERT INTO st.acked (seq, at, fate) SELECT seq, at, 'shipped' FROM main._syncd_outbox o "
+                     f"WHERE seq BETWEEN ? AND ? AND tbl IN ({', '.join('?' * len(tables))}) AND {NOT_ACKED}",
+                     (first, last, *tables))
+        settled = conn.changes()
+        conn.executemany("INSERT OR REPLACE INTO st.acked (seq, at, fate, since, failed_at, status, code, message) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", acked)
+        conn.executemany("INSERT INTO st.journal_batches (tbl, keys, shipped_at) VALUES (?, ?, ?)",
+                         [(table, json.dumps(list(keys)), now) for table, keys in journal.items() if keys])
+        for table in journal:
+            update_table_state(conn, table, last_shipped_at=now)
+    return settled
 
 
 class Flushed(int):

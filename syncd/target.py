@@ -568,6 +568,14 @@ class PostgrestTarget:
             headers["Accept-Profile"] = self.schema
         self.send("GET", f"{self.table_url(table)}?limit=0", headers, None)
 
+    def call(self, function: str, body: bytes) -> bytes:
+        """Call a function of the secondary's schema: POST /rpc/{function} with `body`, a JSON object of its named
+        arguments (PostgREST's convention: each key an argument, cast to its type); the answer's body (a function
+        returning jsonb answers its value). Raises TargetError; PostgREST answers 404 PGRST202 for a function it
+        does not know (or has not loaded into its schema cache yet)."""
+        headers = {"Content-Type": "application/json", "Prefer": "return=representation"}
+        return self.send("POST", f"{self.base}/rpc/{encode(function)}", headers, body).content
+
     def probe_conflict_key(self, table: str, key: Sequence[str]) -> None:
         """Upsert no rows by `key`: PostgreSQL still plans ON CONFLICT and answers 42P10 when no unique
         constraint matches those columns. Writes nothing."""

@@ -38,6 +38,7 @@ from syncd.plan import Plan
 from syncd.reconcile import Reconciler
 from syncd.settings import Settings, Target
 from syncd.shipping import Interrupted, Shipper
+from syncd.snapshot import SnapshotRefused, Snapshots
 from syncd.source import Source
 from syncd.sqlite import FileMoved, SchemaMoved
 from syncd.timers import Timers
@@ -98,9 +99,21 @@ class Worker:
         self.shipping = Shipper(self.plan, self.halts, self.keeper.schema_halts, self.settings, observer,
                                 pool or ThreadPoolExecutor(max_workers=config.worker.max_in_flight,
                                                            thread_name_prefix="syncd-ship"))
+        self.snapshots = Snapshots(source, self.plan, self.halts, self.settings, observer, self.shipping,
+                                   prepared=self.planned, replan=self.replan)
         self.watch = SourceWatch(source, observer, self.settings)
         self.timers = Timers(self.plan, self.settings, observer)
         self.holding = False  # this daemon held the lease at its last look
+
+    def planned(self) -> bool:
+        """Plan the tables when they are not (False: the app is changing its schema right now)."""
+        if not self.keeper.prepared:
+            self.keeper.prepare()
+        return self.keeper.prepared
+
+    def replan(self) -> None:
+        """The app changed its schema since the plan: plan again before the next read."""
+        self.keeper.prepared = False
 
     def tables_resumed(self) -> None:
         """Changes held back may ship again: claims start from the first seq, and reconciles in backoff are tried
@@ -217,7 +230,10 @@ class Worker:
     def back_off(self, exc: Interrupted, failures: int, stop: threading.Event) -> None:
         """The secondary failed as a whole: wait (capped exponential backoff, full jitter, Retry-After)."""
         pause = backoff.delay(failures, cap=self.config.worker.max_backoff, retry_after=exc.error.retry_after)
-        self.observer.secondary_failed(exc.table, exc.error, failures, pause)
+        if isinstance(exc, SnapshotRefused):
+            self.observer.snapshot_refused(exc.error, failures, pause)
+        else:
+            self.observer.secondary_failed(exc.table, exc.error, failures, pause)
         stop.wait(pause)
 
     def source_usable(self) -> None:
@@ -269,6 +285,11 @@ class Worker:
         """Claim, ship and acknowledge one batch, and apply it to the app's file at once (raises Interrupted after
         acknowledging what shipped). The loop defers that last step (`flush_when_due`); this is for callers that
         want one whole step."""
+        if self.config.worker.consistency == "snapshot":
+            try:
+                return self.ship_snapshot()
+            finally:
+                self.flush_when_due(final=True)
         shipment = self.claim()
         if shipment is None:
             return DrainResult()
@@ -282,7 +303,9 @@ class Worker:
         batch) says no. Up to `max_in_flight` batches are on their way at once (`Window`: no key is ever in two
         requests at once, and a batch related by a foreign key to one in flight waits for it, so parents still
         land before children). Each answer is acknowledged for its own batch, in the order the batches were
-        claimed."""
+        claimed. In snapshot mode, whole snapshots one after another instead (`drain_snapshots`)."""
+        if self.config.worker.consistency == "snapshot":
+            return self.drain_snapshots(stop, between)
         total = DrainResult()
         window = self.window.begin()
         try:
@@ -308,6 +331,36 @@ class Worker:
         finally:
             for _, future in window:  # left early (an interruption, a busy file): no request runs on behind us
                 future.result()
+
+    def drain_snapshots(self, stop: threading.Event, between: Callable[[], bool]) -> DrainResult:
+        """Ship snapshots until the outbox is empty, `stop` is set or `between` says no (raises Interrupted)."""
+        total = DrainResult()
+        while not stop.is_set():
+            done = self.ship_snapshot()
+            total = total.plus(done)
+            if not done.claimed or not between():
+                break
+        return total
+
+    def ship_snapshot(self) -> DrainResult:
+        """Read, apply and acknowledge one snapshot (`Snapshots`); raises Interrupted (SnapshotRefused) having
+        acknowledged nothing of it."""
+        try:
+            snapshot = self.snapshots.read()
+        except outbox.TableUnreadable as exc:
+            self.halts.halt(exc.table, Halt("capture", f"syncd cannot read the rows of {exc.table!r}: {exc.problem}; "
+                                                       "leave the table out of syncd.toml, or report it"))
+            return DrainResult()
+        if snapshot is None:
+            return DrainResult()
+        try:
+            applied = self.snapshots.ship(snapshot)
+            settled = self.snapshots.acknowledge(snapshot, applied)
+        finally:
+            snapshot.close()
+        self.flush.acknowledged(settled, 0)
+        self.timers.exchanged()
+        return DrainResult(snapshot.entries, snapshot.keys, len(snapshot.dead), 0, more=False)
 
     def claim(self, in_flight: Sequence[outbox.Change] | outbox.InFlight = ()) -> Shipment | None:
         """The next batch of the tables that are not halted, its keys' rows read from one snapshot, leaving out the

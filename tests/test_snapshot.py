@@ -1,0 +1,295 @@
+"""Snapshot mode (issue 22): a reader of the secondary never sees a state the SQLite file never had.
+
+The app writes `orders` and `order_lines` in one SQLite transaction each (an order's total always equals the sum of
+its lines); a reader polls PostgreSQL in REPEATABLE READ and counts the snapshots in which an order disagrees with
+its lines. In snapshot mode there are none, through kill -9 of the daemon and while large snapshots are staged in
+chunks; in key mode (the default) there are, which is what the mode is for. Against the dev server and the real
+PostgREST. The SQL functions themselves (syncd/snapshot.sql) are tested straight in PostgreSQL first."""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import cast
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from syncd.snapshot import function_sql
+from tests.conftest import ROOT, create_tables
+from tests.e2e import free_port, poll
+from tests.postgrest import Secondary
+
+TABLES = '[{"table": "%(orders)s", "key": ["id"]}, {"table": "%(lines)s", "key": ["id"]}]'
+
+
+def test_the_migration_is_the_sql_init_writes() -> None:
+    assert (ROOT / "deploy/supabase/migrations/003_syncd_snapshots.sql").read_text() == function_sql()
+
+
+# -- the functions, in PostgreSQL ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shop(pg: psycopg.Connection) -> dict[str, str]:
+    """Two fresh tables of the secondary, lines referencing orders (NOT DEFERRABLE), granted to service_role."""
+    suffix = uuid.uuid4().hex[:8]
+    names = {"orders": f"snap_orders_{suffix}", "lines": f"snap_lines_{suffix}"}
+    pg.execute(f"CREATE TABLE {names['orders']} (id integer PRIMARY KEY, total integer NOT NULL)")
+    pg.execute(f"CREATE TABLE {names['lines']} (id integer PRIMARY KEY, order_id integer NOT NULL REFERENCES "
+               f"{names['orders']} (id), amount integer NOT NULL CHECK (amount >= 0))")
+    pg.execute(f"GRANT ALL ON {names['orders']}, {names['lines']} TO service_role")
+    return names
+
+
+def apply(pg: psycopg.Connection, shop: dict[str, str], source: str, snapshot: str, doc: dict[str, object],
+          staged: int = 0) -> dict[str, object]:
+    with pg.transaction():
+        pg.execute("SET LOCAL ROLE service_role")
+        row = pg.execute("SELECT public.syncd_apply(%s, %s, %s, %s, %s)",
+                         (source, snapshot, TABLES % shop, json.dumps(doc), staged)).fetchone()
+    assert row is not None
+    return dict(row[0])
+
+
+def stage(pg: psycopg.Connection, source: str, snapshot: str, chunk: int, doc: dict[str, object]) -> None:
+    with pg.transaction():
+        pg.execute("SET LOCAL ROLE service_role")
+        pg.execute("SELECT public.syncd_stage(%s, %s, %s, %s)", (source, snapshot, chunk, json.dumps(doc)))
+
+
+def rows(pg: psycopg.Connection, table: str) -> list[tuple[object, ...]]:
+    return pg.execute(sql.SQL("SELECT * FROM {} ORDER BY id").format(sql.Identifier(table))).fetchall()
+
+
+def test_an_apply_takes_parents_first_whatever_order_the_document_has_and_a_retry_changes_nothing(
+        pg: psycopg.Connection, shop: dict[str, str]) -> None:
+    source = uuid.uuid4().hex
+    doc = {"upserts": [{"table": shop["lines"], "rows": [{"id": 1, "order_id": 1, "amount": 5}]},
+                       {"table": shop["orders"], "rows": [{"id": 1, "total": 5}]}], "deletes": []}
+    assert apply(pg, shop, source, "s1", doc) == {"applied": True, "rows": 2}
+    pg.execute(sql.SQL("UPDATE {} SET total = 99").format(sql.Identifier(shop["orders"])))  # another writer
+    assert apply(pg, shop, source, "s1", doc) == {"applied": False, "rows": 0}  # its answer was lost: retried
+    assert rows(pg, shop["orders"]) == [(1, 99)]
+    gone = {"deletes": [{"table": shop["orders"], "keys": [{"id": 1}]}, {"table": shop["lines"], "keys": [{"id": 1}]}]}
+    assert apply(pg, shop, source, "s2", gone) == {"applied": True, "rows": 2}  # children deleted first
+    assert rows(pg, shop["orders"]) == [] and rows(pg, shop["lines"]) == []
+
+
+def test_staged_chunks_apply_in_one_transaction_and_leftovers_of_another_snapshot_are_removed(
+        pg: psycopg.Connection, shop: dict[str, str]) -> None:
+    source = uuid.uuid4().hex
+    stage(pg, source, "crashed", 0, {"upserts": [{"table": shop["orders"], "rows": [{"id": 7, "total": 0}]}]})
+    stage(pg, source, "s1", 0, {"upserts": [{"table": shop["lines"], "rows": [{"id": 1, "order_id": 1, "amount": 2}]}]})
+    stage(pg, source, "s1", 1, {"upserts": [{"table": shop["lines"], "rows": [{"id": 2, "order_id": 1, "amount": 3}]}]})
+    staged = pg.execute("SELECT snapshot, chunk FROM syncd_staging WHERE source = %s ORDER BY chunk",
+                        (source,)).fetchall()
+    assert staged == [("s1", 0), ("s1", 1)]  # the crashed snapshot's chunk is gone
+    assert apply(pg, shop, source, "s1", {"upserts": [{"table": shop["orders"], "rows": [{"id": 1, "total": 5}]}]},
+                 staged=2) == {"applied": True, "rows": 3}
+    assert rows(pg, shop["lines"]) == [(1, 1, 2), (2, 1, 3)]
+    assert pg.execute("SELECT count(*) FROM syncd_staging WHERE source = %s", (source,)).fetchone() == (0,)
+
+
+def test_a_refused_row_or_a_missing_chunk_applies_nothing(pg: psycopg.Connection, shop: dict[str, str]) -> None:
+    source = uuid.uuid4().hex
+    bad = {"upserts": [{"table": shop["orders"], "rows": [{"id": 1, "total": 1}]},
+                       {"table": shop["lines"], "rows": [{"id": 1, "order_id": 1, "amount": -1}]}]}
+    with pytest.raises(psycopg.errors.CheckViolation):
+        apply(pg, shop, source, "s1", bad)
+    with pytest.raises(psycopg.Error) as missing:
+        apply(pg, shop, source, "s2", {"upserts": []}, staged=1)
+    assert missing.value.sqlstate == "PT503"
+    assert rows(pg, shop["orders"]) == [] and rows(pg, shop["lines"]) == []
+    assert pg.execute("SELECT count(*) FROM syncd_snapshot WHERE source = %s", (source,)).fetchone() == (0,)
+
+
+# -- end to end: the torn reads ------------------------------------------------------------------------------
+
+SCHEMA = """
+PRAGMA journal_mode=WAL;
+CREATE TABLE orders (id INTEGER PRIMARY KEY, total INTEGER NOT NULL);
+CREATE TABLE order_lines (id INTEGER PRIMARY KEY, order_id INTEGER NOT NULL REFERENCES orders (id),
+                          amount INTEGER NOT NULL);
+"""
+
+
+def config_text(db: Path, server: Secondary, names: dict[str, str], metrics: str, consistency: str) -> str:
+    return f"""
+[source]
+path = "{db}"
+
+[target]
+url = "{server.url}"
+jwt_secret = "{server.jwt_secret}"
+
+[worker]
+metrics_addr = "{metrics}"
+poll_interval = 0.05
+max_backoff = 0.5
+lease_seconds = 3
+batch_size = 40
+consistency = "{consistency}"
+
+[[table]]
+name = "orders"
+target = "{names['orders']}"
+
+[[table]]
+name = "order_lines"
+target = "{names['lines']}"
+"""
+
+
+class Shop:
+    """The app: one SQLite transaction per order written, changed or removed, its total always its lines' sum."""
+
+    def __init__(self, db: Path, seed: int) -> None:
+        self.db = db
+        self.rng = random.Random(seed)
+        self.next_order, self.next_line = 1, 1
+        self.orders: dict[int, list[int]] = {}
+
+    def transaction(self, conn: sqlite3.Connection) -> None:
+        rng = self.rng
+        conn.execute("BEGIN IMMEDIATE")
+        roll = rng.random()
+        if roll < 0.5 or len(self.orders) < 5:
+            order, lines = self.next_order, []
+            self.next_order += 1
+            conn.execute("INSERT INTO orders VALUES (?, 0)", (order,))
+            for _ in range(rng.randint(1, 4)):
+                conn.execute("INSERT INTO order_lines VALUES (?, ?, ?)", (self.next_line, order, rng.randint(1, 50)))
+                lines.append(self.next_line)
+                self.next_line += 1
+            self.orders[order] = lines
+        elif roll < 0.85:
+            order = rng.choice(list(self.orders))
+            line = rng.choice(self.orders[order])
+            conn.execute("UPDATE order_lines SET amount = ? WHERE id = ?", (rng.randint(1, 50), line))
+        else:
+            order = rng.choice(list(self.orders))
+            conn.execute("DELETE FROM order_lines WHERE order_id = ?", (order,))
+            conn.execute("DELETE FROM orders WHERE id = ?", (order,))
+            del self.orders[order]
+            conn.execute("COMMIT")
+            return
+        conn.execute("UPDATE orders SET total = (SELECT sum(amount) FROM order_lines WHERE order_id = ?) WHERE id = ?",
+                     (order, order))
+        conn.execute("COMMIT")
+
+
+class Reader(threading.Thread):
+    """Polls the secondary in REPEATABLE READ every 10 ms: how many reads, how many showed an order whose total is
+    not its lines' sum (an order without its lines counts: its total is not 0)."""
+
+    def __init__(self, pg_url: str, names: dict[str, str]) -> None:
+        super().__init__(daemon=True)
+        self.pg_url, self.names = pg_url, names
+        self.stop = threading.Event()
+        self.reads = self.torn = 0
+        self.examples: list[tuple[object, ...]] = []  # (order, its total, its lines' sum) of the first torn reads
+        self.query = sql.SQL(
+            "SELECT o.id, o.total, (SELECT sum(l.amount) FROM {lines} l WHERE l.order_id = o.id) FROM {orders} o "
+            "WHERE o.total <> coalesce((SELECT sum(l.amount) FROM {lines} l WHERE l.order_id = o.id), 0)").format(
+                orders=sql.Identifier(names["orders"]), lines=sql.Identifier(names["lines"]))
+
+    def run(self) -> None:
+        with psycopg.connect(self.pg_url, autocommit=True) as conn:
+            while not self.stop.is_set():
+                with conn.transaction():
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    found = conn.execute(self.query).fetchall()
+                self.reads += 1
+                if found:
+                    self.torn += 1
+                    self.examples += found[:3] if len(self.examples) < 9 else []
+                time.sleep(0.01)
+
+
+def syncd(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "syncd", *args, "--config", str(config)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def start(config: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "syncd", "run", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def converged(db: Path, pg: psycopg.Connection, names: dict[str, str]) -> bool:
+    with sqlite3.connect(db) as conn:
+        orders = conn.execute("SELECT id, total FROM orders ORDER BY id").fetchall()
+        lines = conn.execute("SELECT id, order_id, amount FROM order_lines ORDER BY id").fetchall()
+    return (rows(pg, names["orders"]) == orders and rows(pg, names["lines"]) == lines)
+
+
+def run_shop(tmp_path: Path, secondary: Secondary, pg: psycopg.Connection, consistency: str, *, seconds: float,
+             kills: int = 0) -> Reader:
+    """The app writing ~100 transactions a second for `seconds` while syncd ships in `consistency` mode (killed with
+    SIGKILL and started again `kills` times meanwhile) and the reader polls; then everything converges."""
+    suffix = uuid.uuid4().hex[:8]
+    names = {"orders": f"shop_orders_{suffix}", "lines": f"shop_lines_{suffix}"}
+    create_tables(secondary, {
+        f"public.{names['orders']}": f"CREATE TABLE public.{names['orders']} (id integer PRIMARY KEY, "
+                                     "total integer NOT NULL)",
+        f"public.{names['lines']}": f"CREATE TABLE public.{names['lines']} (id integer PRIMARY KEY, order_id integer "
+                                    f"NOT NULL REFERENCES public.{names['orders']} (id), amount integer NOT NULL)"})
+    db = tmp_path / f"shop-{consistency}.sqlite3"
+    sqlite3.connect(db).executescript(SCHEMA)
+    metrics = f"127.0.0.1:{free_port()}"
+    config = tmp_path / f"syncd-{consistency}.toml"
+    config.write_text(config_text(db, secondary, names, metrics, consistency))
+    assert (installed := syncd(config, "install")).returncode == 0, installed.stderr
+    shop, reader = Shop(db, seed=22), Reader(secondary.pg_url, names)
+    (began_at,) = cast(tuple[datetime], pg.execute("SELECT now()").fetchone())
+    app = sqlite3.connect(db, isolation_level=None, timeout=30)
+    daemon = start(config)
+    reader.start()
+    try:
+        poll(f"http://{metrics}/healthz", lambda r: r.status_code == 200)
+        kill_at = sorted(random.Random(5).uniform(0.5, seconds) for _ in range(kills))
+        began = time.monotonic()
+        while (elapsed := time.monotonic() - began) < seconds:
+            shop.transaction(app)
+            if kill_at and elapsed >= kill_at[0]:
+                kill_at.pop(0)
+                daemon.kill()
+                daemon.wait()
+                daemon = start(config)
+            time.sleep(0.01)
+        deadline = time.monotonic() + 60
+        while not converged(db, pg, names):
+            assert time.monotonic() < deadline, "the secondary did not converge"
+            time.sleep(0.2)
+    finally:
+        reader.stop.set()
+        reader.join()
+        daemon.terminate()
+        daemon.wait(timeout=30)
+    assert daemon.returncode == 0, daemon.stderr.read() if daemon.stderr else ""
+    (applied,) = cast(tuple[int], pg.execute("SELECT count(*) FROM syncd_snapshot WHERE applied_at >= %s",
+                                             (began_at,)).fetchone())
+    assert (applied > 0) == (consistency == "snapshot")  # the mode was the one asked for
+    return reader
+
+
+def test_snapshot_mode_never_shows_an_order_that_disagrees_with_its_lines(
+        tmp_path: Path, secondary: Secondary, pg: psycopg.Connection) -> None:
+    reader = run_shop(tmp_path, secondary, pg, "snapshot", seconds=6, kills=3)
+    assert reader.reads > 200 and reader.torn == 0, (reader.reads, reader.torn, reader.examples)
+
+
+def test_key_mode_shows_torn_states_which_is_what_snapshot_mode_is_for(
+        tmp_path: Path, devserver: Secondary, pg: psycopg.Connection) -> None:
+    reader = run_shop(tmp_path, devserver, pg, "key", seconds=4)
+    assert reader.reads > 100 and reader.torn > 0, (reader.reads, reader.torn)
