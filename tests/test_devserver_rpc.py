@@ -387,6 +387,36 @@ def test_profiles_choose_the_schema(functions: Functions, both: Callable[..., An
     assert both(functions.name("one"), {}, headers={"Content-Profile": "nope"}).status == 406
 
 
+@needs_postgrest
+def test_openapi_lists_the_functions_the_role_may_execute(functions: Functions, devserver: DevServer,
+                                                          postgrest: RunningPostgrest):
+    """GET / lists `/rpc/<name>` with GET's query parameters and POST's body schema as PostgREST 12.2.12 does: the
+    comment as summary and description, required arguments, a VARIADIC one repeated, the last overload of a name;
+    only the functions the role may execute (EXECUTE revoked from anon hides one from the anon key)."""
+    functions.create("""
+        CREATE FUNCTION public.{p}_add(a integer, b integer DEFAULT 10) RETURNS integer LANGUAGE sql AS 'SELECT a + b';
+        COMMENT ON FUNCTION public.{p}_add(integer, integer) IS E'Adds.\n\nTwo numbers.';
+        CREATE FUNCTION public.{p}_count(VARIADIC v integer[]) RETURNS integer LANGUAGE sql AS 'SELECT 1';
+        CREATE FUNCTION public.{p}_whole(jsonb) RETURNS jsonb LANGUAGE sql AS 'SELECT $1';
+        CREATE FUNCTION public.{p}_over(a integer) RETURNS text LANGUAGE sql AS $$SELECT 'int'$$;
+        CREATE FUNCTION public.{p}_over(a text, b text[] DEFAULT '{}') RETURNS text LANGUAGE sql AS $$SELECT 'text'$$;
+        CREATE FUNCTION public.{p}_secret() RETURNS void LANGUAGE sql AS '';
+    """)
+    functions.pg.execute(f"REVOKE EXECUTE ON FUNCTION public.{functions.name('secret')}() FROM PUBLIC, anon")
+    for key in ("service_key", "anon_key"):
+        described = []
+        for server in (devserver, postgrest):
+            with server.client(getattr(server, key)) as client:
+                paths = client.get("/").json()["paths"]
+            mine = f"/rpc/{functions.prefix}"
+            described.append({path: item for path, item in paths.items() if path.startswith(mine)})
+        assert described[0] == described[1]
+        assert (f"/rpc/{functions.name('secret')}" in described[0]) == (key == "service_key")
+    add = described[0][f"/rpc/{functions.name('add')}"]["post"]
+    assert (add["summary"], add["description"]) == ("Adds.", "Two numbers.")
+    assert add["parameters"][0]["schema"]["required"] == ["a"]
+
+
 # -- the fuzzy hint, unit ------------------------------------------------------------------------------
 
 

@@ -107,8 +107,8 @@ class Api:
         if request.path.rstrip("/") == "":
             if request.method not in ("GET", "HEAD"):
                 raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {request.method}")
-            visible = await self.visible_tables(schema, identity.role)
-            document = openapi.describe(self.cache, schema, self.settings.public_url, visible)
+            visible, routines = await self.visible(schema, identity.role)
+            document = openapi.describe(self.cache, schema, self.settings.public_url, visible, routines)
             return Response(200, json.dumps(document).encode(), OPENAPI)
         if request.path.startswith(rpc.PREFIX):
             return await self.invoke(request, schema, identity)
@@ -123,12 +123,16 @@ class Api:
             raise missing_table(request, schema, name, q)
         return await handler(request, table, identity, q)
 
-    async def visible_tables(self, schema: str, role: str) -> set[str]:
-        """The tables of `schema` that `role` may read or write: PostgREST's default `openapi-mode`
-        (follow-privileges) describes only those (https://postgrest.org/en/v12/references/configuration.html)."""
+    async def visible(self, schema: str, role: str) -> tuple[set[str], list[rpc.Routine]]:
+        """The tables of `schema` that `role` may read or write, and the functions it may execute: PostgREST's default
+        `openapi-mode` (follow-privileges) describes only those
+        (https://postgrest.org/en/v12/references/configuration.html). Like PostgREST 12.2.12 the functions are read
+        afresh, not from the schema cache (its accessibleFuncs)."""
         async with self.pool.connection() as conn:
             rows = await (await conn.execute(VISIBLE_SQL, {"role": role, "schema": schema})).fetchall()
-        return {name for (name,) in rows}
+            routines = await rpc.load(conn, [schema], executable_by=role)
+            await conn.rollback()
+        return {name for (name,) in rows}, [r for overloads in routines.values() for r in overloads]
 
     def schema_of(self, request: Request) -> str:
         """The schema a request addresses: its Accept-Profile (GET, HEAD) or Content-Profile (writes) header, default

@@ -12,17 +12,22 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from syncd import __version__
+from syncd.devserver.rpc import Param, Routine
 from syncd.devserver.schema import Column, SchemaCache, Table
 
 INTEGER_TYPES = {"smallint", "integer", "bigint"}
+STRING_TYPES = {"character varying", "character", "text"}
+PRODUCES_RPC = ["application/json", "application/vnd.pgrst.object+json;nulls=stripped",
+                "application/vnd.pgrst.object+json"]
 NUMBER_TYPES = {"numeric", "real", "double precision"}
 LITERAL_DEFAULT = re.compile(r"^'((?:[^']|'')*)'::[\w .\[\]\"]+$")
 
 
-def describe(cache: SchemaCache, schema: str, public_url: str, visible: set[str] | None = None) -> dict[str, Any]:
+def describe(cache: SchemaCache, schema: str, public_url: str, visible: set[str] | None = None,
+             routines: list[Routine] | None = None) -> dict[str, Any]:
     """The Swagger 2.0 document PostgREST v12 serves at `GET /` for `schema`: the paths and definitions of its
-    tables (those in `visible` when given: the ones the request's role may use), host and base path taken from
-    `public_url`."""
+    tables (those in `visible` when given: the ones the request's role may use) and a `/rpc/<name>` path for each of
+    `routines` (the last overload of a name wins, as in PostgREST), host and base path taken from `public_url`."""
     url = urlsplit(public_url)
     tables = [t for t in cache.in_schema(schema) if visible is None or t.name in visible]
     return {
@@ -37,7 +42,8 @@ def describe(cache: SchemaCache, schema: str, public_url: str, visible: set[str]
         "paths": {"/": {"get": {"tags": ["Introspection"], "summary": "OpenAPI description (this document)",
                                 "produces": ["application/openapi+json", "application/json"],
                                 "responses": {"200": {"description": "OK"}}}},
-                  **{f"/{t.name}": paths_of(t) for t in tables}},
+                  **{f"/{t.name}": paths_of(t) for t in tables},
+                  **{f"/rpc/{r.name}": rpc_paths_of(r) for r in routines or []}},
         "definitions": {t.name: definition_of(t) for t in tables},
     }
 
@@ -56,6 +62,73 @@ def paths_of(table: Table) -> dict[str, Any]:
                                "responses": {"204": {"description": "No Content"}}}
         operations["delete"] = {"tags": [table.name], "responses": {"204": {"description": "No Content"}}}
     return operations
+
+
+def rpc_paths_of(routine: Routine) -> dict[str, Any]:
+    """GET and POST of one function as PostgREST 12.2.12 describes them (measured; OpenAPI.hs makeProcPathItem): the
+    first line of its comment as the summary and the rest as the description, GET's query parameters, POST's body
+    schema with the arguments as properties and those without a default as required."""
+    operation: dict[str, Any] = {"tags": [f"(rpc) {routine.name}"], "produces": PRODUCES_RPC,
+                                 "responses": {"200": {"description": "OK"}}}
+    if routine.description is not None:
+        summary, _, rest = routine.description.partition("\n")
+        operation["summary"] = summary
+        if rest.lstrip("\n"):
+            operation["description"] = rest.lstrip("\n")
+    body: dict[str, Any] = {"type": "object"}
+    if routine.description is not None:
+        body["description"] = routine.description
+    if routine.params:
+        body["properties"] = {p.name: rpc_property(p) for p in routine.params}
+    required = [p.name for p in routine.params if p.required]
+    if required:
+        body["required"] = required
+    get = dict(operation)
+    if routine.params:
+        get["parameters"] = [query_parameter(p) for p in routine.params]
+    post = {**operation, "parameters": [{"in": "body", "name": "args", "required": True, "schema": body},
+                                        {"$ref": "#/parameters/preferParams"}]}
+    return {"get": get, "post": post}
+
+
+def rpc_property(param: Param) -> dict[str, Any]:
+    """One argument as a property of POST's body: its type as format, its Swagger type, an array's item type."""
+    prop: dict[str, Any] = {"format": param.type}
+    kind = swagger_type_named(param.type)
+    if kind is not None:
+        prop["type"] = kind
+    if kind == "array":
+        item = swagger_type_named(param.type[:-2])
+        prop["items"] = {"type": item} if item is not None else {}
+    return prop
+
+
+def query_parameter(param: Param) -> dict[str, Any]:
+    """One argument as a GET query parameter; a VARIADIC one repeats (collectionFormat multi)."""
+    kind = swagger_type_named(param.type)
+    described: dict[str, Any] = {"in": "query", "name": param.name, "required": param.required}
+    if param.variadic:
+        item = {"format": param.type[:-2]}
+        item_kind = swagger_type_named(param.type[:-2])
+        if item_kind is not None:
+            item["type"] = item_kind
+        return {**described, "type": kind or "string", "collectionFormat": "multi", "items": item}
+    return {**described, "format": param.type, "type": "string" if kind in (None, "array") else kind}
+
+
+def swagger_type_named(type_name: str) -> str | None:
+    """PostgREST's toSwaggerType of a type's name: None for json and jsonb (any value)."""
+    if type_name in STRING_TYPES:
+        return "string"
+    if type_name in INTEGER_TYPES:
+        return "integer"
+    if type_name in NUMBER_TYPES:
+        return "number"
+    if type_name == "boolean":
+        return "boolean"
+    if type_name in ("json", "jsonb"):
+        return None
+    return "array" if type_name.endswith("[]") else "string"
 
 
 def definition_of(table: Table) -> dict[str, Any]:

@@ -140,10 +140,14 @@ class Routine:
 Routines = dict[tuple[str, str], list[Routine]]
 
 
-async def load(conn: psycopg.AsyncConnection, schemas: list[str]) -> Routines:
-    """The callable functions of `schemas` by (schema, name), overloads in PostgREST's order. Runs on `conn` inside
-    the caller's transaction (the schema cache's one snapshot)."""
-    rows = await (await conn.execute(ROUTINES_SQL, [schemas])).fetchall()
+async def load(conn: psycopg.AsyncConnection, schemas: list[str], executable_by: str | None = None) -> Routines:
+    """The callable functions of `schemas` by (schema, name), overloads in PostgREST's order; with `executable_by`
+    only those that role may execute. Runs on `conn` inside the caller's transaction (the schema cache's one
+    snapshot)."""
+    sql, params = ROUTINES_SQL, [schemas]
+    if executable_by is not None:
+        sql, params = sql + " AND has_function_privilege(%s, p.oid, 'execute')", [schemas, executable_by]
+    rows = await (await conn.execute(sql, params)).fetchall()
     routines: Routines = {}
     for (schema, name, description, names, types, read_types, required, variadic, return_schema, return_type,
          setof, composite, composite_alias, volatility) in rows:
