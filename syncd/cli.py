@@ -553,6 +553,9 @@ def init(args: argparse.Namespace) -> int:
                            "--apply runs the SQL on the PostgreSQL that --pg-url names: give both, or neither")
     if not args.schema or len(args.schema.encode()) > onboard.PG_NAME_BYTES or not args.schema.isprintable():
         raise bad_argument("--schema", f"{args.schema!r} is not a PostgreSQL schema name (1 to 63 bytes, printable)")
+    if args.consistency == "snapshot" and args.schema != "public":
+        raise bad_argument("--consistency", "snapshot mode's functions (syncd_apply, syncd_stage) live in the schema "
+                                            "public, which PostgREST must expose: use --schema public, or key mode")
     existing = [f"{flag} {path}" for flag, path in (("--out", args.out), ("--sql", args.sql)) if path.exists()]
     if existing:
         raise bad_argument(existing[0].split()[0], f"{' and '.join(existing)} already exist(s); init never overwrites "
@@ -575,7 +578,11 @@ def init(args: argparse.Namespace) -> int:
             raise bad_argument("--db", f"no table of {args.db} can be synced ({reasons}); nothing was written")
         notes = onboard.decide_foreign_keys(tables, args.foreign_keys)
         sql = onboard.render_sql(tables, args.schema, args.db)
-        config_text = onboard.render_config(tables, args.db, args.out, args.schema)
+        config_text = onboard.render_config(tables, args.db, args.out, args.schema, consistency=args.consistency)
+        if args.consistency == "snapshot":
+            from syncd.snapshot import function_sql
+
+            sql += "\n" + function_sql()
         if args.apply:
             onboard.apply_sql(sql, args.pg_url, tables, args.schema)
     except onboard.OnboardError as exc:
@@ -618,6 +625,9 @@ def add_init_command(commands: Commands) -> None:
                    help="auto (default): enforce the foreign keys no row of the file breaks, comment out the others; "
                         "comment: write every one as a comment (an app that deletes parents rows still reference); "
                         "enforce: write every one as a constraint")
+    p.add_argument("--consistency", choices=("key", "snapshot"), default="key",
+                   help="key (default): each row converges; snapshot: every state of the secondary is one the file "
+                        "had (writes [worker] consistency = \"snapshot\" and adds syncd_apply's SQL to the SQL)")
     p.add_argument("--apply", action="store_true", help="also run the SQL on --pg-url, in one transaction")
     p.add_argument("--pg-url", help="with --apply: the secondary's PostgreSQL URL (postgresql://...)")
     p.set_defaults(run=init)

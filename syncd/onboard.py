@@ -287,10 +287,10 @@ def toml_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
-def render_config(tables: list[Table], db: Path, out: Path, schema: str) -> str:
+def render_config(tables: list[Table], db: Path, out: Path, schema: str, *, consistency: str = "key") -> str:
     """The commented syncd.toml: [source] (the file, relative to `out`'s directory), [target] (the schema; the URL
-    and key from the environment, never written), one [[table]] per synced table with its transforms, and the
-    tables left out, commented, with the reason."""
+    and key from the environment, never written), [worker] when `consistency` is "snapshot", one [[table]] per
+    synced table with its transforms, and the tables left out, commented, with the reason."""
     source = os.path.relpath(db.absolute(), out.absolute().parent)
     synced = [t for t in tables if t.refused is None]
     lines = [f"# syncd configuration, written by `syncd init` from {db.name}: {len(synced)} table(s) synced"
@@ -305,6 +305,10 @@ def render_config(tables: list[Table], db: Path, out: Path, schema: str) -> str:
              f"schema = {toml_string(schema)}",
              "# The key is never written here: set SUPABASE_SERVICE_KEY (the service_role key) or",
              "# SUPABASE_SERVICE_KEY_FILE, or SUPABASE_JWT_SECRET (syncd then mints short-lived tokens itself).",
+             *(["", "[worker]",
+                "# Every state of the secondary's tables is one the file had (README, \"Consistency\"):",
+                "# needs syncd_apply and syncd_stage, whose SQL is at the end of the SQL written beside this file.",
+                'consistency = "snapshot"'] if consistency == "snapshot" else []),
              "",
              "# Shipping order: parents before children, from the foreign keys SQLite declares. `after = [...]` in a",
              "# [[table]] is only needed for a foreign key the secondary has and SQLite does not declare."]

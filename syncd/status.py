@@ -57,6 +57,7 @@ class Status:
     problems: list[str] = field(default_factory=list)
     daemon: dict[str, object] | None = None  # the live daemon's /readyz answer: {"ready", "reason"} or {"error"}
     key: KeyInfo | None = None  # the kind of key syncd sends and its role ({"kind", "role"} in JSON), never the key
+    consistency: str = "key"  # what a reader of the secondary may see: key or snapshot ([worker] consistency)
 
     @property
     def healthy(self) -> bool:
@@ -94,6 +95,7 @@ def collect(conn: apsw.Connection, config: Config, *, max_lag: float = DEFAULT_M
             f"{max(0, lease.expires_at - now):.0f} s, then a new `syncd run` takes over (start one now: it waits "
             "for that)")
     status.key = config.target.key
+    status.consistency = config.worker.consistency
     if config.target.key.kind == "publishable":
         status.problems.append("the key is a Supabase publishable key (sb_publishable_...): it acts as the anon role, "
                                "which RLS and the grants keep from writing what syncd ships; put a secret key "
@@ -203,6 +205,12 @@ def recorded_record(state: dict[str, object], name: str) -> dict[str, object] | 
     return value if isinstance(value, dict) else None
 
 
+CONSISTENCY_SHOWN = {
+    "key": "per key (consistency = \"key\"): each row converges; a reader may see part of an app transaction",
+    "snapshot": "whole snapshots (consistency = \"snapshot\"): every state of the secondary is one the file had",
+}
+
+
 def render(status: Status, now: float | None = None) -> str:
     """The human form of `syncd status`."""
     now = time.time() if now is None else now
@@ -221,6 +229,7 @@ def render(status: Status, now: float | None = None) -> str:
         lines.append("daemon:   no daemon holds the lease")
     if status.key:
         lines.append(f"key:      {status.key.describe()}")
+    lines.append(f"ships:    {CONSISTENCY_SHOWN[status.consistency]}")
     header = ("TABLE", "TARGET", "PENDING", "OLDEST", "DEAD", "LAST SHIPPED", "TRIGGERS")
     rows = [header] + [(t.name, t.target, str(t.pending), format_age(t.oldest_pending_age), str(t.dead_letters),
                         format_age(now - t.last_shipped_at if t.last_shipped_at else None, " ago"), t.triggers)

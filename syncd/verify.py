@@ -372,6 +372,7 @@ class Verification:
     tables: list[TableReport]
     repair: bool = False
     dry_run: bool = False
+    consistency: str = "key"  # how the file ships ([worker] consistency): what a reader may have seen meanwhile
 
     @property
     def equal(self) -> bool:
@@ -381,11 +382,13 @@ class Verification:
     def as_dict(self) -> dict[str, object]:
         """The `--json` form: equal, repair, dry_run, and each table's report with its own `equal`."""
         tables = [{**asdict(t), "equal": t.equal} for t in self.tables]
-        return {"equal": self.equal, "repair": self.repair, "dry_run": self.dry_run, "tables": tables}
+        return {"equal": self.equal, "repair": self.repair, "dry_run": self.dry_run, "consistency": self.consistency,
+                "tables": tables}
 
     def render(self) -> str:
         """What `syncd verify` prints: each table's lines, then one summary line."""
-        lines = [line for table in self.tables for line in table.render(self.dry_run)]
+        lines = [f"the file ships in {self.consistency} mode ([worker] consistency = \"{self.consistency}\")"]
+        lines += [line for table in self.tables for line in table.render(self.dry_run)]
         differ = sum(not t.equal for t in self.tables)
         if not differ:
             lines.append(f"verify: {len(self.tables)} table(s) equal")
@@ -435,7 +438,7 @@ def verify(conn: apsw.Connection, config: Config, target: PostgrestTarget, *, ta
             report.answered = marked
             report.cleared = outbox.reconciled(conn, table_config.name, report.repair or 0, time.time(), marked)
         reports.append(report)
-    return Verification(reports, repair, dry_run)
+    return Verification(reports, repair, dry_run, config.worker.consistency)
 
 
 T = TypeVar("T")

@@ -293,3 +293,86 @@ def test_key_mode_shows_torn_states_which_is_what_snapshot_mode_is_for(
         tmp_path: Path, devserver: Secondary, pg: psycopg.Connection) -> None:
     reader = run_shop(tmp_path, devserver, pg, "key", seconds=4)
     assert reader.reads > 100 and reader.torn > 0, (reader.reads, reader.torn)
+
+
+# -- what the operator sees ----------------------------------------------------------------------------------
+
+
+def shop_daemon_files(tmp_path: Path, secondary: Secondary, check: str = "") -> tuple[Path, Path, str, dict[str, str]]:
+    """A shop file installed for snapshot mode, its config and metrics address, and its two fresh target tables
+    (`check`: an extra constraint on the lines' amount)."""
+    suffix = uuid.uuid4().hex[:8]
+    names = {"orders": f"shop_orders_{suffix}", "lines": f"shop_lines_{suffix}"}
+    create_tables(secondary, {
+        f"public.{names['orders']}": f"CREATE TABLE public.{names['orders']} (id integer PRIMARY KEY, "
+                                     "total integer NOT NULL)",
+        f"public.{names['lines']}": f"CREATE TABLE public.{names['lines']} (id integer PRIMARY KEY, order_id integer "
+                                    f"NOT NULL REFERENCES public.{names['orders']} (id), amount integer NOT NULL "
+                                    f"{check})"})
+    db = tmp_path / "shop.sqlite3"
+    sqlite3.connect(db).executescript(SCHEMA)
+    metrics = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "syncd.toml"
+    config.write_text(config_text(db, secondary, names, metrics, "snapshot"))
+    assert (installed := syncd(config, "install")).returncode == 0, installed.stderr
+    return db, config, metrics, names
+
+
+def test_a_refused_snapshot_applies_nothing_says_so_everywhere_and_ships_once_the_row_is_fixed(
+        tmp_path: Path, secondary: Secondary, pg: psycopg.Connection) -> None:
+    db, config, metrics, names = shop_daemon_files(tmp_path, secondary, check="CHECK (amount >= 0)")
+    app = sqlite3.connect(db, isolation_level=None)
+    app.executescript("BEGIN; INSERT INTO orders VALUES (1, 4); INSERT INTO order_lines VALUES (1, 1, 5), "
+                      "(2, 1, -1); COMMIT;")
+    daemon = start(config)
+    try:
+        ready = poll(f"http://{metrics}/readyz", lambda r: "refused" in r.text)
+        assert ready.status_code == 503 and "23514" in ready.text and "fix the row in the app" in ready.text
+        shown = syncd(config, "status", "--json")
+        status = json.loads(shown.stdout)
+        assert shown.returncode == 1 and status["consistency"] == "snapshot"
+        assert "refused" in str(status["daemon"]["reason"])
+        assert 'syncd_snapshots_total{outcome="refused"}' in poll(f"http://{metrics}/metrics",
+                                                                   lambda r: "refused" in r.text).text
+        assert rows(pg, names["orders"]) == [] and rows(pg, names["lines"]) == []  # nothing of it, not the order
+        app.executescript("BEGIN; UPDATE order_lines SET amount = 0 WHERE id = 2; UPDATE orders SET total = 5; "
+                          "COMMIT;")
+        poll(f"http://{metrics}/readyz", lambda r: r.status_code == 200)
+        deadline = time.monotonic() + 30
+        while not converged(db, pg, names):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+    assert "snapshot refused: will retry" in (daemon.stderr.read() if daemon.stderr else "")
+
+
+def test_status_and_verify_say_which_mode_the_file_ships_in(tmp_path: Path, secondary: Secondary,
+                                                          pg: psycopg.Connection) -> None:
+    db, config, _, names = shop_daemon_files(tmp_path, secondary)
+    sqlite3.connect(db, isolation_level=None).executescript(
+        "BEGIN; INSERT INTO orders VALUES (1, 5); INSERT INTO order_lines VALUES (1, 1, 5); COMMIT;")
+    assert (once := syncd(config, "run", "--once")).returncode == 0, once.stderr
+    assert rows(pg, names["lines"]) == [(1, 1, 5)]
+    shown = syncd(config, "status")
+    assert "ships:    whole snapshots" in shown.stdout, shown.stdout
+    verified = syncd(config, "verify", "--json")
+    assert verified.returncode == 0 and json.loads(verified.stdout)["consistency"] == "snapshot", verified.stdout
+    assert 'ships in snapshot mode' in syncd(config, "verify").stdout
+
+
+def test_init_writes_snapshot_mode_and_its_functions(tmp_path: Path) -> None:
+    db = tmp_path / "shop.sqlite3"
+    sqlite3.connect(db).executescript(SCHEMA)
+    written = subprocess.run([sys.executable, "-m", "syncd", "init", "--db", str(db), "--consistency", "snapshot"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert written.returncode == 0, written.stderr
+    from syncd.config import load_config
+
+    assert load_config(tmp_path / "syncd.toml").worker.consistency == "snapshot"
+    assert (tmp_path / "schema.sql").read_text().endswith(function_sql())
+    refused = subprocess.run([sys.executable, "-m", "syncd", "init", "--db", str(db), "--consistency", "snapshot",
+                              "--schema", "app", "--out", "other.toml", "--sql", "other.sql"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert refused.returncode == 2 and "--consistency" in refused.stderr and "public" in refused.stderr
