@@ -95,6 +95,8 @@ class Snapshot:
     deleted: dict[str, int] = field(default_factory=dict)
     lags_at: list[float] = field(default_factory=list)  # the entries' commit times (unix seconds), sampled
     flushes: int = 0
+    planned_at: int | None = None  # the schema cookie of the plan it was rendered by
+    staged: int = 0  # how many of its chunks the secondary has staged (a resumed snapshot goes on from there)
     started: float = field(default_factory=time.monotonic)
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
 
@@ -133,6 +135,32 @@ class Snapshots:
         self.shipping = shipping
         self.prepared = prepared
         self.replan = replan
+        self.held: Snapshot | None = None  # interrupted on its way: resumed by `next`, chunks staged kept
+
+    def next(self) -> Snapshot | None:
+        """The snapshot interrupted on its way, when it may still go on (the same file and plan, no halt: it is a
+        state the source had, and nothing was applied since), else the next one read (`read`)."""
+        held, self.held = self.held, None
+        if held is not None:
+            position = outbox.file_position(self.conn)
+            if (position is not None and position.generation == held.source and not self.halts.halted
+                    and held.planned_at == self.plan.schema_version and self.prepared()):
+                return held
+            held.close()
+        return self.read()
+
+    def hold(self, snapshot: Snapshot) -> None:
+        """Keep a snapshot the secondary failed to take as a whole (transient): the next try goes on with it, so a
+        large one is not staged from its first chunk again after every failure (it might never get through)."""
+        if self.held is not None and self.held is not snapshot:
+            self.held.close()
+        self.held = snapshot
+
+    def drop(self) -> None:
+        """Forget a held snapshot (the file was replaced, syncd stops)."""
+        if self.held is not None:
+            self.held.close()
+            self.held = None
 
     @property
     def conn(self) -> apsw.Connection:
@@ -153,7 +181,8 @@ class Snapshots:
         conn.execute("BEGIN")
         try:
             position = outbox.file_position(conn)
-            snapshot = Snapshot(position.generation if position else "", flushes=position.flushes if position else 0)
+            snapshot = Snapshot(position.generation if position else "", flushes=position.flushes if position else 0,
+                                planned_at=self.plan.schema_version)
             after = 0
             while True:
                 try:
@@ -244,8 +273,9 @@ class Snapshots:
         caller = cast(Caller, target)
         head = {"source": snapshot.source, "snapshot": snapshot.id}
         staged = len(snapshot.chunks) - 1
-        for index in range(staged):
+        for index in range(snapshot.staged, staged):
             self.exchange(caller, "syncd_stage", {**head, "chunk": index}, snapshot.chunk(index))
+            snapshot.staged = index + 1
             self.observer.snapshot_chunk_staged()
         tables = [{"schema": self.settings.config.target.schema_name, "table": self.plan.mappings[t].target,
                    "key": self.plan.mappings[t].target_key} for t in self.plan.order if t in self.plan.mappings]

@@ -343,10 +343,10 @@ class Worker:
         return total
 
     def ship_snapshot(self) -> DrainResult:
-        """Read, apply and acknowledge one snapshot (`Snapshots`); raises Interrupted (SnapshotRefused) having
-        acknowledged nothing of it."""
+        """Read (or go on with the one interrupted), apply and acknowledge one snapshot (`Snapshots`); raises
+        Interrupted (SnapshotRefused) having acknowledged nothing of it."""
         try:
-            snapshot = self.snapshots.read()
+            snapshot = self.snapshots.next()
         except outbox.TableUnreadable as exc:
             self.halts.halt(exc.table, Halt("capture", f"syncd cannot read the rows of {exc.table!r}: {exc.problem}; "
                                                        "leave the table out of syncd.toml, or report it"))
@@ -355,6 +355,13 @@ class Worker:
             return DrainResult()
         try:
             applied = self.snapshots.ship(snapshot)
+        except SnapshotRefused:
+            snapshot.close()  # the next try reads the file anew: a row fixed in the app meanwhile ships with it
+            raise
+        except Interrupted:
+            self.snapshots.hold(snapshot)
+            raise
+        try:
             settled = self.snapshots.acknowledge(snapshot, applied)
         finally:
             snapshot.close()

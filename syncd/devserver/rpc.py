@@ -144,10 +144,10 @@ async def load(conn: psycopg.AsyncConnection, schemas: list[str], executable_by:
     """The callable functions of `schemas` by (schema, name), overloads in PostgREST's order; with `executable_by`
     only those that role may execute. Runs on `conn` inside the caller's transaction (the schema cache's one
     snapshot)."""
-    sql, params = ROUTINES_SQL, [schemas]
+    sql, arguments = ROUTINES_SQL, list[object]([schemas])
     if executable_by is not None:
-        sql, params = sql + " AND has_function_privilege(%s, p.oid, 'execute')", [schemas, executable_by]
-    rows = await (await conn.execute(sql, params)).fetchall()
+        sql, arguments = sql + " AND has_function_privilege(%s, p.oid, 'execute')", [schemas, executable_by]
+    rows = await (await conn.execute(sql, arguments)).fetchall()
     routines: Routines = {}
     for (schema, name, description, names, types, read_types, required, variadic, return_schema, return_type,
          setof, composite, composite_alias, volatility) in rows:
