@@ -306,6 +306,7 @@ class Worker:
         claimed. In snapshot mode, whole snapshots one after another instead (`drain_snapshots`)."""
         if self.config.worker.consistency == "snapshot":
             return self.drain_snapshots(stop, between)
+        self.snapshots.drop()  # switched to key mode: a snapshot held from before would undo what ships now
         total = DrainResult()
         window = self.window.begin()
         try:
