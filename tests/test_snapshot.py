@@ -511,3 +511,37 @@ def test_a_snapshot_interrupted_while_staging_goes_on_from_the_chunk_that_failed
     sent = [(f, body.get("chunk"), body.get("staged")) for f, body in functions.calls]
     assert sent == [("syncd_stage", 0, None), ("syncd_stage", 1, None), ("syncd_apply", None, 2)]
     assert worker.drain_once().claimed == 1  # then the next snapshot
+
+
+def test_a_row_syncd_cannot_send_is_dead_lettered_and_the_rest_of_the_snapshot_ships(tmp_path: Path) -> None:
+    worker, app, functions = in_process(tmp_path)
+    app.execute("BEGIN; INSERT INTO orders VALUES (1, 9e999); INSERT INTO orders VALUES (2, 5); COMMIT;")  # +Inf
+    done = worker.drain_once()
+    assert (done.claimed, done.shipped, done.dead) == (2, 1, 1)
+    (_, body), = functions.calls
+    assert [row["id"] for group in body["doc"]["upserts"] for row in group["rows"]] == [2]
+    (key, message), = app.execute("SELECT key, message FROM _syncd_dead_letter").fetchall()
+    assert key == "1" and "JSON" in message, message
+    assert outbox.pending_total(worker.conn) == 0
+
+
+def test_the_caller_s_rights_apply_inside_syncd_apply(pg: psycopg.Connection, shop: dict[str, str]) -> None:
+    """SECURITY INVOKER: a role without BYPASSRLS meets the table's policies exactly as its table requests would."""
+    role = f"snap_writer_{uuid.uuid4().hex[:8]}"
+    pg.execute(f"CREATE ROLE {role} NOLOGIN")
+    try:
+        pg.execute(f"GRANT EXECUTE ON FUNCTION public.syncd_apply(text, text, jsonb, jsonb, integer) TO {role}")
+        pg.execute(f"GRANT ALL ON syncd_snapshot, syncd_staging, {shop['orders']}, {shop['lines']} TO {role}")
+        pg.execute(f"ALTER TABLE {shop['orders']} ENABLE ROW LEVEL SECURITY")
+        pg.execute(f"CREATE POLICY small ON {shop['orders']} TO {role} USING (total < 100) WITH CHECK (total < 100)")
+        pg.execute(f"CREATE POLICY own ON syncd_snapshot TO {role} USING (true) WITH CHECK (true)")
+        doc = {"upserts": [{"table": shop["orders"], "rows": [{"id": 1, "total": 500}]}]}
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"), pg.transaction():
+            pg.execute(f"SET LOCAL ROLE {role}")
+            pg.execute("SELECT public.syncd_apply(%s, 's1', %s, %s)", (uuid.uuid4().hex, TABLES % shop,
+                                                                      json.dumps(doc)))
+        assert rows(pg, shop["orders"]) == []
+    finally:
+        pg.execute("DROP POLICY IF EXISTS own ON syncd_snapshot")
+        pg.execute(f"DROP OWNED BY {role}")
+        pg.execute(f"DROP ROLE {role}")
