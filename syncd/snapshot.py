@@ -96,7 +96,7 @@ class Snapshot:
     lags_at: list[float] = field(default_factory=list)  # the entries' commit times (unix seconds), sampled
     flushes: int = 0
     planned_at: int | None = None  # the schema cookie of the plan it was rendered by
-    staged: int = 0  # how many of its chunks the secondary has staged (a resumed snapshot goes on from there)
+    staged: set[int] = field(default_factory=set)  # its chunks the secondary has staged (a resumed one skips them)
     started: float = field(default_factory=time.monotonic)
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
 
@@ -271,12 +271,9 @@ class Snapshots:
             raise SnapshotRefused(SNAPSHOT_LABEL, TargetError(
                 "config", f"the target {target!r} cannot call functions: snapshot mode needs PostgREST's /rpc"))
         caller = cast(Caller, target)
-        head = {"source": snapshot.source, "snapshot": snapshot.id}
+        head: dict[str, object] = {"source": snapshot.source, "snapshot": snapshot.id}
         staged = len(snapshot.chunks) - 1
-        for index in range(snapshot.staged, staged):
-            self.exchange(caller, "syncd_stage", {**head, "chunk": index}, snapshot.chunk(index))
-            snapshot.staged = index + 1
-            self.observer.snapshot_chunk_staged()
+        self.stage(caller, snapshot, head, [index for index in range(staged) if index not in snapshot.staged])
         tables = [{"schema": self.settings.config.target.schema_name, "table": self.plan.mappings[t].target,
                    "key": self.plan.mappings[t].target_key} for t in self.plan.order if t in self.plan.mappings]
         answer = self.exchange(caller, "syncd_apply", {**head, "tables": tables, "staged": staged},
@@ -285,6 +282,29 @@ class Snapshots:
             return bool(json.loads(answer).get("applied", True))
         except (ValueError, AttributeError):
             return True
+
+    def stage(self, caller: Caller, snapshot: Snapshot, head: dict[str, object], chunks: list[int]) -> None:
+        """Stage these chunks, up to `max_in_flight` requests at once on the shipping threads (chunks are
+        independent rows of the staging table until the apply); raises the first failure once the requests under
+        way have ended, the chunks that got through recorded in `snapshot.staged`."""
+        window = self.settings.config.worker.max_in_flight
+        failure: BaseException | None = None
+        for start in range(0, len(chunks), window):
+            part = chunks[start:start + window]
+            documents = {index: snapshot.chunk(index) for index in part}  # read here: the spool is not thread-safe
+            futures = {index: self.shipping.pool.submit(self.exchange, caller, "syncd_stage",
+                                                        {**head, "chunk": index}, documents[index])
+                       for index in part}
+            for index, future in futures.items():
+                try:
+                    future.result()
+                except (Interrupted, SnapshotRefused) as exc:
+                    failure = failure or exc
+                    continue
+                snapshot.staged.add(index)
+                self.observer.snapshot_chunk_staged()
+            if failure is not None:
+                raise failure
 
     def exchange(self, caller: Caller, function: str, arguments: dict[str, object], doc: bytes) -> bytes:
         """One call of `function` with `arguments` and the chunk `doc` (JSON, embedded as it is)."""
