@@ -123,10 +123,13 @@ class Snapshot:
 
 class Snapshots:
     """Reads, ships and acknowledges snapshots of one file (the drain of snapshot mode). `prepared` plans the
-    tables when needed and says whether they are planned (the app may be changing its schema right now)."""
+    tables when needed and says whether they are planned (the app may be changing its schema right now);
+    `keep_lease` renews the file's lease between the requests of a large snapshot (reading and staging one may
+    take longer than the lease lives) and raises LeaseHeld when another daemon took the file over meanwhile."""
 
     def __init__(self, source: Source, plan: Plan, halts: Halts, settings: Settings, observer: Observer,
-                 shipping: Shipper, prepared: Callable[[], bool], replan: Callable[[], None]) -> None:
+                 shipping: Shipper, prepared: Callable[[], bool], replan: Callable[[], None],
+                 keep_lease: Callable[[], None] = lambda: None) -> None:
         self.source = source
         self.plan = plan
         self.halts = halts
@@ -135,6 +138,7 @@ class Snapshots:
         self.shipping = shipping
         self.prepared = prepared
         self.replan = replan
+        self.keep_lease = keep_lease  # raises LeaseHeld once another daemon holds the file: its snapshot stops
         self.held: Snapshot | None = None  # interrupted on its way: resumed by `next`, chunks staged kept
 
     def next(self) -> Snapshot | None:
@@ -271,9 +275,11 @@ class Snapshots:
             raise SnapshotRefused(SNAPSHOT_LABEL, TargetError(
                 "config", f"the target {target!r} cannot call functions: snapshot mode needs PostgREST's /rpc"))
         caller = cast(Caller, target)
+        self.keep_lease()
         head: dict[str, object] = {"source": snapshot.source, "snapshot": snapshot.id}
         staged = len(snapshot.chunks) - 1
         self.stage(caller, snapshot, head, [index for index in range(staged) if index not in snapshot.staged])
+        self.keep_lease()
         tables = [{"schema": self.settings.config.target.schema_name, "table": self.plan.mappings[t].target,
                    "key": self.plan.mappings[t].target_key} for t in self.plan.order if t in self.plan.mappings]
         answer = self.exchange(caller, "syncd_apply", {**head, "tables": tables, "staged": staged},
@@ -290,6 +296,7 @@ class Snapshots:
         window = self.settings.config.worker.max_in_flight
         failure: BaseException | None = None
         for start in range(0, len(chunks), window):
+            self.keep_lease()
             part = chunks[start:start + window]
             documents = {index: snapshot.chunk(index) for index in part}  # read here: the spool is not thread-safe
             futures = {index: self.shipping.pool.submit(self.exchange, caller, "syncd_stage",

@@ -100,7 +100,7 @@ class Worker:
                                 pool or ThreadPoolExecutor(max_workers=config.worker.max_in_flight,
                                                            thread_name_prefix="syncd-ship"))
         self.snapshots = Snapshots(source, self.plan, self.halts, self.settings, observer, self.shipping,
-                                   prepared=self.planned, replan=self.replan)
+                                   prepared=self.planned, replan=self.replan, keep_lease=lambda: self.lease.keep())
         self.watch = SourceWatch(source, observer, self.settings)
         self.timers = Timers(self.plan, self.settings, observer)
         self.holding = False  # this daemon held the lease at its last look
@@ -356,11 +356,18 @@ class Worker:
             return DrainResult()
         try:
             applied = self.snapshots.ship(snapshot)
-        except SnapshotRefused:
-            snapshot.close()  # the next try reads the file anew: a row fixed in the app meanwhile ships with it
+        except Interrupted as exc:
+            if isinstance(exc, SnapshotRefused):
+                snapshot.close()  # the next try reads the file anew: a row fixed in the app meanwhile ships with it
+            else:
+                self.snapshots.hold(snapshot)
             raise
-        except Interrupted:
-            self.snapshots.hold(snapshot)
+        except LeaseHeld:  # another daemon took the file over while this one read or staged: it ships from here
+            snapshot.close()
+            self.holding = False
+            return DrainResult()
+        except BaseException:
+            snapshot.close()
             raise
         try:
             settled = self.snapshots.acknowledge(snapshot, applied)

@@ -29,6 +29,7 @@ from psycopg import sql
 from syncd import capture, outbox, state
 from syncd.config import Config
 from syncd.halts import Halt
+from syncd.lease import LeaseHeld
 from syncd.metrics import Metrics
 from syncd.observer import Observer
 from syncd.settings import Target
@@ -545,3 +546,25 @@ def test_the_caller_s_rights_apply_inside_syncd_apply(pg: psycopg.Connection, sh
         pg.execute("DROP POLICY IF EXISTS own ON syncd_snapshot")
         pg.execute(f"DROP OWNED BY {role}")
         pg.execute(f"DROP ROLE {role}")
+
+
+def test_a_daemon_that_loses_the_lease_while_it_stages_stops_that_snapshot_unapplied(tmp_path: Path) -> None:
+    """Reading and staging a large snapshot may outlast the lease: the lease is renewed between the requests, and a
+    daemon that finds another holding the file stops before the apply and acknowledges nothing."""
+    worker, app, functions = in_process(tmp_path)
+    app.execute("BEGIN")
+    for order in range(1, 26):
+        app.execute("INSERT INTO orders VALUES (?, 0)", (order,))
+    app.execute("COMMIT")
+    looks = 0
+
+    def taken_over_at_the_apply() -> None:
+        nonlocal looks
+        looks += 1
+        if looks == 3:  # before the apply: the looks before the first request and the staging window passed
+            raise LeaseHeld(None)
+
+    worker.snapshots.keep_lease = taken_over_at_the_apply
+    assert worker.drain_once().claimed == 0
+    assert [f for f, _ in functions.calls] == ["syncd_stage", "syncd_stage"] and not worker.holding
+    assert outbox.pending_total(worker.conn) == 25 and outbox.unflushed(worker.conn) == 0
