@@ -257,11 +257,11 @@ def seed_rows(db: Path, rng: random.Random) -> None:
     conn.close()
 
 
-def write_config(path: Path, db: Path, metrics_port: int) -> None:
+def write_config(path: Path, db: Path, metrics_port: int, consistency: str = "key") -> None:
     tables = "".join(f'\n[[table]]\nname = "{t}"\n' for t in TABLES)
     path.write_text(f'[source]\npath = "{db}"\n\n[worker]\nmetrics_addr = "127.0.0.1:{metrics_port}"\n'
                     f"poll_interval = 0.2\nmax_backoff = 2.0\nlease_seconds = {LEASE_SECONDS}\n"
-                    f"schema_recheck_interval = {RECHECK_SECONDS}\n{tables}")
+                    f'schema_recheck_interval = {RECHECK_SECONDS}\nconsistency = "{consistency}"\n{tables}')
 
 
 def syncd_env(secondary: Secondary) -> dict[str, str]:
@@ -900,7 +900,7 @@ class Soak:
     def setup(self) -> None:
         """The app's file, syncd installed in it, the first rows, a first backup, syncd running and converged."""
         create_source(self.db, self.without_rowid)
-        write_config(self.config, self.db, self.metrics_port)
+        write_config(self.config, self.db, self.metrics_port, self.args.consistency)
         installed = self.syncd("install")
         if installed.returncode != 0:
             raise RuntimeError(f"syncd install failed: {installed.stderr.strip()}")
@@ -1481,6 +1481,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=None, help="seed of every choice (default: random, printed)")
     parser.add_argument("--cycles", type=int, default=5)
+    parser.add_argument("--consistency", choices=("key", "snapshot"), default="key",
+                        help="the [worker] consistency syncd ships in (README, \"Consistency: key or snapshot\")")
     parser.add_argument("--secondary", choices=("dev-server", "postgrest"), default="dev-server")
     parser.add_argument("--postgrest", default=os.environ.get(POSTGREST_VARIABLE),
                         help=f"the PostgREST 12 binary (default: ${POSTGREST_VARIABLE})")

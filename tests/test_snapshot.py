@@ -300,8 +300,8 @@ def run_shop(tmp_path: Path, secondary: Secondary, pg: psycopg.Connection, consi
 
 def test_snapshot_mode_never_shows_an_order_that_disagrees_with_its_lines(
         tmp_path: Path, secondary: Secondary, pg: psycopg.Connection) -> None:
-    reader = run_shop(tmp_path, secondary, pg, "snapshot", seconds=6, kills=3)
-    assert reader.reads > 200 and reader.torn == 0, (reader.reads, reader.torn, reader.examples)
+    reader = run_shop(tmp_path, secondary, pg, "snapshot", seconds=20, kills=5)
+    assert reader.reads > 1000 and reader.torn == 0, (reader.reads, reader.torn, reader.examples)
 
 
 def test_key_mode_shows_torn_states_which_is_what_snapshot_mode_is_for(
@@ -395,10 +395,18 @@ def test_init_writes_snapshot_mode_and_its_functions(tmp_path: Path) -> None:
 
 def test_snapshot_mode_stays_whole_through_errors_resets_and_timeouts_while_it_stages(
         tmp_path: Path, devserver: Secondary, pg: psycopg.Connection, faults: Callable[..., object]) -> None:
-    """Every request may fail (503, a reset connection, a timeout after the server applied it): a staged snapshot is
-    staged again, an apply whose answer was lost is recognised by its id, and no reader ever sees half of one."""
-    reader = run_shop(tmp_path, devserver, pg, "snapshot", seconds=5, kills=1, before_start=lambda: faults(
-        error_rate=0.2, error_status=503, reset_rate=0.1, timeout_rate=0.05, delay_ms=300, seed=22))
+    """Every request may fail (503, a reset connection, a timeout after the server applied it), and for 1.5 s the
+    secondary answers nothing: a staged snapshot goes on from the chunk that failed, an apply whose answer was lost
+    is recognised by its id, and no reader ever sees half of one."""
+    outage = [threading.Timer(2.0, lambda: faults(down=True, retry_after=1)),
+              threading.Timer(3.5, lambda: faults(down=False))]  # the secondary unreachable for 1.5 s as well
+
+    def inject() -> None:
+        faults(error_rate=0.2, error_status=503, reset_rate=0.1, timeout_rate=0.05, delay_ms=300, seed=22)
+        for timer in outage:
+            timer.start()
+
+    reader = run_shop(tmp_path, devserver, pg, "snapshot", seconds=6, kills=1, before_start=inject)
     assert reader.reads > 150 and reader.torn == 0, (reader.reads, reader.torn, reader.examples)
 
 
