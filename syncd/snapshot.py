@@ -59,6 +59,24 @@ HINT_REFUSED = ("In snapshot mode a file's changes ship only whole: fix the row 
                 "backoff meanwhile.")
 
 
+HINT_DENIED = ("Try: grant syncd's role EXECUTE on syncd_apply and syncd_stage and its privileges on the tables, or "
+               "fix the row-level security policy that refused the row (the functions run with the caller's rights); "
+               "tried again with backoff meanwhile.")
+HINT_SCHEMA = ("Try: add the table or column the snapshot writes to the secondary (syncd init writes their SQL); the "
+               "snapshot ships once it is there, tried again with backoff meanwhile.")
+
+
+def refusal_hint(error: TargetError) -> str:
+    """What the operator should do about a snapshot the secondary refused, by what refused it."""
+    if error.code in ("PGRST202", "42883") or (error.status == 404 and error.code is None):
+        return HINT_FUNCTIONS
+    if error.code == "42501" or error.kind in ("config", "auth"):
+        return HINT_DENIED
+    if error.kind == "schema":
+        return HINT_SCHEMA
+    return HINT_REFUSED
+
+
 def function_sql() -> str:
     """The secondary's SQL for snapshot mode (syncd/snapshot.sql: the staging and record tables, syncd_stage,
     syncd_apply); the same text as deploy/supabase/migrations/003_syncd_snapshots.sql."""
@@ -321,8 +339,7 @@ class Snapshots:
         except TargetError as error:
             if error.kind == "transient":
                 raise Interrupted(SNAPSHOT_LABEL, error) from None
-            hint = HINT_FUNCTIONS if error.code in ("PGRST202", "42883", "42501") or error.status == 404 else \
-                HINT_REFUSED
+            hint = refusal_hint(error)
             raise SnapshotRefused(SNAPSHOT_LABEL, TargetError(
                 error.kind, f"the secondary refused snapshot {function}: {error.message} {hint}",
                 status=error.status, code=error.code, retry_after=error.retry_after)) from None

@@ -34,7 +34,7 @@ from syncd.metrics import Metrics
 from syncd.observer import Observer
 from syncd.settings import Target
 from syncd.shipping import Interrupted
-from syncd.snapshot import function_sql
+from syncd.snapshot import function_sql, refusal_hint
 from syncd.source import Source
 from syncd.target import TargetError
 from syncd.worker import Worker
@@ -576,3 +576,13 @@ def test_a_daemon_that_loses_the_lease_while_it_stages_stops_that_snapshot_unapp
     assert worker.drain_once().claimed == 0
     assert [f for f, _ in functions.calls] == ["syncd_stage", "syncd_stage"] and not worker.holding
     assert outbox.pending_total(worker.conn) == 25 and outbox.unflushed(worker.conn) == 0
+
+
+@pytest.mark.parametrize(("error", "says"), [
+    (TargetError("schema", "", status=404, code="PGRST202"), "syncd init --consistency snapshot"),
+    (TargetError("config", "", status=403, code="42501"), "grant syncd's role EXECUTE"),
+    (TargetError("schema", "", status=400, code="42703"), "add the table or column"),
+    (TargetError("row", "", status=400, code="23514"), "fix the row in the app"),
+])
+def test_a_refusal_says_what_to_fix_by_what_refused_it(error: TargetError, says: str) -> None:
+    assert says in refusal_hint(error)
