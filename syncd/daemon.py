@@ -8,8 +8,8 @@ at once. SIGUSR1 wakes the loop; SIGHUP reloads the configuration and the secret
 target and resumes halted tables.
 
 Exit codes a supervisor can trust: 0 only when asked to stop (or `--once` done with every table shipping);
-1 when `--once` ended with a table halted, or the database file is gone for good; 70 when the drain loop died
-of an unexpected error (logged with its traceback; /healthz answers 503 meanwhile).
+1 when `--once` ended with a table halted or a snapshot refused, or the database file is gone for good; 70 when the
+drain loop died of an unexpected error (logged with its traceback; /healthz answers 503 meanwhile).
 
 Only the command line imports this module.
 """
@@ -128,6 +128,9 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
     if code == 0 and once and worker.halted:
         log.error("run --once ended with table(s) halted", tables=sorted(worker.halted),
                   reasons={t: h.reason for t, h in worker.halted.items()})
+        code = EXIT_HALTED
+    if code == 0 and once and worker.refused is not None:
+        log.error("run --once ended with a snapshot the secondary refused", reason=worker.refused.error.message)
         code = EXIT_HALTED
     log.info("syncd stopped", exit_code=code)
     return code

@@ -104,6 +104,7 @@ class Worker:
         self.watch = SourceWatch(source, observer, self.settings)
         self.timers = Timers(self.plan, self.settings, observer)
         self.holding = False  # this daemon held the lease at its last look
+        self.refused: SnapshotRefused | None = None  # why `run --once` gave up: the secondary refused a snapshot
 
     def planned(self) -> bool:
         """Plan the tables when they are not (False: the app is changing its schema right now)."""
@@ -168,6 +169,10 @@ class Worker:
                 self.source_usable()
             except Interrupted as exc:
                 failures += 1
+                if once and isinstance(exc, SnapshotRefused):  # no retry fixes it by itself: say so and end
+                    self.observer.snapshot_refused(exc.error, failures, 0.0)
+                    self.refused = exc
+                    break
                 self.back_off(exc, failures, stop)
                 continue
             except FileMoved as exc:

@@ -586,3 +586,14 @@ def test_a_daemon_that_loses_the_lease_while_it_stages_stops_that_snapshot_unapp
 ])
 def test_a_refusal_says_what_to_fix_by_what_refused_it(error: TargetError, says: str) -> None:
     assert says in refusal_hint(error)
+
+
+def test_run_once_ends_with_exit_1_on_a_refused_snapshot(tmp_path: Path, devserver: Secondary,
+                                                        pg: psycopg.Connection) -> None:
+    """A cron job's `run --once` must not retry forever what no retry fixes by itself, nor exit 0."""
+    db, config, _, names = shop_daemon_files(tmp_path, devserver, check="CHECK (amount >= 0)")
+    sqlite3.connect(db, isolation_level=None).executescript(
+        "BEGIN; INSERT INTO orders VALUES (1, -1); INSERT INTO order_lines VALUES (1, 1, -1); COMMIT;")
+    once = syncd(config, "run", "--once")
+    assert once.returncode == 1 and "snapshot the secondary refused" in once.stderr and "23514" in once.stderr
+    assert rows(pg, names["orders"]) == []
