@@ -597,3 +597,12 @@ def test_run_once_ends_with_exit_1_on_a_refused_snapshot(tmp_path: Path, devserv
     once = syncd(config, "run", "--once")
     assert once.returncode == 1 and "snapshot the secondary refused" in once.stderr and "23514" in once.stderr
     assert rows(pg, names["orders"]) == []
+
+
+def test_an_apply_refuses_a_document_that_names_a_table_its_list_leaves_out(pg: psycopg.Connection,
+                                                                            shop: dict[str, str]) -> None:
+    doc = {"upserts": [{"table": shop["orders"], "rows": [{"id": 1, "total": 0}]},
+                       {"table": "not_listed", "rows": [{"id": 1}]}]}
+    with pytest.raises(psycopg.errors.RaiseException, match="names a table"):
+        apply(pg, shop, uuid.uuid4().hex, "s1", doc)
+    assert rows(pg, shop["orders"]) == []

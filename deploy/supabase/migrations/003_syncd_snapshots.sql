@@ -56,9 +56,10 @@ END
 $fn$;
 
 -- Apply one snapshot in one transaction: the `staged` chunks staged for it (0..staged-1) and `doc`, table by table
--- in the order of `tables`. Returns {"applied": true|false, "rows": n}: false when this snapshot was the last one
--- applied from `source` already (a retry), which changes nothing. Raises SQLSTATE PT503 (HTTP 503 through
--- PostgREST: the caller stages again) when a chunk it names is not staged.
+-- in the order of `tables` (a document naming a table not in `tables` is refused: nothing is left out silently).
+-- Returns {"applied": true|false, "rows": n}: false when this snapshot was the last one applied from `source`
+-- already (a retry), which changes nothing. Raises SQLSTATE PT503 (HTTP 503 through PostgREST: the caller stages
+-- again) when a chunk it names is not staged.
 CREATE OR REPLACE FUNCTION public.syncd_apply(source text, snapshot text, tables jsonb, doc jsonb,
                                               staged integer DEFAULT 0)
 RETURNS jsonb LANGUAGE plpgsql SECURITY INVOKER SET search_path = '' AS $fn$
@@ -75,6 +76,7 @@ DECLARE
     matches text;
     n bigint := 0;
     done bigint;
+    groups integer := 0;
 BEGIN
     IF EXISTS (SELECT 1 FROM public.syncd_snapshot s
                WHERE s.source = syncd_apply.source AND s.snapshot = syncd_apply.snapshot) THEN
@@ -96,6 +98,7 @@ BEGIN
         FOREACH part IN ARRAY parts LOOP
             FOR grp IN SELECT value FROM jsonb_array_elements(coalesce(part->'upserts', '[]')) WHERE value->>'table' = tbl
             LOOP
+                groups := groups + 1;
                 CONTINUE WHEN jsonb_array_length(grp->'rows') = 0;
                 key := ARRAY(SELECT jsonb_array_elements_text(spec->'key'));
                 SELECT string_agg(format('%I', k), ', '),
@@ -120,6 +123,7 @@ BEGIN
         FOREACH part IN ARRAY parts LOOP
             FOR grp IN SELECT value FROM jsonb_array_elements(coalesce(part->'deletes', '[]')) WHERE value->>'table' = tbl
             LOOP
+                groups := groups + 1;
                 CONTINUE WHEN jsonb_array_length(grp->'keys') = 0;
                 EXECUTE format('DELETE FROM %I.%I AS t USING jsonb_populate_recordset(NULL::%I.%I, $1) AS k '
                                'WHERE %s', sch, tbl, sch, tbl, matches)
@@ -129,6 +133,11 @@ BEGIN
             END LOOP;
         END LOOP;
     END LOOP;
+    IF groups <> (SELECT coalesce(sum(jsonb_array_length(coalesce(p->'upserts', '[]'))
+                                       + jsonb_array_length(coalesce(p->'deletes', '[]'))), 0) FROM unnest(parts) p) THEN
+        RAISE EXCEPTION 'snapshot % names a table that its list of tables does not', syncd_apply.snapshot
+            USING HINT = 'every table of the document must be in `tables` (a bug of the caller)';
+    END IF;
     DELETE FROM public.syncd_staging s WHERE s.source = syncd_apply.source;
     INSERT INTO public.syncd_snapshot AS s (source, snapshot, rows, applied_at)
     VALUES (syncd_apply.source, syncd_apply.snapshot, n, now())
