@@ -109,6 +109,7 @@ class Snapshot:
     spool: IO[bytes] = field(default_factory=lambda: tempfile.SpooledTemporaryFile(max_size=8 * 2**20))  # noqa: SIM115
     journal: dict[str, list[str]] = field(default_factory=dict)
     dead: list[DeadLetter] = field(default_factory=list)
+    dead_keys: set[tuple[str, bytes]] = field(default_factory=set)
     upserted: dict[str, int] = field(default_factory=dict)
     deleted: dict[str, int] = field(default_factory=dict)
     lags_at: list[float] = field(default_factory=list)  # the entries' commit times (unix seconds), sampled
@@ -123,6 +124,14 @@ class Snapshot:
         """Unique to its content at this position of the file: a retry of the same snapshot has the same id, a later
         one (the flushes count moves, seqs may be handed out again after a flush) another."""
         return f"{self.flushes}:{self.first}-{self.last}:{self.digest.hexdigest()[:16]}"
+
+    def file_dead(self, letter: DeadLetter) -> None:
+        """A change that goes to the dead letters: once per key, though the key may come back in a later chunk (its
+        entries there are settled with the range, the dead letter names the key)."""
+        key = (letter.change.table, letter.change.raw_key)
+        if key not in self.dead_keys:
+            self.dead_keys.add(key)
+            self.dead.append(letter)
 
     def add_chunk(self, document: bytes) -> None:
         offset = self.spool.seek(0, 2)
@@ -235,7 +244,9 @@ class Snapshots:
         superseded ones are acknowledged with it), upserts of the present rows and deletes of the gone keys; a row
         or key the mapping refuses is dead-lettered."""
         batch = Batch()
-        snapshot.dead += [DeadLetter(c, c.problem) for c in changes if c.problem]
+        for change in changes:
+            if change.problem:
+                snapshot.file_dead(DeadLetter(change, change.problem))
         by_table: dict[str, list[Change]] = {}
         for change in changes:
             if not change.problem:
@@ -256,7 +267,7 @@ class Snapshots:
                     payload = mapping.map_row(change.current_row, change.decoded)
                     text = encode_row(payload)
                 except (RowError, TypeError, ValueError) as exc:
-                    snapshot.dead.append(DeadLetter(change, f"table {table!r}: {exc}"))
+                    snapshot.file_dead(DeadLetter(change, f"table {table!r}: {exc}"))
                     continue
                 groups.setdefault(tuple(payload), []).append(text)
                 shipped.append(change)
@@ -265,7 +276,7 @@ class Snapshots:
                 try:
                     keys.append(encode_row(mapping.map_key(change.decoded)))
                 except (RowError, TypeError, ValueError) as exc:
-                    snapshot.dead.append(DeadLetter(change, f"table {table!r}: {exc}"))
+                    snapshot.file_dead(DeadLetter(change, f"table {table!r}: {exc}"))
                     continue
                 shipped.append(change)
             name = json.dumps(mapping.target)

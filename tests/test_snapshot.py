@@ -606,3 +606,15 @@ def test_an_apply_refuses_a_document_that_names_a_table_its_list_leaves_out(pg: 
     with pytest.raises(psycopg.errors.RaiseException, match="names a table"):
         apply(pg, shop, uuid.uuid4().hex, "s1", doc)
     assert rows(pg, shop["orders"]) == []
+
+
+def test_a_key_that_cannot_be_sent_in_two_chunks_of_a_snapshot_is_one_dead_letter(tmp_path: Path) -> None:
+    worker, app, _ = in_process(tmp_path)
+    app.execute("BEGIN; INSERT INTO orders VALUES (1, 9e999)")
+    for order in range(2, 12):  # the chunk of 10 entries ends here
+        app.execute("INSERT INTO orders VALUES (?, 0)", (order,))
+    app.execute("UPDATE orders SET total = -9e999 WHERE id = 1; COMMIT")  # key 1 again, in the second chunk
+    done = worker.drain_once()
+    assert (done.claimed, done.dead) == (12, 1)
+    assert app.execute("SELECT key FROM _syncd_dead_letter").fetchall() == [("1",)]
+    assert outbox.pending_total(worker.conn) == 0
