@@ -553,9 +553,6 @@ def init(args: argparse.Namespace) -> int:
                            "--apply runs the SQL on the PostgreSQL that --pg-url names: give both, or neither")
     if not args.schema or len(args.schema.encode()) > onboard.PG_NAME_BYTES or not args.schema.isprintable():
         raise bad_argument("--schema", f"{args.schema!r} is not a PostgreSQL schema name (1 to 63 bytes, printable)")
-    if args.consistency == "snapshot" and args.schema != "public":
-        raise bad_argument("--consistency", "snapshot mode's functions (syncd_apply, syncd_stage) live in the schema "
-                                            "public, which PostgREST must expose: use --schema public, or key mode")
     existing = [f"{flag} {path}" for flag, path in (("--out", args.out), ("--sql", args.sql)) if path.exists()]
     if existing:
         raise bad_argument(existing[0].split()[0], f"{' and '.join(existing)} already exist(s); init never overwrites "
@@ -582,7 +579,7 @@ def init(args: argparse.Namespace) -> int:
         if args.consistency == "snapshot":
             from syncd.snapshot import function_sql
 
-            sql += "\n" + function_sql()
+            sql += "\n" + function_sql(args.schema)
         if args.apply:
             onboard.apply_sql(sql, args.pg_url, tables, args.schema)
     except onboard.OnboardError as exc:

@@ -44,7 +44,7 @@ from syncd.plan import Plan
 from syncd.settings import Settings
 from syncd.shipping import Batch, Interrupted, Shipper
 from syncd.source import Source
-from syncd.sqlite import SchemaMoved
+from syncd.sqlite import SchemaMoved, quote_ident
 from syncd.target import TargetError
 
 __all__ = ["SNAPSHOT_LABEL", "Snapshot", "SnapshotRefused", "Snapshots", "function_sql"]
@@ -77,10 +77,13 @@ def refusal_hint(error: TargetError) -> str:
     return HINT_REFUSED
 
 
-def function_sql() -> str:
+def function_sql(schema: str = "public") -> str:
     """The secondary's SQL for snapshot mode (syncd/snapshot.sql: the staging and record tables, syncd_stage,
-    syncd_apply); the same text as deploy/supabase/migrations/003_syncd_snapshots.sql."""
-    return resources.files("syncd").joinpath("snapshot.sql").read_text(encoding="utf-8")
+    syncd_apply) in `schema`; for public the same text as deploy/supabase/migrations/003_syncd_snapshots.sql.
+    PostgREST looks a function up in the schema of the request's Content-Profile, which syncd sets to the target's
+    schema: the functions live beside the tables."""
+    text = resources.files("syncd").joinpath("snapshot.sql").read_text(encoding="utf-8")
+    return text if schema == "public" else text.replace("public.", f"{quote_ident(schema)}.")
 
 
 class Caller(Protocol):
