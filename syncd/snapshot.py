@@ -45,7 +45,7 @@ from syncd.settings import Settings
 from syncd.shipping import Batch, Interrupted, Shipper
 from syncd.source import Source
 from syncd.sqlite import SchemaMoved, quote_ident
-from syncd.target import TargetError
+from syncd.target import HINT_MISSING_COLUMN, HINT_MISSING_TABLE, TargetError
 
 __all__ = ["SNAPSHOT_LABEL", "Snapshot", "SnapshotRefused", "Snapshots", "function_sql"]
 
@@ -354,8 +354,11 @@ class Snapshots:
             if error.kind == "transient":
                 raise Interrupted(SNAPSHOT_LABEL, error) from None
             hint = refusal_hint(error)
+            said = error.message
+            for table_advice in (HINT_MISSING_TABLE, HINT_MISSING_COLUMN):  # about a table request, not a call
+                said = said.replace(f" {table_advice}", "")
             raise SnapshotRefused(SNAPSHOT_LABEL, TargetError(
-                error.kind, f"the secondary refused snapshot {function}: {error.message} {hint}",
+                error.kind, f"the secondary refused snapshot {function}: {said} {hint}",
                 status=error.status, code=error.code, retry_after=error.retry_after)) from None
 
     def acknowledge(self, snapshot: Snapshot, applied: bool) -> int:
