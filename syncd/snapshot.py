@@ -49,6 +49,7 @@ from syncd.target import HINT_MISSING_COLUMN, HINT_MISSING_TABLE, TargetError
 
 __all__ = ["SNAPSHOT_LABEL", "Snapshot", "SnapshotRefused", "Snapshots", "function_sql"]
 
+CHUNKS_MISSING = "PT503"  # syncd_apply's SQLSTATE for a chunk it names that is not staged (HTTP 503 via PostgREST)
 SNAPSHOT_LABEL = "(snapshot)"  # the `table` label of a snapshot's retries: it is the file's, not a table's
 LAG_SAMPLE = 5000  # at most this many entries' lags observed per snapshot (evenly spaced)
 HINT_FUNCTIONS = ("Try: run the SQL of `syncd init --consistency snapshot` (schema.sql), or "
@@ -314,8 +315,13 @@ class Snapshots:
         self.keep_lease()
         tables = [{"schema": self.settings.config.target.schema_name, "table": self.plan.mappings[t].target,
                    "key": self.plan.mappings[t].target_key} for t in self.plan.order if t in self.plan.mappings]
-        answer = self.exchange(caller, "syncd_apply", {**head, "tables": tables, "staged": staged},
-                               snapshot.chunk(staged))
+        try:
+            answer = self.exchange(caller, "syncd_apply", {**head, "tables": tables, "staged": staged},
+                                   snapshot.chunk(staged))
+        except Interrupted as exc:
+            if exc.error.code == CHUNKS_MISSING:  # the secondary lost staged chunks: the next try stages them all
+                snapshot.staged.clear()
+            raise
         try:
             return bool(json.loads(answer).get("applied", True))
         except (ValueError, AttributeError):

@@ -649,3 +649,27 @@ def test_snapshot_mode_ships_into_a_schema_other_than_public(tmp_path: Path, sec
     lines = pg.execute(sql.SQL("SELECT * FROM syncd_test.{}").format(sql.Identifier(names["lines"]))).fetchall()
     assert lines == [(1, 1, 5)]
     assert pg.execute("SELECT count(*) FROM syncd_test.syncd_snapshot").fetchone() != (0,)
+
+
+def test_a_snapshot_whose_staged_chunks_the_secondary_lost_is_staged_again_whole(tmp_path: Path) -> None:
+    worker, app, functions = in_process(tmp_path)
+    app.execute("BEGIN")
+    for order in range(1, 26):
+        app.execute("INSERT INTO orders VALUES (?, 0)", (order,))
+    app.execute("COMMIT")
+    answer = functions.call
+    lost = threading.Lock()
+
+    def lose_the_chunks_once(function: str, body: bytes) -> bytes:
+        if function == "syncd_apply" and lost.acquire(blocking=False):
+            raise TargetError("transient", "a chunk is not staged", status=503, code="PT503")
+        return answer(function, body)
+
+    functions.call = lose_the_chunks_once  # type: ignore[method-assign]
+    with pytest.raises(Interrupted):
+        worker.drain_once()
+    assert worker.drain_once().claimed == 25
+    sent = sorted((f, body.get("chunk")) for f, body in functions.calls)
+    # each chunk staged twice (the first staging was lost), one successful apply
+    assert sent == [("syncd_apply", None), ("syncd_stage", 0), ("syncd_stage", 0), ("syncd_stage", 1),
+                    ("syncd_stage", 1)]
