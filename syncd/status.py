@@ -131,7 +131,8 @@ def not_installed(config: Config) -> Status:
     it."""
     hint = "syncd is not installed in this database; run: syncd install"
     tables = [TableStatus(t.name, t.target_name, triggers="not installed", problems=[hint]) for t in config.tables]
-    return Status(str(config.source.path), False, None, tables, [] if tables else ["no tables configured"])
+    return Status(str(config.source.path), False, None, tables, [] if tables else ["no tables configured"],
+                  consistency=config.worker.consistency)
 
 
 def table_status(conn: apsw.Connection, name: str, target: str, config: Config,

@@ -673,3 +673,14 @@ def test_a_snapshot_whose_staged_chunks_the_secondary_lost_is_staged_again_whole
     # each chunk staged twice (the first staging was lost), one successful apply
     assert sent == [("syncd_apply", None), ("syncd_stage", 0), ("syncd_stage", 0), ("syncd_stage", 1),
                     ("syncd_stage", 1)]
+
+
+def test_status_says_the_mode_before_syncd_is_installed_too(tmp_path: Path) -> None:
+    from syncd import status as status_of
+
+    path = tmp_path / "shop.sqlite3"
+    sqlite3.connect(path).executescript(SCHEMA)
+    config = Config.model_validate({"source": {"path": str(path)}, "table": [{"name": "orders"}],
+                                    "worker": {"consistency": "snapshot"}})
+    shown = status_of.collect(apsw.Connection(str(path)), config)
+    assert not shown.installed and shown.as_dict()["consistency"] == "snapshot"
