@@ -102,7 +102,8 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
     if not once:  # --once never sleeps between drains: nothing to wake
         waker.start()
     log.info("syncd started", database=str(config.source.path), target=config.target.url,
-             tables=[t.name for t in config.tables], metrics=config.worker.metrics_addr, once=once)
+             tables=[t.name for t in config.tables], metrics=config.worker.metrics_addr, once=once,
+             consistency=config.worker.consistency)
     if config.target.in_clear:
         log.warning(config.target.in_clear)
     if not once:
