@@ -246,24 +246,33 @@ def converged(db: Path, pg: psycopg.Connection, names: dict[str, str]) -> bool:
     return (rows(pg, names["orders"]) == orders and rows(pg, names["lines"]) == lines)
 
 
+def shop_daemon_files(tmp_path: Path, secondary: Secondary, consistency: str = "snapshot", *, check: str = "",
+                      schema: str = "public") -> tuple[Path, Path, str, dict[str, str]]:
+    """A shop file installed for `consistency` mode, its config and metrics address, and its two fresh target tables
+    in `schema` (`check`: an extra constraint on the lines' amount)."""
+    suffix = uuid.uuid4().hex[:8]
+    names = {"orders": f"shop_orders_{suffix}", "lines": f"shop_lines_{suffix}"}
+    orders, lines = f"{schema}.{names['orders']}", f"{schema}.{names['lines']}"
+    create_tables(secondary, {
+        orders: f"CREATE TABLE {orders} (id integer PRIMARY KEY, total integer NOT NULL)",
+        lines: f"CREATE TABLE {lines} (id integer PRIMARY KEY, order_id integer NOT NULL REFERENCES {orders} (id), "
+               f"amount integer NOT NULL {check})"})
+    db = tmp_path / "shop.sqlite3"
+    sqlite3.connect(db).executescript(SCHEMA)
+    metrics = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "syncd.toml"
+    text = config_text(db, secondary, names, metrics, consistency)
+    config.write_text(text if schema == "public" else text.replace("[target]\n", f'[target]\nschema = "{schema}"\n'))
+    assert (installed := syncd(config, "install")).returncode == 0, installed.stderr
+    return db, config, metrics, names
+
+
 def run_shop(tmp_path: Path, secondary: Secondary, pg: psycopg.Connection, consistency: str, *, seconds: float,
              kills: int = 0, before_start: Callable[[], object] = lambda: None, min_reads: int = 0) -> Reader:
     """The app writing ~100 transactions a second for `seconds` while syncd ships in `consistency` mode (killed with
     SIGKILL and started again `kills` times meanwhile) and the reader polls; then everything converges.
     `before_start` runs once the tables are there, before the daemon starts (fault injection)."""
-    suffix = uuid.uuid4().hex[:8]
-    names = {"orders": f"shop_orders_{suffix}", "lines": f"shop_lines_{suffix}"}
-    create_tables(secondary, {
-        f"public.{names['orders']}": f"CREATE TABLE public.{names['orders']} (id integer PRIMARY KEY, "
-                                     "total integer NOT NULL)",
-        f"public.{names['lines']}": f"CREATE TABLE public.{names['lines']} (id integer PRIMARY KEY, order_id integer "
-                                    f"NOT NULL REFERENCES public.{names['orders']} (id), amount integer NOT NULL)"})
-    db = tmp_path / f"shop-{consistency}.sqlite3"
-    sqlite3.connect(db).executescript(SCHEMA)
-    metrics = f"127.0.0.1:{free_port()}"
-    config = tmp_path / f"syncd-{consistency}.toml"
-    config.write_text(config_text(db, secondary, names, metrics, consistency))
-    assert (installed := syncd(config, "install")).returncode == 0, installed.stderr
+    db, config, metrics, names = shop_daemon_files(tmp_path, secondary, consistency)
     shop, reader = Shop(db, seed=22), Reader(secondary.pg_url, names)
     (began_at,) = cast(tuple[datetime], pg.execute("SELECT now()").fetchone())
     app = sqlite3.connect(db, isolation_level=None, timeout=30)
@@ -314,24 +323,6 @@ def test_key_mode_shows_torn_states_which_is_what_snapshot_mode_is_for(
 # -- what the operator sees ----------------------------------------------------------------------------------
 
 
-def shop_daemon_files(tmp_path: Path, secondary: Secondary, check: str = "") -> tuple[Path, Path, str, dict[str, str]]:
-    """A shop file installed for snapshot mode, its config and metrics address, and its two fresh target tables
-    (`check`: an extra constraint on the lines' amount)."""
-    suffix = uuid.uuid4().hex[:8]
-    names = {"orders": f"shop_orders_{suffix}", "lines": f"shop_lines_{suffix}"}
-    create_tables(secondary, {
-        f"public.{names['orders']}": f"CREATE TABLE public.{names['orders']} (id integer PRIMARY KEY, "
-                                     "total integer NOT NULL)",
-        f"public.{names['lines']}": f"CREATE TABLE public.{names['lines']} (id integer PRIMARY KEY, order_id integer "
-                                    f"NOT NULL REFERENCES public.{names['orders']} (id), amount integer NOT NULL "
-                                    f"{check})"})
-    db = tmp_path / "shop.sqlite3"
-    sqlite3.connect(db).executescript(SCHEMA)
-    metrics = f"127.0.0.1:{free_port()}"
-    config = tmp_path / "syncd.toml"
-    config.write_text(config_text(db, secondary, names, metrics, "snapshot"))
-    assert (installed := syncd(config, "install")).returncode == 0, installed.stderr
-    return db, config, metrics, names
 
 
 def test_a_refused_snapshot_applies_nothing_says_so_everywhere_and_ships_once_the_row_is_fixed(
@@ -629,20 +620,7 @@ def test_snapshot_mode_ships_into_a_schema_other_than_public(tmp_path: Path, sec
     with pg.transaction():
         pg.execute("SELECT pg_advisory_xact_lock(22)")  # the other server's run of this test creates them too
         pg.execute(function_sql("syncd_test"))
-    suffix = uuid.uuid4().hex[:8]
-    names = {"orders": f"shop_orders_{suffix}", "lines": f"shop_lines_{suffix}"}
-    create_tables(secondary, {
-        f"syncd_test.{names['orders']}": f"CREATE TABLE syncd_test.{names['orders']} (id integer PRIMARY KEY, "
-                                         "total integer NOT NULL)",
-        f"syncd_test.{names['lines']}": f"CREATE TABLE syncd_test.{names['lines']} (id integer PRIMARY KEY, "
-                                        f"order_id integer NOT NULL REFERENCES syncd_test.{names['orders']} (id), "
-                                        "amount integer NOT NULL)"})
-    db = tmp_path / "shop.sqlite3"
-    sqlite3.connect(db).executescript(SCHEMA)
-    config = tmp_path / "syncd.toml"
-    config.write_text(config_text(db, secondary, names, f"127.0.0.1:{free_port()}", "snapshot").replace(
-        "[target]\n", '[target]\nschema = "syncd_test"\n'))
-    assert (installed := syncd(config, "install")).returncode == 0, installed.stderr
+    db, config, _, names = shop_daemon_files(tmp_path, secondary, schema="syncd_test")
     sqlite3.connect(db, isolation_level=None).executescript(
         "BEGIN; INSERT INTO orders VALUES (1, 5); INSERT INTO order_lines VALUES (1, 1, 5); COMMIT;")
     assert (once := syncd(config, "run", "--once")).returncode == 0, once.stderr
