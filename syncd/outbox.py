@@ -784,12 +784,7 @@ def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence
     if not (shipped or dead or requeued):
         return
     seqs = sorted({e.seq for change in shipped for e in change.entries})  # once each: a range must have no gap
-    acked: list[tuple[object, ...]] = []
-    for letter in dead:
-        *merged, last = letter.change.entries
-        acked += [(e.seq, e.stored_at, "merged", None, None, None, None, None) for e in merged]
-        acked.append((last.seq, last.stored_at, "dead", letter.change.oldest_at, now, letter.status, letter.code,
-                      letter.message))
+    acked = dead_letter_rows(dead, now)
     for change in requeued:
         *merged, last = change.entries
         acked += [(e.seq, e.stored_at, "merged", None, None, None, None, None) for e in merged]
@@ -815,6 +810,18 @@ def acknowledge(conn: apsw.Connection, shipped: Sequence[Change], dead: Sequence
             update_table_state(conn, table, last_shipped_at=now)
 
 
+def dead_letter_rows(dead: Sequence[DeadLetter], now: float) -> list[tuple[object, ...]]:
+    """The `acked` rows (seq, at, fate, since, failed_at, status, code, message) that file `dead` letters at the next
+    flush: a change's last entry as the dead letter, its earlier ones as merged into it."""
+    rows: list[tuple[object, ...]] = []
+    for letter in dead:
+        *merged, last = letter.change.entries
+        rows += [(e.seq, e.stored_at, "merged", None, None, None, None, None) for e in merged]
+        rows.append((last.seq, last.stored_at, "dead", letter.change.oldest_at, now, letter.status, letter.code,
+                     letter.message))
+    return rows
+
+
 def acknowledge_range(conn: apsw.Connection, first: int, last: int, tables: Sequence[str],
                       dead: Sequence[DeadLetter], journal: Mapping[str, Sequence[str]],
                       now: float | None = None) -> int:
@@ -828,12 +835,7 @@ def acknowledge_range(conn: apsw.Connection, first: int, last: int, tables: Sequ
     now = time.time() if now is None else now
     if not tables or last < first:
         return 0
-    acked: list[tuple[object, ...]] = []
-    for letter in dead:
-        *merged, final = letter.change.entries
-        acked += [(e.seq, e.stored_at, "merged", None, None, None, None, None) for e in merged]
-        acked.append((final.seq, final.stored_at, "dead", letter.change.oldest_at, now, letter.status, letter.code,
-                      letter.message))
+    acked = dead_letter_rows(dead, now)
     with writing(conn):
         conn.execute("INSERT INTO st.acked (seq, at, fate) SELECT seq, at, 'shipped' FROM main._syncd_outbox o "
                      f"WHERE seq BETWEEN ? AND ? AND tbl IN ({', '.join('?' * len(tables))}) AND {NOT_ACKED}",

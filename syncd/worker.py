@@ -170,7 +170,7 @@ class Worker:
             except Interrupted as exc:
                 failures += 1
                 if once and isinstance(exc, SnapshotRefused):  # no retry fixes it by itself: say so and end
-                    self.observer.snapshot_refused(exc.error, failures, 0.0)
+                    self.observer.snapshot_refused(exc.error, failures, None)
                     self.refused = exc
                     break
                 self.back_off(exc, failures, stop)
@@ -354,8 +354,7 @@ class Worker:
         try:
             snapshot = self.snapshots.next()
         except outbox.TableUnreadable as exc:
-            self.halts.halt(exc.table, Halt("capture", f"syncd cannot read the rows of {exc.table!r}: {exc.problem}; "
-                                                       "leave the table out of syncd.toml, or report it"))
+            self.halt_unreadable(exc)
             return DrainResult()
         if snapshot is None:
             return DrainResult()
@@ -401,13 +400,17 @@ class Worker:
             self.keeper.prepared = False
             return self.claim(in_flight)
         except outbox.TableUnreadable as exc:  # the table's problem: it halts, the others ship on
-            self.halts.halt(exc.table, Halt("capture", f"syncd cannot read the rows of {exc.table!r}: {exc.problem}; "
-                                                       "leave the table out of syncd.toml, or report it (syncd's reads "
-                                                       "of a table never compare by the application's collations)"))
+            self.halt_unreadable(exc)
             return self.claim(in_flight)
         changes = [c for c in claimed.changes
                    if c.problem or not self.halts.holds(c.table, "upsert" if c.present else "delete")]
         return self.window.claimed(claimed, changes)
+
+    def halt_unreadable(self, exc: outbox.TableUnreadable) -> None:
+        """syncd's connection cannot read a table's rows: that table halts (in snapshot mode with it, the file)."""
+        self.halts.halt(exc.table, Halt("capture", f"syncd cannot read the rows of {exc.table!r}: {exc.problem}; "
+                                                   "leave the table out of syncd.toml, or report it (syncd's reads "
+                                                   "of a table never compare by the application's collations)"))
 
     def deliver(self, shipment: Shipment) -> Shipment:
         """Ship a claimed batch (touches no SQLite: it may run beside the next claim)."""
