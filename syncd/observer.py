@@ -251,11 +251,15 @@ class Observer:
         self.log.warning("secondary unavailable: will retry", table=table, reason=error.message, attempt=attempt,
                          retry_in_s=round(retry_in, 3))
 
-    def snapshot_refused(self, error: TargetError, attempt: int, retry_in: float) -> None:
-        """The secondary refused a snapshot (snapshot mode): nothing of it applied; tried again after `retry_in`."""
+    def snapshot_refused(self, error: TargetError, attempt: int, retry_in: float | None) -> None:
+        """The secondary refused a snapshot (snapshot mode): nothing of it applied; tried again after `retry_in`
+        seconds (None: not again, `run --once` ends)."""
         self.metrics.snapshots.labels(outcome="refused").inc()
         self.metrics.target_up.set(1 if error.status is not None else 0)
         self.metrics.health.target_ok, self.metrics.health.reason = False, error.message
+        if retry_in is None:
+            self.log.error("snapshot refused", reason=error.message, status=error.status, code=error.code)
+            return
         self.log.error("snapshot refused: will retry", reason=error.message, status=error.status, code=error.code,
                        attempt=attempt, retry_in_s=round(retry_in, 3))
 
