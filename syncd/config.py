@@ -25,6 +25,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -181,11 +182,21 @@ class TableConfig(BaseModel):
 
 
 class SourceConfig(BaseModel):
-    """The application's SQLite file."""
+    """The application's SQLite file (`path`), or in multi-file mode every file matching `glob` (one per tenant,
+    each with the same schema; see `syncd.tenants`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     path: Path = Path("app.sqlite3")
+    glob: str | None = Field(None, description="serve every file matching this pattern (relative to the config, "
+                                               "like path, which it excludes), e.g. tenants/*.sqlite3")
+    tenant: str = Field("{stem}", description="a file's tenant id from its name: {stem}, {name}, {parent}, or a "
+                                              "pattern of the file name with named parts, e.g. tenant-{id}.db")
+    tenant_column: str = Field("tenant_id", description="the target tables' column holding the tenant id (part of "
+                                                        "their key)")
+    auto_install: bool = Field(False, description="install capture in a matching file that appears while the "
+                                                  "daemon runs (it changes the app's file)")
+    shard: str | None = Field(None, description="i/N: serve only the files whose name hashes to shard i of N")
 
     @field_validator("path")
     @classmethod
@@ -193,6 +204,53 @@ class SourceConfig(BaseModel):
         if value == Path("."):
             raise ValueError("give the path of the application's SQLite file")
         return value
+
+    @field_validator("glob")
+    @classmethod
+    def _check_glob(cls, value: str | None) -> str | None:
+        if value is not None and not any(c in value for c in "*?["):
+            raise PydanticCustomError("glob", "give a pattern with *, ? or [...] (e.g. tenants/*.sqlite3); for one "
+                                              "file set source.path instead")
+        return value
+
+    @field_validator("tenant_column")
+    @classmethod
+    def _check_tenant_column(cls, value: str) -> str:
+        if not value or value.startswith(RESERVED_PREFIXES):
+            raise PydanticCustomError("tenant_column", "give the name of the target tables' tenant column, e.g. "
+                                                       "tenant_id")
+        return value
+
+    @field_validator("tenant")
+    @classmethod
+    def _check_tenant(cls, value: str) -> str:
+        from syncd.tenants import TenantPattern  # tenants reads this module's types
+
+        TenantPattern.parse(value)  # raises ValueError with the fix
+        return value
+
+    @field_validator("shard")
+    @classmethod
+    def _check_shard(cls, value: str | None) -> str | None:
+        if value is not None:
+            match = re.fullmatch(r"(\d+)/(\d+)", value.strip())
+            if match is None or not 0 <= int(match[1]) < int(match[2]):
+                raise PydanticCustomError("shard", "write i/N with 0 <= i < N, e.g. 0/4 for the first of 4 processes")
+        return value
+
+    @property
+    def shard_of(self) -> tuple[int, int]:
+        """(i, N) of `shard`; (0, 1) when unset."""
+        if self.shard is None:
+            return 0, 1
+        index, count = self.shard.strip().split("/")
+        return int(index), int(count)
+
+    @model_validator(mode="after")
+    def _check_one_source(self) -> SourceConfig:
+        if self.glob is not None and "path" in self.model_fields_set:
+            raise PydanticCustomError("source", "set source.path (one file) or source.glob (many files), not both")
+        return self
 
 
 def is_loopback(host: str) -> bool:
@@ -340,6 +398,8 @@ class WorkerConfig(BaseModel):
                            "transaction per snapshot through POST /rpc/syncd_apply)")
     schema_recheck_interval: float = Field(10.0, gt=0, le=3600, description="seconds between reads of the "
                                            "secondary's schema while a table is halted for a schema mismatch")
+    drain_threads: int = Field(4, ge=1, le=64, description="in multi-file mode (source.glob): files drained at once; "
+                                                           "the rest wait their turn")
     nice: int = Field(0, ge=0, le=19, description="CPU priority of syncd run, as a Unix nice value (0-19): above 0 "
                                                   "the app gets a busy core first, but on a loaded machine an app's "
                                                   "DEFERRED read-then-write transactions may fail; 0 leaves it")
@@ -380,13 +440,38 @@ class Config(BaseModel):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     tables: list[TableConfig] = Field(default_factory=list, alias="table")
 
+    _tenant: str | None = PrivateAttr(None)
+
     def table(self, name: str) -> TableConfig | None:
         """The mapping of SQLite table `name`, or None when it is not configured."""
         return next((table for table in self.tables if table.name == name), None)
 
+    @property
+    def tenant(self) -> str | None:
+        """The tenant id of the one file this configuration is for (`for_file`); None in single-file mode."""
+        return self._tenant
+
+    def for_file(self, path: Path, tenant: str) -> Config:
+        """This multi-file configuration narrowed to one of its files: `source.path` is the file, and every
+        request to the secondary is scoped to `tenant` (`open_target`)."""
+        narrowed = self.model_copy(update={"source": self.source.model_copy(update={"path": path})})
+        narrowed._tenant = tenant
+        return narrowed
+
     @model_validator(mode="after")
     def _check_tables(self) -> Config:
         _raise_problems(_table_set_problems([(i, t.name, t.target_name, t.after) for i, t in enumerate(self.tables)]))
+        problems: list[Problem] = []
+        if self.source.glob is not None and self.worker.consistency == "snapshot":
+            problems.append((("worker", "consistency"), "snapshot mode serves one file; with source.glob use "
+                                                         "consistency = \"key\""))
+        for index, table in enumerate(self.tables):
+            if self.source.glob is not None and self.source.tenant_column in {
+                    spec.rename or column for column, spec in table.columns.items()} | set(table.key or ()):
+                problems.append((("table", index), f"the column {self.source.tenant_column!r} is source.tenant_column "
+                                                   "(syncd fills it with the file's tenant id); rename the source's "
+                                                   "column, or choose another source.tenant_column"))
+        _raise_problems(problems)
         return self
 
 
@@ -540,7 +625,7 @@ def _rest_url(supabase_url: str | None) -> str | None:
 # Model field names accepted in dotted overrides, written as the file's key names.
 _KEY_ALIASES = {"schema_name": "schema", "tables": "table"}
 # Keys holding paths: relative ones in the file are relative to the file's directory.
-_PATH_KEYS = (("source", "path"), ("target", "service_key_file"), ("target", "jwt_secret_file"))
+_PATH_KEYS = (("source", "path"), ("source", "glob"), ("target", "service_key_file"), ("target", "jwt_secret_file"))
 
 
 def _read_file(path: Path) -> dict[str, Any]:

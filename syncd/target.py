@@ -59,6 +59,7 @@ the error. `open_target` builds the client and its token source from the configu
 
 from __future__ import annotations
 
+import copy
 import email.utils
 import functools
 import json
@@ -431,6 +432,39 @@ class PostgrestTarget:
         self.timeout = timeout
         self._transport = transport
         self._client_made = threading.Lock()
+        self.scope: tuple[str, str] | None = None  # (tenant column, tenant id): multi-file mode (`scoped`)
+        self.owner = True  # closes the HTTP client (a scoped view shares its owner's)
+
+    def scoped(self, column: str, tenant: str) -> PostgrestTarget:
+        """A view of this target for one tenant (multi-file mode), sharing its HTTP client and token: every row
+        upserted carries `column` = `tenant` and upserts on the key with `column` added; deletes, reads, verify and
+        reconcile see only the rows where `column` = `tenant`. Closing the view leaves the client open."""
+        view = copy.copy(self)
+        view.__dict__["_client"] = self._client  # made now: views made later must share the same one
+        view.scope, view.owner = (column, tenant), False
+        return view
+
+    def scoped_key(self, key: Sequence[str]) -> list[str]:
+        """`key` with the tenant column first (the secondary's key in multi-file mode)."""
+        if self.scope is None or self.scope[0] in key:
+            return list(key)
+        return [self.scope[0], *key]
+
+    def scope_filter(self) -> str:
+        """The query term restricting a request to the tenant (`col=eq.value`), or '' without a scope."""
+        if self.scope is None:
+            return ""
+        column, tenant = self.scope
+        return f"{encode(field(column))}=eq.{encode(literal(tenant))}"
+
+    def scoped_rows(self, rows: Sequence[Mapping[str, object] | str]) -> Sequence[Mapping[str, object] | str]:
+        """`rows` with the tenant column set (last, so it wins over a same-named column of the source's)."""
+        if self.scope is None:
+            return rows
+        column, tenant = self.scope
+        member = json.dumps(column) + ":" + json.dumps(tenant)
+        return [f"{row[:-1]},{member}}}" if isinstance(row, str) and row != "{}" else
+                ("{" + member + "}" if isinstance(row, str) else {**row, column: tenant}) for row in rows]
 
     @functools.cached_property
     def _client(self) -> httpx.Client:
@@ -454,8 +488,8 @@ class PostgrestTarget:
         self.close()
 
     def close(self) -> None:
-        """Close the HTTP client and its connections."""
-        if "_client" in self.__dict__:
+        """Close the HTTP client and its connections (a scoped view: nothing, its owner closes them)."""
+        if self.owner and "_client" in self.__dict__:
             self._client.close()
 
     def upsert(self, table: str, key: Sequence[str], rows: Sequence[Mapping[str, object] | str]) -> None:
@@ -464,6 +498,7 @@ class PostgrestTarget:
         if not rows:
             return
         url = self.table_url(table)
+        key, rows = self.scoped_key(key), self.scoped_rows(rows)
         if key:
             url += "?on_conflict=" + encode(",".join(field(column) for column in key))
         headers = {"Prefer": "resolution=merge-duplicates, return=minimal", "Content-Type": "application/json"}
@@ -487,7 +522,7 @@ class PostgrestTarget:
 
     def delete_urls(self, table: str, key: Sequence[str], keys: Sequence[Mapping[str, object]]) -> list[str]:
         """Filtered DELETE URLs covering every key once, each at most max_url_bytes long."""
-        start = self.table_url(table) + "?"
+        start = self.table_url(table) + "?" + (f"{scope}&" if (scope := self.scope_filter()) else "")
         if len(key) == 1:
             column = key[0]
             items = [encode(literal(values[column])) for values in keys]
@@ -544,6 +579,8 @@ class PostgrestTarget:
         select = ",".join(columns) if columns is not None and all(map(plain, columns)) else "*"
         query = [f"select={encode(select)}", "order=" + encode(",".join(f"{field(c)}.asc" for c in key)),
                  f"limit={limit}"]
+        if self.scope is not None:
+            query.append(self.scope_filter())
         if after is not None:
             query.append("or=" + encode(f"({','.join(keyset_terms(key, after))})"))
         if equal is not None:
@@ -566,7 +603,8 @@ class PostgrestTarget:
         headers = {"Accept": "application/json"}
         if self.schema != "public":
             headers["Accept-Profile"] = self.schema
-        self.send("GET", f"{self.table_url(table)}?limit=0", headers, None)
+        scope = self.scope_filter()
+        self.send("GET", f"{self.table_url(table)}?limit=0" + (f"&{scope}" if scope else ""), headers, None)
 
     def call(self, function: str, body: bytes) -> bytes:
         """Call a function of the secondary's schema: POST /rpc/{function} with `body`, a JSON object of its named
@@ -579,7 +617,7 @@ class PostgrestTarget:
     def probe_conflict_key(self, table: str, key: Sequence[str]) -> None:
         """Upsert no rows by `key`: PostgreSQL still plans ON CONFLICT and answers 42P10 when no unique
         constraint matches those columns. Writes nothing."""
-        columns = encode(",".join(field(column) for column in key))
+        columns = encode(",".join(field(column) for column in self.scoped_key(key)))
         url = f"{self.table_url(table)}?on_conflict={columns}&columns={columns}"
         headers = {"Prefer": "resolution=merge-duplicates, return=minimal", "Content-Type": "application/json"}
         self.send("POST", url, headers, b"[]")
@@ -682,6 +720,11 @@ def open_target(config: Config, tokens: TokenSource | None = None,
     """The PostgREST client every command that talks to the secondary uses, built from the configuration
     (`tokens`: default `token_source(config)`). Raises ConfigError when no credential is configured."""
     apikey = config.target.effective_apikey
-    return PostgrestTarget(config.target.url, tokens or token_source(config), schema=config.target.schema_name,
-                           apikey=apikey.get_secret_value() if apikey else None, timeout=config.worker.request_timeout,
-                           on_renewed=on_renewed)
+    target = PostgrestTarget(config.target.url, tokens or token_source(config), schema=config.target.schema_name,
+                             apikey=apikey.get_secret_value() if apikey else None,
+                             timeout=config.worker.request_timeout, on_renewed=on_renewed)
+    if config.tenant is None:
+        return target
+    scoped = target.scoped(config.source.tenant_column, config.tenant)
+    scoped.owner = True  # the only view of its own client: closing it closes the client
+    return scoped

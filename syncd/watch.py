@@ -124,6 +124,10 @@ class SourceWatch:
 
     def wait_out_fault(self, exc: Exception, stop: threading.Event) -> None:
         """Wait (with backoff) for the app to release the write lock, or the disk to take writes again."""
+        stop.wait(self.fault_pause(exc))
+
+    def fault_pause(self, exc: Exception) -> float:
+        """A fault of the file seen: announce it; the seconds to wait (backoff) before trying the file again."""
         kind = fault_kind(exc)
         now = time.monotonic()
         if self.fault_since is None:
@@ -133,7 +137,7 @@ class SourceWatch:
         pause = backoff.delay(self.faults, base=0.5, cap=self.settings.config.worker.max_backoff, rand=lambda: 1.0)
         lasting = now - self.fault_since
         self.observer.source_fault(kind, fault_problem(kind, exc, lasting), lasting, pause)
-        stop.wait(pause)
+        return pause
 
     def usable(self, *, flush_refused: bool) -> None:
         """A turn of the loop used the file without a fault (a due flush still refused by the app's lock, told by

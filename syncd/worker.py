@@ -45,10 +45,19 @@ from syncd.timers import Timers
 from syncd.watch import GONE_POLL, SOURCE_FAULTS, Seen, SourceGone, SourceWatch
 from syncd.window import Shipment, Window
 
-__all__ = ["RESTART_KEYS", "DrainResult", "SourceGone", "WaitFn", "Worker", "wait_on"]
+__all__ = ["RESTART_KEYS", "DrainResult", "Pause", "SourceGone", "WaitFn", "Worker", "wait_on"]
 
 # What a SIGHUP cannot change in a running daemon (a thread may lower its own priority, never raise it again).
 RESTART_KEYS = frozenset({"source.path", "worker.metrics_addr", "worker.nice"})
+
+
+@dataclass(frozen=True)
+class Pause:
+    """How long the loop waits before its next turn (seconds); `wakeable`: a change of the file or a wake-up
+    (SIGUSR1) ends the wait sooner (the idle wait), else only `stop` does (a backoff, standing by)."""
+
+    seconds: float
+    wakeable: bool = False
 
 
 @dataclass
@@ -104,6 +113,8 @@ class Worker:
         self.watch = SourceWatch(source, observer, self.settings)
         self.timers = Timers(self.plan, self.settings, observer)
         self.holding = False  # this daemon held the lease at its last look
+        self.failures = 0  # turns in a row the secondary failed as a whole
+        self.last_claimed = 0  # outbox entries the last turn claimed
         self.refused: SnapshotRefused | None = None  # why `run --once` gave up: the secondary refused a snapshot
 
     def planned(self) -> bool:
@@ -150,64 +161,83 @@ class Worker:
     def run(self, stop: threading.Event, wait: WaitFn | None = None, once: bool = False) -> None:
         """Drain while holding the lease until `stop` is set (with `once`: until the outbox is empty and every
         reconcile done). Raises SourceGone when the file is gone for good; any other exception is a bug."""
-        failures = 0
         while not stop.is_set():
-            self.observer.heartbeat()
-            try:
-                self.reload_if_requested()
-                if not self.follow_source(stop) or not self.hold_lease(stop):
-                    continue
-                self.keeper.keep_whole()
-                result = self.drain(stop, between=lambda: self.between_batches(stop))
-                if self.keeper.replaced:
-                    continue  # adopt the file (under the lease) before anything else touches it
-                self.flush_when_due(final=once and result.claimed == 0)
-                self.keeper.record_halts()
-                self.timers.housekeeping(self.conn)
-                if result.claimed == 0 and not once:
-                    self.probe_when_idle()
-                self.source_usable()
-            except Interrupted as exc:
-                failures += 1
-                if once and isinstance(exc, SnapshotRefused):  # no retry fixes it by itself: say so and end
-                    self.observer.snapshot_refused(exc.error, failures, None)
-                    self.refused = exc
-                    break
-                self.back_off(exc, failures, stop)
-                continue
-            except FileMoved as exc:
-                # A commit or checkpoint refused, nothing written: the file was replaced (or its WAL index lost)
-                # after this turn's look at it. The next turn notices it and reads the file anew.
-                self.observer.log.info("a write to the database file was refused: it is no longer the file syncd "
-                                       "has open", detail=str(exc))
-                stop.wait(GONE_POLL)
-                continue
-            except SOURCE_FAULTS as exc:
-                # The app held the write lock past the busy timeout, or the disk refused: nothing shipped since
-                # the last acknowledgement is lost (it ships again). Never a reason to stop.
-                self.watch.wait_out_fault(exc, stop)
-                continue
-            if failures:
-                self.observer.secondary_recovered(failures)
-                failures = 0
-            if once and result.claimed == 0:
-                if self.flush.requeued_keys:  # the final flush put them back at the tail: drain on
-                    self.flush.requeued_keys = 0
-                    continue
-                reconciler = self.keeper.reconciler
-                if reconciler is None or not reconciler.busy():
-                    break
-                reconciler.run_pending(stop)
-                continue
-            if once:
-                continue
-            (wait or wait_on(stop))(self.flush.due_in(self.config.worker.poll_interval), stop)
+            pause = self.turn(stop, once)
+            if pause is None:
+                break
+            if pause.wakeable:
+                (wait or wait_on(stop))(pause.seconds, stop)
+            elif pause.seconds > 0:
+                stop.wait(pause.seconds)
+        self.close_out()
+
+    def turn(self, stop: threading.Event, once: bool = False, *, slice_seconds: float | None = None) -> Pause | None:
+        """One turn of the loop: follow the file, hold the lease, drain (for at most `slice_seconds` when given:
+        multi-file mode takes turns among files), flush, keep house. Returns how long to wait before the next turn
+        (`Pause.wakeable`: a change of the file or a wake-up may end it sooner), or None when `once` is done (or a
+        snapshot was refused). Raises SourceGone when the file is gone for good; any other exception is a bug."""
+        self.observer.heartbeat()
+        try:
+            self.reload_if_requested()
+            if not self.follow_source(stop):
+                return Pause(0.0)
+            if not self.hold_lease(stop):
+                return Pause(self.lease.retry_after)
+            self.keeper.keep_whole()
+            ends = None if slice_seconds is None else time.monotonic() + slice_seconds
+            result = self.drain(stop, between=lambda: self.between_batches(stop)
+                                and (ends is None or time.monotonic() < ends))
+            if self.keeper.replaced:
+                return Pause(0.0)  # adopt the file (under the lease) before anything else touches it
+            self.flush_when_due(final=once and result.claimed == 0)
+            self.keeper.record_halts()
+            self.timers.housekeeping(self.conn)
+            if result.claimed == 0 and not once:
+                self.probe_when_idle()
+            self.source_usable()
+        except Interrupted as exc:
+            self.failures += 1
+            if once and isinstance(exc, SnapshotRefused):  # no retry fixes it by itself: say so and end
+                self.observer.snapshot_refused(exc.error, self.failures, None)
+                self.refused = exc
+                return None
+            return Pause(self.back_off(exc, self.failures))
+        except FileMoved as exc:
+            # A commit or checkpoint refused, nothing written: the file was replaced (or its WAL index lost)
+            # after this turn's look at it. The next turn notices it and reads the file anew.
+            self.observer.log.info("a write to the database file was refused: it is no longer the file syncd "
+                                   "has open", detail=str(exc))
+            return Pause(GONE_POLL)
+        except SOURCE_FAULTS as exc:
+            # The app held the write lock past the busy timeout, or the disk refused: nothing shipped since
+            # the last acknowledgement is lost (it ships again). Never a reason to stop.
+            return Pause(self.watch.fault_pause(exc))
+        if self.failures:
+            self.observer.secondary_recovered(self.failures)
+            self.failures = 0
+        self.last_claimed = result.claimed
+        if once and result.claimed == 0:
+            if self.flush.requeued_keys:  # the final flush put them back at the tail: drain on
+                self.flush.requeued_keys = 0
+                return Pause(0.0)
+            reconciler = self.keeper.reconciler
+            if reconciler is None or not reconciler.busy():
+                return None
+            reconciler.run_pending(stop)
+            return Pause(0.0)
+        if once or result.more:
+            return Pause(0.0)
+        return Pause(self.flush.due_in(self.config.worker.poll_interval), wakeable=True)
+
+    def close_out(self) -> None:
+        """The loop ends: apply what was acknowledged to the app's file, and give the lease up."""
         self.flush.on_the_way_out(lambda final: self.flush_when_due(final=final))
         with contextlib.suppress(*SOURCE_FAULTS, FileMoved):
             self.lease.release()  # when the file refuses, the lease expires by itself
 
     def hold_lease(self, stop: threading.Event) -> bool:
-        """Keep the lease; while another daemon holds it, stand by (False) for a third of its lifetime."""
+        """Keep the lease; False while another daemon holds it (the turn then stands by for a third of its
+        lifetime)."""
         self.source.configure()  # the lease lives in the state file
         try:
             self.lease.keep()
@@ -215,7 +245,6 @@ class Worker:
             self.holding = False
             self.observer.standing_by(held.holder.host if held.holder else None,
                                       held.holder.pid if held.holder else None)
-            stop.wait(self.lease.retry_after)
             return False
         if not self.holding:  # taken now (at start, or over from another daemon): is this the file it left?
             self.holding = True
@@ -232,14 +261,15 @@ class Worker:
         return (not stop.is_set() and self.follow_source(stop) and self.keeper.prepared
                 and not self.keeper.replaced and not self.settings.requested.is_set() and self.hold_lease(stop))
 
-    def back_off(self, exc: Interrupted, failures: int, stop: threading.Event) -> None:
-        """The secondary failed as a whole: wait (capped exponential backoff, full jitter, Retry-After)."""
+    def back_off(self, exc: Interrupted, failures: int) -> float:
+        """The secondary failed as a whole: the seconds to wait (capped exponential backoff, full jitter,
+        Retry-After), announced."""
         pause = backoff.delay(failures, cap=self.config.worker.max_backoff, retry_after=exc.error.retry_after)
         if isinstance(exc, SnapshotRefused):
             self.observer.snapshot_refused(exc.error, failures, pause)
         else:
             self.observer.secondary_failed(exc.table, exc.error, failures, pause)
-        stop.wait(pause)
+        return pause
 
     def source_usable(self) -> None:
         """A turn of the loop used the file without a fault (a due flush still refused by the app's lock is one)."""
