@@ -159,6 +159,14 @@ def check_table(target: PostgrestTarget, spec: dict[str, object], mapping: Table
         if problem:
             findings.append(Finding("warn", subject, f"column {column!r} -> {name!r}: {problem}",
                                     f"set [table.columns.{column}] transform, or change the column type"))
+    if target.scope is not None:  # multi-file mode: syncd fills the tenant column of every row
+        tenant_column = target.scope[0]
+        fed.add(tenant_column)
+        if tenant_column not in properties:
+            findings.append(Finding("error", subject, f"the tenant column {tenant_column!r} (source.tenant_column) "
+                                    "is not in the secondary's table: every upsert would be refused (PGRST204)",
+                                    f"ALTER TABLE {mapping.target} ADD COLUMN {tenant_column} text NOT NULL, first in "
+                                    "its primary key (the SQL of syncd init --glob); NOTIFY pgrst, 'reload schema'"))
     unfed = [c for c in definition.get("required", []) if c not in fed and "default" not in properties.get(c, {})]
     if unfed:
         # PostgREST describes a column filled by a sequence (serial, identity) as NOT NULL without a default too

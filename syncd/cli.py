@@ -7,6 +7,8 @@ never from a second copy here. Mistakes an operator can fix are one message and 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -19,13 +21,14 @@ from typing import Any, TypeAlias
 
 import apsw
 
-from syncd import __version__, auth, capture, sqlite, state, status, timeparse
+from syncd import __version__, auth, capture, sqlite, state, status, tenants, timeparse
 from syncd import replay as operations
 from syncd.config import Config, ConfigError, WorkerConfig, default_config_file, load_config
 from syncd.progress import Progress
 from syncd.redact import mask_url, redact
 from syncd.source import LockWait
 from syncd.target import PostgrestTarget, TargetError, open_target
+from syncd.tenants import TenantFile
 from syncd.verify import PAGE
 
 # Mistakes an operator can fix: printed as one clear message, never as a traceback.
@@ -67,9 +70,64 @@ def bad_argument(flag: str, problem: str) -> ConfigError:
     return ConfigError("invalid arguments (1 problem):", [f"{flag}: {problem}"])
 
 
-def install(args: argparse.Namespace) -> int:
+def chosen_files(args: argparse.Namespace, config: Config) -> list[TenantFile] | None:
+    """Multi-file mode: the files matching source.glob (every shard's), narrowed by --file/--tenant; None in
+    single-file mode (where --file/--tenant are refused). Raises ConfigError when no file is left."""
+    name, tenant = getattr(args, "file", None), getattr(args, "tenant", None)
+    if config.source.glob is None:
+        if name is not None or tenant is not None:
+            raise bad_argument("--file" if name is not None else "--tenant",
+                               "only in multi-file mode (source.glob); this configuration serves source.path")
+        return None
+    from syncd.fleet import glob_root
+
+    found = tenants.discover(config.source.glob, glob_root(config), tenants.TenantPattern.parse(config.source.tenant))
+    try:
+        return tenants.select(found, name=name, tenant=tenant)
+    except ValueError as exc:
+        raise bad_argument("--file" if name is not None else "--tenant", str(exc)) from None
+
+
+def per_file(command: Callable[[argparse.Namespace, Config], int]) -> Callable[[argparse.Namespace], int]:
+    """A command for one file, run for the file of single-file mode, or in multi-file mode for every file matching
+    source.glob (or those --file/--tenant name), each under a header line; one file's failure is printed and the
+    others go on. The exit code is the worst. With --json, one object: {"files": [{"file", "tenant", "result"}]}."""
+    def run(args: argparse.Namespace) -> int:
+        config = load(args)
+        files = chosen_files(args, config)
+        if files is None:
+            return command(args, config)
+        codes: list[int] = []
+        results: list[dict[str, object]] = []
+        as_json = bool(getattr(args, "json", False))
+        for file in files:
+            if file.tenant is None:
+                print(f"error: {file.name}: its name gives no tenant by source.tenant; skipped", file=sys.stderr)
+                codes.append(1)
+                continue
+            if not as_json:
+                print(f"== {file.name} (tenant {file.tenant})", flush=True)
+            out = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(out) if as_json else contextlib.nullcontext():
+                    codes.append(command(args, config.for_file(file.path, file.tenant)))
+            except (*USER_ERRORS, apsw.Error) as exc:
+                print(f"error: {file.name}: {redact(str(exc))}", file=sys.stderr)
+                codes.append(2 if isinstance(exc, USER_ERRORS) else 1)
+                continue
+            if as_json:
+                results.append({"file": file.name, "tenant": file.tenant, "result": json.loads(out.getvalue())})
+        if as_json:
+            print(json.dumps({"files": results}, indent=2))
+        return max(codes, default=0)
+
+    run.__doc__ = command.__doc__
+    return run
+
+
+@per_file
+def install(args: argparse.Namespace, config: Config) -> int:
     """`syncd install`: create syncd's tables and the triggers; print what changed."""
-    config = load(args)
     report = capture.install(open_source(args, config), config)
     print(f"installed in {config.source.path}: {len(report.created)} trigger(s) created, "
           f"{len(report.replaced)} replaced, {len(report.unchanged)} unchanged")
@@ -86,9 +144,9 @@ def install(args: argparse.Namespace) -> int:
     return 0
 
 
-def uninstall(args: argparse.Namespace) -> int:
+@per_file
+def uninstall(args: argparse.Namespace, config: Config) -> int:
     """`syncd uninstall`: remove the triggers (and, as asked, archive or drop syncd's tables)."""
-    config = load(args)
     report = capture.uninstall(open_source(args, config), drop_outbox=args.drop_outbox, force=args.force,
                                archive=args.archive)
     if not report.found:
@@ -103,8 +161,20 @@ def uninstall(args: argparse.Namespace) -> int:
 
 
 def show_status(args: argparse.Namespace) -> int:
-    """`syncd status`: exit 0 when healthy, 1 when something needs an operator."""
+    """`syncd status`: exit 0 when healthy, 1 when something needs an operator. In multi-file mode: totals and
+    the files that need attention or are behind (`syncd.fleet_status`), unless --file/--tenant name one file."""
     config = load(args)
+    files = chosen_files(args, config)
+    if files is not None and not (len(files) == 1 and (args.file or args.tenant)):
+        from syncd import fleet_status
+
+        fleet = fleet_status.collect(config, files, lambda narrowed: open_source(args, narrowed, readonly=True),
+                                     max_lag=args.max_lag)
+        print(json.dumps(fleet.as_dict(), indent=2) if args.json else fleet_status.render(fleet))
+        return 0 if fleet.healthy else 1
+    if files is not None:
+        assert files[0].tenant is not None
+        config = config.for_file(files[0].path, files[0].tenant)
     result = status.collect(open_source(args, config, readonly=True), config, max_lag=args.max_lag)
     print(json.dumps(result.as_dict(), indent=2) if args.json else status.render(result))
     return 0 if result.healthy else 1
@@ -114,7 +184,9 @@ def run(args: argparse.Namespace) -> int:
     """`syncd run`: the daemon, until a signal (or, with --once, until the outbox is empty)."""
     from syncd import daemon
 
-    overrides = {f"worker.{k}": getattr(args, k) for k in WORKER_FLAGS}
+    overrides: dict[str, object] = {f"worker.{k}": getattr(args, k) for k in WORKER_FLAGS}
+    if args.shard is not None:
+        overrides["source.shard"] = args.shard
     return daemon.run(load(args, **overrides), once=args.once, log_format=args.log_format,
                       reload=lambda: load(args, **overrides))
 
@@ -134,23 +206,24 @@ def add_run_command(commands: Commands) -> None:
                             description="Ship every captured change to PostgREST: wake on commits, batch, retry "
                                         "transient failures forever, dead-letter rows the secondary refuses, "
                                         "serve /metrics, /healthz and /readyz.")
-    add_config_options(p, lock_wait=False)
+    add_config_options(p, lock_wait=False, files=False)
     p.add_argument("--once", action="store_true", help="drain until the outbox is empty, then exit")
     p.add_argument("--batch-size", dest="batch_size", type=int, help=worker_help("batch_size"))
     p.add_argument("--poll-interval", dest="poll_interval", type=float, help=worker_help("poll_interval"))
     p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, help=worker_help("shutdown_timeout"))
     p.add_argument("--metrics-addr", dest="metrics_addr", help=worker_help("metrics_addr"))
+    p.add_argument("--shard", metavar="I/N", help="multi-file mode: serve shard I of N (overrides source.shard)")
     p.add_argument("--log-format", choices=("json", "console"), default="json", help="log lines for machines or people")
     p.set_defaults(run=run)
 
 
-def replay(args: argparse.Namespace) -> int:
+@per_file
+def replay(args: argparse.Namespace, config: Config) -> int:
     """`syncd replay`: dead letters, or the keys shipped in a time window, back into the outbox."""
     if args.id and not args.dead_letters:
         raise bad_argument("--id", "dead letter ids go with --dead-letters; --since replays by time")
     if args.until is not None and args.since is None:
         raise bad_argument("--until", "only with --since (the window's end)")
-    config = load(args)
     conn = open_source(args, config)
     if args.table is not None and (problem := operations.unknown_table(conn, config, args.table, args.dead_letters)):
         raise bad_argument("--table", problem)
@@ -172,12 +245,12 @@ def replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def resync(args: argparse.Namespace) -> int:
+@per_file
+def resync(args: argparse.Namespace, config: Config) -> int:
     """`syncd resync` / `backfill`: every key of a table (--table), or of every configured table in foreign-key
     order, parents first (--all: the first copy), into the outbox."""
     from syncd.plan import ship_order  # here: the plan's imports are more than other commands need
 
-    config = load(args)
     conn = open_source(args, config)
     if args.all:
         if args.where:
@@ -307,23 +380,23 @@ def jwt_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def run_check(args: argparse.Namespace) -> int:
+@per_file
+def run_check(args: argparse.Namespace, config: Config) -> int:
     """`syncd check`: every check with its fix; exit 1 on any error."""
     from syncd import check
 
-    config = load(args)
     findings = check.run_checks(config, open_source(args, config, readonly=True), pg_url=args.pg_url)
     print(check.render(findings))
     return 0 if check.passed(findings) else 1
 
 
-def run_verify(args: argparse.Namespace) -> int:
+@per_file
+def run_verify(args: argparse.Namespace, config: Config) -> int:
     """`syncd verify`: compare (and with --repair, enqueue the differences); exit 1 when not equal."""
     from syncd import verify
 
     if args.dry_run and not args.repair:
         raise bad_argument("--dry-run", "only with --repair (verify alone changes nothing)")
-    config = load(args)
     with secondary(config) as target:
         result = verify.verify(open_source(args, config, readonly=not args.repair), config, target,
                                tables=args.table,
@@ -332,11 +405,11 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0 if result.equal else 1
 
 
-def run_cutover(args: argparse.Namespace) -> int:
+@per_file
+def run_cutover(args: argparse.Namespace, config: Config) -> int:
     """`syncd cutover`: ready to switch the app to the secondary? Exit 1 with the reasons when not."""
     from syncd import cutover
 
-    config = load(args)
     timeout = duration("--timeout", args.timeout)
     with secondary(config) as target:
         readiness = cutover.check_readiness(open_source(args, config, readonly=True), config, target,
@@ -432,13 +505,18 @@ def seconds(text: str) -> float:
     return value
 
 
-def add_config_options(p: argparse.ArgumentParser, *, lock_wait: bool = True, wait: float = LOCK_WAIT) -> None:
+def add_config_options(p: argparse.ArgumentParser, *, lock_wait: bool = True, wait: float = LOCK_WAIT,
+                       files: bool = True) -> None:
     """--config and --db, which every command that reads the app's file takes; --lock-wait (default `wait`
     seconds) for a command (not the daemon, which waits as long as it takes)."""
     p.add_argument("--config", type=Path,
                    help="TOML configuration file (default: $SYNCD_CONFIG, else ./syncd.toml, else "
                         "/etc/syncd/syncd.toml)")
     p.add_argument("--db", help="the application's SQLite file (overrides source.path and $SYNCD_DB)")
+    if files:
+        p.add_argument("--file", metavar="NAME", help="multi-file mode (source.glob): only this file (its name as "
+                       "status shows it, or its path; default every file)")
+        p.add_argument("--tenant", metavar="ID", help="multi-file mode (source.glob): only the file of this tenant")
     if lock_wait:
         p.add_argument("--lock-wait", type=seconds, default=wait, metavar="SECONDS",
                        help="while the application holds the file's lock, wait this long, saying every few seconds "

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import Protocol
 
 import apsw
 
@@ -54,6 +55,8 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
     priority = lower_priority(config.worker.nice)  # before any thread starts: every thread inherits it
     log = get_logger()
     token_source(config)  # no credential: refused before anything starts
+    if config.source.glob is not None:
+        return run_fleet(config, once, reload, priority)
     source = Source(config.source.path)
     stop, reload_requested = threading.Event(), threading.Event()
     waker = Waker(source, config.source.path)
@@ -137,6 +140,32 @@ def run(config: Config, *, once: bool = False, log_format: str = "json",
     return code
 
 
+def run_fleet(config: Config, once: bool, reload: Callable[[], Config] | None,
+              priority: tuple[int, str | None]) -> int:
+    """Multi-file mode (`source.glob`, `syncd.fleet`): the same signals, metrics server and exit codes."""
+    from syncd.fleet import Fleet
+
+    fleet = Fleet(config, once=once, reload=reload)
+    install_signal_handlers(fleet.stop, fleet, fleet.reload_requested)
+    Observer(fleet.metrics, fleet.log).yielding_cpu(config.worker.nice, *priority)
+    try:
+        server = serve(fleet.metrics, config.worker.metrics_addr)
+    except OSError as exc:
+        raise ConfigError("invalid configuration (1 problem):", [
+            f"worker.metrics_addr: cannot listen on {config.worker.metrics_addr} ({exc.strerror}); "
+            "choose another with --metrics-addr"]) from None
+    if config.target.in_clear:
+        fleet.log.warning(config.target.in_clear)
+    code = fleet.run()
+    if code < 0:
+        fleet.log.warning("request in flight abandoned at shutdown; it will be shipped again at the next start")
+        sys.stderr.flush()
+        os._exit(0)
+    server.shutdown()
+    fleet.log.info("syncd stopped", exit_code=code)
+    return code
+
+
 def drive(worker: Worker, stop: threading.Event, waker: Waker, once: bool, outcome: list[int]) -> None:
     """The worker thread: run the loop; record the exit code of an end nobody asked for, and stop the process."""
     try:
@@ -173,7 +202,11 @@ def wait_while_busy(read: Callable[[], bool], observer: Observer, stop: threadin
     return False
 
 
-def install_signal_handlers(stop: threading.Event, waker: Waker, reload_requested: threading.Event) -> None:
+class Wakeable(Protocol):
+    def wake(self) -> None: ...
+
+
+def install_signal_handlers(stop: threading.Event, waker: Wakeable, reload_requested: threading.Event) -> None:
     """SIGTERM/SIGINT stop (a second one exits at once), SIGUSR1 wakes the loop, SIGHUP asks for a reload."""
     def on_stop(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():

@@ -178,7 +178,11 @@ def serve(metrics: Metrics, address: str) -> ThreadingHTTPServer:
                 self.answer(200 if alive else 503, json.dumps({"alive": alive}).encode())
             elif self.path == "/readyz":
                 ready, reason = metrics.health.ready()
-                self.answer(200 if ready else 503, json.dumps({"ready": ready, "reason": reason}).encode())
+                answer: dict[str, object] = {"ready": ready, "reason": reason}
+                troubled = getattr(metrics.health, "troubled", None)  # multi-file mode: each file not shipping
+                if troubled is not None:
+                    answer["files"] = troubled()
+                self.answer(200 if ready else 503, json.dumps(answer).encode())
             else:
                 self.answer(404, b'{"error": "not found"}')
 

@@ -70,10 +70,11 @@ class Status:
 
 
 def collect(conn: apsw.Connection, config: Config, *, max_lag: float = DEFAULT_MAX_LAG_SECONDS,
-            now: float | None = None) -> Status:
+            now: float | None = None, ask_daemon: bool = True) -> Status:
     """The status, read from the SQLite file alone in one read transaction: each configured table's backlog, dead
     letters, triggers and recorded state. A change pending longer than `max_lag` seconds is a problem; `now` is unix
-    seconds (default the current time)."""
+    seconds (default the current time). `ask_daemon`: ask the live lease holder's /readyz (multi-file status asks
+    each daemon once, for all its files)."""
     now = time.time() if now is None else now
     with conn:  # one read snapshot for every figure
         if not outbox.installed(conn):
@@ -104,7 +105,7 @@ def collect(conn: apsw.Connection, config: Config, *, max_lag: float = DEFAULT_M
     strays = sorted({table for table, _ in current.values()} - configured)
     status.problems += [f"table {t!r} has syncd triggers but is not configured (its changes pile up in the outbox); "
                         "configure it, or run syncd uninstall and install again" for t in strays]
-    if live and lease is not None:
+    if live and lease is not None and ask_daemon:
         status.daemon = daemon_readiness(lease.metrics or config.worker.metrics_addr)
         if status.daemon.get("ready") is False:
             status.problems.append(f"the daemon is not ready: {status.daemon.get('reason')}")
@@ -123,7 +124,10 @@ def daemon_readiness(address: str) -> dict[str, object]:
         return {"error": f"{url}: {type(exc).__name__}"}
     if not isinstance(answer, dict) or "ready" not in answer:
         return {"error": f"{url}: not syncd's /readyz"}
-    return {"ready": bool(answer["ready"]), "reason": str(answer.get("reason", ""))}
+    readiness: dict[str, object] = {"ready": bool(answer["ready"]), "reason": str(answer.get("reason", ""))}
+    if isinstance(answer.get("files"), dict):  # multi-file mode: {file: why it does not ship}
+        readiness["files"] = {str(name): str(why) for name, why in answer["files"].items()}
+    return readiness
 
 
 def not_installed(config: Config) -> Status:

@@ -451,11 +451,13 @@ class PostgrestTarget:
         return [self.scope[0], *key]
 
     def scope_filter(self) -> str:
-        """The query term restricting a request to the tenant (`col=eq.value`), or '' without a scope."""
+        """The query term restricting a request to the tenant (`col=in.("value")`), or '' without a scope. `in` with
+        a quoted element, because PostgREST strips double quotes only inside a list: `eq."b"` compares to the text
+        `"b"` with its quotes."""
         if self.scope is None:
             return ""
         column, tenant = self.scope
-        return f"{encode(field(column))}=eq.{encode(literal(tenant))}"
+        return f"{encode(field(column))}=in.({encode(literal(tenant))})"
 
     def scoped_rows(self, rows: Sequence[Mapping[str, object] | str]) -> Sequence[Mapping[str, object] | str]:
         """`rows` with the tenant column set (last, so it wins over a same-named column of the source's)."""

@@ -8,7 +8,7 @@ and the tenant id is the parts joined by `-` (`tenant-{id}.db` gives `42` for `t
 gives `acme-paris` for `acme_paris.db`). A file whose name does not match has no tenant: it is reported, not served.
 
 Shards (`[source] shard = "i/N"`) split the files by a stable hash of the file's name (SHA-1 of its path relative to
-the configuration's directory), the same in every process and after every restart, so N processes on one glob
+the glob's fixed directory), the same in every process and after every restart, so N processes on one glob
 serve disjoint sets without talking to each other.
 """
 
@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TenantFile", "TenantPattern", "discover", "in_shard", "shard_index"]
+__all__ = ["TenantFile", "TenantPattern", "discover", "in_shard", "select", "shard_index"]
 
 WHOLE = {"stem": lambda path: path.stem, "name": lambda path: path.name, "parent": lambda path: path.parent.name}
 # SQLite's companions of a database file: never a tenant of their own.
@@ -130,3 +130,18 @@ def watched_directories(pattern: str, base: Path) -> list[Path]:
 def recursive(pattern: str) -> bool:
     """Whether matching files may sit in subdirectories (a wildcard before the file name)."""
     return any(c in part for part in Path(pattern).parts[:-1] for c in "*?[")
+
+
+def select(files: list[TenantFile], *, name: str | None = None, tenant: str | None = None) -> list[TenantFile]:
+    """The files a command's `--file NAME` (its name as status shows it, or its path) and `--tenant ID` narrow
+    `files` to (every file when neither is given). Raises ValueError, with what matches, when none is left."""
+    chosen = [file for file in files
+              if (name is None or name in (file.name, str(file.path)) or Path(name).resolve() == file.path.resolve())
+              and (tenant is None or file.tenant == tenant)]
+    if not chosen:
+        asked = " and ".join(part for part in (f"--file {name}" if name else "", f"--tenant {tenant}" if tenant
+                                               else "") if part)
+        shown = ", ".join(f"{file.name} ({file.tenant})" for file in files[:5]) + (" ..." if len(files) > 5 else "")
+        raise ValueError(f"no file matching source.glob has {asked}" + (f"; the files: {shown}" if files
+                                                                        else "; no file matches source.glob"))
+    return chosen
