@@ -47,9 +47,11 @@ class Tenants:
     def path(self, i: int) -> Path:
         return self.directory / f"{self.run}-{i}.sqlite3"
 
-    def create(self, i: int) -> Path:
+    def create(self, i: int, *, journal: str = "WAL") -> Path:
         path = self.path(i)
-        sqlite3.connect(path).executescript(TENANT_SCHEMA)
+        db = sqlite3.connect(path)
+        db.executescript(TENANT_SCHEMA.replace("journal_mode = WAL", f"journal_mode = {journal}"))
+        db.close()
         return path
 
     def connect(self, i: int) -> sqlite3.Connection:
@@ -193,3 +195,160 @@ def test_one_daemon_ships_a_directory_written_at_once(tenants: Tenants, pg: psyc
     assert all(file["pending"] == 0 for file in status["files"])
     err = stop(daemon)
     assert "file no longer matches source.glob" in err
+
+
+def troubled_files(tenants: Tenants) -> dict[str, str]:
+    files = readyz(tenants).get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def wait_for(what: str, condition: object, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def test_a_locked_file_a_halted_table_and_an_uninstalled_file_never_stop_the_rest(tenants: Tenants,
+                                                                                   pg: psycopg.Connection):
+    """One tenant's file locked (rollback journal: readers wait too), another's table halted (a column the secondary
+    lacks), a third not installed: each shows in /readyz, the metrics and status with its file, while the others
+    ship; unlocked and fixed, they ship too."""
+    count = 12
+    locked, halted = 0, 1
+    for i in range(count):
+        tenants.create(i, journal="DELETE" if i == locked else "WAL")
+    assert tenants.syncd("install").returncode == 0
+    uninstalled = tenants.create(count)
+    daemon = tenants.start()
+    lock_held, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        db = tenants.connect(locked)
+        db.execute("BEGIN EXCLUSIVE")
+        write_workload(db, random.Random(1), 0)
+        db.execute("INSERT INTO note VALUES (1, 1, 'while locked', 1)")
+        lock_held.set()
+        release.wait(60)
+        db.execute("COMMIT")
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    lock_held.wait(10)
+    with tenants.connect(halted) as db:
+        db.execute("ALTER TABLE note ADD COLUMN extra TEXT")
+        db.execute("INSERT INTO note VALUES (1, NULL, 'halted', 1, 'x')")
+    rng = random.Random(2)
+    others = [i for i in range(count) if i not in (locked, halted)]
+    for i in others:
+        with tenants.connect(i) as db:
+            write_workload(db, rng, 5)
+    wait_equal(tenants, pg, others)  # while the lock is held and the table halted
+    wait_for("the daemon names the locked, halted and uninstalled files",
+             lambda: {tenants.path(i).name for i in (locked, halted)} | {uninstalled.name}
+             <= set(troubled_files(tenants)), timeout=30)
+    reasons = troubled_files(tenants)
+    assert "halted" in reasons[tenants.path(halted).name]
+    assert "not installed" in reasons[uninstalled.name]
+    assert "syncd install --file" in reasons[uninstalled.name]
+    metrics = httpx.get(f"http://{tenants.metrics}/metrics", timeout=5).text
+    assert f'syncd_file_problem{{file="{tenants.path(halted).name}",tenant="{tenants.run}-{halted}"}} 1.0' in metrics
+    assert 'syncd_files{state="troubled"} 3.0' in metrics
+    status = tenants.syncd("status")
+    assert status.returncode == 1
+    assert tenants.path(halted).name in status.stdout and uninstalled.name in status.stdout
+    release.set()
+    holder.join()
+    with tenants.connect(halted) as db:
+        db.execute("ALTER TABLE note DROP COLUMN extra")
+    daemon.send_signal(signal.SIGHUP)  # resume the halted table
+    assert tenants.syncd("install", "--file", uninstalled.name).returncode == 0
+    with tenants.connect(count) as db:
+        write_workload(db, rng, 3)
+    wait_equal(tenants, pg, [locked, halted, count])
+    wait_for("every file ships", lambda: not troubled_files(tenants), timeout=30)
+    stop(daemon)
+
+
+def test_kill_9_of_one_of_two_daemons_sharing_a_glob_loses_nothing(tenants: Tenants, pg: psycopg.Connection):
+    """Two daemons on one glob split the files by their leases; one killed with SIGKILL mid-stream, the other takes
+    its files over within the lease time, and every tenant ends equal."""
+    count = 16
+    for i in range(count):
+        tenants.create(i)
+    assert tenants.syncd("install").returncode == 0
+    second = tenants.root / "second.toml"
+    second.write_text(tenants.config.read_text().replace(tenants.metrics, f"127.0.0.1:{free_port()}"))
+    first_daemon, second_daemon = tenants.start(), tenants.start(config=second)
+    done = threading.Event()
+
+    def writer(seed: int) -> None:
+        rng, base = random.Random(seed), 0
+        while not done.is_set():
+            for i in range(seed, count, 2):
+                with tenants.connect(i) as db:
+                    write_workload(db, rng, 2, base=base)
+            base += 10
+
+    writers = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
+    for thread in writers:
+        thread.start()
+    time.sleep(3)
+    holders = lease_holders(tenants)
+    first_daemon.kill()
+    first_daemon.wait()
+    time.sleep(3)
+    done.set()
+    for thread in writers:
+        thread.join()
+    wait_equal(tenants, pg, list(range(count)), timeout=60)
+    assert holders <= {first_daemon.pid, second_daemon.pid}
+    wait_for("the survivor holds every lease it needs", lambda: lease_holders(tenants) <= {second_daemon.pid})
+    stop(second_daemon)
+
+
+def lease_holders(tenants: Tenants) -> set[object]:
+    status = json.loads(tenants.syncd("status", "--json").stdout)
+    return {file["status"]["lease"]["pid"] for file in status["files"]
+            if file["status"]["lease"] and file["status"]["lease"]["alive"]}
+
+
+def test_shards_split_the_files_and_auto_install_serves_a_new_file(tenants: Tenants, pg: psycopg.Connection):
+    """shard = "0/2" and "1/2" serve disjoint halves (by the hash of the name); with auto_install a file that
+    appears is installed once its schema stood still, and the rows it already held are copied."""
+    from syncd.tenants import shard_index
+
+    count = 8
+    for i in range(count):
+        tenants.create(i)
+    assert tenants.syncd("install").returncode == 0
+    text = tenants.config.read_text().replace('glob = "tenants/*.sqlite3"',
+                                              'glob = "tenants/*.sqlite3"\nauto_install = true')
+    configs = []
+    for shard in range(2):
+        path = tenants.root / f"shard{shard}.toml"
+        path.write_text(text.replace(tenants.metrics, f"127.0.0.1:{free_port()}")
+                        .replace("auto_install = true", f'auto_install = true\nshard = "{shard}/2"'))
+        configs.append(path)
+    daemons = [tenants.start(config=path) for path in configs]
+    rng = random.Random(3)
+    for i in range(count):
+        with tenants.connect(i) as db:
+            write_workload(db, rng, 3)
+    wait_equal(tenants, pg, list(range(count)))
+    status = json.loads(tenants.syncd("status", "--json").stdout)
+    for file in status["files"]:
+        lease = file["status"]["lease"]
+        assert lease and lease["alive"], file
+        assert lease["pid"] == daemons[shard_index(file["file"], 2)].pid, file
+    tenants.create(count)
+    with tenants.connect(count) as db:
+        write_workload(db, rng, 10)  # rows written before any capture: copied by the install's resync
+    wait_equal(tenants, pg, [count], timeout=40)
+    with tenants.connect(count) as db:
+        write_workload(db, rng, 5, base=100)
+    wait_equal(tenants, pg, [count])
+    for daemon in daemons:
+        stop(daemon)
