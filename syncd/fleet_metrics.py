@@ -26,8 +26,9 @@ from syncd.metrics import Health, Metrics
 __all__ = ["FILE_SERIES", "FileMetrics", "FileState", "FleetCollector", "FleetHealth", "fleet_metrics"]
 
 FILE_SERIES = 20  # files with series of their own: the most behind, then those with a problem
-# The gauges kept per file and aggregated at a scrape: name -> (how files add up, labels).
-AGGREGATED = {"pending": "sum", "oldest_age": "max", "dead_letters": "sum", "halted": "sum", "waiting": "sum",
+# The gauges kept per file and aggregated at a scrape: name -> how files add up. halted and waiting stay 0/1 (1: in
+# some file), as the alerts read them; how many files: syncd_files and syncd_file_problem.
+AGGREGATED = {"pending": "sum", "oldest_age": "max", "dead_letters": "sum", "halted": "max", "waiting": "max",
               "source_ok": "min"}
 READY_REASONS = 3  # files named in /readyz's reason
 

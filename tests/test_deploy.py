@@ -236,9 +236,11 @@ def registry_sample_names() -> set[str]:
     """The sample names syncd's real registry exposes, with the suffixes Prometheus sees for each type."""
     suffixes = {"counter": ("_total", "_created"), "gauge": ("",), "info": ("_info",),
                 "histogram": ("_bucket", "_count", "_sum", "_created"), "summary": ("", "_count", "_sum", "_created")}
-    registry = Metrics().registry
-    names = {family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]}
-    exposed = {sample.name for family in registry.collect() for sample in family.samples}
+    from syncd.fleet_metrics import FileState, fleet_metrics
+
+    families = [*Metrics().registry.collect(), *fleet_metrics(lambda: [FileState("a.db", "a")]).registry.collect()]
+    names = {family.name + suffix for family in families for suffix in suffixes[family.type]}
+    exposed = {sample.name for family in families for sample in family.samples}
     assert exposed <= names, f"suffix rules miss {exposed - names}"
     return names
 
