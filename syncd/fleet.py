@@ -62,6 +62,7 @@ IDLE_CLOSE_SECONDS = 10.0  # a file without claims this long is closed (reopened
 RESCAN_SECONDS = 5.0  # the glob is read again this often (new files the watch missed, files gone)
 SWEEP_SECONDS = 1.0  # the closed files' stat is compared this often (changes the watch missed)
 SETTLE_SECONDS = 2.0  # a new file's schema stands still this long before auto_install installs capture
+SETTLING_LOOKS_SECONDS = 60.0  # a new file is looked at every second this long; then as one with a problem
 PROBLEM_RETRY_SECONDS = 30.0  # a file with a problem (not installed, cannot be opened) is looked at again
 FAILURE_CAP_SECONDS = 60.0  # the longest backoff of a file whose turn failed
 
@@ -180,9 +181,11 @@ class Fleet:
     def schedule(self, unit: Unit, pause: Pause | None) -> None:
         """After a turn: the next one (with the lock held)."""
         unit.running = False
-        if unit.gone:
+        if unit.gone and unit.worker is None:
             self.drop(unit)
             return
+        if unit.gone:  # went away during its turn: the next one closes it
+            pause = Pause(0.0)
         if pause is None:
             unit.done = True  # --once: drained, or nothing more to try
             self.lock.notify_all()
@@ -279,7 +282,7 @@ class Fleet:
         """A file that could not be opened: looked at again with backoff (a locked file is not tried at each of the
         app's commits: every try waits out the busy timeout); one not installed, after PROBLEM_RETRY_SECONDS or as
         soon as it changes (`syncd install` ran); a new one settling, soon."""
-        if unit.settling is not None:
+        if unit.settling is not None and time.monotonic() - unit.settling[1] < SETTLING_LOOKS_SECONDS:
             return Pause(SETTLE_SECONDS / 2, wakeable=True)
         if unit.failures:
             return Pause(backoff.delay(unit.failures, base=1.0, cap=FAILURE_CAP_SECONDS))
@@ -477,7 +480,14 @@ class Fleet:
     def run(self) -> int:
         """Serve until `stop` (or, with `once`, until every file is drained); the exit code: 0, or 1 when `once`
         ended with a file not shipping (halted, failing, not installed)."""
+        if not self.root.is_dir():
+            raise ConfigError("invalid configuration (1 problem):", [
+                f"source.glob: the directory {self.root} does not exist; create it (the app's tenant files go "
+                "there), or correct the pattern"])
         self.rescan()
+        if not self.units:
+            self.log.warning("no file matches source.glob yet: serving the files that appear",
+                             glob=self.config.source.glob)
         if not self.once:
             self.start_watch()
         threads = [threading.Thread(target=self.drive, name=f"syncd-drive-{i}", daemon=True)

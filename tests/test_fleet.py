@@ -352,3 +352,59 @@ def test_shards_split_the_files_and_auto_install_serves_a_new_file(tenants: Tena
     wait_equal(tenants, pg, [count])
     for daemon in daemons:
         stop(daemon)
+
+
+def test_run_once_drains_every_file_and_fails_on_one_it_cannot_serve(tenants: Tenants, pg: psycopg.Connection):
+    """`run --once` over a glob: every file drained, exit 0; a file not installed makes it exit 1 naming the file,
+    after the others were drained; a glob whose directory does not exist is a configuration error."""
+    for i in range(5):
+        tenants.create(i)
+    assert tenants.syncd("install").returncode == 0
+    rng = random.Random(4)
+    for i in range(5):
+        with tenants.connect(i) as db:
+            write_workload(db, rng, 10)
+    done = tenants.syncd("run", "--once")
+    assert done.returncode == 0, done.stderr[-3000:]
+    wait_equal(tenants, pg, list(range(5)), timeout=5)
+    uninstalled = tenants.create(5)
+    with tenants.connect(0) as db:
+        write_workload(db, rng, 5, base=50)
+    failed = tenants.syncd("run", "--once")
+    assert failed.returncode == 1
+    assert "run --once ended with file(s) not shipping" in failed.stderr and uninstalled.name in failed.stderr
+    wait_equal(tenants, pg, [0], timeout=5)
+    tenants.directory.rename(tenants.root / "elsewhere")
+    missing = tenants.syncd("run", "--once")
+    assert missing.returncode == 2 and "source.glob: the directory" in missing.stderr
+
+
+def test_operations_run_for_every_file_or_the_one_named(tenants: Tenants):
+    """resync, replay and status take --file/--tenant and default to every file, each under its header; a name that
+    matches no file is refused with the files there are; --file is refused in single-file mode."""
+    for i in range(3):
+        tenants.create(i)
+        with tenants.connect(i) as db:
+            write_workload(db, random.Random(i), 4)
+    assert tenants.syncd("install").returncode == 0
+    every = tenants.syncd("resync", "--all", "--dry-run")
+    assert every.returncode == 0, every.stderr
+    assert [line for line in every.stdout.splitlines() if line.startswith("== ")] == [
+        f"== {tenants.path(i).name} (tenant {tenants.run}-{i})" for i in range(3)]
+    one = tenants.syncd("resync", "--table", "note", "--tenant", f"{tenants.run}-1")
+    assert one.returncode == 0 and one.stdout.count("== ") == 1
+    pending = json.loads(tenants.syncd("status", "--json").stdout)
+    assert [file["pending"] > 0 for file in pending["files"]] == [False, True, False]
+    single = json.loads(tenants.syncd("status", "--json", "--file", tenants.path(1).name).stdout)
+    assert single["database"] == str(tenants.path(1))  # one file named: its own single-file status
+    assert sum(table["pending"] for table in single["tables"]) > 0
+    replayed = tenants.syncd("replay", "--dead-letters", "--dry-run")
+    assert replayed.returncode == 0 and replayed.stdout.count("would re-enqueue 0 dead letter(s)") == 3
+    unknown = tenants.syncd("status", "--tenant", "nobody")
+    assert unknown.returncode == 2 and "no file matching source.glob has --tenant nobody" in unknown.stderr
+    single_file = tenants.root / "single.toml"
+    single_file.write_text(tenants.config.read_text().replace('glob = "tenants/*.sqlite3"',
+                                                              f'path = "{tenants.path(0)}"'))
+    refused = subprocess.run([sys.executable, "-m", "syncd", "status", "--config", str(single_file), "--file", "x"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "only in multi-file mode" in refused.stderr
