@@ -17,7 +17,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import apsw
 
@@ -30,6 +30,9 @@ from syncd.source import LockWait
 from syncd.target import PostgrestTarget, TargetError, open_target
 from syncd.tenants import TenantFile
 from syncd.verify import PAGE
+
+if TYPE_CHECKING:
+    from syncd.onboard import Sources, Table
 
 # Mistakes an operator can fix: printed as one clear message, never as a traceback.
 USER_ERRORS = (ConfigError, capture.CaptureError, sqlite.SourceFileError, sqlite.ForeignCollation, apsw.SQLError,
@@ -369,8 +372,29 @@ def jwt_sign(args: argparse.Namespace) -> int:
     aud = args.aud or ("authenticated" if args.role == "authenticated" else None)
     if aud:
         claims["aud"] = aud
+    claims.update(extra_claims(args.claim))
     print(auth.mint_token(secret, args.role, expires_in=lifetime(args.expires_in), **claims))
     return 0
+
+
+SIGNED_BY_FLAGS = {"role": "--role", "sub": "--sub", "email": "--email", "aud": "--aud", "exp": "--expires-in",
+                   "iat": "--expires-in", "iss": "(always supabase)"}
+
+
+def extra_claims(given: Sequence[str]) -> dict[str, str]:
+    """`jwt sign --claim KEY=VALUE ...` as claims (each value a string). Raises ConfigError naming --claim for one
+    without `=`, an empty key, a claim another flag sets, or a key given twice."""
+    claims: dict[str, str] = {}
+    for item in given:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise bad_argument("--claim", f"{item!r} is not KEY=VALUE (e.g. tenant_id=acme)")
+        if key in SIGNED_BY_FLAGS:
+            raise bad_argument("--claim", f"{key!r} is set by {SIGNED_BY_FLAGS[key]}, not by --claim")
+        if key in claims:
+            raise bad_argument("--claim", f"{key!r} is given twice")
+        claims[key] = value
+    return claims
 
 
 def jwt_verify(args: argparse.Namespace) -> int:
@@ -473,6 +497,8 @@ def add_jwt_commands(commands: Commands) -> None:
     sign.add_argument("--sub", help="the user id (auth.uid())")
     sign.add_argument("--email", help="the email claim")
     sign.add_argument("--aud", help="audience (default 'authenticated' for role authenticated)")
+    sign.add_argument("--claim", action="append", default=[], metavar="KEY=VALUE",
+                      help="another claim, a string (repeatable), e.g. tenant_id=acme for init --glob's RLS policy")
     sign.add_argument("--expires-in", default="1h", help="lifetime, e.g. 15m, 1h, 7d (default 1h)")
     sign.add_argument("--secret", help="the JWT secret (default: $SUPABASE_JWT_SECRET)")
     sign.set_defaults(run=jwt_sign)
@@ -641,25 +667,36 @@ def init(args: argparse.Namespace) -> int:
         folder = path.absolute().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
             raise bad_argument(flag, f"cannot write {path}: {folder} is not a directory this user may write to")
+    sources, files = init_sources(args)
+    db: Path = args.db if sources is None else files[0].path
+    flag = "--db" if sources is None else "--glob"
     try:
-        conn = sqlite.connect(args.db, readonly=True, setting="--db")
+        conn = sqlite.connect(db, readonly=True, setting=flag)
     except sqlite.SourceFileError as exc:
-        raise bad_argument("--db", str(exc).removeprefix("--db: ")) from None
+        raise bad_argument(flag, str(exc).removeprefix(f"{flag}: ")) from None
     try:
         tables = onboard.read_catalog(conn, args.tables or (), args.exclude or ())
         synced = sum(t.refused is None for t in tables)
         if not synced:
             reasons = "; ".join(f"{t.name}: {t.refused}" for t in tables) or "it has no tables"
-            raise bad_argument("--db", f"no table of {args.db} can be synced ({reasons}); nothing was written")
+            raise bad_argument(flag, f"no table of {db} can be synced ({reasons}); nothing was written")
         notes = onboard.decide_foreign_keys(tables, args.foreign_keys)
-        sql = onboard.render_sql(tables, args.schema, args.db)
-        config_text = onboard.render_config(tables, args.db, args.out, args.schema, consistency=args.consistency)
+        if sources is not None:
+            notes += tenant_notes(tables, files, args)
+            tenancy = onboard.Tenancy(args.tenant_column, args.tenant_claim)
+            secondary_tables = [onboard.with_tenant(t, args.tenant_column) if t.refused is None else t for t in tables]
+            sql = onboard.render_sql(secondary_tables, args.schema, db, tenancy)
+        else:
+            secondary_tables = tables
+            sql = onboard.render_sql(tables, args.schema, db)
+        config_text = onboard.render_config(tables, db, args.out, args.schema, consistency=args.consistency,
+                                            sources=sources)
         if args.consistency == "snapshot":
             from syncd.snapshot import function_sql
 
             sql += "\n" + function_sql(args.schema)
         if args.apply:
-            onboard.apply_sql(sql, args.pg_url, tables, args.schema)
+            onboard.apply_sql(sql, args.pg_url, secondary_tables, args.schema)
     except onboard.OnboardError as exc:
         raise ConfigError(str(exc)) from None
     try:
@@ -681,6 +718,70 @@ def init(args: argparse.Namespace) -> int:
     return 0
 
 
+def init_sources(args: argparse.Namespace) -> tuple[Sources | None, list[TenantFile]]:
+    """`init --glob`: the [source] to write (onboard.Sources) and the matching files, sorted; (None, []) with --db.
+    Raises ConfigError naming the flag: tenant flags without --glob, snapshot mode with it, no matching file, a bad
+    --tenant pattern or column name."""
+    from syncd import onboard
+
+    given = [flag for flag, value, default in (("--tenant", args.tenant, "{stem}"),
+                                               ("--tenant-column", args.tenant_column, "tenant_id"),
+                                               ("--tenant-claim", args.tenant_claim, "tenant_id")) if value != default]
+    if args.glob is None:
+        if given:
+            raise bad_argument(given[0], "only with --glob (multi-file mode: one file per tenant)")
+        return None, []
+    if args.consistency == "snapshot":
+        raise bad_argument("--consistency", "snapshot mode serves one file; it is refused with --glob")
+    if not any(c in args.glob for c in "*?["):
+        raise bad_argument("--glob", f"{args.glob!r} has no wildcard (*, ? or [...]); for one file give --db")
+    for flag, name in (("--tenant-column", args.tenant_column), ("--tenant-claim", args.tenant_claim)):
+        if not name or len(name.encode()) > onboard.PG_NAME_BYTES or not name.isprintable() or \
+                name.startswith(capture.OWNED_PREFIX):
+            raise bad_argument(flag, f"{name!r} is not a usable name (1 to 63 bytes, printable)")
+    try:
+        pattern = tenants.TenantPattern.parse(args.tenant)
+    except ValueError as exc:
+        raise bad_argument("--tenant", str(exc)) from None
+    files = tenants.discover(args.glob, Path.cwd(), pattern)
+    if not files:
+        raise bad_argument("--glob", f"no file matches {args.glob!r} (relative to {Path.cwd()}); nothing was written")
+    return onboard.Sources(args.glob, args.tenant, args.tenant_column), files
+
+
+def tenant_notes(tables: Sequence[Table], files: Sequence[TenantFile], args: argparse.Namespace) -> list[str]:
+    """`init --glob`'s notes: how many files matched, those whose name gives no tenant id, those whose schema
+    differs from the first's (at most 5 named of each), and a source column replaced by the tenant id."""
+    from syncd import onboard
+
+    said = [f"note: {len(files)} file(s) match {args.glob}; the catalog is {files[0].name}'s"]
+    nameless = [f.name for f in files if f.tenant is None]
+    if nameless:
+        said.append(f"note: {len(nameless)} file(s) give no tenant id by --tenant {args.tenant!r} (not served until "
+                    f"renamed): {', '.join(nameless[:5])}{' ...' if len(nameless) > 5 else ''}")
+    differing: list[str] = []
+    for file in files[1:]:
+        try:
+            other = sqlite.connect(file.path, readonly=True, setting="--glob")
+            try:
+                problems = onboard.shape_differences(tables, other)
+            finally:
+                other.close()
+        except (sqlite.SourceFileError, apsw.Error) as exc:
+            problems = [f"cannot be read ({exc})"]
+        if problems:
+            differing.append(f"{file.name}: {'; '.join(problems[:3])}")
+    if differing:
+        said.append(f"warning: {len(differing)} file(s) differ from {files[0].name} in the synced tables (their "
+                    "rows would be refused or halted until migrated): " + " | ".join(differing[:5])
+                    + (" ..." if len(differing) > 5 else ""))
+    replaced = [t.name for t in tables if t.refused is None and t.column(args.tenant_column) is not None]
+    if replaced:
+        said.append(f"note: {', '.join(replaced)} have a column {args.tenant_column!r} of their own: the secondary's "
+                    "holds the file's tenant id instead (give --tenant-column another name to keep both)")
+    return said
+
+
 def add_init_command(commands: Commands) -> None:
     """Register `init`."""
     p = commands.add_parser("init", help="write the config and the secondary's SQL from an existing SQLite file",
@@ -689,7 +790,18 @@ def add_init_command(commands: Commands) -> None:
                                         "the tables left out with the reason) and the secondary's idempotent DDL "
                                         "(types from the casting table, keys, UNIQUE, foreign keys, their indexes, "
                                         "row-level security for service_role, grants). Never overwrites a file.")
-    p.add_argument("--db", type=Path, required=True, help="the application's SQLite file")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--db", type=Path, help="the application's SQLite file")
+    source.add_argument("--glob", help="multi-file mode: the tenants' files, e.g. 'tenants/*.sqlite3' (quoted), each "
+                                       "with the same schema; the catalog is read from the first")
+    p.add_argument("--tenant", default="{stem}", help="with --glob: the tenant id from a file's name (default "
+                                                      "{stem}; {name}, {parent}, or e.g. 'tenant-{id}.db')")
+    p.add_argument("--tenant-column", default="tenant_id",
+                   help="with --glob: the secondary's column holding the tenant id, first in every key (default "
+                        "tenant_id)")
+    p.add_argument("--tenant-claim", default="tenant_id",
+                   help="with --glob: the JWT claim naming the tenant whose rows an authenticated user may read "
+                        "(default tenant_id; `syncd jwt sign --claim tenant_id=ID` signs one)")
     p.add_argument("--out", type=Path, default=Path("syncd.toml"), help="the config to write (default syncd.toml)")
     p.add_argument("--sql", type=Path, default=Path("schema.sql"),
                    help="the SQL to write (default schema.sql; drops into supabase/migrations/ as is)")

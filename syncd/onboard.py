@@ -30,6 +30,12 @@ Decisions, each measured on PostgreSQL 16 behind PostgREST 12 (tests/test_init.p
 - Generated columns are left out: syncd reads a row through PRAGMA table_info, which does not list them.
 - The service_role policy reads `request.jwt.claims` (PostgREST v12 sets that one JSON setting per request), not
   Supabase's auth.role(), so it works on plain PostgreSQL too.
+- Multi-file mode (`init --glob`, a `Tenancy`): every table gets the tenant column (text NOT NULL) first, in its
+  key, in every UNIQUE set (a value unique in one tenant's file is unique per tenant only) and on both sides of
+  every foreign key (a child row references its parent in its own tenant), and a SELECT policy that lets the role
+  `authenticated` read the rows whose tenant column equals a claim of its JWT (`request.jwt.claims ->> claim`,
+  as PostgREST v12 sets it). A source column named like the tenant column is replaced by the tenant's id (as
+  `syncd run` ships it).
 """
 
 from __future__ import annotations
@@ -52,10 +58,12 @@ from syncd.sqlite import quote_ident, quote_text
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["Column", "ForeignKey", "Table", "apply_sql", "read_catalog", "render_config", "render_sql"]
+__all__ = ["Column", "ForeignKey", "Sources", "Table", "Tenancy", "apply_sql", "read_catalog", "render_config",
+           "render_sql", "with_tenant"]
 
 PG_NAME_BYTES = 63  # PostgreSQL truncates longer identifiers (NAMEDATALEN - 1)
 POLICY = "syncd: service_role full access"
+TENANT_POLICY = "syncd: authenticated reads its tenant"
 ROLE_CLAIM = "(nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'role') = 'service_role'"
 SKIPPED_PREFIXES = ("sqlite_", capture.OWNED_PREFIX)
 
@@ -64,6 +72,21 @@ _ColumnInfo = tuple[int, str, str, int, str | None, int, int]
 # A row of PRAGMA foreign_key_list: id, seq, parent table, column, parent column (None: its primary key), on update,
 # on delete, match.
 _ForeignKeyInfo = tuple[int, int, str, str, str | None, str, str, str]
+
+
+@dataclass(frozen=True)
+class Tenancy:
+    """Multi-file mode's DDL: the tenant column every table carries, and the JWT claim that names the tenant whose
+    rows an `authenticated` user may read."""
+
+    column: str = "tenant_id"
+    claim: str = "tenant_id"
+
+    def policy_condition(self) -> str:
+        """The RLS condition: the row's tenant is the one the request's JWT claim names (NULL, so no row, without
+        that claim or a token; PostgREST v12 sets request.jwt.claims per request)."""
+        return (f"{quote_ident(self.column)} = (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> "
+                f"{quote_text(self.claim)})")
 
 
 class OnboardError(Exception):
@@ -134,6 +157,33 @@ def read_catalog(conn: apsw.Connection, only: Sequence[str] = (), exclude: Seque
     tables = [read_table(conn, name, kinds[name]) for name in candidates if name.lower() in wanted]
     link_foreign_keys(conn, tables)
     return tables
+
+
+def shape_differences(tables: Sequence[Table], conn: apsw.Connection) -> list[str]:
+    """How another tenant's file differs from the one `tables` were read from, for the synced tables: a table it
+    lacks, a column it lacks or declares with another type, another key. Empty when it has the same shape (it may
+    have more tables or columns: only the configured ones ship)."""
+    problems = []
+    for table in tables:
+        if table.refused is not None:
+            continue
+        rows = list(conn.execute(f"PRAGMA main.table_xinfo({quote_text(table.name)})"))
+        if not rows:
+            problems.append(f"no table {table.name!r}")
+            continue
+        declared = {str(name).lower(): str(kind) for _, name, kind, *_ in rows}
+        for column in table.columns:
+            there = declared.get(column.name.lower())
+            if there is None:
+                problems.append(f"{table.name}.{column.name} is missing")
+            elif casting.pg_type(there) != casting.pg_type(column.declared):
+                problems.append(f"{table.name}.{column.name} is declared {there or '(no type)'}, "
+                                f"not {column.declared or '(no type)'}")
+        key = sorted(str(row[1]).lower() for row in rows if row[5])
+        if table.key_declared and key != sorted(c.lower() for c in table.key):
+            problems.append(f"{table.name}'s PRIMARY KEY is ({', '.join(key) or 'none'}), not "
+                            f"({', '.join(table.key)})")
+    return problems
 
 
 def read_table(conn: apsw.Connection, name: str, kind: str) -> Table:
@@ -287,17 +337,41 @@ def toml_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
-def render_config(tables: list[Table], db: Path, out: Path, schema: str, *, consistency: str = "key") -> str:
-    """The commented syncd.toml: [source] (the file, relative to `out`'s directory), [target] (the schema; the URL
-    and key from the environment, never written), [worker] when `consistency` is "snapshot", one [[table]] per
-    synced table with its transforms, and the tables left out, commented, with the reason."""
-    source = os.path.relpath(db.absolute(), out.absolute().parent)
+@dataclass(frozen=True)
+class Sources:
+    """Multi-file mode's [source]: the glob (as given, relative to the working directory or absolute), the tenant
+    pattern and the tenant column."""
+
+    glob: str
+    tenant: str = "{stem}"
+    tenant_column: str = "tenant_id"
+
+    def lines(self, out: Path) -> list[str]:
+        """The [source] keys, the glob relative to `out`'s directory (as syncd reads it)."""
+        pattern = self.glob if os.path.isabs(self.glob) else os.path.relpath(os.path.abspath(self.glob),
+                                                                             out.absolute().parent)
+        return [f"glob = {toml_string(pattern)}  # relative to this file; one file per tenant, each with this schema",
+                f"tenant = {toml_string(self.tenant)}  # the tenant id from a file's name",
+                f"tenant_column = {toml_string(self.tenant_column)}  # the secondary's column holding it, first in "
+                "every key",
+                "# auto_install = true  # install capture in a tenant's file that appears later (it changes the file)"]
+
+
+def render_config(tables: list[Table], db: Path, out: Path, schema: str, *, consistency: str = "key",
+                  sources: Sources | None = None) -> str:
+    """The commented syncd.toml: [source] (the file, relative to `out`'s directory, or with `sources` the glob, the
+    tenant pattern and column), [target] (the schema; the URL and key from the environment, never written),
+    [worker] when `consistency` is "snapshot", one [[table]] per synced table with its transforms, and the tables
+    left out, commented, with the reason."""
     synced = [t for t in tables if t.refused is None]
-    lines = [f"# syncd configuration, written by `syncd init` from {db.name}: {len(synced)} table(s) synced"
+    origin = db.name if sources is None else f"{db.name} (the first of the files matching {sources.glob})"
+    source = ([f"path = {toml_string(os.path.relpath(db.absolute(), out.absolute().parent))}  # relative to this file"]
+              if sources is None else sources.lines(out))
+    lines = [f"# syncd configuration, written by `syncd init` from {origin}: {len(synced)} table(s) synced"
              + (f", {len(tables) - len(synced)} left out (at the end, with the reason)." if len(synced) < len(tables)
                 else "."),
              "# Apply the SQL written beside it to the secondary, then: syncd install && syncd run",
-             "", "[source]", f"path = {toml_string(source)}  # relative to this file",
+             "", "[source]", *source,
              "", "[target]",
              "# The PostgREST endpoint: set SUPABASE_URL (the project's URL; /rest/v1 is added) or SYNCD_TARGET_URL",
              "# (the API URL as is), or write it here:",
@@ -340,6 +414,23 @@ def table_section(table: Table) -> list[str]:
 # ---- the SQL ---------------------------------------------------------------------------------------------
 
 
+def with_tenant(table: Table, column: str) -> Table:
+    """`table` as the secondary holds it in multi-file mode: the tenant column (text NOT NULL) first, and first in
+    the key, in every UNIQUE set and on both sides of every foreign key. A source column of that name is left out
+    (syncd ships the tenant's id in its place), with a note."""
+    def prefixed(columns: Sequence[str]) -> list[str]:
+        return [column, *(c for c in columns if c.lower() != column.lower())]
+
+    kept = [c for c in table.columns if c.name.lower() != column.lower()]
+    notes = list(table.notes)
+    if len(kept) < len(table.columns):
+        notes.append(f"the source column {column!r} is not shipped: syncd fills {column!r} with the file's tenant id")
+    return Table(table.name, [Column(column, "", "text", None, True), *kept], prefixed(table.key), table.key_declared,
+                 [prefixed(u) for u in table.unique],
+                 [ForeignKey(prefixed(fk.columns), fk.parent, prefixed(fk.parent_columns), fk.violations, fk.enforced)
+                  for fk in table.foreign_keys], notes, table.refused)
+
+
 def pg_name(*parts: str, suffix: str) -> str:
     """A PostgreSQL object name from `parts` and `suffix` (`order_user_id_fkey`), cut to 63 bytes with a hash
     of the whole so two long names stay apart."""
@@ -367,9 +458,10 @@ def creation_order(tables: list[Table]) -> tuple[list[Table], set[tuple[str, int
     return done, later
 
 
-def render_sql(tables: list[Table], schema: str, db: Path) -> str:
+def render_sql(tables: list[Table], schema: str, db: Path, tenancy: Tenancy | None = None) -> str:
     """The secondary's DDL for the synced `tables` in `schema`: idempotent (IF NOT EXISTS, DO blocks that test the
-    catalog), one statement after another, for one transaction (`apply_sql`) or a migration tool."""
+    catalog), one statement after another, for one transaction (`apply_sql`) or a migration tool. With `tenancy`
+    (multi-file mode), `tables` are those of `with_tenant`, and each gets the tenant read policy."""
     synced = [t for t in tables if t.refused is None]
     order, later = creation_order(synced)
     referenced = {(fk.parent, tuple(sorted(fk.parent_columns))) for t in synced for fk in t.foreign_keys}
@@ -383,10 +475,21 @@ def render_sql(tables: list[Table], schema: str, db: Path) -> str:
            do_block("IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN RAISE EXCEPTION "
                     "'role service_role does not exist: create it first (Supabase has it; plain PostgreSQL: "
                     "deploy/supabase/migrations/000_roles_and_auth.sql)'; END IF;")]
+    if tenancy is not None:
+        out[-1:-1] = [f"-- One secondary for every tenant's file: {quote_ident(tenancy.column)} comes first in every "
+                      "key, and", f"-- `authenticated` reads the rows of the tenant its JWT's {tenancy.claim!r} claim "
+                      "names (README, \"Many files\")."]
+        out.append(do_block("IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN RAISE "
+                            "EXCEPTION 'role authenticated does not exist: create it first (Supabase has it; plain "
+                            "PostgreSQL: deploy/supabase/migrations/000_roles_and_auth.sql)'; END IF;"))
     if schema != "public":
         out += [f"CREATE SCHEMA IF NOT EXISTS {s};", f"GRANT USAGE ON SCHEMA {s} TO service_role;"]
+        if tenancy is not None:
+            out.append(f"GRANT USAGE ON SCHEMA {s} TO authenticated;")
     for table in order:
         out += ["", *create_table(table, schema, later, referenced)]
+        if tenancy is not None:
+            out += tenant_policy(table, schema, tenancy)
     for name, index in sorted(later):
         table = next(t for t in synced if t.name == name)
         cycle = one_line(cycle_text(table, index, synced))
@@ -458,6 +561,16 @@ def create_table(table: Table, schema: str, later: set[tuple[str, int]], referen
                        "END IF;"),
               f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {qualified} TO service_role;"]
     return lines
+
+
+def tenant_policy(table: Table, schema: str, tenancy: Tenancy) -> list[str]:
+    """The SELECT policy (created when missing) and grant that let `authenticated` read its tenant's rows only."""
+    qualified = f"{quote_ident(schema)}.{quote_ident(table.name)}"
+    return [do_block(f"IF NOT EXISTS (SELECT 1 FROM pg_policies WHERE schemaname = {quote_text(schema)} AND "
+                     f"tablename = {quote_text(table.name)} AND policyname = {quote_text(TENANT_POLICY)}) THEN "
+                     f"CREATE POLICY {quote_ident(TENANT_POLICY)} ON {qualified} FOR SELECT TO authenticated "
+                     f"USING ({tenancy.policy_condition()}); END IF;"),
+            f"GRANT SELECT ON TABLE {qualified} TO authenticated;"]
 
 
 def converge(table: Table, schema: str) -> list[str]:
