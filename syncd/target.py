@@ -459,6 +459,11 @@ class PostgrestTarget:
         column, tenant = self.scope
         return f"{encode(field(column))}=in.({encode(literal(tenant))})"
 
+    def scoped_row(self, row: Mapping[str, object]) -> dict[str, object]:
+        """One row as it is shipped: with the tenant column set in multi-file mode (over a same-named source
+        column's value), else as it is."""
+        return dict(row) if self.scope is None else {**row, self.scope[0]: self.scope[1]}
+
     def scoped_rows(self, rows: Sequence[Mapping[str, object] | str]) -> Sequence[Mapping[str, object] | str]:
         """`rows` with the tenant column set (last, so it wins over a same-named column of the source's)."""
         if self.scope is None:

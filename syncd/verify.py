@@ -594,7 +594,7 @@ class TableVerifier:
                 canonical_key = f"unshippable:{okey}"
             return canonical_key, None, str(exc)
         # Multi-file mode: a source column named like the tenant column ships the tenant's id (as the target sends it)
-        return (*self.canonical_row(dict(self.target.scoped_rows([mapped])[0])), okey)
+        return (*self.canonical_row(self.target.scoped_row(mapped)), okey)
 
     def read_target(self) -> None:
         """Read every row of the target table, page by page in key order, into the scratch file as (canonical key,
@@ -652,7 +652,7 @@ class TableVerifier:
         if source is None or not rows:
             return f"{self.show_key(canonical_key)}: changed while verifying"
         try:
-            mapped = dict(self.target.scoped_rows([self.mapping.map_row(source, key)])[0])
+            mapped = self.target.scoped_row(self.mapping.map_row(source, key))
         except RowError as exc:
             return f"{self.show_key(canonical_key)}: {exc}"
         changes = [f"{c} {preview(mapped.get(c))} (source) vs {preview(rows[0].get(c))} (secondary)"

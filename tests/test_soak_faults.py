@@ -85,7 +85,12 @@ syncd.timers.JOURNAL_EXPIRY_EVERY = 0.5
 
 def assert_locked(daemon: Daemon, db: Path, after: str) -> None:
     assert daemon.alive(), f"syncd run exited {daemon.process.returncode} after {after}:\n{daemon.tail()}"
-    assert locks_on(daemon.process.pid, db), f"syncd run holds no lock on the app's file after {after}"
+    if locks_on(daemon.process.pid, db):
+        return
+    opened = sorted(os.readlink(f"/proc/{daemon.process.pid}/fd/{fd}")
+                    for fd in os.listdir(f"/proc/{daemon.process.pid}/fd"))
+    raise AssertionError(f"syncd run holds no lock on the app's file after {after}; its descriptors: {opened}; "
+                         f"/proc/locks:\n{Path('/proc/locks').read_text()}\nits log:\n{daemon.tail()}")
 
 
 def write_and_close(db: Path, rows: range, label: str) -> None:
