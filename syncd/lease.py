@@ -116,6 +116,11 @@ class Lease:
             raise LeaseHeld(read_lease(self.conn))
         self._renew_at = now + self.retry_after
 
+    def ours(self, now: float | None = None) -> bool:
+        """Whether the lease is this daemon's now, alive (`now`: unix seconds, the current time by default)."""
+        held = read_lease(self.conn)
+        return held is not None and held.holder == self.holder and held.alive(time.time() if now is None else now)
+
     def release(self) -> None:
         """Give the lease up at a clean shutdown so the next daemon need not wait for expiry."""
         outbox.delete_meta(self.conn, LEASE_KEY, holder=self.holder)

@@ -541,6 +541,7 @@ class Claim:
     passed_over: list[int] = field(default_factory=list)
     last_seq: int = 0
     vanished: list[int] = field(default_factory=list)
+    restarted: bool = False  # the outbox's highest seq lay below `after`: read from the first seq (see `claim`)
 
 
 class HeldBatch(NamedTuple):
@@ -603,6 +604,11 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
     few seqs below `after` to read again, instead of reading from the lowest, keeps a claim's cost independent of
     how many entries are in flight (`window.Window.claim_from`).
 
+    When the outbox's highest seq lies below `after`, entries were deleted behind the caller's back (another process
+    flushed, an operator deleted rows): SQLite then hands out seqs at or below `after` again
+    (https://sqlite.org/autoinc.html), which a read after `after` would never see. The claim then reads from the first
+    seq, and says so (`Claim.restarted`).
+
     Entries and keys of `in_flight` (batches whose requests are under way: their changes, or `InFlight`) are left
     out: the same key is never in two requests at once, and its newer entries wait until that request is
     acknowledged.
@@ -629,6 +635,9 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
                               f"{now})")
         rows: list[tuple[int, str, bytes, str, float]] = []
         vanished: list[int] = []
+        restarted = after > 0 and highest_seq(conn) < after
+        if restarted:
+            after, retry, busy_seqs = 0, (), json.dumps(busy.seqs_after(0))
         if retry:
             rows = cast(list[tuple[int, str, bytes, str, float]], conn.execute(
                 "SELECT seq, tbl, CAST(key AS BLOB), op, at FROM main._syncd_outbox o WHERE seq IN (SELECT value "
@@ -666,7 +675,7 @@ def claim(conn: apsw.Connection, limit: int, keys: Mapping[str, Sequence[str]],
     finally:
         if not in_transaction:
             conn.execute("COMMIT")
-    return Claim(changes, passed_over, rows[-1][0] if rows else 0, vanished)
+    return Claim(changes, passed_over, rows[-1][0] if rows else 0, vanished, restarted)
 
 
 class TableUnreadable(Exception):

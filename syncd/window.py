@@ -74,7 +74,10 @@ class Window:
 
     def claimed(self, claimed: Claim, changes: list[Change]) -> Shipment | None:
         """Take a claim in: `changes` are those of `claimed` that ship now (the others are held back by a halt and
-        stay in the outbox, claimed again once it ends). The batch to ship, None when nothing does."""
+        stay in the outbox, claimed again once it ends). The batch to ship, None when nothing does. A claim that
+        `restarted` from the first seq (entries deleted behind this window) resets the floor first."""
+        if claimed.restarted:
+            self.reset_floor()
         if len(changes) < len(claimed.changes):
             shipping = {id(c) for c in changes}
             self.open_seqs.difference_update(e.seq for c in claimed.changes if id(c) not in shipping for e in c.entries)

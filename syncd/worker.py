@@ -230,7 +230,12 @@ class Worker:
         return Pause(self.flush.due_in(self.config.worker.poll_interval), wakeable=True)
 
     def close_out(self) -> None:
-        """The loop ends: apply what was acknowledged to the app's file, and give the lease up."""
+        """The loop ends: apply what was acknowledged to the app's file, and give the lease up. A daemon that does not
+        hold the lease applies nothing: the acknowledgements in the state file are the holder's, and a flush of them
+        behind its back could empty the outbox, after which SQLite hands out seqs the holder's claims have passed."""
+        with contextlib.suppress(*SOURCE_FAULTS, FileMoved):
+            if not (self.holding and self.lease.ours()):
+                return
         self.flush.on_the_way_out(lambda final: self.flush_when_due(final=final))
         with contextlib.suppress(*SOURCE_FAULTS, FileMoved):
             self.lease.release()  # when the file refuses, the lease expires by itself

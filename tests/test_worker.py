@@ -572,6 +572,55 @@ def test_claims_after_a_flush_go_on_above_a_halted_tables_backlog(tmp_path: Path
     assert outbox_size(db) == 5001
 
 
+def raw_outbox(db: sqlite3.Connection) -> int:
+    """Every entry of `_syncd_outbox`, acknowledged or not (a flush deletes the acknowledged ones)."""
+    return cast(int, db.execute("SELECT count(*) FROM _syncd_outbox").fetchone()[0])
+
+
+def test_entries_deleted_behind_the_claims_back_are_read_again_from_the_first_seq(tmp_path: Path):
+    """Another process empties the outbox (an operator's DELETE, a flush the window never heard of): SQLite hands
+    the next entries seqs 1, 2, ... again, at or below the highest seq the claims read. They are claimed, not passed
+    over until the file is next opened."""
+    import threading
+
+    worker, db = worker_for(tmp_path, FakeTarget())
+    db.executemany("INSERT INTO parent VALUES (?, 'first')", [(i,) for i in range(1, 6)])
+    worker.drain(threading.Event())
+    assert worker.window.claim_from() == (5, [])
+    db.execute("DELETE FROM _syncd_outbox")
+    db.executemany("INSERT INTO parent VALUES (?, 'after the delete')", [(i,) for i in range(10, 13)])
+    assert [row[0] for row in db.execute("SELECT seq FROM _syncd_outbox")] == [1, 2, 3]
+    again = worker.claim()
+    assert again is not None and sorted(c.key for c in again.changes) == [(10,), (11,), (12,)]
+    worker.finish(worker.deliver(again))
+    assert sorted(worker.target.stored["parent"]) == [1, 2, 3, 4, 5, 10, 11, 12]
+    assert worker.claim() is None
+
+
+def test_a_daemon_standing_by_applies_none_of_the_holders_acknowledgements(tmp_path: Path):
+    """Two daemons on one file: the one standing by closes (its file idle, or it stops) while the holder has
+    acknowledged entries not yet flushed. It leaves them to the holder (applying them would empty the outbox behind
+    the holder's claims), and the holder ships on and flushes them."""
+    import threading
+
+    from syncd.worker import Pause
+
+    stop = threading.Event()
+    holder, db = worker_for(tmp_path, FakeTarget())
+    db.executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(1, 6)])
+    assert cast(Pause, holder.turn(stop)).wakeable  # shipped: the idle wait
+    assert raw_outbox(db) == 5 and outbox_size(db) == 0  # acknowledged, their flush not yet due
+    standing_by = Worker(Source(tmp_path / "app.sqlite3"), holder.config, FakeTarget(), Observer(Metrics()))
+    assert standing_by.turn(stop) == Pause(standing_by.lease.retry_after)
+    standing_by.close_out()
+    standing_by.conn.close()
+    assert raw_outbox(db) == 5
+    db.executemany("INSERT INTO parent VALUES (?, 'v')", [(i,) for i in range(6, 9)])
+    holder.turn(stop)
+    holder.close_out()
+    assert sorted(holder.target.stored["parent"]) == [*range(1, 9)] and raw_outbox(db) == 0
+
+
 def test_pipelined_drain_ships_everything_including_changes_made_while_in_flight(tmp_path: Path):
     import threading
 
