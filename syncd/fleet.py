@@ -59,6 +59,7 @@ __all__ = ["Fleet", "Unit", "glob_root"]
 
 SLICE_SECONDS = 0.25  # the longest turn of one file while others wait
 IDLE_CLOSE_SECONDS = 10.0  # a file without claims this long is closed (reopened at its next change)
+IDLE_LOOK_SECONDS = 300.0  # a closed idle file that does not change is opened for one turn this often
 RESCAN_SECONDS = 5.0  # the glob is read again this often (new files the watch missed, files gone)
 SWEEP_SECONDS = 1.0  # the closed files' stat is compared this often (changes the watch missed)
 SETTLE_SECONDS = 2.0  # a new file's schema stands still this long before auto_install installs capture
@@ -82,7 +83,10 @@ class Unit:
     poked: bool = False  # changed while running: another turn at once
     idle_since: float = field(default_factory=time.monotonic)
     failures: int = 0  # turns in a row that failed (open, problem, unexpected error)
-    signature: tuple[int, ...] | None = None  # the file's stat when closed: a change makes it due
+    # The file's stat (`signature`) as its last turn began, or as it was left closed: only a change from it makes the
+    # unit due. Watch events of the daemon's own doing (its flush, its checkpoint, the checkpoint of its close, the
+    # -wal its open creates) then wake nothing, instead of reopening an idle file at once.
+    signature: tuple[int, ...] | None = None
     settling: tuple[int, float] | None = None  # auto_install: (schema version, since when) of an uninstalled file
     done: bool = False  # --once: drained
     gone: bool = False  # no longer matches: drop after its turn
@@ -238,8 +242,9 @@ class Fleet:
     def turn(self, unit: Unit) -> Pause | None:
         """One turn of `unit`: open it when closed, drain a slice, reconcile what is due, close it when idle or
         gone. Never raises: a failure becomes the file's problem, with backoff."""
+        unit.signature = signature(unit.file.path)
         try:
-            if unit.gone or not unit.file.path.exists():
+            if unit.gone or unit.signature is None:
                 self.close(unit)
                 return None if unit.gone or self.once else Pause(RESCAN_SECONDS)
             if unit.worker is None and not self.open(unit):
@@ -265,6 +270,7 @@ class Fleet:
                 unit.idle_since = now
             elif now - unit.idle_since > IDLE_CLOSE_SECONDS and self.closable(unit):
                 self.close(unit)
+                return Pause(IDLE_LOOK_SECONDS, wakeable=True)  # until it changes: the watch, or the sweep's stat
             return pause
         except SourceGone:
             self.close(unit)
@@ -337,7 +343,7 @@ class Fleet:
             return worker.config, target
 
         unit.reconciler = worker.keeper.reconciler = Reconciler(file.path, settings, observer)
-        unit.worker, unit.signature, unit.settling = worker, None, None
+        unit.worker, unit.settling = worker, None
         unit.state.problem = None
         unit.idle_since = time.monotonic()
         return True
@@ -415,14 +421,16 @@ class Fleet:
             if not path or path.endswith(("-shm", *COMPANIONS[3:])):
                 continue
             database = Path(path.removesuffix("-wal").removesuffix("-journal"))
-            with self.lock:
-                unit = self.units.get(database)
-                if unit is not None:
-                    gone = not unit.file.path.exists()
-                    self.make_due(unit, force=gone)
-                    if gone:  # moved away or deleted: drop it (a rescan), or see it back
-                        self.rescan_requested.set()
-                    continue
+            unit = self.units.get(database)
+            if unit is not None:
+                now = signature(database)
+                with self.lock:
+                    if now is not None and now == unit.signature:
+                        continue  # nothing changed since its last look: an event of the daemon's own doing
+                    self.make_due(unit, force=now is None)
+                if now is None:  # moved away or deleted: drop it (a rescan), or see it back
+                    self.rescan_requested.set()
+                continue
             if fnmatch.fnmatch(str(database), str(self.config.source.glob)) or (
                     event.is_directory and recursive(str(self.config.source.glob))):
                 self.rescan_requested.set()
@@ -449,7 +457,6 @@ class Fleet:
             for unit in closed:
                 if signature(unit.file.path) != unit.signature:
                     with self.lock:
-                        unit.signature = None
                         self.make_due(unit)
 
     def reload_now(self) -> None:

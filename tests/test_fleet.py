@@ -5,6 +5,7 @@ PostgreSQL behind the dev server; each tenant's rows in the secondary must end e
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import sqlite3
@@ -61,9 +62,19 @@ class Tenants:
         return subprocess.run([sys.executable, "-m", "syncd", *args, "--config", str(self.config)],
                               capture_output=True, text=True, timeout=timeout)
 
-    def start(self, *args: str, config: Path | None = None) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, "-m", "syncd", "run", "--config", str(config or self.config), *args],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def start(self, *args: str, config: Path | None = None,
+              launcher: tuple[str, ...] = ("-m", "syncd")) -> subprocess.Popen[str]:
+        """`syncd run` (`launcher`: how Python starts it), logging to a file of its own: a pipe nobody reads while it
+        runs would fill and block its log."""
+        log = self.root / f"daemon-{len(DAEMONS)}.log"
+        with log.open("w") as stderr:
+            process = subprocess.Popen([sys.executable, *launcher, "run", "--config", str(config or self.config),
+                                        *args], stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        DAEMONS[process.pid] = (process, log)
+        return process
+
+
+DAEMONS: dict[int, tuple[subprocess.Popen[str], Path]] = {}  # pid -> a daemon started by Tenants.start, its log
 
 
 def write_config(path: Path, server: DevServer, metrics: str, extra: str = "") -> None:
@@ -99,6 +110,12 @@ def tenants(tmp_path: Path, devserver: DevServer) -> Iterator[Tenants]:
     config = tmp_path / "syncd.toml"
     write_config(config, devserver, metrics)
     yield Tenants(tmp_path, uuid.uuid4().hex[:8], config, metrics)
+    for pid, (process, log) in list(DAEMONS.items()):  # a failed test leaves its daemons running: they would serve
+        if log.is_relative_to(tmp_path):  # on, and take the leases of a later run's files at the same paths
+            del DAEMONS[pid]
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def write_workload(db: sqlite3.Connection, rng: random.Random, count: int, base: int = 0) -> None:
@@ -134,7 +151,10 @@ def wait_equal(tenants: Tenants, pg: psycopg.Connection, files: list[int], timeo
         left = [i for i in left if source_rows(tenants.path(i)) != target_rows(pg, f"{tenants.run}-{i}")]
         if left:
             time.sleep(0.2)
-    assert not left, f"tenants not converged after {timeout} s: {left[:10]}"
+    if left:
+        files_status = json.loads(tenants.syncd("status", "--json").stdout)["files"]
+        behind = [file for file in files_status if file["file"] in {tenants.path(i).name for i in left[:3]}]
+        raise AssertionError(f"tenants not converged after {timeout} s: {left[:10]}; their status: {behind}")
 
 
 def readyz(tenants: Tenants) -> dict[str, object]:
@@ -146,8 +166,10 @@ def readyz(tenants: Tenants) -> dict[str, object]:
 
 
 def stop(process: subprocess.Popen[str]) -> str:
+    """SIGTERM, then the daemon's log once it exited 0."""
     process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=30)
+    process.wait(timeout=30)
+    err = DAEMONS[process.pid][1].read_text()
     assert process.returncode == 0, err[-3000:]
     return err
 
@@ -408,3 +430,43 @@ def test_operations_run_for_every_file_or_the_one_named(tenants: Tenants):
     refused = subprocess.run([sys.executable, "-m", "syncd", "status", "--config", str(single_file), "--file", "x"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "only in multi-file mode" in refused.stderr
+
+
+def tenant_files_open(pid: int, directory: Path) -> list[str]:
+    """The tenant files (and their -wal, -shm, state files) process `pid` has open now, from /proc/PID/fd."""
+    opened = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith(str(directory)):
+            opened.append(target)
+    return opened
+
+
+def test_an_idle_file_is_closed_and_opened_again_only_when_it_changes(tenants: Tenants, pg: psycopg.Connection):
+    """A file idle for IDLE_CLOSE_SECONDS (1 s here) is closed, and stays closed while nothing changes it, the
+    close's own checkpoint included (it once woke the file, which opened again at once: an idle directory kept every
+    file open); a commit of the app's opens it again, ships, and it closes again."""
+    for i in range(3):
+        tenants.create(i)
+    assert tenants.syncd("install").returncode == 0
+    patch = "import syncd.fleet; syncd.fleet.IDLE_CLOSE_SECONDS = 1.0; from syncd.cli import main; main()"
+    process = tenants.start(launcher=("-c", patch))
+    try:
+        with tenants.connect(0) as db:
+            write_workload(db, random.Random(7), 5)
+        wait_equal(tenants, pg, [0, 1, 2])
+        for round_ in range(2):
+            wait_for("every file closed", lambda: not tenant_files_open(process.pid, tenants.directory))
+            quiet_until = time.monotonic() + 3
+            while time.monotonic() < quiet_until:
+                assert not tenant_files_open(process.pid, tenants.directory), "an idle file was opened again"
+                time.sleep(0.05)
+            with tenants.connect(1) as db:
+                write_workload(db, random.Random(round_), 3, base=100 * (round_ + 1))
+            wait_equal(tenants, pg, [1])
+    finally:
+        err = stop(process)
+    assert "Traceback" not in err, err[-3000:]
