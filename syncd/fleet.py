@@ -334,7 +334,7 @@ class Fleet:
         observer = Observer(FileMetrics(self.metrics, unit.state),
                             self.log.bind(file=file.name, tenant=file.tenant))
         scoped = self.target.scoped(self.config.source.tenant_column, file.tenant)
-        worker = Worker(source, config, scoped, observer, pool=self.pool,
+        worker = Worker(source, config, scoped, observer, pool=self.pool, among_files=True,
                         reload=None if self.reload is None else lambda: self.reloaded_settings(file))
 
         def settings() -> tuple[Config, PostgrestTarget]:

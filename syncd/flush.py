@@ -12,6 +12,7 @@ of the app's has to.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 
@@ -36,18 +37,28 @@ GAP_WAIT = 0.05  # seconds a due flush waits for the app's next commit (right af
 GAP_BUDGET = 0.001  # seconds after the app's commit during which further chunks follow without a new wait
 GAP_POLL = 0.0002  # seconds between looks at PRAGMA data_version meanwhile
 APP_IDLE_AFTER = 0.25  # seconds without an app commit after which the app counts as idle
+SHARED_CHECKPOINT_BYTES = 1 << 20  # multi-file mode: a flush checkpoints once the -wal holds this much (SQLite's own
+# automatic checkpoint, in the app's commit, comes at 1,000 pages: https://sqlite.org/pragma.html#pragma_wal_autocheckpoint)
 
 
 class Flush:
     """The acknowledged entries not yet deleted from the app's file (`unflushed`, -1 until counted; the oldest
     since `unflushed_since`, monotonic seconds), when the next try may come (`next_flush_try`), and since when
     the app's lock keeps a due flush out (`refused_since`). Flushing deletes the highest seqs too, which SQLite
-    may hand out again: the window's claims then start over."""
+    may hand out again: the window's claims then start over.
 
-    def __init__(self, source: Source, observer: Observer, window: Window) -> None:
+    `shared`: the thread flushing serves other files too (multi-file mode). It then never waits for the app's next
+    commit (GAP_WAIT would keep every other file waiting): a flush goes ahead when the lock probe sees no other
+    process inside a transaction, else at a later turn (the app's next commit makes one due at once); and it
+    checkpoints only once the WAL holds SHARED_CHECKPOINT_BYTES, not after every flush (a checkpoint syncs the file:
+    at a thousand files' flushes a second, that is most of a core)."""
+
+    def __init__(self, source: Source, observer: Observer, window: Window, *, shared: bool = False) -> None:
         self.source = source
         self.observer = observer
         self.window = window
+        self.gap_wait = 0.0 if shared else GAP_WAIT
+        self.checkpoint_from = SHARED_CHECKPOINT_BYTES if shared else 0
         self.unflushed = -1
         self.unflushed_since: float | None = None
         self.next_flush_try = 0.0
@@ -109,7 +120,7 @@ class Flush:
             self.window.flushed(applied.highest)
             self.unflushed = 0 if applied < outbox.FLUSH_CHUNK else max(0, self.unflushed - applied)
         self.unflushed_since = self.force_flush_at = None
-        if self.source.wal:
+        if self.source.wal and self.wal_bytes() >= self.checkpoint_from:
             self.source.checkpoint()  # PASSIVE: never waits for, never blocks, the app (https://sqlite.org/wal.html#ckpt)
         return None
 
@@ -127,16 +138,26 @@ class Flush:
             self.observer.source_fault("busy", fault_problem("busy", apsw.BusyError(), lasting), lasting,
                                        FLUSH_RETRY)
 
+    def wal_bytes(self) -> int:
+        """The size of the app's -wal now (0 when there is none, or when any size will do)."""
+        if not self.checkpoint_from:
+            return 0
+        try:
+            return os.stat(f"{self.source.path}-wal").st_size
+        except OSError:
+            return 0
+
     def wait_for_a_gap(self) -> None:
-        """While the app is writing, wait (up to GAP_WAIT seconds) for the moment right after it commits: it is then
-        between two transactions, where a transaction of ours cannot catch one of them between its read and its
-        write (a deferred transaction that has read fails at once when it tries to write while another connection
-        holds the write lock or has committed since its read: the busy handler is not called, as waiting could
-        deadlock; https://sqlite.org/lang_transaction.html, https://sqlite.org/c3ref/busy_handler.html). The chunks that
-        follow within GAP_BUDGET seconds of that commit need no new wait. An app that has committed nothing for
-        APP_IDLE_AFTER seconds is idle: no wait. The first look waits once (a flush at a random moment of an app
-        writing since before syncd started could catch one of its transactions); when no commit comes, the app
-        counts as idle from then on, and the first flushes of a start wait no more."""
+        """While the app is writing, wait (up to `gap_wait` seconds: GAP_WAIT, or none when `shared`) for the moment
+        right after it commits: it is then between two transactions, where a transaction of ours cannot catch one of
+        them between its read and its write (a deferred transaction that has read fails at once when it tries to write
+        while another connection holds the write lock or has committed since its read: the busy handler is not called,
+        as waiting could deadlock; https://sqlite.org/lang_transaction.html,
+        https://sqlite.org/c3ref/busy_handler.html). The chunks that follow within GAP_BUDGET seconds of that commit
+        need no new wait. An app that has committed nothing for APP_IDLE_AFTER seconds is idle: no wait. The first look
+        waits once (a flush at a random moment of an app writing since before syncd started could catch one of its
+        transactions); when no commit comes, the app counts as idle from then on, and the first flushes of a start wait
+        no more."""
         conn = self.source.conn
         version = value_of(conn, "PRAGMA main.data_version")
         now = time.monotonic()
@@ -149,7 +170,7 @@ class Flush:
             return  # idle; at the first look whether the app is writing is not known: one wait tells
         if self.gap_began is not None and now - self.gap_began < GAP_BUDGET:
             return  # still right after the commit this gap began with
-        deadline = now + GAP_WAIT
+        deadline = now + self.gap_wait
         while time.monotonic() < deadline:
             time.sleep(GAP_POLL)
             if (seen := value_of(conn, "PRAGMA main.data_version")) != version:

@@ -89,12 +89,13 @@ class Worker:
     `observer`).
 
     `reconciler` reconciles tables whose capture had a gap (None: only marked, as in unit tests); `reload` (SIGHUP)
-    reads the configuration and builds a target anew, raising ConfigError when the configuration is bad."""
+    reads the configuration and builds a target anew, raising ConfigError when the configuration is bad;
+    `among_files`: its thread takes turns among many files (multi-file mode; see Flush's `shared`)."""
 
     def __init__(self, source: Source, config: Config, target: Target, observer: Observer, *,
                  reconciler: Reconciler | None = None,
                  reload: Callable[[], tuple[Config, Target]] | None = None,
-                 pool: ThreadPoolExecutor | None = None) -> None:
+                 pool: ThreadPoolExecutor | None = None, among_files: bool = False) -> None:
         self.source = source
         self.settings = Settings(config, target, reload)
         self.observer = observer
@@ -102,7 +103,7 @@ class Worker:
         self.plan = Plan()
         self.window = Window()
         self.halts = Halts(self.plan, observer, resumed=self.tables_resumed)
-        self.flush = Flush(source, observer, self.window)
+        self.flush = Flush(source, observer, self.window, shared=among_files)
         self.keeper = CaptureKeeper(source, self.settings, observer, self.plan, self.halts, self.flush, self.window,
                                     reconciler)
         self.shipping = Shipper(self.plan, self.halts, self.keeper.schema_halts, self.settings, observer,
