@@ -409,6 +409,19 @@ def exact_json(body: bytes) -> object:
 # -- the client ---------------------------------------------------------------------------------------
 
 
+DESCRIPTION_SHARED_FOR = 1.0  # seconds a description read for one tenant serves the others
+
+
+class SharedDescription:
+    """The OpenAPI description the scoped views of one target share: the document and when it was read
+    (monotonic seconds)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.document: dict[str, object] | None = None
+        self.read_at = 0.0
+
+
 class PostgrestTarget:
     """Writes to one PostgREST (or Supabase /rest/v1) endpoint; every failure raises a TargetError."""
 
@@ -434,11 +447,14 @@ class PostgrestTarget:
         self._client_made = threading.Lock()
         self.scope: tuple[str, str] | None = None  # (tenant column, tenant id): multi-file mode (`scoped`)
         self.owner = True  # closes the HTTP client (a scoped view shares its owner's)
+        self.shared_description: SharedDescription | None = None  # scoped views: one description for all tenants
 
     def scoped(self, column: str, tenant: str) -> PostgrestTarget:
         """A view of this target for one tenant (multi-file mode), sharing its HTTP client and token: every row
         upserted carries `column` = `tenant` and upserts on the key with `column` added; deletes, reads, verify and
         reconcile see only the rows where `column` = `tenant`. Closing the view leaves the client open."""
+        if self.shared_description is None:
+            self.shared_description = SharedDescription()
         view = copy.copy(self)
         view.__dict__["_client"] = self._client  # made now: views made later must share the same one
         view.scope, view.owner = (column, tenant), False
@@ -561,7 +577,20 @@ class PostgrestTarget:
         return chunks
 
     def describe(self) -> dict[str, object]:
-        """PostgREST's OpenAPI (Swagger 2.0) description of the schema: tables, columns, formats, keys."""
+        """PostgREST's OpenAPI (Swagger 2.0) description of the schema: tables, columns, formats, keys. The views of
+        one target (`scoped`: the tenants of multi-file mode, which share the secondary's tables) share one reading
+        for up to DESCRIPTION_SHARED_FOR seconds, so that a thousand files opening do not fetch it a thousand times;
+        the document is shared: read it, never change it."""
+        shared = self.shared_description
+        if shared is None:
+            return self.fetch_description()
+        with shared.lock:  # one fetch at a time: the threads waiting for it take its answer
+            if shared.document is None or time.monotonic() - shared.read_at >= DESCRIPTION_SHARED_FOR:
+                shared.document, shared.read_at = self.fetch_description(), time.monotonic()
+            return shared.document
+
+    def fetch_description(self) -> dict[str, object]:
+        """GET the OpenAPI description from PostgREST (see `describe`)."""
         headers = {"Accept": "application/openapi+json"}
         if self.schema != "public":
             headers["Accept-Profile"] = self.schema
