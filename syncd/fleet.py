@@ -83,9 +83,11 @@ class Unit:
     poked: bool = False  # changed while running: another turn at once
     idle_since: float = field(default_factory=time.monotonic)
     failures: int = 0  # turns in a row that failed (open, problem, unexpected error)
-    # The file's stat (`signature`) as its last turn began, or as it was left closed: only a change from it makes the
-    # unit due. Watch events of the daemon's own doing (its flush, its checkpoint, the checkpoint of its close, the
-    # -wal its open creates) then wake nothing, instead of reopening an idle file at once.
+    # The file's `signature` as it was left closed (or as its turn began, while not open): only a change from it opens
+    # the file again, so that the watch events of the daemon's own doing (the checkpoint of its close, the -wal its
+    # open created) do not reopen an idle file at once. An open file takes every event, running or not: a commit's
+    # last write can share its mtime with a turn that began before the commit was visible (WAL size unchanged), and
+    # dropping that event as 'seen' left the commit waiting for the poll interval.
     signature: tuple[int, ...] | None = None
     settling: tuple[int, float] | None = None  # auto_install: (schema version, since when) of an uninstalled file
     done: bool = False  # --once: drained
@@ -425,8 +427,8 @@ class Fleet:
             if unit is not None:
                 now = signature(database)
                 with self.lock:
-                    if now is not None and now == unit.signature:
-                        continue  # nothing changed since its last look: an event of the daemon's own doing
+                    if now is not None and now == unit.signature and unit.worker is None:
+                        continue  # closed, and unchanged since: an event of the daemon's own doing
                     self.make_due(unit, force=now is None)
                 if now is None:  # moved away or deleted: drop it (a rescan), or see it back
                     self.rescan_requested.set()
@@ -540,7 +542,13 @@ def glob_root(config: Config) -> Path:
 
 
 def signature(path: Path) -> tuple[int, ...] | None:
-    """The stat of a database file and its WAL (size, mtime) that any commit changes; None when it is gone."""
+    """The stat of a database file and its WAL (inode, size, mtime) that a commit changes; None when it is gone.
+    Only a stat: the daemon never opens a database file (or its -shm) outside SQLite, since closing any descriptor
+    of a file drops every POSIX lock the process holds on it, SQLite's included, and the app may then checkpoint or
+    reset the WAL under a connection still reading it (https://www.sqlite.org/howtocorrupt.html, 2.2). A stat can
+    miss a commit: a -wal reset by a checkpoint is written again from its start without growing, and mtime moves
+    only at the kernel's clock tick. That is why an open file takes every event, and why a closed one still gets a
+    turn every IDLE_LOOK_SECONDS."""
     try:
         main = os.stat(path)
     except OSError:

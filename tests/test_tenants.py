@@ -226,3 +226,64 @@ def test_turns_rotate_among_files_with_work(tmp_path: Path) -> None:
     finally:
         fleet.target.close()
         fleet.pool.shutdown()
+
+
+def test_a_watch_event_wakes_an_open_file_even_when_its_stat_looks_seen(tmp_path: Path) -> None:
+    """An open file between turns is made due by any event on it: a commit's last write can leave the stat its turn
+    began with (same mtime tick, a reused -wal of the same size) while that turn read before the commit was visible;
+    dropping the event as 'seen' left the commit for the poll. A closed file with the stat it was closed with is not
+    woken: that is the checkpoint of its own close."""
+    import sqlite3
+
+    from watchdog.events import FileModifiedEvent
+
+    from syncd.fleet import signature
+
+    (tmp_path / "t").mkdir()
+    path = tmp_path / "t" / "a.db"
+    db = sqlite3.connect(path)
+    db.executescript("PRAGMA journal_mode = WAL; CREATE TABLE x (id INTEGER PRIMARY KEY);")
+    fleet = Fleet(load(tmp_path, 'glob = "t/*.db"'))
+    try:
+        unit = Unit(TenantFile(path, "a.db", "a"), FileState("a.db", "a"))
+        fleet.units[path] = unit
+        for is_open in (True, False):
+            unit.worker = object() if is_open else None  # type: ignore[assignment]
+            unit.signature = signature(path)  # as its turn began (open), or as it was closed
+            with fleet.lock:
+                fleet.schedule(unit, Pause(60.0, wakeable=True))
+            fleet.on_event(FileModifiedEvent(f"{path}-wal"))
+            woken = unit.due <= time.monotonic()
+            assert woken is is_open, f"open={is_open}: woken={woken}"
+    finally:
+        db.close()
+        fleet.target.close()
+        fleet.pool.shutdown()
+
+
+def test_a_look_at_a_file_only_stats_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watch and the sweep look at files the daemon may have open through SQLite: a descriptor of its own,
+    opened and closed, would drop SQLite's POSIX locks on the file (https://www.sqlite.org/howtocorrupt.html, 2.2).
+    A version that read the -shm's WAL index header that way had tenants fail in the suite with "file is not a
+    database"."""
+    import builtins
+    import os
+    import sqlite3
+
+    from syncd.fleet import signature
+
+    path = tmp_path / "a.db"
+    db = sqlite3.connect(path)
+    db.executescript("PRAGMA journal_mode = WAL; CREATE TABLE x (id INTEGER PRIMARY KEY); INSERT INTO x VALUES (1);")
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a file was opened: {args}")
+
+    monkeypatch.setattr(builtins, "open", refused)
+    monkeypatch.setattr(os, "open", refused)
+    try:
+        seen = signature(path)
+    finally:
+        monkeypatch.undo()
+        db.close()
+    assert seen is not None and len(seen) == 5  # the file's and its -wal's stat
