@@ -7,9 +7,9 @@ flush) sharing the daemon's target (scoped to the tenant), shipping threads and 
 changes (one watchdog watch on the glob's directory; a sweep of the closed files' stat every second is the net under
 it), when its pause ends or, with work left, at once; `drain_threads` threads take the due unit that waited longest
 and give it one turn of at most `SLICE_SECONDS`, so a busy tenant takes its turn among the others and never starves
-them. A unit idle for `IDLE_CLOSE_SECONDS` closes its file (the lease given up, nothing kept open); idle files cost a
-stat, not a connection or a thread. One broken file (locked, halted, corrupt, not installed) keeps its problem in its
-state and waits with backoff; the others ship.
+them. A unit idle for `IDLE_CLOSE_SECONDS` closes its file (the lease given up, nothing kept open; the next sweep
+gives the memory freed back to the system); idle files cost a stat, not a connection or a thread. One broken file
+(locked, halted, corrupt, not installed) keeps its problem in its state and waits with backoff; the others ship.
 
 Files that appear are served at the next look (the watch, or a rescan of the glob every `RESCAN_SECONDS`); a file
 that disappears is closed and forgotten (its state stays in its own file: it resumes, through the replaced-file
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import apsw
 
-from syncd import backoff, capture, outbox, sqlite
+from syncd import backoff, capture, memory, outbox, sqlite
 from syncd import replay as operations
 from syncd.config import Config, ConfigError
 from syncd.fleet_metrics import FileHealth, FileMetrics, FileState, fleet_metrics
@@ -113,6 +113,7 @@ class Fleet:
         self.stop = threading.Event()
         self.reload_requested = threading.Event()
         self.rescan_requested = threading.Event()
+        self.closed_any = False  # a file was closed since the sweep last gave freed memory back
         self.metrics: Metrics = fleet_metrics(self.states)
         self.metrics.health.alive_within = max(60.0, 5 * config.worker.poll_interval)
         self.target = open_target(config)
@@ -390,6 +391,7 @@ class Fleet:
                 worker.close_out()
             with contextlib.suppress(apsw.Error):
                 worker.conn.close()
+            self.closed_any = True
         unit.signature = signature(unit.file.path)
 
     def reloaded_settings(self, file: TenantFile) -> tuple[Config, PostgrestTarget]:
@@ -442,6 +444,9 @@ class Fleet:
         SIGHUP."""
         last_rescan = time.monotonic()
         while not self.stop.wait(SWEEP_SECONDS):
+            if self.closed_any:  # the files closed leave their memory in the allocator's heaps: return it
+                self.closed_any = False
+                memory.release_freed_memory()
             if self.reload_requested.is_set():
                 self.reload_now()
             now = time.monotonic()
