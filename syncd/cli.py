@@ -33,6 +33,7 @@ from syncd.verify import PAGE
 
 if TYPE_CHECKING:
     from syncd.onboard import Sources, Table
+    from syncd.target_schema import TargetTable
 
 # Mistakes an operator can fix: printed as one clear message, never as a traceback.
 USER_ERRORS = (ConfigError, capture.CaptureError, sqlite.SourceFileError, sqlite.ForeignCollation, apsw.SQLError,
@@ -652,18 +653,19 @@ def init(args: argparse.Namespace) -> int:
     """`syncd init`: the config and the secondary's DDL from the SQLite file's catalog; with --apply, run the DDL."""
     from syncd import onboard
 
-    if args.apply != bool(args.pg_url):
-        raise bad_argument("--pg-url" if args.apply else "--apply",
-                           "--apply runs the SQL on the PostgreSQL that --pg-url names: give both, or neither")
+    onto = onto_target(args)
     if not args.schema or len(args.schema.encode()) > onboard.PG_NAME_BYTES or not args.schema.isprintable():
         raise bad_argument("--schema", f"{args.schema!r} is not a PostgreSQL schema name (1 to 63 bytes, printable)")
-    existing = [f"{flag} {path}" for flag, path in (("--out", args.out), ("--sql", args.sql)) if path.exists()]
+    if args.sql is None and not onto:
+        args.sql = Path("schema.sql")
+    paths = [(flag, path) for flag, path in (("--out", args.out), ("--sql", args.sql)) if path is not None]
+    existing = [f"{flag} {path}" for flag, path in paths if path.exists()]
     if existing:
         raise bad_argument(existing[0].split()[0], f"{' and '.join(existing)} already exist(s); init never overwrites "
                                                    "a file: move them away or give other paths")
-    if args.out.absolute() == args.sql.absolute():
+    if args.sql is not None and args.out.absolute() == args.sql.absolute():
         raise bad_argument("--sql", "the same file as --out; give two paths")
-    for flag, path in (("--out", args.out), ("--sql", args.sql)):
+    for flag, path in paths:
         folder = path.absolute().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
             raise bad_argument(flag, f"cannot write {path}: {folder} is not a directory this user may write to")
@@ -676,6 +678,8 @@ def init(args: argparse.Namespace) -> int:
         raise bad_argument(flag, str(exc).removeprefix(f"{flag}: ")) from None
     try:
         tables = onboard.read_catalog(conn, args.tables or (), args.exclude or ())
+        if onto:
+            return init_onto_target(args, conn, tables, db)
         synced = sum(t.refused is None for t in tables)
         if not synced:
             reasons = "; ".join(f"{t.name}: {t.refused}" for t in tables) or "it has no tables"
@@ -715,6 +719,101 @@ def init(args: argparse.Namespace) -> int:
     print("next: " + ("" if args.apply else f"apply {args.sql} (psql -f, or copy it into supabase/migrations/), then ")
           + f"`syncd install {config}`, then `syncd resync --all {config}` (the rows already in the file, parents "
           f"first), then `syncd run {config}`")
+    return 0
+
+
+def onto_target(args: argparse.Namespace) -> bool:
+    """Whether `init` maps onto the secondary's existing tables (--target, or --pg-url without --apply) instead of
+    writing DDL. Raises ConfigError naming the flag for a combination that means nothing."""
+    onto = args.target is not None or (bool(args.pg_url) and not args.apply)
+    if args.apply and not args.pg_url:
+        raise bad_argument("--apply", "--apply runs the SQL on the PostgreSQL that --pg-url names: give both")
+    if args.apply and args.target is not None:
+        raise bad_argument("--apply", "with --target the tables exist already and init writes no DDL to apply; leave "
+                                      "--apply out")
+    if args.target is not None and args.pg_url:
+        raise bad_argument("--pg-url", "give one of --target (PostgREST's description) and --pg-url (PostgreSQL's "
+                                       "catalog) to read the secondary's tables, not both")
+    if args.target_prefix and not onto:
+        raise bad_argument("--target-prefix", "only with --target or --pg-url (without --apply): it names the "
+                                              "secondary's existing tables")
+    if onto and args.glob is not None:
+        raise bad_argument("--glob", "multi-file mode writes its own tables (the tenant column in every key): leave "
+                                     "--target/--pg-url out")
+    if onto and args.consistency == "snapshot":
+        raise bad_argument("--consistency", "snapshot mode needs syncd_apply's SQL, which init writes only without "
+                                            "--target/--pg-url")
+    return onto
+
+
+def target_tables(args: argparse.Namespace) -> tuple[dict[str, TargetTable], str]:
+    """The secondary's tables in --schema for `init --target` / `--pg-url`, and where they were read (masked).
+    --target reads PostgREST's OpenAPI with the URL and key `syncd run` would use (its flag, then SYNCD_TARGET_URL or
+    SUPABASE_URL; SUPABASE_SERVICE_KEY(_FILE) or SUPABASE_JWT_SECRET(_FILE)); --pg-url reads PostgreSQL's catalog.
+    Raises ConfigError naming the flag."""
+    from syncd import target_schema
+
+    if args.pg_url:
+        try:
+            return (target_schema.read_catalog(args.pg_url, args.schema),
+                    f"PostgreSQL's catalog at {mask_url(args.pg_url)}")
+        except target_schema.TargetSchemaError as exc:
+            raise ConfigError(str(exc)) from None
+    environment = {name: value for name, value in os.environ.items() if name != "SYNCD_CONFIG"}  # no config yet
+    try:
+        config = load_config(None, env=environment, overrides={"target.schema": args.schema,
+                                                                **({"target.url": args.target} if args.target else {})})
+        with secondary(config) as target:
+            tables = target_schema.read_openapi(target)
+    except ConfigError as exc:
+        raise ConfigError(f"--target: {exc}") from None
+    except TargetError as exc:
+        raise bad_argument("--target", f"{mask_url(config.target.url)}: {exc.message}") from None
+    if not tables:
+        raise bad_argument("--target", f"{mask_url(config.target.url)} describes no table in schema {args.schema!r} to "
+                                       "this key (PostgREST lists only the tables the key's role may use): give the "
+                                       "service_role key, or --schema, or read the catalog with --pg-url")
+    return tables, f"PostgREST's description at {mask_url(config.target.url)}"
+
+
+def init_onto_target(args: argparse.Namespace, conn: apsw.Connection, tables: list[Table], db: Path) -> int:
+    """`init --target` / `--pg-url`: the mapping of the file's tables onto the secondary's (syncd.matching), written
+    as a commented config; with --sql, the GRANTs syncd's key needs (no DDL: the tables exist)."""
+    from syncd import matching, onboard
+
+    targets, origin = target_tables(args)
+    decisions = matching.decide(conn, tables, targets, args.target_prefix or "")
+    synced = [d for d in decisions if d.target is not None]
+    flag = "--pg-url" if args.pg_url else "--target"
+    if not synced:
+        reasons = "; ".join(f"{d.table.name}: {d.reason}" for d in decisions) or "it has no tables"
+        raise bad_argument(flag, f"no table of {db} can ship into a table of the secondary ({reasons}); nothing was "
+                                 "written")
+    unmatched = sorted(set(targets) - {d.target for d in synced})
+    files = [(args.out, onboard.render_target_config(decisions, db, args.out, args.schema, origin=origin,
+                                                     url=args.target or None, unmatched_targets=unmatched))]
+    if args.sql is not None:
+        files.append((args.sql, onboard.render_grants(decisions, args.schema, db)))
+    try:
+        onboard.write_new(files)
+    except OSError as exc:
+        raise ConfigError(f"--out/--sql: cannot write the files ({exc.strerror}: {exc.filename})") from None
+    left = len(decisions) - len(synced)
+    print(f"wrote {args.out}: {len(synced)} table(s) mapped onto the secondary's tables ({origin})"
+          + (f", {left} left out (listed at its end with the reason)" if left else ""))
+    if args.sql is not None:
+        print(f"wrote {args.sql}: only the GRANTs syncd's key needs on those tables (no table is created)")
+    for decision in decisions:
+        if decision.target is None:
+            print(f"left out: {decision.table.name}: {decision.reason}")
+        for column in decision.columns:
+            if decision.target is not None and column.target is None:
+                print(f"left out: {decision.table.name}.{column.source}: {column.reason}")
+        for warning in decision.warnings:
+            print(f"warning: {decision.table.name}: {warning}")
+    config = shlex.join(["--config", str(args.out)])
+    print(f"next: `syncd check {config}`, then `syncd install {config}`, then `syncd resync --all {config}` (the rows "
+          f"already in the file, parents first), then `syncd run {config}`")
     return 0
 
 
@@ -789,7 +888,12 @@ def add_init_command(commands: Commands) -> None:
                                         "(one [[table]] per table with a key, transforms from the declared types, "
                                         "the tables left out with the reason) and the secondary's idempotent DDL "
                                         "(types from the casting table, keys, UNIQUE, foreign keys, their indexes, "
-                                        "row-level security for service_role, grants). Never overwrites a file.")
+                                        "row-level security for service_role, grants). With --target or --pg-url "
+                                        "(no --apply): map onto the secondary's existing tables instead (names "
+                                        "matched by case, plural, suffix and --target-prefix, transforms from their "
+                                        "types, the key from their PRIMARY KEY, every decision a comment, what does "
+                                        "not match listed with the reason), and write no DDL. Never overwrites a "
+                                        "file.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--db", type=Path, help="the application's SQLite file")
     source.add_argument("--glob", help="multi-file mode: the tenants' files, e.g. 'tenants/*.sqlite3' (quoted), each "
@@ -803,8 +907,18 @@ def add_init_command(commands: Commands) -> None:
                    help="with --glob: the JWT claim naming the tenant whose rows an authenticated user may read "
                         "(default tenant_id; `syncd jwt sign --claim tenant_id=ID` signs one)")
     p.add_argument("--out", type=Path, default=Path("syncd.toml"), help="the config to write (default syncd.toml)")
-    p.add_argument("--sql", type=Path, default=Path("schema.sql"),
-                   help="the SQL to write (default schema.sql; drops into supabase/migrations/ as is)")
+    p.add_argument("--sql", type=Path,
+                   help="the SQL to write (default schema.sql; drops into supabase/migrations/ as is); with --target "
+                        "or --pg-url (no --apply) written only when given, and then only the GRANTs syncd's key needs "
+                        "on the matched tables: no table is created")
+    p.add_argument("--target", nargs="?", const="", metavar="URL",
+                   help="map onto the tables the secondary already has instead of writing DDL: read them from "
+                        "PostgREST's OpenAPI at URL (the API root, e.g. https://PROJECT.supabase.co/rest/v1; without "
+                        "URL: SYNCD_TARGET_URL or SUPABASE_URL) with the key `syncd run` uses (SUPABASE_SERVICE_KEY, "
+                        "SUPABASE_SERVICE_KEY_FILE, SUPABASE_JWT_SECRET or SUPABASE_JWT_SECRET_FILE)")
+    p.add_argument("--target-prefix", metavar="P",
+                   help="with --target or --pg-url: the secondary's tables may carry this prefix (app_ matches "
+                        "app_artifacts to artifact)")
     p.add_argument("--tables", nargs="+", metavar="T", help="only these tables (default: every table)")
     p.add_argument("--exclude", nargs="+", metavar="T", help="leave these tables out")
     p.add_argument("--schema", default="public", help="the secondary's schema (default public)")
@@ -816,7 +930,9 @@ def add_init_command(commands: Commands) -> None:
                    help="key (default): each row converges; snapshot: every state of the secondary is one the file "
                         "had (writes [worker] consistency = \"snapshot\" and adds syncd_apply's SQL to the SQL)")
     p.add_argument("--apply", action="store_true", help="also run the SQL on --pg-url, in one transaction")
-    p.add_argument("--pg-url", help="with --apply: the secondary's PostgreSQL URL (postgresql://...)")
+    p.add_argument("--pg-url", help="the secondary's PostgreSQL URL (postgresql://...): with --apply, where the SQL "
+                                    "runs; without it, read the tables the secondary already has from its catalog "
+                                    "(as --target does from PostgREST) and map onto them instead of writing DDL")
     p.set_defaults(run=init)
 
 
