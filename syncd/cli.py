@@ -650,7 +650,8 @@ def add_demo_command(commands: Commands) -> None:
 
 
 def init(args: argparse.Namespace) -> int:
-    """`syncd init`: the config and the secondary's DDL from the SQLite file's catalog; with --apply, run the DDL."""
+    """`syncd init`: the config and the secondary's DDL from the SQLite file's catalog; with --apply, run the DDL;
+    with --target or --pg-url alone, the mapping onto the tables the secondary already has (`init_onto_target`)."""
     from syncd import onboard
 
     onto = onto_target(args)
@@ -790,10 +791,10 @@ def init_onto_target(args: argparse.Namespace, conn: apsw.Connection, tables: li
         raise bad_argument(flag, f"no table of {db} can ship into a table of the secondary ({reasons}); nothing was "
                                  "written")
     unmatched = sorted(set(targets) - {d.target for d in synced})
-    files = [(args.out, onboard.render_target_config(decisions, db, args.out, args.schema, origin=origin,
+    files = [(args.out, matching.render_config(decisions, db, args.out, args.schema, origin=origin,
                                                      url=args.target or None, unmatched_targets=unmatched))]
     if args.sql is not None:
-        files.append((args.sql, onboard.render_grants(decisions, args.schema, db)))
+        files.append((args.sql, matching.render_grants(decisions, args.schema, db)))
     try:
         onboard.write_new(files)
     except OSError as exc:

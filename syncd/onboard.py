@@ -58,10 +58,8 @@ from syncd.sqlite import quote_ident, quote_text
 if TYPE_CHECKING:
     import psycopg
 
-    from syncd.matching import TableDecision
-
 __all__ = ["Column", "ForeignKey", "Sources", "Table", "Tenancy", "apply_sql", "read_catalog", "render_config",
-           "render_grants", "render_sql", "render_target_config", "with_tenant"]
+           "render_sql", "with_tenant"]
 
 PG_NAME_BYTES = 63  # PostgreSQL truncates longer identifiers (NAMEDATALEN - 1)
 POLICY = "syncd: service_role full access"
@@ -411,105 +409,6 @@ def table_section(table: Table) -> list[str]:
             lines += [f"[table.columns.{toml_string(column.name)}]  # {column.declared or '(no type)'} -> "
                       f"{column.pg_type}", f"transform = {toml_string(column.transform)}"]
     return lines
-
-
-def render_target_config(decisions: Sequence[TableDecision], db: Path, out: Path, schema: str, *, origin: str,
-                         url: str | None = None, unmatched_targets: Sequence[str] = ()) -> str:
-    """The commented syncd.toml of `init --target` / `--pg-url` (syncd.matching's decisions): [source], [target]
-    (`url` when given on the command line), one [[table]] per matched table with each column's decision as a
-    comment beside its setting, then the tables left out with the reason and the secondary's tables nothing ships
-    into. `origin`: where the secondary's schema was read (for the header)."""
-    synced = [d for d in decisions if d.target is not None]
-    left = len(decisions) - len(synced)
-    lines = [f"# syncd configuration, written by `syncd init` from {db.name} onto the tables the secondary already has "
-             f"({origin}): {len(synced)} table(s) synced" + (f", {left} left out (at the end, with the reason)."
-                                                              if left else "."),
-             "# Each decision is the comment beside it. Nothing was guessed: a name that matches two ways is left out "
-             "with both named.",
-             "# The tables exist: no DDL to apply. syncd install, then syncd resync --all, then syncd run.",
-             "", "[source]", f"path = {toml_string(os.path.relpath(db.absolute(), out.absolute().parent))}  # relative "
-             "to this file", "", "[target]",
-             *([f"url = {toml_string(url)}  # SYNCD_TARGET_URL or SUPABASE_URL override it"] if url else
-               ["# The PostgREST endpoint: set SUPABASE_URL (the project's URL; /rest/v1 is added) or SYNCD_TARGET_URL",
-                "# (the API URL as is), or write it here:", '# url = "https://PROJECT.supabase.co/rest/v1"']),
-             f"schema = {toml_string(schema)}",
-             "# The key is never written here: set SUPABASE_SERVICE_KEY (the service_role key) or",
-             "# SUPABASE_SERVICE_KEY_FILE, or SUPABASE_JWT_SECRET (syncd then mints short-lived tokens itself).",
-             "", "# Shipping order: parents before children, from SQLite's foreign keys and, as `after = [...]`, from "
-             "the secondary's."]
-    for decision in synced:
-        lines += ["", *matched_section(decision)]
-    for decision in decisions:
-        if decision.target is None:
-            lines += ["", *comment_lines(f"Not synced: {decision.table.name}: {decision.reason}"), "# [[table]]",
-                      f"# name = {toml_string(decision.table.name)}", "# target = \"...\"  # the secondary's table"]
-    if unmatched_targets:
-        lines += ["", *comment_lines("Tables of the secondary no SQLite table ships into: "
-                                     + ", ".join(unmatched_targets))]
-    return "\n".join(lines) + "\n"
-
-
-def comment_lines(text: str, width: int = 116) -> list[str]:
-    """`text` as TOML comment lines of at most about `width` characters (a line break in a name stays a comment)."""
-    words = " ".join(text.split()).split(" ")
-    lines = [""]
-    for word in words:
-        if lines[-1] and len(lines[-1]) + len(word) + 1 > width:
-            lines.append("")
-        lines[-1] = f"{lines[-1]} {word}".strip()
-    return [f"# {line}" for line in lines]
-
-
-def matched_section(decision: TableDecision) -> list[str]:
-    """One [[table]] of `init --target`: the match, the key, `after`, `exclude` with each reason, and each shipped
-    column's rule, rename and transform."""
-    table = decision.table
-    assert decision.target is not None
-    key = decision.key or table.key
-    lines = [*comment_lines(f"{table.name} -> {decision.target}: {decision.rule}"),
-             *comment_lines(f"key: ({', '.join(key)}), the PRIMARY KEY of {decision.target} there"
-                            + (", SQLite's PRIMARY KEY too" if decision.key is None else
-                               ", a UNIQUE set over NOT NULL columns in SQLite")),
-             *(line for warning in decision.warnings for line in comment_lines(f"warning: {warning}")),
-             "[[table]]", f"name = {toml_string(table.name)}"]
-    if decision.target != table.name:
-        lines.append(f"target = {toml_string(decision.target)}")
-    if decision.key is not None:
-        lines.append(f"key = [{', '.join(toml_string(c) for c in decision.key)}]")
-    if decision.after:
-        lines.append(f"after = [{', '.join(toml_string(t) for t in decision.after)}]  # the secondary's foreign keys "
-                     "point there; SQLite declares none")
-    left = [c for c in decision.columns if c.target is None]
-    if left:
-        lines += [line for c in left for line in comment_lines(f"left out: {c.source}: {c.reason}")]
-        lines.append(f"exclude = [{', '.join(toml_string(c.source) for c in left)}]")
-    for column in decision.columns:
-        if column.target is None:
-            continue
-        said = comment_lines(f"{column.source} -> {column.target}: {column.rule} ({column.note})")
-        if column.target == column.source and column.transform is None:
-            lines += said
-            continue
-        lines += [*said, f"[table.columns.{toml_string(column.source)}]"]
-        if column.target != column.source:
-            lines.append(f"rename = {toml_string(column.target)}")
-        if column.transform:
-            lines.append(f"transform = {toml_string(column.transform)}")
-    return lines
-
-
-def render_grants(decisions: Sequence[TableDecision], schema: str, db: Path) -> str:
-    """`init --target --sql FILE`: no DDL (the tables exist), only the privileges syncd's key needs on the matched
-    tables, for a PostgreSQL where the migration granted none (Supabase grants them to service_role by default)."""
-    s = quote_ident(schema)
-    out = [f"-- The privileges syncd needs on the secondary's tables it ships {db.name} into, written by",
-           "-- `syncd init --target` (or --pg-url): the tables exist already, so nothing is created or altered.",
-           "-- Supabase grants these to service_role by default; a plain PostgreSQL whose migration granted nothing",
-           "-- needs them.",
-           f"GRANT USAGE ON SCHEMA {s} TO service_role;"]
-    out += [f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {s}.{quote_ident(d.target)} TO service_role;"
-            for d in decisions if d.target is not None]
-    return "\n".join([*out, "NOTIFY pgrst, 'reload schema';"]) + "\n"
 
 
 # ---- the SQL ---------------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_only_and_exclude_choose_tables(tmp_path: Path):
 
 @pytest.mark.parametrize(("args", "flag"), [
     (["--apply"], "--pg-url"),
-    (["--pg-url", "postgresql://u@h/db"], "--apply"),
+    (["--pg-url", "postgresql://u@127.0.0.1:1/db"], "--pg-url"),  # without --apply: read the schema there
     (["--tables", "nope"], "--tables"),
     (["--exclude", "orders"], "--exclude"),
     (["--schema", ""], "--schema"),
