@@ -470,6 +470,26 @@ def add_verify_commands(commands: Commands) -> None:
     p.set_defaults(run=run_cutover)
 
 
+def healthcheck(args: argparse.Namespace) -> int:
+    """`syncd healthcheck`: exit 0 when the daemon's /healthz answers 200, 1 otherwise (the reason on stderr)."""
+    from syncd import healthcheck as probe
+
+    healthy, seen = probe.probe(probe.metrics_address(args.metrics_addr))
+    print(seen, file=sys.stdout if healthy else sys.stderr)
+    return 0 if healthy else 1
+
+
+def add_healthcheck_command(commands: Commands) -> None:
+    """Register `healthcheck`."""
+    p = commands.add_parser("healthcheck", help="exit 0 when the daemon on this host is alive (/healthz), 1 if not",
+                            description="Ask /healthz of the daemon running beside this command (the image's "
+                                        "HEALTHCHECK). Its address: --metrics-addr, else $SYNCD_METRICS_ADDR, else "
+                                        "[worker] metrics_addr of the configuration file, else 127.0.0.1:9464; a "
+                                        "wildcard host is asked on loopback. Loads nothing else.")
+    p.add_argument("--metrics-addr", dest="metrics_addr", help="host:port the daemon serves /healthz on")
+    p.set_defaults(run=healthcheck)
+
+
 def add_check_command(commands: Commands) -> None:
     """Register `check`."""
     p = commands.add_parser("check", help="check config, key, connectivity and the secondary's tables before a run",
@@ -948,6 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_operation_commands(commands)
     add_jwt_commands(commands)
     add_check_command(commands)
+    add_healthcheck_command(commands)
     add_verify_commands(commands)
     add_dev_server(commands)
     add_demo_command(commands)

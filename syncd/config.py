@@ -565,6 +565,7 @@ class EnvironmentSettings(BaseSettings):
     jwt_secret: SecretStr | None = Field(None, validation_alias="SUPABASE_JWT_SECRET")
     service_key_file: str | None = Field(None, validation_alias="SUPABASE_SERVICE_KEY_FILE")
     jwt_secret_file: str | None = Field(None, validation_alias="SUPABASE_JWT_SECRET_FILE")
+    metrics_addr: str | None = Field(None, validation_alias="SYNCD_METRICS_ADDR")
 
     @classmethod
     def variable_names(cls) -> list[str]:
@@ -582,6 +583,7 @@ class EnvironmentSettings(BaseSettings):
             ("target.jwt_secret", self.jwt_secret, "SUPABASE_JWT_SECRET"),
             ("target.service_key_file", self.service_key_file, "SUPABASE_SERVICE_KEY_FILE"),
             ("target.jwt_secret_file", self.jwt_secret_file, "SUPABASE_JWT_SECRET_FILE"),
+            ("worker.metrics_addr", self.metrics_addr, "SYNCD_METRICS_ADDR"),
         ]
         return [(key, value, f"set by {name}") for key, value, name in entries if value is not None]
 
