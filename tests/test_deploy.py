@@ -291,33 +291,57 @@ def test_entrypoint_is_the_console_script() -> None:
     assert pyproject()["project"]["scripts"]["syncd"] == "syncd.cli:main"
 
 
+def image_env() -> dict[str, str]:
+    """The final stage's ENV, every KEY=VALUE of every ENV instruction."""
+    env: dict[str, str] = {}
+    for keyword, arguments in final_stage():
+        if keyword == "ENV":
+            env |= dict(pair.split("=", 1) for pair in arguments.split())
+    return env
+
+
+def listening_address(args: argparse.Namespace, env: dict[str, Any]) -> str:
+    """Where `syncd run` listens in a container of the image: --metrics-addr, else the container's
+    SYNCD_METRICS_ADDR, else the image's."""
+    return str(args.metrics_addr or env.get("SYNCD_METRICS_ADDR") or image_env()["SYNCD_METRICS_ADDR"])
+
+
 def test_cmd_is_a_run_the_cli_accepts_listening_on_the_metrics_port() -> None:
-    """The default CMD parses with syncd's real parser as `run`, on 0.0.0.0:9464, the default port."""
+    """The default CMD parses with syncd's real parser as `run`, and the image's SYNCD_METRICS_ADDR, which run reads,
+    is 0.0.0.0:9464, the default port."""
     (cmd,) = instruction("CMD")
     args = parse_cli(exec_form(cmd))
     assert args.command == "run"
-    assert args.metrics_addr == f"0.0.0.0:{METRICS_PORT}"
+    assert args.metrics_addr is None  # so SYNCD_METRICS_ADDR decides, for the daemon and its HEALTHCHECK alike
+    address = image_env()["SYNCD_METRICS_ADDR"]
+    assert address == f"0.0.0.0:{METRICS_PORT}"
+    assert load_config(None, env={"SYNCD_METRICS_ADDR": address}).worker.metrics_addr == address
     assert port_of(WorkerConfig().metrics_addr) == METRICS_PORT
     assert instruction("EXPOSE") == [str(METRICS_PORT)]
 
 
-def test_healthcheck_command_asks_healthz_and_fails_when_the_loop_is_stuck() -> None:
-    """The HEALTHCHECK's own command, run against a real metrics server: exit 0 while alive, non-zero when not."""
+def test_healthcheck_command_asks_healthz_where_the_daemon_listens() -> None:
+    """The HEALTHCHECK's own command, run against a real metrics server at the address SYNCD_METRICS_ADDR names
+    (another port than the default, as an operator moving it would): exit 0 while alive, 1 when the loop is stuck
+    and when nothing listens there."""
     (healthcheck,) = instruction("HEALTHCHECK")
     command = exec_form(healthcheck[healthcheck.index("CMD ") + 4:])
-    assert command[0] == "python"
-    assert f"http://127.0.0.1:{METRICS_PORT}/healthz" in command[-1]
+    assert command == ["syncd", "healthcheck"]
     metrics = Metrics()
     server = serve(metrics, "127.0.0.1:0")
+    local = [sys.executable, "-m", "syncd", *command[1:]]
     try:
-        port = server.server_address[1]
-        local = [sys.executable, *[a.replace(f":{METRICS_PORT}/", f":{port}/") for a in command[1:]]]
-        assert subprocess.run(local, capture_output=True, timeout=30).returncode == 0
+        env = {**os.environ, "SYNCD_METRICS_ADDR": f"0.0.0.0:{server.server_address[1]}"}
+        alive = subprocess.run(local, capture_output=True, text=True, timeout=30, env=env)
+        assert alive.returncode == 0, alive.stderr
         metrics.health.heartbeat = 0.0
-        assert subprocess.run(local, capture_output=True, timeout=30).returncode != 0
+        stuck = subprocess.run(local, capture_output=True, text=True, timeout=30, env=env)
+        assert stuck.returncode == 1 and "HTTP 503" in stuck.stderr
     finally:
         server.shutdown()
         server.server_close()
+    gone = subprocess.run(local, capture_output=True, text=True, timeout=30, env=env)
+    assert gone.returncode == 1 and "ConnectError" in gone.stderr
 
 
 def test_copy_sources_exist_and_reach_the_build_context() -> None:
@@ -360,9 +384,18 @@ def test_lock_pins_every_runtime_dependency_within_pyproject_ranges() -> None:
         assert requirement.specifier.contains(version, prereleases=True), f"{name}=={version} is outside {requirement}"
         assert hashed, f"{name} has no --hash in deploy/requirements.txt"
     runs = " ".join(instruction("RUN"))
-    assert "--require-hashes --only-binary=:all: -r /tmp/requirements.txt" in runs
-    assert "--no-deps --no-index /tmp/wheels/syncd-" in runs
-    assert "pip check" in runs
+    assert "--require-hashes --only-binary=:all: -r deploy/requirements.txt" in " ".join(runs.split())
+    assert "install --no-deps --no-index /wheels/syncd-" in runs
+    assert "pip --python /opt/syncd/bin/python check" in runs
+
+
+def test_the_runtime_stage_runs_nothing() -> None:
+    """The final stage only copies the built environment and the files: no RUN, so no layer of the image keeps what
+    a build step deleted or a build's `-v` mount point (README's offline build mounts the wheelhouse and pip.conf)."""
+    assert [keyword for keyword, _ in final_stage() if keyword == "RUN"] == []
+    assert ("COPY", "--from=build /opt/syncd/ /opt/syncd/") in final_stage()
+    assert not DOCKERFILE.read_text(encoding="utf-8").startswith("# syntax="), \
+        "a syntax line makes BuildKit fetch a frontend image: offline builds fail"
 
 
 def test_build_lock_satisfies_the_build_system() -> None:
@@ -396,7 +429,7 @@ def test_compose_syncd_runs_with_a_command_the_cli_accepts() -> None:
     """The sidecar's command parses as `run` on port 9464, published on 127.0.0.1, stopped with time to spare."""
     spec = service("syncd")
     args = parse_cli(spec["command"])
-    assert args.command == "run" and port_of(args.metrics_addr) == METRICS_PORT
+    assert args.command == "run" and port_of(listening_address(args, spec.get("environment") or {})) == METRICS_PORT
     assert f"127.0.0.1:{METRICS_PORT}:{METRICS_PORT}" in spec["ports"]
     grace = spec["stop_grace_period"]
     assert grace.endswith("s") and float(grace[:-1]) > shutdown_timeout(args)
@@ -609,7 +642,8 @@ def test_kubernetes_probes_hit_healthz_and_readyz_on_the_metrics_port() -> None:
     """syncd runs `run` on 0.0.0.0:9464; startup/liveness probe /healthz and readiness /readyz on that port."""
     syncd = container("syncd")
     args = parse_cli(syncd["args"])
-    assert args.command == "run" and args.metrics_addr == f"0.0.0.0:{METRICS_PORT}"
+    env = {e["name"]: e.get("value") for e in syncd.get("env", [])}
+    assert args.command == "run" and listening_address(args, env) == f"0.0.0.0:{METRICS_PORT}"
     ports = {port["name"]: port["containerPort"] for port in syncd["ports"]}
     assert ports["metrics"] == METRICS_PORT
     for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
@@ -710,6 +744,131 @@ def test_kustomize_builds_the_manifests() -> None:
     image = kubernetes("Kustomization")["images"][0]
     images = {c["image"] for c in deployment["containers"] + deployment["initContainers"]}
     assert images == {f"{image['newName']}:{image['newTag']}"}
+
+
+def rendered_manifests() -> str:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not found (kubectl kustomize renders deploy/kubernetes/)")
+    result = subprocess.run([kubectl, "kustomize", str(KUBERNETES)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def venv_tool(name: str) -> str:
+    """A console script of the test dependencies (pyproject's [test] extra), beside this Python."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else shutil.which(name) or pytest.fail(f"{name} is not installed: pip install "
+                                                                              "-e '.[test]'")
+
+
+def kubernetes_validate(path: Path, version: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([venv_tool("kubernetes-validate"), "--strict", "--kubernetes-version", version, str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+KUBERNETES_VERSIONS = ("1.29.0", "1.33.0")   # the oldest and a recent release of those kubernetes-validate ships
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_kubernetes_manifests_follow_the_kubernetes_schemas(tmp_path: Path, version: str) -> None:
+    """What `kubectl apply -k` would send, and the example Secret, validate offline and strictly (no unknown
+    field) against Kubernetes' own OpenAPI schemas; a misspelt field fails the same check (the validator is live).
+    servicemonitor.yaml is a Prometheus Operator type, which has no schema there."""
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(rendered_manifests(), encoding="utf-8")
+    for path in (rendered, KUBERNETES / "secret.example.yaml"):
+        result = kubernetes_validate(path, version)
+        assert result.returncode == 0 and "passed" in result.stdout + result.stderr, result.stdout + result.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(rendered.read_text(encoding="utf-8").replace("terminationGracePeriodSeconds:",
+                                                                     "terminationGracePeriodSecond:"), encoding="utf-8")
+    assert kubernetes_validate(broken, version).returncode != 0
+
+
+def test_kubernetes_images_are_tagged_and_never_pulled_from_docker_hub() -> None:
+    """Every container names `localhost/syncd:<version>` (a registry host and a tag: `kubectl apply -f` alone never
+    pulls docker.io/library/syncd:latest), IfNotPresent; kustomization.yaml renames exactly that name."""
+    spec = pod_spec()
+    for c in spec["containers"] + spec["initContainers"]:
+        assert c["image"] == f"localhost/syncd:{pyproject_version()}", c["name"]
+        assert c["imagePullPolicy"] == "IfNotPresent", c["name"]
+    (image,) = kubernetes("Kustomization")["images"]
+    assert image["name"] == "localhost/syncd" and image["newTag"] == pyproject_version()
+
+
+def pyproject_version() -> str:
+    from syncd import __version__
+
+    return __version__
+
+
+def test_compose_file_follows_the_compose_specification(tmp_path: Path) -> None:
+    """deploy/compose.yaml validates against the Compose Specification's JSON schema (check-jsonschema's copy,
+    offline); an unknown service key fails the same check."""
+    tool = venv_tool("check-jsonschema")
+    result = subprocess.run([tool, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(COMPOSE.read_text(encoding="utf-8").replace("stop_grace_period:", "stop_grace_periods:"),
+                      encoding="utf-8")
+    refused = subprocess.run([tool, "--builtin-schema", "vendor.compose-spec", str(broken)], capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode != 0
+
+
+def test_every_env_example_value_is_refused_when_empty(tmp_path: Path) -> None:
+    """.env.example promises that `up` refuses an empty value: each variable is `${VAR:?...}`-interpolated, or (a
+    secret's `environment:`, which interpolation does not check) refused by the entrypoint of the service that
+    reads it. That entrypoint, run with sh: exit 1 naming the variable when the secret is empty, else it execs the
+    image's entrypoint with the command."""
+    document = compose()
+    example = (DEPLOY / ".env.example").read_text(encoding="utf-8")
+    variables = [line.split("=", 1)[0] for line in example.splitlines() if line and not line.startswith("#")]
+    interpolated = set(re.findall(r"\$\{(\w+):\?", COMPOSE.read_text(encoding="utf-8")))
+    by_secret = {name: secret["environment"] for name, secret in document["secrets"].items()}
+    for variable in variables:
+        if variable in interpolated:
+            continue
+        secret = next(name for name, env in by_secret.items() if env == variable)
+        guard = f"test -s /run/secrets/{secret}"
+        guarded = [name for name, spec in document["services"].items()
+                   if secret in spec.get("secrets", []) and guard in " ".join(spec.get("entrypoint") or [])]
+        assert guarded, f"{variable} is neither ${{{variable}:?}} nor checked by a service's entrypoint"
+        spec = document["services"][guarded[0]]
+        fake = tmp_path / "bin"
+        fake.mkdir(exist_ok=True)
+        (fake / "docker-entrypoint.sh").write_text("#!/bin/sh\necho \"started: $*\"\n", encoding="utf-8")
+        (fake / "docker-entrypoint.sh").chmod(0o755)
+        secret_file = tmp_path / secret
+        script = spec["entrypoint"][2].replace(f"/run/secrets/{secret}", str(secret_file)).replace("$$", "$")
+        argv = ["sh", "-c", script, *spec["entrypoint"][3:], *spec["command"]]
+        env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+        secret_file.write_text("", encoding="utf-8")
+        empty = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
+        assert empty.returncode == 1 and variable in empty.stderr and "started" not in empty.stdout
+        secret_file.write_text("s3cret", encoding="utf-8")
+        given = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
+        assert given.returncode == 0 and given.stdout.strip() == f"started: {' '.join(spec['command'])}"
+
+
+def test_every_documented_stop_outlasts_the_shutdown_timeout() -> None:
+    """Docker's default stop timeout (10 s) equals syncd's shutdown timeout: the Dockerfile's `docker run` example
+    and README give --stop-timeout, compose stop_grace_period, Kubernetes terminationGracePeriodSeconds, each above
+    the timeout the command there runs with."""
+    default = WorkerConfig().shutdown_timeout
+    header = DOCKERFILE.read_text(encoding="utf-8")
+    runs = re.findall(r"docker run [^\n]*", header)
+    assert runs and all(int(m) > default for m in re.findall(r"--stop-timeout (\d+)", header))
+    assert all("--stop-timeout" in run for run in runs if " -d " in run or "syncd:0.1.0" not in run)
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert re.search(r"docker run --stop-timeout (\d+)", readme)
+    assert int(re.search(r"docker run --stop-timeout (\d+)", readme).group(1)) > default  # type: ignore[union-attr]
+    syncd = service("syncd")
+    grace = float(str(syncd["stop_grace_period"]).removesuffix("s"))
+    assert grace > shutdown_timeout(parse_cli(syncd["command"]))
+    assert pod_spec()["terminationGracePeriodSeconds"] > shutdown_timeout(parse_cli(container("syncd")["args"]))
 
 
 # ---- alerts and dashboard ----------------------------------------------------------------------------------
