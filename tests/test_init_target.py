@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,8 +182,11 @@ def test_the_seeds_application_ships_onto_its_own_migration_with_no_edit(
     assert code == 0 and "0 error(s)" in said, said
     assert syncd(capsys, "install", "--config", str(out))[0] == 0
     write_like_pmoves(db)
-    code, said = syncd(capsys, "run", "--once", "--config", str(out), "--metrics-addr", "127.0.0.1:0")
-    assert code == 0, said
+    # In its own process: `run` configures the process's logging onto its stderr, here capsys' file, which is closed
+    # once this test ends (later tests of this worker would then log into a closed file).
+    shipped = subprocess.run([sys.executable, "-m", "syncd", "run", "--once", "--config", str(out), "--metrics-addr",
+                              "127.0.0.1:0"], capture_output=True, text=True, timeout=120)
+    assert shipped.returncode == 0, shipped.stderr[-3000:]
     code, said = syncd(capsys, "verify", "--config", str(out))
     assert code == 0 and "8 table(s) equal" in said, said
     with psycopg.connect(target.pg_url) as conn:
