@@ -148,7 +148,7 @@ def containers(engine: Engine) -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        engine.run("rm", "-f", "-t", "0", name, check=False)
+        engine.run("rm", "-f", *(["-t", "0"] if engine.name == "podman" else []), name, check=False)
 
 
 @pytest.fixture
