@@ -133,13 +133,21 @@ def built(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Built:
         record = shared / "image-build.json"
         if record.exists():
             return Built(**json.loads(record.read_text()))
+        before = image_id(engine)
         started = time.monotonic()
         done = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=900,
                               env={**os.environ, **engine.env})
         assert done.returncode == 0, f"{command} exited {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        if before and before != image_id(engine):  # the image this build replaced, untagged now: not kept per run
+            engine.run("rmi", before, check=False)
         result = Built(IMAGE, round(time.monotonic() - started, 1), command)
         record.write_text(json.dumps(result.__dict__))
         return result
+
+
+def image_id(engine: Engine) -> str | None:
+    found = engine.run("image", "inspect", "--format", "{{.Id}}", IMAGE, check=False)
+    return found.stdout.strip() if found.returncode == 0 else None
 
 
 @pytest.fixture
