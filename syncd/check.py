@@ -135,7 +135,9 @@ def check_table(target: PostgrestTarget, spec: dict[str, object], mapping: Table
                 if error.code == "42501" or error.status in (401, 403):
                     return [probe_refused(subject, mapping, error, role)]
         return [Finding("error", subject, "the target table is not in the secondary (or not exposed): syncd run "
-                        "halts the table until it is", "create it (the SQL of syncd init, or your migrations), then "
+                        "halts the table until it is", "create it (the SQL of syncd init, or your migrations); if it "
+                        "exists, GRANT SELECT, INSERT, UPDATE, DELETE on it to the key's role (PostgREST hides the "
+                        "tables a role may not use; `syncd init --pg-url URL --sql FILE` writes the GRANTs); then "
                         "NOTIFY pgrst, 'reload schema'")]
     definitions = spec.get("definitions") or {}
     assert isinstance(definitions, dict)

@@ -797,6 +797,12 @@ def target_tables(args: argparse.Namespace) -> tuple[dict[str, TargetTable], str
     return tables, f"PostgREST's description at {mask_url(config.target.url)}"
 
 
+# PostgREST's OpenAPI describes only what the key's role may use (PostgREST's openapi-mode, default follow-privileges).
+HIDDEN_BY_GRANTS = (": PostgREST describes only the tables the key's role may use, so a table that exists "
+                    "without a GRANT to it looks absent; read PostgreSQL's catalog instead (--pg-url URL --sql "
+                    "grants.sql writes the GRANTs) or grant them first")
+
+
 def init_onto_target(args: argparse.Namespace, conn: apsw.Connection, tables: list[Table], db: Path) -> int:
     """`init --target` / `--pg-url`: the mapping of the file's tables onto the secondary's (syncd.matching), written
     as a commented config; with --sql, the GRANTs syncd's key needs (no DDL: the tables exist)."""
@@ -806,10 +812,12 @@ def init_onto_target(args: argparse.Namespace, conn: apsw.Connection, tables: li
     decisions = matching.decide(conn, tables, targets, args.target_prefix or "")
     synced = [d for d in decisions if d.target is not None]
     flag = "--pg-url" if args.pg_url else "--target"
+    unseen = HIDDEN_BY_GRANTS if flag == "--target" and any(d.reason.startswith("no table in the secondary")
+                                                             for d in decisions) else ""
     if not synced:
         reasons = "; ".join(f"{d.table.name}: {d.reason}" for d in decisions) or "it has no tables"
-        raise bad_argument(flag, f"no table of {db} can ship into a table of the secondary ({reasons}); nothing was "
-                                 "written")
+        raise bad_argument(flag, f"no table of {db} can ship into a table of the secondary ({reasons}){unseen}; "
+                                 "nothing was written")
     unmatched = sorted(set(targets) - {d.target for d in synced})
     files = [(args.out, matching.render_config(decisions, db, args.out, args.schema, origin=origin,
                                                      url=args.target or None, unmatched_targets=unmatched))]
@@ -832,9 +840,12 @@ def init_onto_target(args: argparse.Namespace, conn: apsw.Connection, tables: li
                 print(f"left out: {decision.table.name}.{column.source}: {column.reason}")
         for warning in decision.warnings:
             print(f"warning: {decision.table.name}: {warning}")
+    if unseen:
+        print(f"note{unseen}")
     config = shlex.join(["--config", str(args.out)])
-    print(f"next: `syncd check {config}`, then `syncd install {config}`, then `syncd resync --all {config}` (the rows "
-          f"already in the file, parents first), then `syncd run {config}`")
+    grants = f"apply {args.sql} where the key's role lacks those GRANTs (psql -f), then " if args.sql else ""
+    print(f"next: {grants}`syncd check {config}`, then `syncd install {config}`, then `syncd resync --all {config}` "
+          f"(the rows already in the file, parents first), then `syncd run {config}`")
     return 0
 
 

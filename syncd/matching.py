@@ -472,7 +472,11 @@ def render_config(decisions: Sequence[TableDecision], db: Path, out: Path, schem
                                                               if left else "."),
              "# Each decision is the comment beside it. Nothing was guessed: a name that matches two ways is left out "
              "with both named.",
-             "# The tables exist: no DDL to apply. syncd install, then syncd resync --all, then syncd run.",
+             "# The tables exist: no DDL to apply. Only GRANTs, where the key's role lacks them (a plain PostgreSQL; a "
+             "Supabase project",
+             "# grants service_role every table of public): `syncd init --sql FILE` writes them. Then syncd check, "
+             "syncd install,",
+             "# syncd resync --all, syncd run.",
              "", "[source]", f"path = {toml_string(os.path.relpath(db.absolute(), out.absolute().parent))}  # relative "
              "to this file", "", "[target]",
              *([f"url = {toml_string(url)}  # SYNCD_TARGET_URL or SUPABASE_URL override it"] if url else

@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -360,3 +361,43 @@ def test_an_unreachable_target_says_so_without_the_password(tmp_path: Path, caps
     code, said = syncd(capsys, "init", "--db", str(db), "--target", "http://127.0.0.1:1")
     assert code == 2 and "--target" in said, said
     assert not (tmp_path / "syncd.toml").exists()
+
+
+def test_a_table_the_keys_role_may_not_use_is_named_as_hidden_and_the_grants_are_written(
+        tmp_path: Path, server: DevServer, target: Secondary, capsys: pytest.CaptureFixture[str], keyed: None) -> None:
+    """A plain PostgreSQL whose migration granted nothing: PostgREST's description (openapi-mode follow-privileges)
+    hides the table, so --target says why it sees none and how to go on; --pg-url --sql maps it and writes the
+    GRANTs, and init's next step says to apply them; once applied, --target finds the same table. Against the dev
+    server and the real PostgREST."""
+    db = tmp_path / "app.db"
+    sqlite3.connect(db).executescript("CREATE TABLE gadget (id INTEGER PRIMARY KEY, title TEXT);")
+    with psycopg.connect(server.pg_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS public.gadgets")
+        conn.execute("CREATE TABLE public.gadgets (id bigint PRIMARY KEY, title text)")
+        conn.execute("REVOKE ALL ON public.gadgets FROM service_role, anon, authenticated")
+        conn.execute("NOTIFY pgrst, 'reload schema'")
+    try:
+        code, said = syncd(capsys, "init", "--db", str(db), "--out", str(tmp_path / "a.toml"), "--target", target.url)
+        assert code == 2 and "PostgREST describes only the tables the key's role may use" in said, said
+        assert "--pg-url" in said and not (tmp_path / "a.toml").exists()
+        grants = tmp_path / "grants.sql"
+        code, said = syncd(capsys, "init", "--db", str(db), "--out", str(tmp_path / "b.toml"), "--pg-url",
+                           server.pg_url, "--sql", str(grants))
+        assert code == 0 and f"next: apply {grants}" in said, said
+        assert "gadgets" in grants.read_text()
+        with psycopg.connect(server.pg_url, autocommit=True) as conn:
+            conn.execute(grants.read_text())
+            conn.execute("NOTIFY pgrst, 'reload schema'")
+        deadline = time.monotonic() + 10
+        while True:
+            code, said = syncd(capsys, "init", "--db", str(db), "--out", str(tmp_path / "c.toml"), "--target",
+                               target.url)
+            if code == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert code == 0, said
+        assert load_config(tmp_path / "c.toml", env={}).tables[0].target_name == "gadgets"
+    finally:
+        with psycopg.connect(server.pg_url, autocommit=True) as conn:
+            conn.execute("DROP TABLE IF EXISTS public.gadgets")
+            conn.execute("NOTIFY pgrst, 'reload schema'")
