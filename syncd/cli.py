@@ -637,7 +637,8 @@ def add_dev_server(commands: Commands) -> None:
     p.add_argument("--pg-url", help="use this PostgreSQL instead of starting a throwaway one")
     p.add_argument("--data-dir", type=Path,
                    help="keep the throwaway PostgreSQL's data in DIR (new, empty or kept before; not with --pg-url)")
-    p.add_argument("--migrations", type=Path, help="apply DIR/*.sql in name order (default deploy/supabase/migrations)")
+    p.add_argument("--migrations", type=Path, help="apply DIR/*.sql in name order (default: "
+                   "./deploy/supabase/migrations, else that of syncd's source tree)")
     p.add_argument("--jwt-secret", help="HS256 secret (default: $SUPABASE_JWT_SECRET, else a random one)")
     p.add_argument("--require-apikey", action="store_true", help="demand the apikey header, as Supabase's gateway")
     p.add_argument("--faults", action="store_true", help="enable fault injection at /_dev/faults and /_dev/stats")
