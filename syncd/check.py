@@ -20,7 +20,7 @@ from syncd import capture, outbox, schema
 from syncd.auth import TokenSource
 from syncd.config import Config
 from syncd.mapping import TableMapping
-from syncd.redact import connection_passwords, mask_url, redact, register
+from syncd.redact import error_line, mask_url, register_connection
 from syncd.target import PostgrestTarget, TargetError, open_target
 from syncd.verify import PAGE, format_kind
 
@@ -261,13 +261,12 @@ def check_policies(pg_url: str) -> list[Finding]:
     raises ImportError without it, psycopg.Error when the database cannot be reached or read."""
     import psycopg
 
-    for password in connection_passwords(pg_url):
-        register(password)
+    register_connection(pg_url)
     try:
         with psycopg.connect(pg_url, connect_timeout=10) as conn:
             rows = conn.execute(POLICIES_SQL).fetchall()
     except psycopg.Error as exc:
-        reason = redact(" ".join(str(exc).split()))[:200]
+        reason = error_line(exc, 200)
         return [Finding("error", "policies", f"cannot read the policies through --pg-url {mask_url(pg_url)}: {reason}",
                         "give a postgresql:// URL of the secondary's database that this machine can reach, with a "
                         "user that may read pg_policies")]

@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 
 from syncd.config import WorkerConfig, default_config_file
+from syncd.metrics import local_url
 
 HEALTHZ_TIMEOUT_SECONDS = 4.0  # below the Dockerfile's HEALTHCHECK --timeout (5 s)
-WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}
 
 
 def metrics_address(flag: str | None, env: Mapping[str, str] | None = None) -> str:
@@ -46,15 +46,9 @@ def configured_address(path: Path | None) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def healthz_url(address: str) -> str:
-    """The /healthz URL of `address` (host:port), a wildcard host replaced by loopback."""
-    host, _, port = address.rpartition(":")
-    return f"http://{WILDCARD_HOSTS.get(host, host)}:{port}/healthz"
-
-
 def probe(address: str) -> tuple[bool, str]:
     """(healthy, what was seen): GET /healthz at `address`; healthy only on 200."""
-    url = healthz_url(address)
+    url = local_url(address, "/healthz")
     try:
         answer = httpx.get(url, timeout=HEALTHZ_TIMEOUT_SECONDS)
     except httpx.HTTPError as exc:

@@ -165,6 +165,16 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}  # a server on every interface, asked here
+
+
+def local_url(address: str, path: str) -> str:
+    """The URL of `path` (/healthz, /readyz) on the metrics server at `address` (host:port), as asked from this host:
+    a wildcard host (0.0.0.0, [::], none) is asked on loopback."""
+    host, _, port = address.rpartition(":")
+    return f"http://{WILDCARD_HOSTS.get(host, host)}:{port}{path}"
+
+
 def serve(metrics: Metrics, address: str) -> ThreadingHTTPServer:
     """Serve /metrics, /healthz and /readyz on `address` (host:port) in a daemon thread."""
     host, _, port = address.rpartition(":")

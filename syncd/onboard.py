@@ -52,7 +52,7 @@ import apsw
 
 from syncd import capture, casting
 from syncd.config import TableConfig
-from syncd.redact import connection_passwords, mask_url, redact, register
+from syncd.redact import error_line, mask_url, register_connection
 from syncd.sqlite import quote_ident, quote_text
 
 if TYPE_CHECKING:
@@ -655,8 +655,7 @@ def apply_sql(sql: str, pg_url: str, tables: Sequence[Table] = (), schema: str =
     except ImportError:
         raise OnboardError("--apply needs psycopg: pip install 'syncd[postgres]', or run the SQL file with your own "
                            "migration tool (psql -1 -f schema.sql)") from None
-    for password in connection_passwords(pg_url):
-        register(password)
+    register_connection(pg_url)
     try:
         with psycopg.connect(pg_url, connect_timeout=10) as conn, conn.transaction():
             clashes = [clash for table in tables if table.refused is None
@@ -666,7 +665,7 @@ def apply_sql(sql: str, pg_url: str, tables: Sequence[Table] = (), schema: str =
                                    "--schema (nothing was applied)")
             conn.execute(sql.encode())
     except psycopg.Error as exc:
-        reason = redact(" ".join(str(exc).split()))[:500]
+        reason = error_line(exc, 500)
         raise OnboardError(f"--pg-url {mask_url(pg_url)}: {reason}; nothing was applied (one transaction)") from None
 
 

@@ -16,7 +16,8 @@ from collections.abc import MutableMapping
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-__all__ = ["MASK", "USERINFO_PASSWORD", "connection_passwords", "mask_url", "processor", "redact", "register"]
+__all__ = ["MASK", "USERINFO_PASSWORD", "connection_passwords", "error_line", "mask_url", "processor", "redact",
+           "register", "register_connection"]
 
 MASK = "<redacted>"
 PARTIAL_RUN = 12  # characters of a secret in a row that count as leaking it
@@ -97,6 +98,17 @@ def mask_url(url: str) -> str:
     except ValueError:  # an unbalanced [IPv6 literal, a port that is not a number
         return USERINFO.sub(lambda m: f"{m.group(1)}{MASK}@", url)
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def register_connection(pg_url: str) -> None:
+    """Redact from now on every password `pg_url` (a PostgreSQL connection string) carries."""
+    register(*connection_passwords(pg_url))
+
+
+def error_line(error: BaseException, limit: int) -> str:
+    """`error`'s text on one line, every known secret masked, cut at `limit` characters (a driver's message, e.g.
+    psycopg's, may spread over lines and quote the connection string)."""
+    return redact(" ".join(str(error).split()))[:limit]
 
 
 def connection_passwords(pg_url: str) -> list[str]:

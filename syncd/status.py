@@ -18,6 +18,7 @@ from syncd import capture, outbox
 from syncd.auth import KeyInfo
 from syncd.config import Config
 from syncd.lease import read_lease
+from syncd.metrics import local_url
 from syncd.timeparse import format_age
 
 DEFAULT_MAX_LAG_SECONDS = 300.0
@@ -115,9 +116,7 @@ def collect(conn: apsw.Connection, config: Config, *, max_lag: float = DEFAULT_M
 def daemon_readiness(address: str) -> dict[str, object]:
     """The running daemon's `/readyz` at `address` (host:port; a wildcard host is asked on loopback): {"ready":
     bool, "reason": str}, or {"error": why it could not be asked} (another host or container, say)."""
-    host, _, port = address.rpartition(":")
-    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)
-    url = f"http://{host}:{port}/readyz"
+    url = local_url(address, "/readyz")
     try:
         answer = httpx.get(url, timeout=READYZ_TIMEOUT_SECONDS).json()
     except (httpx.HTTPError, ValueError) as exc:

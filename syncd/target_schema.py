@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from syncd.redact import connection_passwords, mask_url, redact, register
+from syncd.redact import error_line, mask_url, register_connection
 
 if TYPE_CHECKING:
     from syncd.target import PostgrestTarget
@@ -169,14 +169,13 @@ def read_catalog(pg_url: str, schema: str) -> dict[str, TargetTable]:
     except ImportError:
         raise TargetSchemaError("--pg-url needs psycopg: pip install 'syncd[postgres]', or give --target URL (the "
                                 "PostgREST API) instead") from None
-    for password in connection_passwords(pg_url):
-        register(password)
+    register_connection(pg_url)
     try:
         with psycopg.connect(pg_url, connect_timeout=10) as conn:
             conn.read_only = True
             rows = conn.execute(CATALOG_SQL, (schema,)).fetchall()
             foreign_keys = conn.execute(FOREIGN_KEYS_SQL, (schema,)).fetchall()
     except psycopg.Error as exc:
-        reason = redact(" ".join(str(exc).split()))[:300]
+        reason = error_line(exc, 300)
         raise TargetSchemaError(f"--pg-url {mask_url(pg_url)}: cannot read the schema {schema!r}: {reason}") from None
     return from_catalog(rows, foreign_keys)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from syncd import cli
-from syncd.healthcheck import healthz_url, metrics_address, probe
-from syncd.metrics import Metrics, serve
+from syncd.healthcheck import metrics_address, probe
+from syncd.metrics import Metrics, local_url, serve
 from tests.e2e import free_port
 
 
@@ -28,7 +28,7 @@ def test_the_address_is_the_flag_then_the_environment_then_the_file_then_the_def
                                               ("[::]:9464", "http://[::1]:9464/healthz"),
                                               ("127.0.0.2:80", "http://127.0.0.2:80/healthz")])
 def test_a_wildcard_host_is_asked_on_loopback(address: str, url: str) -> None:
-    assert healthz_url(address) == url
+    assert local_url(address, "/healthz") == url
 
 
 def test_healthy_stuck_and_absent(capsys: pytest.CaptureFixture[str]) -> None:
