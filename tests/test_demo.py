@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import random
@@ -245,17 +246,26 @@ def test_write_forever_keeps_its_rate(app: DemoApp) -> None:
     assert sum(n for _, n in seen) == app.rows_written
 
 
-@pytest.fixture
-def secondary(devserver: RunningDevServer, pg: psycopg.Connection) -> Iterator[RunningDevServer]:
-    """The shared dev server with the demo's users and empty demo tables (emptied again afterwards)."""
+@contextlib.contextmanager
+def demo_tables(pg: psycopg.Connection) -> Iterator[None]:
+    """The demo's users in auth.users and its tables empty, for the block; emptied again afterwards."""
     def empty() -> None:
         pg.execute(f"TRUNCATE {', '.join(f'public.{t}' for t in TARGETS)} CASCADE")
         pg.execute("DELETE FROM auth.users WHERE id = ANY(%s::uuid[])", ([u for u, _ in DEMO_USERS],))
 
     empty()
     pg.execute(users_sql())
-    yield devserver
-    empty()
+    try:
+        yield
+    finally:
+        empty()
+
+
+@pytest.fixture
+def secondary(devserver: RunningDevServer, pg: psycopg.Connection) -> Iterator[RunningDevServer]:
+    """The shared dev server with the demo's users and empty demo tables (emptied again afterwards)."""
+    with demo_tables(pg):
+        yield devserver
 
 
 def test_the_workload_ships_without_a_dead_letter(tmp_path: Path, secondary: RunningDevServer,

@@ -803,19 +803,20 @@ def pyproject_version() -> str:
     return __version__
 
 
+def check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([venv_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_compose_file_follows_the_compose_specification(tmp_path: Path) -> None:
     """deploy/compose.yaml validates against the Compose Specification's JSON schema (check-jsonschema's copy,
     offline); an unknown service key fails the same check."""
-    tool = venv_tool("check-jsonschema")
-    result = subprocess.run([tool, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)], capture_output=True,
-                            text=True, timeout=120)
+    result = check_compose_schema(COMPOSE)
     assert result.returncode == 0, result.stdout + result.stderr
     broken = tmp_path / "compose.yaml"
     broken.write_text(COMPOSE.read_text(encoding="utf-8").replace("stop_grace_period:", "stop_grace_periods:"),
                       encoding="utf-8")
-    refused = subprocess.run([tool, "--builtin-schema", "vendor.compose-spec", str(broken)], capture_output=True,
-                             text=True, timeout=120)
-    assert refused.returncode != 0
+    assert check_compose_schema(broken).returncode != 0
 
 
 def test_every_env_example_value_is_refused_when_empty(tmp_path: Path) -> None:

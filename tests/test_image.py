@@ -32,10 +32,9 @@ import httpx
 import psycopg
 import pytest
 
-from syncd.demo.app import DEMO_USERS, users_sql
 from syncd.devserver.launcher import RunningDevServer
 from tests.e2e import free_port
-from tests.test_demo import TARGETS
+from tests.test_demo import demo_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -171,14 +170,8 @@ def data(tmp_path: Path) -> Path:
 @pytest.fixture
 def demo_secondary(devserver: RunningDevServer, pg: psycopg.Connection) -> Iterator[RunningDevServer]:
     """The session's dev server with the demo's users and empty demo tables (emptied again afterwards)."""
-    def empty() -> None:
-        pg.execute(f"TRUNCATE {', '.join(f'public.{t}' for t in TARGETS)} CASCADE")
-        pg.execute("DELETE FROM auth.users WHERE id = ANY(%s::uuid[])", ([u for u, _ in DEMO_USERS],))
-
-    empty()
-    pg.execute(users_sql())
-    yield devserver
-    empty()
+    with demo_tables(pg):
+        yield devserver
 
 
 def inspect_image(engine: Engine, image: str) -> dict[str, object]:
@@ -338,7 +331,8 @@ def test_ships_from_a_volume_read_only_as_the_image_user_and_stops_cleanly_mid_r
     assert engine.run("exec", name, "id", "-u").stdout.strip() == str(IMAGE_UID)
     refused = engine.run("exec", name, "sh", "-c", "touch /opt/syncd/x", check=False)
     assert refused.returncode != 0 and "Read-only file system" in refused.stderr
-    logs = engine.run("logs", name).stdout + engine.run("logs", name).stderr
+    logged = engine.run("logs", name)
+    logs = logged.stdout + logged.stderr
     assert demo_secondary.service_key not in logs
 
     faults(delay_ms=3000)
