@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import psycopg
 import pytest
 
 from syncd.devserver.launcher import RunningDevServer as DevServer
-from tests.postgrest import Secondary
+from tests.postgrest import Secondary, free_port
 
 APP_SCHEMA = """
 PRAGMA journal_mode=WAL;
@@ -33,12 +32,6 @@ CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id INTEGER REFERENCES parent 
 CREATE TABLE pair (a TEXT, b INTEGER, v TEXT, PRIMARY KEY (a, b)) WITHOUT ROWID;
 """
 TARGET_TABLES = "public.e2e_items, public.e2e_children, public.e2e_parents, public.e2e_pairs"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -9,12 +9,14 @@ the same JWT secret, so the dev server's keys and tokens work on both.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 from urllib.parse import parse_qs, urlsplit
 
@@ -82,10 +84,31 @@ class RunningPostgrest:
         self.log.close()
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+FREE_PORT_SPAN = 12000  # ports below the ephemeral range to draw from
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on, for a server a test starts later. Drawn below the kernel's ephemeral range
+    (ip_local_port_range, 32768-60999 by default): a port from bind(0) lies in that range, where any outgoing
+    connection of the suite (clients of the dev server, of PostgreSQL) may take it before the server binds it, and
+    the server then fails with "Address already in use" (seen in a CI rehearsal)."""
+    try:
+        low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    draw = random.SystemRandom()  # not the random module's state, which tests seed
+    for _ in range(100):
+        port = draw.randrange(max(1024, low - FREE_PORT_SPAN), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def authenticator_uri(pg_url: str) -> str:
